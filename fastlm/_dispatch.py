@@ -1,0 +1,225 @@
+"""Backend registry and the one dispatch rule every fastlm op follows.
+
+Each op owns an :class:`Op` listing its backends (``cuda``, ``triton``, ``cpu`` and ``torch``,
+the reference, always available). Per call:
+
+1. The requested backend is the ``backend=`` argument, else ``$FASTLM_BACKEND_<OP>``, else
+   ``$FASTLM_BACKEND``, else ``auto``.
+2. A named backend that cannot run this call raises :class:`BackendUnavailable` with its reason:
+   the user asked for it, so quietly running something else would hide the problem.
+3. ``auto`` walks the preference order for the tensors' device type (CUDA: cuda, triton, torch;
+   CPU: cpu, torch) and takes the first backend that can run the call, logging one warning per
+   distinct (op, skipped backend, reason) so a fallback is announced once, not every step.
+
+A backend's ``check(call)`` returns None when it can run the call, else a short reason. Checks
+are cheap; extension availability is computed once per process (see ``fastlm._build``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+logger = logging.getLogger("fastlm")
+
+BACKEND_NAMES = ("cuda", "triton", "cpu", "torch")
+DEFAULT_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot run this call."""
+
+
+@dataclass(frozen=True)
+class Call:
+    """What a backend needs to know to decide whether it can run a call."""
+
+    device: str  # torch device type: "cpu", "cuda", ...
+    dtype: torch.dtype
+    features: dict[str, Any] = field(default_factory=dict)  # op-specific: head_dim, causal, ...
+
+    @staticmethod
+    def of(tensor: torch.Tensor, **features: Any) -> Call:
+        return Call(tensor.device.type, tensor.dtype, features)
+
+
+@dataclass
+class Backend:
+    name: str
+    check: Callable[[Call], str | None]
+    impl: Callable[[], Any]  # returns the object holding the backend's launchers (lazy import)
+
+
+@dataclass
+class Op:
+    """The backends of one op and its per-device preference order."""
+
+    name: str
+    order: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_ORDER))
+    backends: dict[str, Backend] = field(default_factory=dict)
+    _warned: set = field(default_factory=set, repr=False)
+
+    def register(self, name: str, check: Callable[[Call], str | None], impl: Callable[[], Any]):
+        if name not in BACKEND_NAMES:
+            raise ValueError(f"backend name {name!r} is not one of {BACKEND_NAMES}")
+        self.backends[name] = Backend(name, check, impl)
+
+    def env_vars(self) -> tuple[str, str]:
+        return f"FASTLM_BACKEND_{self.name.upper()}", "FASTLM_BACKEND"
+
+    def requested(self, backend: str | None) -> tuple[str, str]:
+        """(name, where it came from) of the requested backend; name may be "auto"."""
+        if backend is not None:
+            return backend, "the backend= argument"
+        for var in self.env_vars():
+            value = os.environ.get(var, "").strip()
+            if value:
+                return value, f"${var}"
+        return "auto", "default"
+
+    def reason_unavailable(self, name: str, call: Call) -> str | None:
+        backend = self.backends.get(name)
+        if backend is None:
+            return f"op '{self.name}' has no '{name}' backend"
+        try:
+            return backend.check(call)
+        except Exception as exc:  # a broken check must not take the op down with it
+            return f"availability check failed: {type(exc).__name__}: {exc}"
+
+    def select(self, call: Call, backend: str | None = None) -> Backend:
+        name, source = self.requested(backend)
+        if name != "auto":
+            if name not in self.backends:
+                raise ValueError(
+                    f"unknown backend {name!r} for op '{self.name}' (from {source}); "
+                    f"choose one of {sorted(self.backends)} or 'auto'"
+                )
+            reason = self.reason_unavailable(name, call)
+            if reason is not None:
+                raise BackendUnavailable(
+                    f"backend '{name}' (requested by {source}) cannot run op '{self.name}' "
+                    f"on {call.device} {call.dtype}: {reason}. Use backend='auto' to fall back "
+                    f"automatically, or another backend."
+                )
+            return self.backends[name]
+        skipped = []
+        for candidate in self.order.get(call.device, ("torch",)):
+            reason = self.reason_unavailable(candidate, call)
+            if reason is None:
+                self._warn_fallback(candidate, skipped)
+                return self.backends[candidate]
+            skipped.append((candidate, reason))
+        # Unreachable in practice: the torch reference accepts every call.
+        raise BackendUnavailable(
+            f"no backend of op '{self.name}' can run on {call.device} {call.dtype}: "
+            + "; ".join(f"{n}: {r}" for n, r in skipped)
+        )
+
+    def _warn_fallback(self, chosen: str, skipped: list[tuple[str, str]]) -> None:
+        for name, reason in skipped:
+            key = (name, reason)
+            if key in self._warned:
+                continue
+            self._warned.add(key)
+            logger.warning(
+                "fastlm: op '%s' falls back from backend '%s' to '%s': %s",
+                self.name, name, chosen, reason,
+            )
+
+    def describe(self, call: Call) -> list[tuple[str, str]]:
+        """(backend, status) for every backend in preference order, for ``fastlm env``."""
+        names = list(self.order.get(call.device, ())) + [
+            n for n in self.backends if n not in self.order.get(call.device, ())
+        ]
+        chosen = None
+        rows = []
+        for name in names:
+            reason = self.reason_unavailable(name, call)
+            in_order = name in self.order.get(call.device, ())
+            if reason is None and chosen is None and in_order:
+                chosen = name
+                rows.append((name, "selected"))
+            elif reason is None:
+                rows.append((name, "available" if in_order else "available on explicit request"))
+            else:
+                rows.append((name, f"unavailable: {reason}"))
+        return rows
+
+
+OPS: dict[str, Op] = {}
+
+
+def define_op(name: str, order: dict[str, tuple[str, ...]] | None = None) -> Op:
+    """Create (once) and return the registry of op ``name``."""
+    if name not in OPS:
+        OPS[name] = Op(name, dict(order) if order else dict(DEFAULT_ORDER))
+    return OPS[name]
+
+
+# -- availability checks shared by the ops ----------------------------------------------------
+
+
+def needs_device(*devices: str) -> Callable[[Call], str | None]:
+    def check(call: Call) -> str | None:
+        if call.device not in devices:
+            return f"runs on {'/'.join(devices)} tensors only, got {call.device}"
+        return None
+
+    return check
+
+
+def needs_dtypes(*dtypes: torch.dtype) -> Callable[[Call], str | None]:
+    def check(call: Call) -> str | None:
+        if call.dtype not in dtypes:
+            names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+            return f"supports {names}, got {str(call.dtype).removeprefix('torch.')}"
+        return None
+
+    return check
+
+
+def extension_check(name: str, op_name: str) -> Callable[[Call], str | None]:
+    """Extension ``name`` loads and registers ``op_name`` (a stale prebuilt one may not)."""
+
+    def check(call: Call) -> str | None:
+        from fastlm._build import extension_unavailable_reason, load_extension
+
+        reason = extension_unavailable_reason(name)
+        if reason is None and not hasattr(load_extension(name), op_name):
+            reason = f"extension '{name}' has no op '{op_name}' (a stale build? rebuild it)"
+        return reason
+
+    return check
+
+
+def triton_check(call: Call) -> str | None:
+    """Triton runs CUDA tensors, or CPU tensors inside its interpreter (tests only)."""
+    if call.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "Triton runs CPU tensors only in its interpreter: set TRITON_INTERPRET=1 before importing triton"
+    if call.device not in ("cpu", "cuda"):
+        return f"Triton does not run {call.device} tensors"
+    if call.device == "cuda" and not torch.cuda.is_available():
+        return "no CUDA GPU is visible"
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"triton is not importable ({exc}); pip install triton"
+    return None
+
+
+def all_of(*checks: Callable[[Call], str | None]) -> Callable[[Call], str | None]:
+    """A check that passes when every check passes; the first failing reason is reported."""
+
+    def check(call: Call) -> str | None:
+        for c in checks:
+            reason = c(call)
+            if reason is not None:
+                return reason
+        return None
+
+    return check

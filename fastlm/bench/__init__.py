@@ -1,0 +1,1 @@
+"""`fastlm bench`: one harness (harness.py), one module per benchmark."""

@@ -1,0 +1,229 @@
+"""One benchmark harness for every op: timing, ceilings, rows, results files and plots.
+
+Timing: ``warmup`` untimed calls, then ``repeat`` timed calls; on CUDA with CUDA events, on
+the CPU with perf_counter. Inputs rotate through ``rotate`` copies so a kernel does not keep
+re-reading the same warm cache lines (on the CPU a 2 MiB L2 would otherwise flatter small
+sizes). Every row carries the median and the 20th/80th percentiles.
+
+Ceilings are measured in the same run (``matmul_peak_tflops``, ``copy_bandwidth_gbs``), so a
+ratio like "% of peak" never mixes numbers from different machines or moments.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    n: int
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_fn(
+    fn: Callable[[int], object],
+    *,
+    device: str = "cpu",
+    warmup: int = 3,
+    repeat: int = 10,
+    min_time_s: float = 0.0,
+) -> Timing:
+    """Time ``fn(i)`` where ``i`` indexes the rotating input copy to use.
+
+    Runs at least ``repeat`` timed calls and keeps going until ``min_time_s`` has passed.
+    """
+    for i in range(warmup):
+        fn(i)
+    _sync(device)
+    times: list[float] = []
+    start_all = time.perf_counter()
+    i = 0
+    while len(times) < repeat or time.perf_counter() - start_all < min_time_s:
+        if device.startswith("cuda"):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(i)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn(i)
+            times.append((time.perf_counter() - t0) * 1e3)
+        i += 1
+    q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
+    return Timing(statistics.median(times), q[0], q[3], len(times))
+
+
+def matmul_peak_tflops(device: str, dtype: torch.dtype, n: int | None = None) -> float:
+    """Achieved TFLOP/s of a square matmul: the practical ceiling for attention FLOPs."""
+    n = n or (8192 if device.startswith("cuda") else 1024)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = time_fn(lambda i: torch.mm(a, b), device=device, warmup=2, repeat=5)
+    return 2 * n**3 / (t.median_ms * 1e-3) / 1e12
+
+
+def copy_bandwidth_gbs(device: str, nbytes: int | None = None) -> float:
+    """Achieved GB/s of a large tensor copy (read + write): the ceiling for memory-bound ops."""
+    nbytes = nbytes or (2 << 30 if device.startswith("cuda") else 256 << 20)
+    src = torch.empty(nbytes // 4, device=device, dtype=torch.float32).fill_(1.0)
+    dst = torch.empty_like(src)
+    t = time_fn(lambda i: dst.copy_(src), device=device, warmup=2, repeat=7)
+    return 2 * nbytes / (t.median_ms * 1e-3) / 1e9
+
+
+def environment(device: str) -> dict:
+    """Device and versions to tag every result with."""
+    info = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }
+    for mod in ("triton", "deepspeed", "transformers"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:
+            info[mod] = None
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    info["device"] = info.get("gpu") or f"CPU ({info['cpu']}, {os.cpu_count()} cores)"
+    return info
+
+
+@dataclass
+class Report:
+    """Rows of one benchmark run plus what they were measured with."""
+
+    name: str
+    command: str
+    device: str
+    env: dict = field(default_factory=dict)
+    ceilings: dict = field(default_factory=dict)
+    rows: list[dict] = field(default_factory=list)
+
+    def add(self, **row) -> None:
+        self.rows.append(row)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, default=str)
+
+    def write(self, out_dir: str | Path, stem: str | None = None) -> list[Path]:
+        """Write ``<stem>.json``, ``<stem>.md`` (table + command) atomically; returns paths."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stem = stem or self.name
+        paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
+        _atomic_write(paths[0], self.to_json())
+        _atomic_write(paths[1], self.markdown())
+        return paths
+
+    def markdown(self) -> str:
+        lines = [
+            f"# {self.name}",
+            "",
+            f"Command: `{self.command}`",
+            "",
+            f"Device: {self.env.get('device', self.device)}; torch {self.env.get('torch')}, "
+            f"triton {self.env.get('triton')}; {self.env.get('date')}",
+            "",
+        ]
+        if self.ceilings:
+            lines.append("Ceilings measured in the same run: " + ", ".join(
+                f"{k} = {v:.4g}" for k, v in self.ceilings.items()) + "")
+            lines.append("")
+        lines += format_table(self.rows, markdown=True).splitlines()
+        return "\n".join(lines) + "\n"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+def format_table(rows: Sequence[dict], markdown: bool = False) -> str:
+    if not rows:
+        return "(no rows)"
+    cols: list[str] = []
+    for r in rows:
+        cols += [c for c in r if c not in cols]
+    cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    if markdown:
+        head = "| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths)) + " |"
+        sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+        body = ["| " + " | ".join(x.ljust(w) for x, w in zip(row, widths)) + " |" for row in cells]
+        return "\n".join([head, sep, *body])
+    head = "  ".join(c.ljust(w) for c, w in zip(cols, widths))
+    body = ["  ".join(x.ljust(w) for x, w in zip(row, widths)) for row in cells]
+    return "\n".join([head, "-" * len(head), *body])
+
+
+def plot(
+    report: Report,
+    path: str | Path,
+    *,
+    x: str,
+    y: str,
+    series: str,
+    facet: str | None = None,
+    ylabel: str | None = None,
+    logx: bool = True,
+) -> Path:
+    """Line plot of ``y`` against ``x``, one line per ``series`` value, one panel per ``facet``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    facets = sorted({str(r.get(facet)) for r in report.rows}) if facet else [None]
+    fig, axes = plt.subplots(1, len(facets), figsize=(5.5 * len(facets), 4), squeeze=False)
+    for ax, fval in zip(axes[0], facets):
+        rows = [r for r in report.rows if facet is None or str(r.get(facet)) == fval]
+        for name in sorted({str(r[series]) for r in rows}):
+            pts = sorted((r[x], r[y]) for r in rows if str(r[series]) == name and r.get(y) is not None)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=name)
+        if logx:
+            ax.set_xscale("log", base=2)
+        ax.set_xlabel(x)
+        ax.set_ylabel(ylabel or y)
+        ax.set_title(f"{facet} = {fval}" if facet else report.name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{report.name} on {report.env.get('device', report.device)}", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,377 @@
+"""Fused scaled-dot-product attention: one public function, four backends, one dispatch rule.
+
+Backends (see ``fastlm._dispatch`` for the rule):
+
+- ``cuda``   csrc/cuda/attention_*.cu, tensor cores (bf16/fp16, head dim 64/128), CUDA tensors
+- ``triton`` triton_kernels/attention.py, any float dtype and head dim <= 256, CUDA tensors
+             (CPU tensors only inside Triton's interpreter, for tests)
+- ``cpu``    csrc/cpu/attention_*.cpp, flash-style tiled C++ with OpenMP and SIMD, CPU tensors
+- ``torch``  the reference in fastlm/ops/reference.py, in fp32 (always available)
+
+The forward and backward are ``torch.library`` custom ops with fake implementations and a
+registered autograd formula, so the op composes with ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import torch
+
+from fastlm._build import load_extension
+from fastlm._dispatch import (
+    Call,
+    all_of,
+    define_op,
+    extension_check,
+    needs_device,
+    needs_dtypes,
+    triton_check,
+)
+from fastlm.ops import _attention_checks as checks
+from fastlm.ops import reference
+
+__all__ = ["attention", "attention_varlen"]
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_op = define_op("attention")
+
+
+def _cuda_features(call: Call) -> str | None:
+    d = call.features.get("head_dim")
+    if d not in (64, 128):
+        return f"head dim {d} is not compiled (64 and 128 are)"
+    return None
+
+
+def _triton_features(call: Call) -> str | None:
+    d = call.features.get("head_dim", 0)
+    if d > 256:
+        return f"head dim {d} > 256 does not fit the Triton kernels' tiles"
+    return None
+
+
+class _TorchBackend:
+    """The reference as a backend: fp32 compute (fp64 for fp64 inputs), O(S^2) memory."""
+
+    @staticmethod
+    def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+        return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+    @classmethod
+    def _fwd(cls, q, k, v, mask, causal, scale, wl, wr, softcap, cu_q=None, cu_k=None):
+        dt = cls._compute_dtype(q)
+        args = (q.to(dt), k.to(dt), v.to(dt))
+        kw = dict(causal=causal, scale=scale, window=(wl, wr), softcap=softcap, upcast=False)
+        if cu_q is None:
+            out, lse = reference.attention_ref(*args, key_padding_mask=mask, return_lse=True, **kw)
+        else:
+            out, lse = reference.attention_varlen_ref(*args, cu_q, cu_k, return_lse=True, **kw)
+        return out.to(q.dtype), lse.float()
+
+    @classmethod
+    def _bwd(cls, dout, q, k, v, mask, causal, scale, wl, wr, softcap, cu_q=None, cu_k=None):
+        dt = cls._compute_dtype(q)
+        args = [t.to(dt) for t in (dout, q, k, v)]
+        kw = dict(causal=causal, scale=scale, window=(wl, wr), softcap=softcap)
+        if cu_q is None:
+            grads = reference.attention_bwd_ref(*args, key_padding_mask=mask, **kw)
+        else:
+            grads = reference.attention_varlen_bwd_ref(*args, cu_q, cu_k, **kw)
+        return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
+
+    @classmethod
+    def attention_fwd(cls, q, k, v, mask, causal, scale, wl, wr, softcap):
+        return cls._fwd(q, k, v, mask, causal, scale, wl, wr, softcap)
+
+    @classmethod
+    def attention_bwd(cls, dout, q, k, v, out, lse, mask, causal, scale, wl, wr, softcap, det):
+        return cls._bwd(dout, q, k, v, mask, causal, scale, wl, wr, softcap)
+
+    @classmethod
+    def attention_varlen_fwd(cls, q, k, v, cu_q, cu_k, mq, mk, causal, scale, wl, wr, softcap):
+        return cls._fwd(q, k, v, None, causal, scale, wl, wr, softcap, cu_q, cu_k)
+
+    @classmethod
+    def attention_varlen_bwd(
+        cls, dout, q, k, v, out, lse, cu_q, cu_k, mq, mk, causal, scale, wl, wr, softcap, det
+    ):
+        return cls._bwd(dout, q, k, v, None, causal, scale, wl, wr, softcap, cu_q, cu_k)
+
+
+_op.register(
+    "cuda",
+    all_of(needs_device("cuda"), needs_dtypes(torch.float16, torch.bfloat16), _cuda_features,
+           extension_check("cuda", "attention_fwd")),
+    lambda: load_extension("cuda"),
+)
+_op.register(
+    "triton",
+    all_of(triton_check, needs_dtypes(*_FLOATS), _triton_features),
+    lambda: importlib.import_module("fastlm.triton_kernels.attention"),
+)
+_op.register(
+    "cpu",
+    all_of(needs_device("cpu"), needs_dtypes(*_FLOATS), extension_check("cpu", "attention_fwd")),
+    lambda: load_extension("cpu"),
+)
+_op.register("torch", lambda call: None, lambda: _TorchBackend)
+
+
+def _impl(backend: str, q: torch.Tensor):
+    """The launchers of the backend that runs this call.
+
+    Selection happens here, inside the custom op, rather than in :func:`attention`: under
+    ``torch.compile`` the op is opaque, so the choice is made when it actually runs (and the
+    dispatch code is never traced). ``backend`` is the caller's request, "" for none.
+    """
+    call = Call.of(q, head_dim=q.shape[-1], varlen=q.dim() == 3)
+    return _op.select(call, backend or None).impl()
+
+
+# -- dense custom ops ---------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastlm::attention_fwd", mutates_args=())
+def _attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    deterministic: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(
+        _impl(backend, q).attention_fwd(
+            q, k, v, key_padding_mask, causal, scale, window_left, window_right, softcap
+        )
+    )
+
+
+@_attention_fwd.register_fake
+def _(q, k, v, key_padding_mask, causal, scale, window_left, window_right, softcap, det, backend):
+    b, h, s, _ = q.shape
+    return torch.empty_like(q), q.new_empty((b, h, s), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastlm::attention_bwd", mutates_args=())
+def _attention_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    deterministic: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(
+        _impl(backend, q).attention_bwd(
+            dout.contiguous(), q, k, v, out, lse, key_padding_mask, causal, scale,
+            window_left, window_right, softcap, deterministic,
+        )
+    )
+
+
+@_attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, *args):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_dense(ctx, inputs, output):
+    q, k, v, mask, causal, scale, wl, wr, softcap, det, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, mask)
+    ctx.args = (causal, scale, wl, wr, softcap, det, backend)
+
+
+def _backward_dense(ctx, dout, dlse):
+    q, k, v, out, lse, mask = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, mask, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+_attention_fwd.register_autograd(_backward_dense, setup_context=_setup_dense)
+
+
+# -- varlen custom ops --------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastlm::attention_varlen_fwd", mutates_args=())
+def _attention_varlen_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    deterministic: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(
+        _impl(backend, q).attention_varlen_fwd(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+            window_left, window_right, softcap,
+        )
+    )
+
+
+@_attention_varlen_fwd.register_fake
+def _(q, k, v, *args):
+    t, h, _ = q.shape
+    return torch.empty_like(q), q.new_empty((h, t), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastlm::attention_varlen_bwd", mutates_args=())
+def _attention_varlen_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    deterministic: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(
+        _impl(backend, q).attention_varlen_bwd(
+            dout.contiguous(), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+            max_seqlen_k, causal, scale, window_left, window_right, softcap, deterministic,
+        )
+    )
+
+
+@_attention_varlen_bwd.register_fake
+def _(dout, q, k, v, *args):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_varlen(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, *rest = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+    ctx.args = tuple(rest)
+
+
+def _backward_varlen(ctx, dout, dlse):
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    dq, dk, dv = _attention_varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.args)
+    return (dq, dk, dv) + (None,) * 11
+
+
+_attention_varlen_fwd.register_autograd(_backward_varlen, setup_context=_setup_varlen)
+
+
+# -- public API ---------------------------------------------------------------------------------
+
+
+def _normalise(causal, window, softcap, scale, head_dim):
+    left, right = checks.window_arg(window)
+    if causal:
+        right = 0  # causal is the window (inf, 0); kernels still receive causal=True
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    return left, right, float(softcap), scale
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    window: tuple[int, int] | None = None,
+    softcap: float = 0.0,
+    deterministic: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Scaled dot-product attention without materialising the (Sq, Sk) score matrix.
+
+    Args:
+        q: (B, Hq, Sq, D) queries. k, v: (B, Hkv, Sk, D) keys and values, Hq % Hkv == 0
+            (grouped-query / multi-query attention). fp32, fp16 or bf16, all the same dtype and
+            device; any strides (non-contiguous inputs are copied to contiguous first).
+        causal: mask future keys, aligned bottom-right when Sq != Sk: query i sees keys
+            j <= i + Sk - Sq, as in KV-cache decoding (FlashAttention's convention).
+        scale: multiplies q.k; defaults to 1/sqrt(D).
+        key_padding_mask: (B, Sk) bool, True = attend. A query row that can attend to
+            nothing returns 0 and gets zero gradients (never NaN).
+        window: (left, right) sliding window around the query's aligned position; -1 means
+            unbounded on that side. ``causal`` forces right = 0.
+        softcap: if > 0, scores become ``softcap * tanh(scores / softcap)`` (Gemma-2).
+        deterministic: bit-identical gradients from run to run on every backend.
+        backend: "cuda", "triton", "cpu", "torch" or "auto" (default: $FASTLM_BACKEND_ATTENTION,
+            then $FASTLM_BACKEND, then auto). A named backend that cannot run raises.
+
+    Returns:
+        (B, Hq, Sq, D) tensor of q's dtype. Differentiable in q, k and v; accumulation is fp32.
+    """
+    checks.check_dense(q, k, v, key_padding_mask)
+    left, right, softcap, scale = _normalise(causal, window, softcap, scale, q.shape[-1])
+    mask = None if key_padding_mask is None else key_padding_mask.contiguous()
+    out, _ = _attention_fwd(
+        q.contiguous(), k.contiguous(), v.contiguous(), mask, bool(causal), scale, left, right,
+        softcap, bool(deterministic), backend or "",
+    )
+    return out
+
+
+def attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    window: tuple[int, int] | None = None,
+    softcap: float = 0.0,
+    deterministic: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Attention over packed variable-length sequences (no padding).
+
+    q: (total_q, Hq, D), k/v: (total_k, Hkv, D). Sequence i occupies rows
+    ``cu_seqlens[i]:cu_seqlens[i+1]`` (int32 offsets starting at 0, length N+1); sequences
+    attend only within themselves. Other arguments and the result as in :func:`attention`;
+    returns (total_q, Hq, D).
+    """
+    checks.check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    left, right, softcap, scale = _normalise(causal, window, softcap, scale, q.shape[-1])
+    out, _ = _attention_varlen_fwd(
+        q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q.contiguous(),
+        cu_seqlens_k.contiguous(), int(max_seqlen_q), int(max_seqlen_k), bool(causal), scale,
+        left, right, softcap, bool(deterministic), backend or "",
+    )
+    return out

@@ -1,0 +1,230 @@
+"""fastlm.ops.attention through the public op, for every backend that can run here.
+
+Each case compares output and q/k/v gradients with the float64 reference by the rule in
+fastlm/testing.py (2x / 3x PyTorch's own error in the same dtype + floor). Triton runs in its
+interpreter on the CPU, which is slow and (on this machine) wrong for bf16 tl.dot, so it gets
+small fp32 shapes only; its GPU cases carry the `gpu` marker.
+"""
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from fastlm._dispatch import BackendUnavailable
+from fastlm.ops import attention, attention_varlen
+from fastlm.ops.reference import attention_ref, attention_varlen_ref
+from fastlm.testing import GRAD_FACTOR, assert_within
+
+HAS_CUDA = torch.cuda.is_available()
+
+# (B, Hq, Hkv, Sq, Sk, D): lengths 1, odd, not a multiple of any block, Sq != Sk both ways,
+# GQA and MQA, a head dim that is not a power of two.
+SHAPES = [
+    (1, 1, 1, 1, 1, 16),
+    (2, 2, 2, 7, 7, 32),
+    (1, 4, 2, 127, 127, 64),
+    (2, 2, 1, 65, 130, 40),
+    (1, 2, 2, 130, 63, 64),
+    (1, 4, 1, 1, 129, 64),
+]
+SMALL_SHAPES = [(1, 1, 1, 1, 1, 16), (2, 2, 1, 7, 19, 24), (1, 4, 2, 33, 33, 32), (1, 2, 2, 40, 17, 16)]
+FEATURES = [
+    dict(),
+    dict(causal=True),
+    dict(padding=True),
+    dict(causal=True, padding=True),
+    dict(window=(5, 3)),
+    dict(causal=True, window=(9, 0), softcap=5.0),
+]
+
+
+def _inputs(shape, dtype, device="cpu", padding=False):
+    b, hq, hkv, sq, sk, d = shape
+    q = torch.randn(b, hq, sq, d, dtype=dtype, device=device)
+    k = torch.randn(b, hkv, sk, d, dtype=dtype, device=device)
+    v = torch.randn(b, hkv, sk, d, dtype=dtype, device=device)
+    mask = None
+    if padding:
+        lengths = torch.randint(1, sk + 1, (b,))
+        lengths[0] = 0  # a fully padded batch row: its outputs and grads must be 0, not NaN
+        mask = torch.arange(sk)[None, :] < lengths[:, None]
+        mask = mask.to(device)
+    return q, k, v, mask
+
+
+def _grads(fn, q, k, v, dout):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves)
+    grads = torch.autograd.grad(out, leaves, dout)
+    return out.detach(), grads
+
+
+def check_against_reference(backend, shape, dtype, device="cpu", padding=False, **kw):
+    q, k, v, mask = _inputs(shape, dtype, device, padding)
+    dout = torch.randn_like(q)
+    ref_kw = dict(kw, key_padding_mask=mask)
+    out, grads = _grads(lambda q, k, v: attention(q, k, v, backend=backend, **ref_kw), q, k, v, dout)
+    out64, grads64 = _grads(
+        lambda q, k, v: attention_ref(q, k, v, upcast=False, **ref_kw), q.double(), k.double(),
+        v.double(), dout.double(),
+    )
+    base, base_grads = _grads(lambda q, k, v: attention_ref(q, k, v, upcast=False, **ref_kw),
+                              q, k, v, dout)
+    assert torch.isfinite(out).all()
+    assert_within(out, out64, base, name="out")
+    for name, g, g64, gb in zip("qkv", grads, grads64, base_grads):
+        assert torch.isfinite(g).all(), f"d{name} has NaN/inf"
+        assert_within(g, g64, gb, factor=GRAD_FACTOR, name=f"d{name}")
+    if padding:
+        assert (out[0] == 0).all() and all((g[0] == 0).all() for g in grads)
+
+
+@pytest.mark.parametrize("features", FEATURES, ids=lambda f: "-".join(f) or "plain")
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_cpu_backends_match_reference(backend, dtype, shape, features):
+    check_against_reference(backend, shape, dtype, **features)
+
+
+@pytest.mark.parametrize("features", FEATURES, ids=lambda f: "-".join(f) or "plain")
+@pytest.mark.parametrize("shape", SMALL_SHAPES, ids=str)
+def test_triton_interpreter_fp32(shape, features, monkeypatch):
+    if HAS_CUDA:
+        pytest.skip("covered by the GPU test")
+    check_against_reference("triton", shape, torch.float32, **features)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("features", FEATURES, ids=lambda f: "-".join(f) or "plain")
+@pytest.mark.parametrize("shape", SHAPES + [(2, 8, 2, 1000, 1000, 128)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_backends_match_reference(backend, dtype, shape, features):
+    if backend == "cuda" and shape[-1] not in (64, 128):
+        pytest.skip("the CUDA kernels are compiled for head dims 64 and 128")
+    check_against_reference(backend, shape, dtype, device="cuda", **features)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_varlen_matches_per_sequence_dense(backend):
+    lens_q, lens_k = [5, 1, 37, 64], [9, 1, 37, 70]
+    cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32)
+    cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(sum(lens_q), 4, 32)
+    k = torch.randn(sum(lens_k), 2, 32)
+    v = torch.randn(sum(lens_k), 2, 32)
+    dout = torch.randn_like(q)
+    fn = lambda q, k, v: attention_varlen(  # noqa: E731
+        q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=True, backend=backend)
+    out, grads = _grads(fn, q, k, v, dout)
+    ref = lambda q, k, v: attention_varlen_ref(q, k, v, cu_q, cu_k, causal=True)  # noqa: E731
+    out64, grads64 = _grads(ref, q.double(), k.double(), v.double(), dout.double())
+    torch.testing.assert_close(out.double(), out64, atol=2e-5, rtol=0)
+    for g, g64 in zip(grads, grads64):
+        torch.testing.assert_close(g.double(), g64, atol=5e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_non_contiguous_inputs_match_contiguous(backend):
+    q, k, v = (torch.randn(2, 33, 4, 32).transpose(1, 2) for _ in range(3))  # (B, H, S, D) views
+    assert not q.is_contiguous()
+    out = attention(q, k, v, causal=True, backend=backend)
+    ref = attention(q.contiguous(), k.contiguous(), v.contiguous(), causal=True, backend=backend)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_forward_and_backward_are_deterministic(backend):
+    q, k, v, _ = _inputs((2, 4, 2, 70, 70, 32), torch.float32)
+    dout = torch.randn_like(q)
+    run = lambda: _grads(  # noqa: E731
+        lambda q, k, v: attention(q, k, v, causal=True, deterministic=True, backend=backend),
+        q, k, v, dout)
+    (o1, g1), (o2, g2) = run(), run()
+    assert torch.equal(o1, o2)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+def test_torch_compile_composes():
+    def block(q, k, v):
+        return attention(q, k, v, causal=True).sum(dim=-1)
+
+    q, k, v = (torch.randn(1, 2, 9, 16, requires_grad=True) for _ in range(3))
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    out = compiled(q, k, v)
+    torch.testing.assert_close(out, block(q, k, v))
+    out.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_opcheck_fake_and_autograd_registration():
+    from fastlm.ops.attention import _attention_fwd
+
+    q, k, v = (torch.randn(1, 2, 5, 8, requires_grad=True) for _ in range(3))
+    torch.library.opcheck(
+        _attention_fwd, (q, k, v, None, True, 1 / math.sqrt(8), -1, 0, 0.0, False, "torch"),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
+
+
+# -- errors and dispatch ------------------------------------------------------------------------
+
+BAD_INPUTS = [
+    (lambda: (torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.randn(2, 3, 4)), {},
+     "q must be 4-D"),
+    (lambda: (torch.randn(1, 3, 4, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)), {},
+     "multiple of the number of key/value heads"),
+    (lambda: (torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8).half(), torch.randn(1, 2, 4, 8)),
+     {}, "must share a dtype"),
+    (lambda: (torch.randn(1, 2, 4, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 6, 8)), {},
+     "k and v must have the same shape"),
+    (lambda: (torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 16), torch.randn(1, 2, 4, 16)), {},
+     "head dim of q"),
+    (lambda: (torch.randn(1, 2, 4, 8),) * 3, {"key_padding_mask": torch.ones(1, 4)},
+     "key_padding_mask must be a bool tensor"),
+    (lambda: (torch.randn(1, 2, 4, 8),) * 3,
+     {"key_padding_mask": torch.ones(1, 5, dtype=torch.bool)}, r"shape \(batch, seqlen_k\)"),
+    (lambda: (torch.randn(1, 2, 4, 8).int(),) * 3, {}, "use float32, float16 or bfloat16"),
+    (lambda: (torch.randn(1, 2, 4, 8),) * 3, {"window": (3,)}, "window must be a pair"),
+]
+
+
+@pytest.mark.parametrize("make,kwargs,message", BAD_INPUTS)
+def test_bad_inputs_name_the_argument(make, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        attention(*make(), **kwargs)
+
+
+def test_varlen_bad_offsets():
+    q = torch.randn(10, 2, 8)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    with pytest.raises(ValueError, match="end at the number of rows"):
+        attention_varlen(q, q, q, cu, cu, 5, 5)
+    with pytest.raises(ValueError, match="1-D int32"):
+        attention_varlen(q, q, q, cu.long(), cu, 5, 5)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    with pytest.raises(ValueError, match="longer"):
+        attention_varlen(q, q, q, cu, cu, 5, 5)
+
+
+def test_explicit_cuda_backend_on_cpu_tensors_raises():
+    q = torch.randn(1, 1, 4, 64)
+    with pytest.raises(BackendUnavailable, match="backend 'cuda'"):
+        attention(q, q, q, backend="cuda")
+
+
+def test_auto_falls_back_for_unsupported_dtype_with_one_warning(caplog):
+    # float64 has no compiled kernel: auto selection uses the reference and says so once
+    from fastlm.ops.attention import _op
+
+    _op._warned.clear()
+    q = torch.randn(1, 1, 4, 8, dtype=torch.float64)
+    with caplog.at_level("WARNING", logger="fastlm"), warnings.catch_warnings():
+        for _ in range(3):
+            out = attention(q, q, q)
+    assert out.dtype == torch.float64
+    msgs = [r.getMessage() for r in caplog.records if "falls back from backend 'cpu'" in r.getMessage()]
+    assert len(msgs) == 1 and "float64" in msgs[0]
