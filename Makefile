@@ -22,8 +22,9 @@ venv: $(BIN)/.installed
 lint: venv
 	$(BIN)/ruff check .
 
-cuda-check:
+cuda-check: venv
 	bash .ci/check_cuda.sh
+	PYTHON=$(BIN)/python bash .ci/check_bindings.sh
 
 test: venv lint cuda-check
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

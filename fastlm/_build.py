@@ -134,8 +134,10 @@ class ExtensionBuilder:
         """Why this extension cannot be built on this machine, or None if it can."""
         raise NotImplementedError
 
+    # No -std flag: torch.utils.cpp_extension adds the standard its headers need (C++20 for
+    # torch 2.13), and a later -std=c++17 here would override it.
     def cflags(self) -> list[str]:
-        return ["-O3", "-std=c++17"]
+        return ["-O3"]
 
     def cuda_cflags(self) -> list[str]:
         return []
@@ -271,7 +273,7 @@ class CpuOpsBuilder(ExtensionBuilder):
         return None
 
     def cflags(self) -> list[str]:
-        return ["-O3", "-std=c++17", "-fopenmp", *cpu_simd_flags()]
+        return ["-O3", "-fopenmp", *cpu_simd_flags()]
 
     def ldflags(self) -> list[str]:
         return ["-fopenmp"]
@@ -293,11 +295,8 @@ class CudaOpsBuilder(ExtensionBuilder):
             return "nvcc not found (install the CUDA toolkit or set CUDA_HOME)"
         return None
 
-    def cflags(self) -> list[str]:
-        return ["-O3", "-std=c++17"]
-
     def cuda_cflags(self) -> list[str]:
-        return ["-O3", "-std=c++17", "--expt-relaxed-constexpr", *cuda_arch_flags()]
+        return ["-O3", "--expt-relaxed-constexpr", *cuda_arch_flags()]
 
 
 def cuda_arch_flags() -> list[str]:

@@ -1,0 +1,67 @@
+"""The fastlm command line: subcommands, env report, env --build."""
+
+import subprocess
+import sys
+
+import pytest
+
+from fastlm import cli
+
+
+def _fastlm(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "fastlm.cli", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_help_lists_every_subcommand(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for name in ("env", "prepare", "train", "generate", "export", "bench"):
+        assert name in out
+
+
+@pytest.mark.parametrize("name", ["env", "prepare", "train", "generate", "export", "bench"])
+def test_each_subcommand_has_help(name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([name, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: fastlm " + name in capsys.readouterr().out
+
+
+def test_no_subcommand_prints_help_and_fails(capsys):
+    assert cli.main([]) == 2
+
+
+def test_user_errors_exit_2_without_traceback(capsys):
+    assert cli.main(["bench"]) == 2
+    err = capsys.readouterr().err
+    assert "name a benchmark" in err and "Traceback" not in err
+
+
+def test_env_report_without_building(capsys):
+    from fastlm.env import report
+
+    assert report(build=False) == 0
+    out = capsys.readouterr().out
+    for key in ("torch", "triton", "deepspeed", "transformers", "c++ compiler", "nvcc",
+                "cpu features", "attention"):
+        assert key in out
+    # every op has a selected backend for CPU tensors, and CUDA's absence is explained
+    assert "selected" in out
+    assert "cuda" in out and ("CPU-only build" in out or "sm_" in out)
+
+
+@pytest.mark.slow
+def test_env_build_builds_cpu_and_explains_cuda():
+    proc = _fastlm("env", "--build")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "extension builds (--build)" in out
+    build_lines = out.split("extension builds (--build)")[1].split("backends per op")[0]
+    assert "cpu" in build_lines and "OK in" in build_lines
+    import torch
+
+    if torch.version.cuda is None:
+        assert "FAILED" in build_lines and "CPU-only build" in build_lines
