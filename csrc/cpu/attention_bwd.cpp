@@ -1,0 +1,141 @@
+// CPU attention backward. P is recomputed tile by tile from the saved lse (never stored).
+//
+// Work unit = one (sequence, kv head): it covers every query head of the GQA group, so the
+// unit alone writes its dK/dV rows and its heads' dQ rows. No atomics, no reduction across
+// threads, hence bit-identical results run to run whatever the thread count. The unit's
+// Q, dO, K, V are converted to fp32 once (K and V also transposed), so the inner loops are
+// plain fp32 FMA streams.
+#include <omp.h>
+
+#include <vector>
+
+#include "cpu/attention_tile.h"
+
+namespace fastlm {
+namespace {
+
+using namespace attn;
+
+struct BwdScratch {
+  std::vector<float> q, dout, delta, kt, vt, k, dq, dk, dv, s, dp, th;
+};
+
+// Query rows [i0, i0 + n) of one head against key tile [j0, j0 + nk): recomputes P from lse,
+// then accumulates dV += P^T dO and dK += dS^T Q (unit-wide buffers) and dQ += dS K.
+void bwd_tile(const AttnParams& p, const Seq& s, int i0, int n, int j0, int nk, const bool* kpm,
+              const float* lse, BwdScratch& w) {
+  const int d = p.head_dim;
+  const size_t tile = static_cast<size_t>(j0 / BK) * d * BK;
+  const float* qb = &w.q[static_cast<size_t>(i0) * d];
+  const float* dob = &w.dout[static_cast<size_t>(i0) * d];
+  float* sm = w.s.data();
+  float* dp = w.dp.data();
+  gemm(n, BK, d, qb, d, 1, &w.kt[tile], BK, sm, BK, false);   // S = (scale Q) K^T
+  gemm(n, BK, d, dob, d, 1, &w.vt[tile], BK, dp, BK, false);  // dP = dO V^T
+  for (int i = 0; i < n; ++i) {
+    float* sr = sm + i * BK;  // becomes P
+    float* dr = dp + i * BK;  // becomes dS
+    float* th = p.softcap > 0.0f ? &w.th[i * BK] : nullptr;
+    mask_row(p, sr, j0, nk, key_range(p, s, i0 + i), kpm, th);
+    const float l = lse[i0 + i], delta = w.delta[i0 + i];
+    for (int j = 0; j < BK; ++j) {
+      const float pj = exp_neg(sr[j] - l);  // masked: exp(-inf) = 0; empty row: lse = +inf
+      float ds = pj * (dr[j] - delta);
+      if (th != nullptr && j < nk) ds *= 1.0f - th[j] * th[j];  // softcap * tanh(s / softcap)
+      sr[j] = pj;
+      dr[j] = ds;
+    }
+  }
+  const size_t kr = static_cast<size_t>(j0) * d;
+  gemm(nk, d, n, sm, 1, BK, dob, d, &w.dv[kr], d, true);  // dV += P^T dO
+  gemm(nk, d, n, dp, 1, BK, qb, d, &w.dk[kr], d, true);   // dK += dS^T (scale Q)
+  gemm(n, d, nk, dp, BK, 1, &w.k[kr], d, &w.dq[static_cast<size_t>(i0) * d], d, true);  // dQ
+}
+
+template <typename T>
+void bwd_unit(const AttnParams& p, const T* dout, const T* q, const T* k, const T* v, const T* out,
+              const float* lse, T* dq, T* dk, T* dv, int b, int hk, BwdScratch& w) {
+  const int d = p.head_dim;
+  const Seq s = sequence(p, b);
+  const int group = p.heads_q / p.heads_kv;
+  const bool* kpm = p.key_padding_mask ? p.key_padding_mask + static_cast<int64_t>(b) * p.seqlen_k
+                                       : nullptr;
+  load_head_t(p, k, p.k, b, hk, s.k0, s.sk, w.kt);
+  load_head_t(p, v, p.v, b, hk, s.k0, s.sk, w.vt);
+  load_head(p, k, p.k, b, hk, s.k0, s.sk, w.k);
+  w.dk.assign(static_cast<size_t>(s.sk) * d, 0.0f);
+  w.dv.assign(static_cast<size_t>(s.sk) * d, 0.0f);
+  w.s.resize(BQ * BK), w.dp.resize(BQ * BK), w.th.resize(BQ * BK);
+  std::vector<float> lrow(s.sq);
+  for (int h = hk * group; h < (hk + 1) * group; ++h) {
+    load_head(p, q, p.q, b, h, s.q0, s.sq, w.q, p.scale);
+    load_head(p, dout, p.o, b, h, s.q0, s.sq, w.dout);
+    w.delta.resize(s.sq);
+    for (int i = 0; i < s.sq; ++i) {  // Delta_i = dO_i . O_i, the softmax backward's row term
+      const T* oi = row(out, p.o, b, h, s.q0 + i);
+      float acc = 0.0f;
+      for (int c = 0; c < d; ++c) acc += w.dout[static_cast<size_t>(i) * d + c] * to_float(oi[c]);
+      w.delta[i] = acc;
+      lrow[i] = lse[b * p.lse.b + h * p.lse.h + (s.q0 + i) * p.lse.t];
+    }
+    w.dq.assign(static_cast<size_t>(s.sq) * d, 0.0f);
+    for (int i0 = 0; i0 < s.sq; i0 += BQ) {
+      const int n = std::min(BQ, s.sq - i0);
+      const int jlo = key_range(p, s, i0).lo, jhi = key_range(p, s, i0 + n - 1).hi;
+      for (int j0 = jlo - jlo % BK; j0 < jhi; j0 += BK)
+        bwd_tile(p, s, i0, n, j0, std::min(BK, s.sk - j0), kpm, lrow.data(), w);
+    }
+    for (int i = 0; i < s.sq; ++i) {
+      T* dst = row(dq, p.o, b, h, s.q0 + i);
+      for (int c = 0; c < d; ++c) dst[c] = from_float<T>(w.dq[static_cast<size_t>(i) * d + c] * p.scale);
+    }
+  }
+  for (int j = 0; j < s.sk; ++j) {
+    T* dkj = row(dk, p.k, b, hk, s.k0 + j);
+    T* dvj = row(dv, p.v, b, hk, s.k0 + j);
+    for (int c = 0; c < d; ++c) {
+      dkj[c] = from_float<T>(w.dk[static_cast<size_t>(j) * d + c]);
+      dvj[c] = from_float<T>(w.dv[static_cast<size_t>(j) * d + c]);
+    }
+  }
+}
+
+template <typename T>
+void bwd(const AttnParams& p, const T* dout, const T* q, const T* k, const T* v, const T* out,
+         const float* lse, T* dq, T* dk, T* dv) {
+  const int64_t units = static_cast<int64_t>(p.batch) * p.heads_kv;
+#pragma omp parallel
+  {
+    BwdScratch w;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t u = 0; u < units; ++u)
+      bwd_unit(p, dout, q, k, v, out, lse, dq, dk, dv, static_cast<int>(u / p.heads_kv),
+               static_cast<int>(u % p.heads_kv), w);
+  }
+}
+
+}  // namespace
+
+void attention_bwd_cpu(const AttnParams& p, DType dtype, const void* dout, const void* q,
+                       const void* k, const void* v, const void* out, const float* lse, void* dq,
+                       void* dk, void* dv) {
+  switch (dtype) {
+    case DType::f32:
+      return bwd(p, static_cast<const float*>(dout), static_cast<const float*>(q),
+                 static_cast<const float*>(k), static_cast<const float*>(v),
+                 static_cast<const float*>(out), lse, static_cast<float*>(dq),
+                 static_cast<float*>(dk), static_cast<float*>(dv));
+    case DType::bf16:
+      return bwd(p, static_cast<const bf16*>(dout), static_cast<const bf16*>(q),
+                 static_cast<const bf16*>(k), static_cast<const bf16*>(v),
+                 static_cast<const bf16*>(out), lse, static_cast<bf16*>(dq), static_cast<bf16*>(dk),
+                 static_cast<bf16*>(dv));
+    case DType::f16:
+      return bwd(p, static_cast<const fp16*>(dout), static_cast<const fp16*>(q),
+                 static_cast<const fp16*>(k), static_cast<const fp16*>(v),
+                 static_cast<const fp16*>(out), lse, static_cast<fp16*>(dq), static_cast<fp16*>(dk),
+                 static_cast<fp16*>(dv));
+  }
+}
+
+}  // namespace fastlm

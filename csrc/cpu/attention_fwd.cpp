@@ -1,0 +1,137 @@
+// CPU attention forward: tiles of BQ query rows stream over BK-key tiles with an online
+// softmax, so the (Sq, Sk) score matrix never exists; O(BQ * BK) scratch per thread.
+#include <omp.h>
+
+#include <vector>
+
+#include "cpu/attention_tile.h"
+
+namespace fastlm {
+namespace {
+
+using namespace attn;
+
+struct FwdScratch {
+  std::vector<float> q, s, acc, m, l;
+  explicit FwdScratch(int d) : q(BQ * d), s(BQ * BK), acc(BQ * d), m(BQ), l(BQ) {}
+};
+
+// K (transposed per tile) and V of every (sequence, kv head) in fp32, converted once before
+// the query tiles run: each is read by all Sq / BQ query tiles of the Hq / Hkv heads sharing it.
+struct KvCache {
+  std::vector<std::vector<float>> kt, v;
+};
+
+// Online-softmax update of one row given its masked scores sr (BK wide): turns sr into P and
+// rescales the row's accumulator. Returns false when the row has seen no visible key yet.
+inline bool softmax_row(float* sr, float& m, float& l, float* acc, int d) {
+  float mx = kNegInf;
+  for (int j = 0; j < BK; ++j) mx = std::max(mx, sr[j]);
+  const float m_new = std::max(m, mx);
+  if (m_new == kNegInf) {
+    for (int j = 0; j < BK; ++j) sr[j] = 0.0f;
+    return false;
+  }
+  const float alpha = exp_neg(m - m_new);  // 0 on the first visible tile (m = -inf)
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int j = 0; j < BK; ++j) {
+    sr[j] = exp_neg(sr[j] - m_new);
+    sum += sr[j];
+  }
+  l = l * alpha + sum;
+  m = m_new;
+  if (alpha != 1.0f)
+    for (int c = 0; c < d; ++c) acc[c] *= alpha;
+  return true;
+}
+
+template <typename T>
+void fwd_tile(const AttnParams& p, const T* q, const KvCache& kv, T* out, float* lse, int b, int h,
+              int i0, FwdScratch& w) {
+  const int d = p.head_dim;
+  const Seq s = sequence(p, b);
+  const int n = std::min(BQ, s.sq - i0);
+  const int hk = h / (p.heads_q / p.heads_kv);
+  const bool* kpm = p.key_padding_mask ? p.key_padding_mask + static_cast<int64_t>(b) * p.seqlen_k
+                                       : nullptr;
+  // The scale is folded into q once per row instead of into every score.
+  load_rows(q, p.q, b, h, s.q0 + i0, n, d, w.q.data(), p.scale);
+  std::fill(w.acc.begin(), w.acc.end(), 0.0f);
+  std::fill(w.m.begin(), w.m.end(), kNegInf);
+  std::fill(w.l.begin(), w.l.end(), 0.0f);
+  const std::vector<float>& kt = kv.kt[b * p.heads_kv + hk];
+  const std::vector<float>& vv = kv.v[b * p.heads_kv + hk];
+  const int jlo = key_range(p, s, i0).lo, jhi = key_range(p, s, i0 + n - 1).hi;
+  for (int j0 = jlo - jlo % BK; j0 < jhi; j0 += BK) {
+    const int nk = std::min(BK, s.sk - j0);
+    const float* ktile = &kt[static_cast<size_t>(j0) * d];  // tile j0 / BK of d x BK floats
+    const float* vtile = &vv[static_cast<size_t>(j0) * d];
+    gemm(n, BK, d, w.q.data(), d, 1, ktile, BK, w.s.data(), BK, false);  // S = Q K^T
+    for (int i = 0; i < n; ++i) {
+      float* sr = &w.s[i * BK];
+      mask_row(p, sr, j0, nk, key_range(p, s, i0 + i), kpm, nullptr);
+      softmax_row(sr, w.m[i], w.l[i], &w.acc[i * d], d);
+    }
+    gemm(n, d, nk, w.s.data(), BK, 1, vtile, d, w.acc.data(), d, true);  // acc += P V
+  }
+  for (int i = 0; i < n; ++i) {
+    T* o = row(out, p.o, b, h, s.q0 + i0 + i);
+    float* lrow = lse + b * p.lse.b + h * p.lse.h + (s.q0 + i0 + i) * p.lse.t;
+    if (w.l[i] == 0.0f) {  // saw no key: 0 out, +inf lse so the backward's P is exactly 0
+      for (int c = 0; c < d; ++c) o[c] = from_float<T>(0.0f);
+      *lrow = std::numeric_limits<float>::infinity();
+      continue;
+    }
+    const float inv = 1.0f / w.l[i];
+    for (int c = 0; c < d; ++c) o[c] = from_float<T>(w.acc[i * d + c] * inv);
+    *lrow = w.m[i] + std::log(w.l[i]);
+  }
+}
+
+template <typename T>
+void fwd(const AttnParams& p, const T* q, const T* k, const T* v, T* out, float* lse) {
+  const int nblk = (max_seqlen_q(p) + BQ - 1) / BQ;
+  const int64_t units = static_cast<int64_t>(p.batch) * p.heads_q * nblk;
+  KvCache kv;
+  kv.kt.resize(static_cast<size_t>(p.batch) * p.heads_kv);
+  kv.v.resize(kv.kt.size());
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t u = 0; u < static_cast<int64_t>(kv.kt.size()); ++u) {
+    const int b = static_cast<int>(u / p.heads_kv), hk = static_cast<int>(u % p.heads_kv);
+    const Seq s = sequence(p, b);
+    load_head_t(p, k, p.k, b, hk, s.k0, s.sk, kv.kt[u]);
+    load_head(p, v, p.v, b, hk, s.k0, s.sk, kv.v[u]);
+  }
+#pragma omp parallel
+  {
+    FwdScratch w(p.head_dim);
+    // Dynamic: causal tiles near the diagonal's end cost up to Sk/BQ times more than early ones.
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t u = 0; u < units; ++u) {
+      const int blk = static_cast<int>(u % nblk);
+      const int h = static_cast<int>((u / nblk) % p.heads_q);
+      const int b = static_cast<int>(u / (static_cast<int64_t>(nblk) * p.heads_q));
+      if (blk * BQ < sequence(p, b).sq) fwd_tile(p, q, kv, out, lse, b, h, blk * BQ, w);
+    }
+  }
+}
+
+}  // namespace
+
+void attention_fwd_cpu(const AttnParams& p, DType dtype, const void* q, const void* k,
+                       const void* v, void* out, float* lse) {
+  switch (dtype) {
+    case DType::f32:
+      return fwd(p, static_cast<const float*>(q), static_cast<const float*>(k),
+                 static_cast<const float*>(v), static_cast<float*>(out), lse);
+    case DType::bf16:
+      return fwd(p, static_cast<const bf16*>(q), static_cast<const bf16*>(k),
+                 static_cast<const bf16*>(v), static_cast<bf16*>(out), lse);
+    case DType::f16:
+      return fwd(p, static_cast<const fp16*>(q), static_cast<const fp16*>(k),
+                 static_cast<const fp16*>(v), static_cast<fp16*>(out), lse);
+  }
+}
+
+}  // namespace fastlm

@@ -1,0 +1,134 @@
+// Pieces shared by the CPU attention forward and backward: sequence geometry, the visible
+// key range of a query row, and the score tile S = Q K^T with masking and soft-capping.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "common/cpu_gemm.h"
+#include "common/cpu_vec.h"
+#include "cpu/attention.h"
+
+namespace fastlm {
+namespace attn {
+
+// Tile sizes. BK keys per tile: 64 fp32 scores of one row are 8 AVX2 registers; the K^T tile
+// (D x 64 floats = 16 KiB at D = 64) stays in L1 while BQ rows stream over it. BQ query rows
+// amortise each converted/transposed K and V tile over 32 rows.
+constexpr int BQ = 32;
+constexpr int BK = 64;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+struct Seq {
+  int64_t q0, k0;  // first token of this sequence in the q and k tensors
+  int sq, sk;      // lengths
+};
+
+inline Seq sequence(const AttnParams& p, int b) {
+  if (p.cu_seqlens_q != nullptr) {
+    return {p.cu_seqlens_q[b], p.cu_seqlens_k[b], p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b],
+            p.cu_seqlens_k[b + 1] - p.cu_seqlens_k[b]};
+  }
+  return {0, 0, p.seqlen_q, p.seqlen_k};
+}
+
+inline int max_seqlen_q(const AttnParams& p) {
+  if (p.cu_seqlens_q == nullptr) return p.seqlen_q;
+  int m = 0;
+  for (int b = 0; b < p.batch; ++b) m = std::max(m, sequence(p, b).sq);
+  return m;
+}
+
+// Keys [lo, hi) of query row i are inside the causal/window limits (bottom-right aligned).
+struct Range {
+  int lo, hi;
+};
+
+inline Range key_range(const AttnParams& p, const Seq& s, int i) {
+  int64_t pos = static_cast<int64_t>(i) + s.sk - s.sq;
+  int64_t lo = p.window_left >= 0 ? pos - p.window_left : 0;
+  int64_t hi = p.window_right >= 0 ? pos + p.window_right + 1 : s.sk;
+  lo = std::max<int64_t>(lo, 0);
+  hi = std::min<int64_t>(hi, s.sk);
+  if (hi < lo) hi = lo;
+  return {static_cast<int>(lo), static_cast<int>(hi)};
+}
+
+template <typename T>
+inline const T* row(const T* base, const AttnStrides& st, int b, int h, int64_t t) {
+  return base + b * st.b + h * st.h + t * st.t;
+}
+
+template <typename T>
+inline T* row(T* base, const AttnStrides& st, int b, int h, int64_t t) {
+  return base + b * st.b + h * st.h + t * st.t;
+}
+
+// Finishes one row of raw scores s = (scale q) . k over a key tile [j0, j0 + nk): soft-caps
+// (keeping tanh in `th` for the backward when non-null), then sets -inf outside [lo, hi), past
+// the tile and where the padding mask is false.
+inline void mask_row(const AttnParams& p, float* s, int j0, int nk, Range r, const bool* kpm,
+                     float* th) {
+  if (p.softcap > 0.0f) {
+    const float inv = 1.0f / p.softcap;
+    for (int j = 0; j < nk; ++j) {
+      float t = std::tanh(s[j] * inv);
+      if (th != nullptr) th[j] = t;
+      s[j] = p.softcap * t;
+    }
+  }
+  for (int j = 0; j < BK; ++j) {
+    int kj = j0 + j;
+    bool visible = j < nk && kj >= r.lo && kj < r.hi && (kpm == nullptr || kpm[kj]);
+    s[j] = visible ? s[j] : kNegInf;
+  }
+}
+
+// Converts rows [t0, t0 + n) of one head to fp32: dst is n x d (row-major).
+template <typename T>
+inline void load_rows(const T* base, const AttnStrides& st, int b, int h, int64_t t0, int n, int d,
+                      float* dst, float mul = 1.0f, int pad_to = 0) {
+  for (int i = n; i < pad_to; ++i)  // zero rows so a tile-wide GEMM never reads garbage (NaN * 0)
+    for (int c = 0; c < d; ++c) dst[i * d + c] = 0.0f;
+  for (int i = 0; i < n; ++i) {
+    const T* src = row(base, st, b, h, t0 + i);
+    for (int c = 0; c < d; ++c) dst[i * d + c] = to_float(src[c]) * mul;
+  }
+}
+
+// Converts rows [t0, t0 + n) to a transposed, zero-padded fp32 tile dst (d x BK).
+template <typename T>
+inline void load_rows_t(const T* base, const AttnStrides& st, int b, int h, int64_t t0, int n,
+                        int d, float* dst) {
+  for (int c = 0; c < d; ++c)
+    for (int j = n; j < BK; ++j) dst[c * BK + j] = 0.0f;
+  for (int j = 0; j < n; ++j) {
+    const T* src = row(base, st, b, h, t0 + j);
+    for (int c = 0; c < d; ++c) dst[c * BK + j] = to_float(src[c]);
+  }
+}
+
+template <typename T>
+inline void load_head(const AttnParams& p, const T* x, const AttnStrides& st, int b, int h, int64_t t0,
+               int n, std::vector<float>& dst, float mul = 1.0f) {
+  const int padded = (n + BK - 1) / BK * BK;  // whole tiles, zero rows past n
+  dst.resize(static_cast<size_t>(padded) * p.head_dim);
+  load_rows(x, st, b, h, t0, n, p.head_dim, dst.data(), mul, padded);
+}
+
+// kt/vt: the unit's keys and values transposed per BK tile: tile t is a (d x BK) block.
+template <typename T>
+inline void load_head_t(const AttnParams& p, const T* x, const AttnStrides& st, int b, int h, int64_t t0,
+                 int n, std::vector<float>& dst) {
+  const int tiles = (n + BK - 1) / BK;
+  dst.resize(static_cast<size_t>(tiles) * p.head_dim * BK);
+  for (int t = 0; t < tiles; ++t)
+    load_rows_t(x, st, b, h, t0 + t * BK, std::min(BK, n - t * BK), p.head_dim,
+                &dst[static_cast<size_t>(t) * p.head_dim * BK]);
+}
+
+}  // namespace attn
+}  // namespace fastlm
