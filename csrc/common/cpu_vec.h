@@ -99,8 +99,10 @@ inline void store_row(const float* src, T* dst, int n) {
 // below -87 (including -inf) return exactly 0, which masked scores rely on.
 inline float exp_neg(float x) {
   const float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
-  float xc = x < -87.0f ? -87.0f : x;
-  float n = std::nearbyint(xc * kLog2e);
+  float xc = std::fmax(x, -87.0f);
+  // Round to nearest by adding and subtracting 1.5 * 2^23 (no libm call, so loops vectorise).
+  const float kRound = 12582912.0f;
+  float n = (xc * kLog2e + kRound) - kRound;
   float r = xc - n * kLn2Hi - n * kLn2Lo;
   float p = 1.0f / 720.0f;
   p = p * r + 1.0f / 120.0f;

@@ -72,6 +72,8 @@ inline T* row(T* base, const AttnStrides& st, int b, int h, int64_t t) {
 // the tile and where the padding mask is false.
 inline void mask_row(const AttnParams& p, float* s, int j0, int nk, Range r, const bool* kpm,
                      float* th) {
+  // Most tiles of a long sequence are fully visible: nothing to mask.
+  const bool all_visible = nk == BK && r.lo <= j0 && j0 + BK <= r.hi && kpm == nullptr;
   if (p.softcap > 0.0f) {
     const float inv = 1.0f / p.softcap;
     for (int j = 0; j < nk; ++j) {
@@ -80,9 +82,10 @@ inline void mask_row(const AttnParams& p, float* s, int j0, int nk, Range r, con
       s[j] = p.softcap * t;
     }
   }
+  if (all_visible) return;
+  const int lo = std::max(r.lo - j0, 0), hi = std::min(r.hi - j0, nk);  // visible [lo, hi)
   for (int j = 0; j < BK; ++j) {
-    int kj = j0 + j;
-    bool visible = j < nk && kj >= r.lo && kj < r.hi && (kpm == nullptr || kpm[kj]);
+    const bool visible = j >= lo && j < hi && (kpm == nullptr || kpm[j0 + j]);
     s[j] = visible ? s[j] : kNegInf;
   }
 }
