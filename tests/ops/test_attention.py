@@ -97,6 +97,31 @@ def test_triton_interpreter_fp32(shape, features, monkeypatch):
     check_against_reference("triton", shape, torch.float32, **features)
 
 
+@pytest.mark.parametrize("features", [dict(), dict(causal=True, padding=True)],
+                         ids=lambda f: "-".join(f) or "plain")
+@pytest.mark.parametrize("shape", SMALL_SHAPES[1:3], ids=str)
+def test_triton_interpreter_fp16(shape, features):
+    if HAS_CUDA:
+        pytest.skip("covered by the GPU test")
+    check_against_reference("triton", shape, torch.float16, **features)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Triton's interpreter computes bf16 tl.dot wrongly on this CPU (a 16x16 bf16 dot "
+           "came back with errors ~1e10 while fp16/fp32 were exact): bf16 is tested on GPU only. "
+           "strict: if the interpreter is fixed this xpasses and the bf16 cases should be enabled.",
+)
+def test_triton_interpreter_bf16():
+    if HAS_CUDA:
+        pytest.skip("covered by the GPU test")
+    check_against_reference("triton", (1, 2, 1, 20, 20, 16), torch.bfloat16)
+
+
+TRITON_ON_CPU = pytest.param(
+    "triton", marks=pytest.mark.skipif(HAS_CUDA, reason="CPU tensors run Triton only in its interpreter"))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("features", FEATURES, ids=lambda f: "-".join(f) or "plain")
 @pytest.mark.parametrize("shape", SHAPES + [(2, 8, 2, 1000, 1000, 128)], ids=str)
@@ -108,7 +133,7 @@ def test_gpu_backends_match_reference(backend, dtype, shape, features):
     check_against_reference(backend, shape, dtype, device="cuda", **features)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("backend", ["cpu", "torch", TRITON_ON_CPU])
 def test_varlen_matches_per_sequence_dense(backend):
     lens_q, lens_k = [5, 1, 37, 64], [9, 1, 37, 70]
     cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32)
@@ -136,7 +161,7 @@ def test_non_contiguous_inputs_match_contiguous(backend):
     assert torch.equal(out, ref)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("backend", ["cpu", "torch", TRITON_ON_CPU])
 def test_forward_and_backward_are_deterministic(backend):
     q, k, v, _ = _inputs((2, 4, 2, 70, 70, 32), torch.float32)
     dout = torch.randn_like(q)
