@@ -16,7 +16,7 @@ from ._attention_common import scores, seq_bounds, visible
 
 
 @triton.jit
-def delta_kernel(O, DO, DELTA, sob, soh, sot, slb, slh, slt, seqlen_q, CU_Q,
+def delta_kernel(OUT, DO, DELTA, sob, soh, sot, slb, slh, slt, seqlen_q, CU_Q,
                  H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -28,7 +28,7 @@ def delta_kernel(O, DO, DELTA, sob, soh, sot, slb, slh, slt, seqlen_q, CU_Q,
     offs_d = tl.arange(0, BLOCK_D)
     m = (rows < sq)[:, None] & (offs_d < D)[None, :]
     ptr = b * sob + h * soh + (q0 + rows)[:, None] * sot + offs_d[None, :]
-    o = tl.load(O + ptr, mask=m, other=0.0).to(tl.float32)
+    o = tl.load(OUT + ptr, mask=m, other=0.0).to(tl.float32)
     do = tl.load(DO + ptr, mask=m, other=0.0).to(tl.float32)
     tl.store(DELTA + b * slb + h * slh + (q0 + rows) * slt, tl.sum(o * do, 1), mask=rows < sq)
 

@@ -8,7 +8,7 @@ from ._attention_common import scores, seq_bounds, visible
 
 @triton.jit
 def attention_fwd_kernel(
-    Q, K, V, O, LSE, MASK, CU_Q, CU_K,
+    Q, K, V, OUT, LSE, MASK, CU_Q, CU_K,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, slb, slh, slt, smb,
     seqlen_q, seqlen_k, scale, softcap, wl, wr,
     seqlen_bucket,  # unused in the body: the autotuner's key (next power of two of the lengths)
@@ -61,6 +61,6 @@ def attention_fwd_kernel(
     empty = l_i == 0.0  # saw no key: output 0 and lse +inf so the backward's P is exactly 0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
-    tl.store(O + b * sob + h * soh + (q0 + rows)[:, None] * sot + offs_d[None, :],
-             out.to(O.dtype.element_ty), mask=(rows < sq)[:, None] & dmask[None, :])
+    tl.store(OUT + b * sob + h * soh + (q0 + rows)[:, None] * sot + offs_d[None, :],
+             out.to(OUT.dtype.element_ty), mask=(rows < sq)[:, None] & dmask[None, :])
     tl.store(LSE + b * slb + h * slh + (q0 + rows) * slt, lse, mask=rows < sq)
