@@ -275,7 +275,8 @@ class CpuOpsBuilder(ExtensionBuilder):
     def cflags(self) -> list[str]:
         # -fno-trapping-math: no kernel relies on floating-point exceptions, and without it GCC
         # refuses to if-convert compares, so softmax/exp loops would stay scalar (~2x slower).
-        return ["-O3", "-fopenmp", "-fno-trapping-math", *cpu_simd_flags()]
+        # -fno-math-errno: likewise nothing reads errno, and it lets sqrt vectorise.
+        return ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno", *cpu_simd_flags()]
 
     def ldflags(self) -> list[str]:
         return ["-fopenmp"]

@@ -1,0 +1,5 @@
+"""fastlm optimizers."""
+
+from fastlm.optim.adamw import FusedAdamW
+
+__all__ = ["FusedAdamW"]

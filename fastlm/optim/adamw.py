@@ -1,0 +1,190 @@
+"""FusedAdamW: torch.optim.AdamW's semantics and state format, one fused pass per step.
+
+An fp32 AdamW step is pure memory traffic (read param, grad, m, v; write param, m, v: 28 bytes
+per parameter). The fused kernels do it in one pass over every tensor of a param group, with
+the gradient unscale of mixed-precision training folded in, instead of the several passes of
+an unfused step.
+
+Backends (dispatch rule in fastlm/_dispatch.py): ``cpu`` (C++ SIMD + OpenMP, csrc/cpu/adamw.cpp,
+the kernel ZeRO-Offload runs on the host) and ``torch`` (the reference math, any device).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+from fastlm._build import load_extension
+from fastlm._dispatch import Call, all_of, define_op, extension_check, needs_device, needs_dtypes
+
+__all__ = ["FusedAdamW"]
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+_op = define_op("adamw")
+
+
+def _torch_step(params, grads, exp_avgs, exp_avg_sqs, masters, lr, beta1, beta2, eps, wd, step,
+                inv_scale):
+    """The reference: torch.optim.AdamW's operation order, in fp32."""
+    bc1 = 1 - beta1**step
+    bc2_sqrt = math.sqrt(1 - beta2**step)
+    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+        w = masters[i] if masters else p.float()
+        g32 = g.float() * inv_scale if inv_scale != 1.0 else g.float()
+        w.mul_(1 - lr * wd)
+        m32 = m.float().lerp_(g32, 1 - beta1)
+        v32 = v.float().mul_(beta2).addcmul_(g32, g32, value=1 - beta2)
+        denom = (v32.sqrt() / bc2_sqrt).add_(eps)
+        w.addcdiv_(m32, denom, value=-lr / bc1)
+        m.copy_(m32)
+        v.copy_(v32)
+        if w is not p:
+            p.copy_(w)
+
+
+class _TorchBackend:
+    adamw_step_ = staticmethod(_torch_step)
+
+
+_op.register(
+    "cpu",
+    all_of(needs_device("cpu"), needs_dtypes(torch.float32, *_LOW_PRECISION),
+           extension_check("cpu", "adamw_step_")),
+    lambda: load_extension("cpu"),
+)
+_op.register("torch", lambda call: None, lambda: _TorchBackend)
+
+
+class FusedAdamW(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay, bias correction) with fused kernels.
+
+    Same hyper-parameters, param groups and ``state_dict`` layout as ``torch.optim.AdamW``
+    (``step``, ``exp_avg``, ``exp_avg_sq`` per parameter), so either optimizer loads the
+    other's state.
+
+    Args:
+        master_weights: keep an fp32 copy of bf16/fp16 parameters (state key ``master``),
+            update it and write the rounded value back in the same pass. Default: on for
+            bf16/fp16 parameters. Off means updating low-precision params in place (lossy).
+        state_dtype: torch.float32 (default) or torch.bfloat16 moments: half the optimizer
+            memory, at the cost of rounding m and v to 8 mantissa bits each step.
+        backend: "cpu", "torch" or None/"auto" (then $FASTLM_BACKEND_ADAMW, $FASTLM_BACKEND).
+
+    Works with ``torch.amp.GradScaler``: it reads ``grad_scale``/``found_inf`` set by the scaler,
+    unscales inside the kernel and skips the step (state untouched) when gradients overflowed.
+    """
+
+    _step_supports_amp_scaling = True
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        master_weights: bool | None = None,
+        state_dtype: torch.dtype = torch.float32,
+        backend: str | None = None,
+    ):
+        _check_hyper(lr, betas, eps, weight_decay)
+        if state_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"FusedAdamW: state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+        self.master_weights = master_weights
+        self.state_dtype = state_dtype
+        self.backend = backend
+
+    def _init_state(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p, dtype=self.state_dtype, memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.state_dtype, memory_format=torch.contiguous_format)
+        wants_master = self.master_weights if self.master_weights is not None else p.dtype in _LOW_PRECISION
+        if wants_master and p.dtype in _LOW_PRECISION and "master" not in state:
+            state["master"] = p.detach().float().contiguous()
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and float(found_inf) > 0:
+            return loss  # overflowed gradients: skip, as torch's fused optimizers do
+        grad_scale = getattr(self, "grad_scale", None)
+        inv_scale = 1.0 if grad_scale is None else 1.0 / float(grad_scale)
+        for group in self.param_groups:
+            self._step_group(group, inv_scale)
+        return loss
+
+    def _step_group(self, group: dict, inv_scale: float) -> None:
+        _check_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        devices = {p.device for p in params}
+        if len(devices) > 1:
+            raise ValueError(
+                f"FusedAdamW: a param group mixes devices {sorted(map(str, devices))}; put "
+                f"parameters of different devices in separate groups (or optimizers)"
+            )
+        by_step: dict[tuple, list] = {}
+        for p in params:
+            if p.grad.is_sparse:
+                raise ValueError("FusedAdamW does not support sparse gradients; use torch.optim.SparseAdam")
+            state = self._init_state(p)
+            state["step"] += 1
+            key = (int(state["step"]), "master" in state, p.dtype)
+            by_step.setdefault(key, []).append(p)
+        beta1, beta2 = group["betas"]
+        for (step, has_master, _dtype), ps in by_step.items():
+            backend = _op.select(Call.of(ps[0]), self.backend).impl()
+            states = [self.state[p] for p in ps]
+            backend.adamw_step_(
+                [_contiguous(p) for p in ps],
+                [_contiguous(p.grad) for p in ps],
+                [s["exp_avg"] for s in states],
+                [s["exp_avg_sq"] for s in states],
+                [s["master"] for s in states] if has_master else [],
+                float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
+                float(group["weight_decay"]), step, inv_scale,
+            )
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        # torch.optim.AdamW's state has no fp32 masters: rebuild them from the parameters.
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p in self.state:
+                    state = self.state[p]
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        state[key] = state[key].to(self.state_dtype).contiguous()
+                    self._init_state(p)
+
+
+def _contiguous(t: torch.Tensor) -> torch.Tensor:
+    if not t.is_contiguous():
+        raise ValueError(
+            f"FusedAdamW needs contiguous parameters and gradients, got strides {t.stride()} "
+            f"for shape {tuple(t.shape)}; call .contiguous() on the parameter data"
+        )
+    return t
+
+
+def _check_hyper(lr, betas, eps, weight_decay) -> None:
+    if not (isinstance(lr, float | int) and lr >= 0):
+        raise ValueError(f"FusedAdamW: lr must be a number >= 0, got {lr!r}")
+    if not eps >= 0:
+        raise ValueError(f"FusedAdamW: eps must be >= 0, got {eps!r}")
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"FusedAdamW: betas must be two numbers in [0, 1), got {betas!r}")
+    if not weight_decay >= 0:
+        raise ValueError(f"FusedAdamW: weight_decay must be >= 0, got {weight_decay!r}")
