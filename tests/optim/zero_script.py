@@ -1,0 +1,73 @@
+"""Run under `deepspeed --num_gpus 2` (CPU ranks, gloo): train a tiny model under ZeRO 1/2/3
+and ZeRO-2 + CPU offload with FusedAdamW and with torch.optim.AdamW; rank 0 writes the losses
+and what the optimizer was handed to the JSON file named by the last argument."""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import deepspeed  # noqa: E402
+import torch  # noqa: E402
+
+from fastlm.integrations.deepspeed import prepare_config  # noqa: E402
+from fastlm.optim import FusedAdamW  # noqa: E402
+
+CASES = {
+    "zero1": {"stage": 1},
+    "zero2": {"stage": 2},
+    "zero3": {"stage": 3},
+    "zero2_offload": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+}
+
+
+def model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 33), torch.nn.GELU(), torch.nn.Linear(33, 4))
+
+
+def train(zero: dict, optimizer_cls) -> tuple[list, dict]:
+    net = model()
+    opt = optimizer_cls(net.parameters(), lr=1e-2, weight_decay=0.1)
+    cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
+           "zero_optimization": zero, "gradient_clipping": 0.0, "steps_per_print": 10**9}
+    cfg = prepare_config(cfg, opt)
+    if not isinstance(opt, FusedAdamW):  # the reference needs the switches set by hand
+        cfg.update(zero_allow_untested_optimizer=True, zero_force_ds_cpu_optimizer=False)
+    engine, *_ = deepspeed.initialize(model=net, optimizer=opt, config=cfg)
+    rank = torch.distributed.get_rank()
+    losses = []
+    for step in range(8):
+        g = torch.Generator().manual_seed(100 * step + rank)
+        x, y = torch.randn(4, 16, generator=g), torch.randn(4, 4, generator=g)
+        loss = torch.nn.functional.mse_loss(engine(x), y)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    inner = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
+    handed = {
+        "type": type(inner).__name__,
+        "numels": [p.numel() for grp in inner.param_groups for p in grp["params"]],
+        "devices": sorted({str(p.device) for grp in inner.param_groups for p in grp["params"]}),
+        # stage 3 swaps its fp32 sub-groups in only for the step; the state keyed by them stays
+        "state_numels": sorted(s["exp_avg"].numel() for s in inner.state.values()),
+        "state_devices": sorted({str(s["exp_avg"].device) for s in inner.state.values()}),
+    }
+    return losses, handed
+
+
+def main():
+    out = {}
+    for name, zero in CASES.items():
+        fused, handed = train(zero, FusedAdamW)
+        ref, _ = train(zero, torch.optim.AdamW)
+        out[name] = {"fused": fused, "torch": ref, "handed": handed}
+    out["total_params"] = sum(p.numel() for p in model().parameters())
+    if torch.distributed.get_rank() == 0:
+        with open(sys.argv[-1], "w") as f:  # the launcher puts --local_rank first
+            json.dump(out, f)
+
+
+if __name__ == "__main__":
+    main()
