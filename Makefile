@@ -29,8 +29,9 @@ cuda-check: venv
 test: venv lint cuda-check
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# Until the trainer lands (fastlm train), the demo is a tiny GPT on fastlm's kernels.
 demo: venv
-	$(BIN)/fastlm train configs/demo_cpu.yaml
+	$(BIN)/python -m fastlm.demo
 
 bench-cpu: venv
 	$(BIN)/fastlm bench attention --device cpu --out benchmarks/results
