@@ -54,6 +54,10 @@ class TinyGPT(nn.Module):
         self.ln = nn.LayerNorm(width)
         self.head = nn.Linear(width, vocab, bias=False)
         self.head.weight = self.tok.weight  # tied, as GPT-2
+        # GPT-2's init: N(0, 1) embeddings (torch's default) would start with logits of std
+        # sqrt(width) through the tied head, and a loss far above log(vocab).
+        nn.init.normal_(self.tok.weight, std=0.02)
+        nn.init.normal_(self.pos.weight, std=0.02)
 
     def forward(self, idx):  # (B, T) -> (B, T, V)
         x = self.tok(idx) + self.pos(torch.arange(idx.shape[1]))
