@@ -118,9 +118,14 @@ def run(args) -> int:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
         tqdm = None
+    fp32_peak = harness.matmul_peak_tflops(device, torch.float32)
     for dtype in dtypes:
         dname = str(dtype).removeprefix("torch.")
-        report.ceilings[f"matmul_tflops_{dname}"] = harness.matmul_peak_tflops(device, dtype)
+        # The ceiling is the faster of this dtype's and fp32's matmul: on CPUs without native
+        # bf16/fp16 arithmetic torch's low-precision matmul is far below what the machine can
+        # do (kernels upconvert and run fp32 FMAs), which would make "% of peak" meaningless.
+        peak = fp32_peak if dtype == torch.float32 else harness.matmul_peak_tflops(device, dtype)
+        report.ceilings[f"matmul_tflops_{dname}"] = max(peak, fp32_peak)
     cases = [(dt, s, m, n) for dt in dtypes for s in seqlens for m in modes for n in impls]
     for dtype, s, mode, name in (tqdm(cases, desc="attention") if tqdm else cases):
         fn, ctx = impls[name]
