@@ -6,18 +6,29 @@ the gradient unscale of mixed-precision training folded in, instead of the sever
 an unfused step.
 
 Backends (dispatch rule in fastlm/_dispatch.py): ``cpu`` (C++ SIMD + OpenMP, csrc/cpu/adamw.cpp,
-the kernel ZeRO-Offload runs on the host) and ``torch`` (the reference math, any device).
+the kernel ZeRO-Offload runs on the host), ``triton`` (triton_kernels/adamw.py, CUDA tensors)
+and ``torch`` (the reference math, any device). A CUDA C++ multi-tensor kernel is not written
+yet: CUDA tensors run the Triton kernel.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Iterable
 
 import torch
 
 from fastlm._build import load_extension
-from fastlm._dispatch import Call, all_of, define_op, extension_check, needs_device, needs_dtypes
+from fastlm._dispatch import (
+    Call,
+    all_of,
+    define_op,
+    extension_check,
+    needs_device,
+    needs_dtypes,
+    triton_check,
+)
 
 __all__ = ["FusedAdamW"]
 
@@ -53,6 +64,11 @@ _op.register(
     all_of(needs_device("cpu"), needs_dtypes(torch.float32, *_LOW_PRECISION),
            extension_check("cpu", "adamw_step_")),
     lambda: load_extension("cpu"),
+)
+_op.register(
+    "triton",
+    all_of(triton_check, needs_dtypes(torch.float32, *_LOW_PRECISION)),
+    lambda: importlib.import_module("fastlm.triton_kernels.adamw"),
 )
 _op.register("torch", lambda call: None, lambda: _TorchBackend)
 

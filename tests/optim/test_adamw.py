@@ -7,7 +7,10 @@ import torch
 
 from fastlm.optim import FusedAdamW
 
-BACKENDS = ["cpu", "torch"]
+HAS_CUDA = torch.cuda.is_available()
+# Triton runs CPU tensors only in its interpreter (set by tests/conftest.py without a GPU).
+BACKENDS = ["cpu", "torch", pytest.param("triton", marks=pytest.mark.skipif(
+    HAS_CUDA, reason="CPU tensors run Triton only in its interpreter"))]
 # Sizes: a scalar, odd, not a multiple of any slice or vector width, one larger than a slice.
 SIZES = [(1,), (7,), (33, 5), (1000,), (65537,)]
 
@@ -63,7 +66,11 @@ def test_matches_torch_adamw_over_120_steps(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_params_with_fp32_masters_track_float64(backend, dtype):
+def test_low_precision_params_with_fp32_masters_track_float64(backend, dtype, request):
+    if backend == "triton" and dtype == torch.bfloat16 and not HAS_CUDA:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            "Triton's interpreter truncates fp32 -> bf16 stores (0.5505 becomes 0.5469, not "
+            "0.5508) even with fp_downcast_rounding='rtne'; GPUs round to nearest even")))
     low = _params(dtype)
     ref64 = [p.detach().double().requires_grad_() for p in low]
     opt = FusedAdamW(low, lr=1e-2, backend=backend)
