@@ -6,9 +6,9 @@ the gradient unscale of mixed-precision training folded in, instead of the sever
 an unfused step.
 
 Backends (dispatch rule in fastlm/_dispatch.py): ``cpu`` (C++ SIMD + OpenMP, csrc/cpu/adamw.cpp,
-the kernel ZeRO-Offload runs on the host), ``triton`` (triton_kernels/adamw.py, CUDA tensors)
-and ``torch`` (the reference math, any device). A CUDA C++ multi-tensor kernel is not written
-yet: CUDA tensors run the Triton kernel.
+the kernel ZeRO-Offload runs on the host), ``cuda`` (csrc/cuda/adamw.cu, multi-tensor: many
+tensors per launch), ``triton`` (triton_kernels/adamw.py, CUDA tensors) and ``torch`` (the
+reference math, any device).
 """
 
 from __future__ import annotations
@@ -64,6 +64,12 @@ _op.register(
     all_of(needs_device("cpu"), needs_dtypes(torch.float32, *_LOW_PRECISION),
            extension_check("cpu", "adamw_step_")),
     lambda: load_extension("cpu"),
+)
+_op.register(
+    "cuda",
+    all_of(needs_device("cuda"), needs_dtypes(torch.float32, *_LOW_PRECISION),
+           extension_check("cuda", "adamw_step_")),
+    lambda: load_extension("cuda"),
 )
 _op.register(
     "triton",
