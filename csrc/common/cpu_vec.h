@@ -7,7 +7,7 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -20,10 +20,7 @@ struct fp16 { uint16_t bits; };
 inline float to_float(float x) { return x; }
 
 inline float to_float(bf16 x) {
-  uint32_t u = static_cast<uint32_t>(x.bits) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
+  return __builtin_bit_cast(float, static_cast<uint32_t>(x.bits) << 16);
 }
 
 inline float to_float(fp16 x) {
@@ -55,8 +52,7 @@ template <typename T> T from_float(float x);
 template <> inline float from_float<float>(float x) { return x; }
 
 template <> inline bf16 from_float<bf16>(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof(u));
+  uint32_t u = __builtin_bit_cast(uint32_t, x);
   if ((u & 0x7fffffffu) > 0x7f800000u) return bf16{static_cast<uint16_t>((u >> 16) | 0x40)};
   u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
   return bf16{static_cast<uint16_t>(u >> 16)};
@@ -111,10 +107,35 @@ inline float exp_neg(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  int32_t e = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &e, sizeof(scale));
+  // __builtin_bit_cast rather than memcpy: GCC vectorises loops around it, not around memcpy.
+  const float scale = __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
   return x < -87.0f ? 0.0f : p * scale;
+}
+
+// x[i] = exp_neg(x[i] - sub) for i < n, eight lanes at a time where AVX2 is available (the
+// same polynomial, so both paths agree). Written out because GCC would not vectorise the
+// scalar loop inside the attention tile code.
+inline void exp_neg_sub(float* x, int n, float sub) {
+  int i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 vsub = _mm256_set1_ps(sub), lo = _mm256_set1_ps(-87.0f);
+  const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
+  const __m256 ln2hi = _mm256_set1_ps(0.693359375f), ln2lo = _mm256_set1_ps(-2.12194440e-4f);
+  const float coef[] = {1.0f / 720.0f, 1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f};
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_sub_ps(_mm256_loadu_ps(x + i), vsub);
+    const __m256 xc = _mm256_max_ps(v, lo);
+    const __m256 k = _mm256_round_ps(_mm256_mul_ps(xc, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(k, ln2hi, xc);
+    r = _mm256_fnmadd_ps(k, ln2lo, r);
+    __m256 p = _mm256_set1_ps(coef[0]);
+    for (int c = 1; c < 7; ++c) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(coef[c]));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+    const __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    _mm256_storeu_ps(x + i, _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(v, lo, _CMP_LT_OQ)));
+  }
+#endif
+  for (; i < n; ++i) x[i] = exp_neg(x[i] - sub);
 }
 
 }  // namespace fastlm

@@ -37,14 +37,11 @@ void bwd_tile(const AttnParams& p, const Seq& s, int i0, int n, int j0, int nk, 
     float* dr = dp + i * BK;  // becomes dS
     float* th = p.softcap > 0.0f ? &w.th[i * BK] : nullptr;
     mask_row(p, sr, j0, nk, key_range(p, s, i0 + i), kpm, th);
-    const float l = lse[i0 + i], delta = w.delta[i0 + i];
-    for (int j = 0; j < BK; ++j) {
-      const float pj = exp_neg(sr[j] - l);  // masked: exp(-inf) = 0; empty row: lse = +inf
-      float ds = pj * (dr[j] - delta);
-      if (th != nullptr && j < nk) ds *= 1.0f - th[j] * th[j];  // softcap * tanh(s / softcap)
-      sr[j] = pj;
-      dr[j] = ds;
-    }
+    const float delta = w.delta[i0 + i];
+    exp_neg_sub(sr, BK, lse[i0 + i]);  // P; masked: exp(-inf) = 0; empty row: lse = +inf -> 0
+    for (int j = 0; j < BK; ++j) dr[j] = sr[j] * (dr[j] - delta);  // dS
+    if (th != nullptr)
+      for (int j = 0; j < nk; ++j) dr[j] *= 1.0f - th[j] * th[j];  // softcap * tanh(s / softcap)
   }
   const size_t kr = static_cast<size_t>(j0) * d;
   gemm(nk, d, n, sm, 1, BK, dob, d, &w.dv[kr], d, true);  // dV += P^T dO

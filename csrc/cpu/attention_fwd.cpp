@@ -24,7 +24,10 @@ struct KvCache {
 
 // Online-softmax update of one row given its masked scores sr (BK wide): turns sr into P and
 // rescales the row's accumulator. Returns false when the row has seen no visible key yet.
-inline bool softmax_row(float* sr, float& m, float& l, float* acc, int d) {
+// Not inlined: compiled on its own, with plain pointer arguments, GCC vectorises its loops (inlined
+// into the tile loop it did not, and the exp is a third of the forward's arithmetic).
+__attribute__((noinline)) bool softmax_row(float* __restrict sr, float& m, float& l,
+                                           float* __restrict acc, int d) {
   float mx = kNegInf;
   for (int j = 0; j < BK; ++j) mx = std::max(mx, sr[j]);
   const float m_new = std::max(m, mx);
@@ -33,12 +36,10 @@ inline bool softmax_row(float* sr, float& m, float& l, float* acc, int d) {
     return false;
   }
   const float alpha = exp_neg(m - m_new);  // 0 on the first visible tile (m = -inf)
+  exp_neg_sub(sr, BK, m_new);
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-  for (int j = 0; j < BK; ++j) {
-    sr[j] = exp_neg(sr[j] - m_new);
-    sum += sr[j];
-  }
+  for (int j = 0; j < BK; ++j) sum += sr[j];
   l = l * alpha + sum;
   m = m_new;
   if (alpha != 1.0f)
