@@ -92,7 +92,8 @@ def run(args) -> int:
         except Exception as exc:  # a peer that cannot run here is reported, not fatal
             row.update(ms=None, gbs=None, error=f"{type(exc).__name__}: {str(exc)[:80]}")
         report.add(**row)
-    _add_ratios(report)
+    harness.add_speedup(report, "vs_best_peer", ("params_m",),
+                        lambda r: not r["impl"].startswith("fastlm"))
     print(harness.format_table(report.rows))
     if args.out:
         stem = args.name or f"adamw_{device}"
@@ -101,13 +102,3 @@ def run(args) -> int:
                                   series="impl", ylabel="GB/s at 28 B/param", logx=True))
         print("wrote " + ", ".join(str(p) for p in paths))
     return 0
-
-
-def _add_ratios(report: harness.Report) -> None:
-    best: dict = {}
-    for r in report.rows:
-        if not r["impl"].startswith("fastlm") and r.get("ms"):
-            best[r["params_m"]] = min(best.get(r["params_m"], float("inf")), r["ms"])
-    for r in report.rows:
-        b = best.get(r["params_m"])
-        r["vs_best_peer"] = b / r["ms"] if b and r.get("ms") else None

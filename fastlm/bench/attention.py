@@ -143,7 +143,8 @@ def run(args) -> int:
             row.update(ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, tflops=tf,
                        pct_peak=100 * tf / peak)
         report.add(**row)
-    _add_ratios(report)
+    harness.add_speedup(report, "vs_best_sdpa", ("dtype", "mode", "seqlen"),
+                        lambda r: r["impl"].startswith("sdpa"))
     print(harness.format_table(report.rows))
     if args.out:
         stem = args.name or f"attention_{device}"
@@ -152,15 +153,3 @@ def run(args) -> int:
                                   series="impl", facet="case", ylabel="TFLOP/s"))
         print("wrote " + ", ".join(str(p) for p in paths))
     return 0
-
-
-def _add_ratios(report: harness.Report) -> None:
-    """speedup = fastest SDPA backend's time / this row's time, per (dtype, mode, seqlen)."""
-    groups: dict = {}
-    for r in report.rows:
-        if r["impl"].startswith("sdpa") and r.get("ms"):
-            key = (r["dtype"], r["mode"], r["seqlen"])
-            groups[key] = min(groups.get(key, float("inf")), r["ms"])
-    for r in report.rows:
-        best = groups.get((r["dtype"], r["mode"], r["seqlen"]))
-        r["vs_best_sdpa"] = best / r["ms"] if best and r.get("ms") else None

@@ -157,6 +157,22 @@ class Report:
         return "\n".join(lines) + "\n"
 
 
+def add_speedup(report: Report, column: str, group_by: Sequence[str], is_peer) -> None:
+    """Add ``column`` = (fastest peer's ms in the row's group) / (row's ms) to every row.
+
+    A group is the rows sharing the ``group_by`` fields (e.g. dtype, mode, seqlen); peers are
+    the rows for which ``is_peer(row)`` is true. Rows without a time get None.
+    """
+    best: dict = {}
+    for r in report.rows:
+        if is_peer(r) and r.get("ms"):
+            key = tuple(r[k] for k in group_by)
+            best[key] = min(best.get(key, float("inf")), r["ms"])
+    for r in report.rows:
+        b = best.get(tuple(r[k] for k in group_by))
+        r[column] = b / r["ms"] if b and r.get("ms") else None
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
