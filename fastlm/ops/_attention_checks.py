@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)  # dtypes the compiled backends run
 
 
 def _fail(msg: str) -> None:
@@ -29,7 +29,7 @@ def _check_common(q, k, v, ndim: int, layout: str) -> None:
             _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != ndim:
             _fail(f"{name} must be {ndim}-D {layout}, got shape {tuple(t.shape)}")
-        if t.dtype not in _FLOATS and t.dtype != torch.float64:
+        if t.dtype not in FLOATS and t.dtype != torch.float64:
             _fail(f"{name} has dtype {t.dtype}; use float32, float16 or bfloat16")
     if not (q.dtype == k.dtype == v.dtype):
         _fail(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype} (cast them first)")

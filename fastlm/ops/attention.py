@@ -31,10 +31,10 @@ from fastlm._dispatch import (
 )
 from fastlm.ops import _attention_checks as checks
 from fastlm.ops import reference
+from fastlm.ops._attention_checks import FLOATS as _FLOATS
 
 __all__ = ["attention", "attention_varlen"]
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _op = define_op("attention")
 
 

@@ -91,7 +91,7 @@ def test_cpu_backends_match_reference(backend, dtype, shape, features):
 
 @pytest.mark.parametrize("features", FEATURES, ids=lambda f: "-".join(f) or "plain")
 @pytest.mark.parametrize("shape", SMALL_SHAPES, ids=str)
-def test_triton_interpreter_fp32(shape, features, monkeypatch):
+def test_triton_interpreter_fp32(shape, features):
     if HAS_CUDA:
         pytest.skip("covered by the GPU test")
     check_against_reference("triton", shape, torch.float32, **features)
