@@ -12,7 +12,7 @@ exchange the gradients are bit-identical run to run.
 import triton
 import triton.language as tl
 
-from ._attention_common import scores, seq_bounds, visible
+from ._attention_common import key_blocks, program_sequence, scores, seq_bounds, visible
 
 
 @triton.jit
@@ -59,13 +59,8 @@ def dkdv_kernel(
     IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // HKV
-    hk = bh % HKV
-    q0, sq = seq_bounds(CU_Q, b, seqlen_q, IS_VARLEN)
-    k0, sk = seq_bounds(CU_K, b, seqlen_k, IS_VARLEN)
-    start_n = pid_n * BLOCK_N
+    b, hk, q0, sq, k0, sk = program_sequence(CU_Q, CU_K, seqlen_q, seqlen_k, HKV, IS_VARLEN)
+    start_n = tl.program_id(0) * BLOCK_N
     if start_n >= sk:
         return
     cols = start_n + tl.arange(0, BLOCK_N)
@@ -113,14 +108,9 @@ def dq_kernel(
     IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    b, h, q0, sq, k0, sk = program_sequence(CU_Q, CU_K, seqlen_q, seqlen_k, H, IS_VARLEN)
     hk = h // GROUP
-    q0, sq = seq_bounds(CU_Q, b, seqlen_q, IS_VARLEN)
-    k0, sk = seq_bounds(CU_K, b, seqlen_k, IS_VARLEN)
-    start_m = pid_m * BLOCK_M
+    start_m = tl.program_id(0) * BLOCK_M
     if start_m >= sq:
         return
     rows = start_m + tl.arange(0, BLOCK_M)
@@ -134,9 +124,7 @@ def dq_kernel(
     lse = tl.load(LSE + lptr, mask=rows < sq, other=float("inf"))
     delta = tl.load(DELTA + lptr, mask=rows < sq, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo = tl.maximum(start_m + sk - sq - wl, 0)
-    hi = tl.minimum(start_m + BLOCK_M - 1 + sk - sq + wr + 1, sk)
-    lo = (lo // BLOCK_N) * BLOCK_N
+    lo, hi = key_blocks(start_m, sq, sk, wl, wr, BLOCK_M, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         kmask = (cols < sk)[None, :] & (offs_d < D)[:, None]

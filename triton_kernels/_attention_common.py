@@ -21,6 +21,26 @@ def seq_bounds(CU, b, seqlen, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
+def program_sequence(CU_Q, CU_K, seqlen_q, seqlen_k, H: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """(sequence, head, q start, q length, k start, k length) of this program (grid axis 1 runs
+    over sequence x head, H heads per sequence)."""
+    bh = tl.program_id(1)
+    b = bh // H
+    q0, sq = seq_bounds(CU_Q, b, seqlen_q, IS_VARLEN)
+    k0, sk = seq_bounds(CU_K, b, seqlen_k, IS_VARLEN)
+    return b, bh % H, q0, sq, k0, sk
+
+
+@triton.jit
+def key_blocks(start_m, sq, sk, wl, wr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[lo, hi) of the key blocks some row of query block start_m can see; key blocks outside
+    every row's window are never visited (causal halves the work)."""
+    lo = tl.maximum(start_m + sk - sq - wl, 0)
+    hi = tl.minimum(start_m + BLOCK_M - 1 + sk - sq + wr + 1, sk)
+    return (lo // BLOCK_N) * BLOCK_N, hi
+
+
+@triton.jit
 def tanh(x):
     # tl has no portable tanh (libdevice is CUDA-only, and the interpreter has no libdevice):
     # 1 - 2 / (exp(2x) + 1) saturates correctly to +-1 for large |x|.

@@ -3,7 +3,7 @@
 import triton
 import triton.language as tl
 
-from ._attention_common import scores, seq_bounds, visible
+from ._attention_common import key_blocks, program_sequence, scores, visible
 
 
 @triton.jit
@@ -17,14 +17,9 @@ def attention_fwd_kernel(
     IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    b, h, q0, sq, k0, sk = program_sequence(CU_Q, CU_K, seqlen_q, seqlen_k, H, IS_VARLEN)
     hk = h // GROUP
-    q0, sq = seq_bounds(CU_Q, b, seqlen_q, IS_VARLEN)
-    k0, sk = seq_bounds(CU_K, b, seqlen_k, IS_VARLEN)
-    start_m = pid_m * BLOCK_M
+    start_m = tl.program_id(0) * BLOCK_M
     if start_m >= sq:
         return
     rows = start_m + tl.arange(0, BLOCK_M)
@@ -33,10 +28,7 @@ def attention_fwd_kernel(
     dmask = offs_d < D
     q = tl.load(Q + b * sqb + h * sqh + (q0 + rows)[:, None] * sqt + offs_d[None, :],
                 mask=(rows < sq)[:, None] & dmask[None, :], other=0.0)
-    # Key blocks outside every row's window are never visited (causal halves the work).
-    lo = tl.maximum(start_m + sk - sq - wl, 0)
-    hi = tl.minimum(start_m + BLOCK_M - 1 + sk - sq + wr + 1, sk)
-    lo = (lo // BLOCK_N) * BLOCK_N
+    lo, hi = key_blocks(start_m, sq, sk, wl, wr, BLOCK_M, BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
