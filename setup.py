@@ -2,6 +2,7 @@
 
 - triton_kernels/ is installed as ``fastlm.triton_kernels`` (no top-level name to clash with).
 - csrc/ is installed as data under ``fastlm/_csrc`` so an installed fastlm can JIT-build.
+- configs/ is installed as ``fastlm/_configs`` so model presets resolve by name anywhere.
 - ``FASTLM_BUILD_OPS=1`` (with torch importable, i.e. ``pip install --no-build-isolation``)
   prebuilds the extensions ahead of time, like DeepSpeed's DS_BUILD_OPS; by default they are
   built just in time on first use and cached (see fastlm/_build.py).
@@ -19,6 +20,11 @@ ROOT = Path(__file__).resolve().parent
 def _csrc_package_data():
     files = [p for p in (ROOT / "csrc").rglob("*") if p.suffix in {".cpp", ".cu", ".h", ".cuh", ".hpp"}]
     return [str(p.relative_to(ROOT / "csrc")) for p in files]
+
+
+def _configs_package_data():
+    return [str(p.relative_to(ROOT / "configs")) for p in (ROOT / "configs").rglob("*")
+            if p.suffix in {".yaml", ".json"}]
 
 
 def _prebuilt_extensions():
@@ -51,9 +57,12 @@ def _prebuilt_extensions():
 
 ext_modules, cmdclass = _prebuilt_extensions()
 setup(
-    packages=find_packages(include=["fastlm", "fastlm.*"]) + ["fastlm.triton_kernels", "fastlm._csrc"],
-    package_dir={"fastlm.triton_kernels": "triton_kernels", "fastlm._csrc": "csrc"},
-    package_data={"fastlm": ["py.typed"], "fastlm._csrc": _csrc_package_data()},
+    packages=find_packages(include=["fastlm", "fastlm.*"]) + [
+        "fastlm.triton_kernels", "fastlm._csrc", "fastlm._configs"],
+    package_dir={"fastlm.triton_kernels": "triton_kernels", "fastlm._csrc": "csrc",
+                 "fastlm._configs": "configs"},
+    package_data={"fastlm": ["py.typed"], "fastlm._csrc": _csrc_package_data(),
+                  "fastlm._configs": _configs_package_data()},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -1,0 +1,1 @@
+"""Corpus preparation (``fastlm prepare``) and the loader over its shards."""

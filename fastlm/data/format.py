@@ -1,0 +1,136 @@
+"""The on-disk format written by ``fastlm prepare`` and read by the loader.
+
+A prepared directory holds ``meta.json`` and, per split, shards of raw little-endian tokens
+(``uint16`` when the vocabulary fits, else ``uint32``), each with an ``.idx.npy`` of document
+start offsets (length docs+1; a document includes its trailing EOS) and, for SFT data, a
+``.mask.bin`` of uint8 loss flags (1 = the token is a target). Shards are memory-mapped, so a
+rank touches only the pages it reads.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = "fastlm-tokens-v1"
+
+
+class FormatError(Exception):
+    """A prepared directory that is missing, incomplete or corrupt."""
+
+    user_facing = True
+
+
+@dataclass
+class Shard:
+    tokens: np.ndarray  # (n,) uint16/uint32 memmap
+    doc_starts: np.ndarray  # (docs+1,) int64
+    mask: np.ndarray | None  # (n,) uint8 memmap, SFT only
+
+
+@dataclass
+class Split:
+    name: str
+    shards: list[Shard]
+    vocab_size: int
+    eos_id: int
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.tokens) for s in self.shards)
+
+
+def read_meta(root: str | Path) -> dict:
+    root = Path(root)
+    path = root / "meta.json"
+    if not path.is_file():
+        raise FormatError(
+            f"{root} is not a prepared dataset (no meta.json); create one with "
+            f"`fastlm prepare INPUT --out {root}`"
+        )
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise FormatError(f"{path} is not valid JSON ({exc}); re-run `fastlm prepare`") from exc
+    if meta.get("format") != FORMAT:
+        raise FormatError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    return meta
+
+
+def open_split(root: str | Path, split: str) -> Split:
+    """Memory-map every shard of ``split`` ("train" or "val"), checking sizes against meta."""
+    root = Path(root)
+    meta = read_meta(root)
+    splits = meta.get("splits", {})
+    if split not in splits:
+        raise FormatError(f"{root}: no split {split!r} (has {sorted(splits)})")
+    dtype = np.dtype(meta["dtype"]).newbyteorder("<")
+    shards = []
+    for info in splits[split]["shards"]:
+        shards.append(_open_shard(root, info, dtype))
+    if not shards or sum(len(s.tokens) for s in shards) == 0:
+        raise FormatError(f"{root}: split {split!r} has no tokens; prepare more data")
+    return Split(split, shards, int(meta["vocab_size"]), int(meta["eos_id"]))
+
+
+def _open_shard(root: Path, info: dict, dtype: np.dtype) -> Shard:
+    path = root / info["file"]
+    if not path.is_file():
+        raise FormatError(f"shard {path} listed in meta.json is missing; re-run `fastlm prepare`")
+    n = path.stat().st_size // dtype.itemsize
+    if n != info["tokens"] or path.stat().st_size % dtype.itemsize:
+        raise FormatError(
+            f"shard {path} holds {path.stat().st_size} bytes, meta.json says {info['tokens']} "
+            f"{dtype.name} tokens: the shard is truncated or corrupt; re-run `fastlm prepare`"
+        )
+    tokens = np.memmap(path, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
+    idx = info.get("index")
+    starts = np.load(root / idx) if idx else np.array([0, n], dtype=np.int64)
+    if len(starts) < 2 or starts[0] != 0 or starts[-1] != n or np.any(np.diff(starts) < 0):
+        raise FormatError(f"document index {root / idx} does not match shard {path}")
+    mask = None
+    if info.get("mask"):
+        mask = np.memmap(root / info["mask"], dtype=np.uint8, mode="r", shape=(n,))
+    return Shard(tokens, starts.astype(np.int64), mask)
+
+
+def write_split(root: str | Path, split: str, docs: list, *, dtype: str = "uint16",
+                masks: list | None = None, shard_tokens: int = 1 << 28) -> dict:
+    """Write ``docs`` (token sequences, EOS already appended) as shards of ``split`` under
+    ``root``; returns the split's meta entry. Documents are never split across shards."""
+    import hashlib
+
+    root = Path(root)
+    np_dtype = np.dtype(dtype).newbyteorder("<")
+    entry = {"tokens": 0, "docs": 0, "shards": []}
+    groups, cur, size = [], [], 0
+    for i, d in enumerate(docs):
+        if cur and size + len(d) > shard_tokens:
+            groups.append(cur)
+            cur, size = [], 0
+        cur.append(i)
+        size += len(d)
+    if cur:
+        groups.append(cur)
+    for n, group in enumerate(groups):
+        name = f"{split}_{n:05d}"
+        toks = np.concatenate([np.asarray(docs[i], dtype=np_dtype) for i in group])
+        starts = np.concatenate([[0], np.cumsum([len(docs[i]) for i in group])]).astype(np.int64)
+        (root / f"{name}.bin").write_bytes(toks.tobytes())
+        np.save(root / f"{name}.idx.npy", starts)
+        mask_file = None
+        if masks is not None:
+            mask_file = f"{name}.mask.bin"
+            m = np.concatenate([np.asarray(masks[i], dtype=np.uint8) for i in group])
+            (root / mask_file).write_bytes(m.tobytes())
+        entry["shards"].append({
+            "file": f"{name}.bin", "tokens": int(len(toks)), "docs": len(group),
+            "sha256": hashlib.sha256(toks.tobytes()).hexdigest(),
+            "index": f"{name}.idx.npy", "mask": mask_file,
+        })
+        entry["tokens"] += int(len(toks))
+        entry["docs"] += len(group)
+    return entry

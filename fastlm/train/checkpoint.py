@@ -1,0 +1,130 @@
+"""Checkpoints that a crash can never leave half-visible.
+
+Layout under ``<out_dir>/checkpoints``::
+
+    step00000500/         DeepSpeed engine state (model, optimizer, scheduler; ZeRO shards)
+        fastlm_state.json run config, step, loader position, metrics so far
+        rng_rank<r>.pt    each rank's RNG states
+        COMPLETE          written last, after every rank finished
+    latest                the tag of the newest COMPLETE checkpoint (replaced atomically)
+    best                  the tag kept as best (by validation loss), if any
+
+``latest`` is updated by write-to-temp + rename only after ``COMPLETE`` exists, so a crash
+mid-save leaves it naming the previous checkpoint; an incomplete directory is ignored on
+resume and removed by the next save's pruning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastlm.train import dist as fdist
+
+COMPLETE = "COMPLETE"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def save(engine, ckpt_dir: Path, step: int, state: dict, rank: int, *,
+         keep_last: int, best_tag: str | None = None) -> str:
+    """Save on every rank (collective); returns the tag. ``state`` is JSON-serialisable."""
+    tag = tag_for(step)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
+    torch.save(rng_state(), ckpt_dir / tag / f"rng_rank{rank}.pt")
+    _crash_point("FASTLM_TEST_CRASH_IN_SAVE", step)
+    fdist.barrier()
+    if rank == 0:
+        _atomic_write(ckpt_dir / tag / "fastlm_state.json", json.dumps(state, indent=1))
+        _atomic_write(ckpt_dir / tag / COMPLETE, "")
+        _atomic_write(ckpt_dir / "latest", tag)
+        prune(ckpt_dir, keep_last, best_tag)
+    fdist.barrier()
+    return tag
+
+
+def mark_best(ckpt_dir: Path, tag: str) -> None:
+    _atomic_write(ckpt_dir / "best", tag)
+
+
+def prune(ckpt_dir: Path, keep_last: int, best_tag: str | None) -> None:
+    """Keep the newest ``keep_last`` complete checkpoints and the best; drop the rest and any
+    incomplete leftovers of crashed saves."""
+    tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step"))
+    complete = [t for t in tags if (ckpt_dir / t / COMPLETE).exists()]
+    keep = set(complete[-keep_last:])
+    if best_tag:
+        keep.add(best_tag)
+    for t in tags:
+        if t not in keep:
+            shutil.rmtree(ckpt_dir / t, ignore_errors=True)
+
+
+def latest_tag(ckpt_dir: Path) -> str | None:
+    f = ckpt_dir / "latest"
+    if not f.is_file():
+        return None
+    tag = f.read_text().strip()
+    if not (ckpt_dir / tag / COMPLETE).exists():
+        raise RuntimeError(f"{f} names {tag}, which is not a complete checkpoint")
+    return tag
+
+
+def resolve(path: str | Path) -> tuple[Path, str]:
+    """(checkpoints dir, tag) for a run directory, a checkpoints directory or a tag directory."""
+    p = Path(path)
+    for ckpt_dir in (p / "checkpoints", p):
+        if (ckpt_dir / "latest").is_file():
+            return ckpt_dir, latest_tag(ckpt_dir)
+    if (p / COMPLETE).exists():
+        return p.parent, p.name
+    raise FileNotFoundError(
+        f"{path}: no checkpoint found (expected a run directory with checkpoints/latest, a "
+        f"checkpoints directory, or a checkpoint directory holding {COMPLETE})")
+
+
+def load(engine, ckpt_dir: Path, tag: str, rank: int) -> dict:
+    """Restore engine state and this rank's RNG; returns the saved fastlm state."""
+    engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    state = json.loads((ckpt_dir / tag / "fastlm_state.json").read_text())
+    rng_file = ckpt_dir / tag / f"rng_rank{rank}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return state
+
+
+def _crash_point(var: str, step: int) -> None:
+    """Fault injection for the crash-safety tests: die at this point at the named step."""
+    if os.environ.get(var) == str(step):
+        os._exit(17)

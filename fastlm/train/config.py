@@ -1,0 +1,260 @@
+"""Typed run configuration: YAML file + ``--set a.b=c`` overrides, validated with errors that
+name the key.
+
+Every section is a dataclass; unknown keys, wrong types and inconsistent batch sizes are
+rejected before anything expensive starts. DeepSpeed's own JSON (``train.deepspeed``) is not
+modelled here: it passes through, and fastlm fills only the keys it derives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(Exception):
+    """A bad config file, key or value; printed without a traceback by the CLI."""
+
+    user_facing = True
+
+
+@dataclass
+class ModelConfig:
+    preset: str | None = "tiny-gpt2"  # configs/models/<preset>.yaml, or a path to a YAML file
+    pretrained: str | None = None  # local HF directory to fine-tune (overrides preset)
+    overrides: dict = field(default_factory=dict)  # HF config kwargs on top of the preset
+    attn_implementation: str = "fastlm"  # "fastlm", "sdpa" or "eager"
+    patch: bool = True  # fastlm.patch(model): fused norms/rope/mlp/loss where available
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/demo"  # a directory written by `fastlm prepare`
+    prepare: dict | None = None  # if set and `path` is missing: fastlm.data.prepare(**prepare)
+    block_size: int = 256
+    mode: str = "random"  # "random" windows or "sequential" epochs
+    boundaries: bool = False  # restart positions at document boundaries
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int | None = 8  # per rank
+    grad_accum: int | None = 1
+    global_batch_size: int | None = None  # micro * accum * world; any two given -> the third
+    max_steps: int = 1000
+    precision: str = "fp32"  # "fp32", "bf16" or "fp16" (dynamic loss scaling)
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    grad_clip: float = 1.0  # 0 = off
+    seed: int = 1337
+    max_consecutive_skips: int = 20  # fp16: abort after this many overflowing steps in a row
+    deepspeed: str | None = None  # a DeepSpeed JSON of the user's; passes through
+    compile: bool = False  # torch.compile the model
+
+
+@dataclass
+class OptimConfig:
+    name: str = "fused_adamw"  # or "adamw" (torch.optim.AdamW)
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    decay_steps: int | None = None  # cosine decay length after warmup; default max_steps
+    weight_decay: float = 0.1
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+
+
+@dataclass
+class EvalConfig:
+    every: int = 250  # steps; 0 = only at the end
+    batches: int = 20
+    patience: int | None = None  # stop after this many evals without a new best
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # steps; 0 = only at the end (and on SIGTERM/SIGINT)
+    keep_last: int = 2
+    keep_best: bool = True
+
+
+@dataclass
+class LogConfig:
+    every: int = 10
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class SampleConfig:
+    prompt: str = "\n"
+    tokens: int = 0  # 0 = no sample at the end
+    temperature: float = 0.8
+    top_k: int | None = 50
+    top_p: float | None = None
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/demo"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    export: bool = False  # write an HF directory to out_dir/hf at the end
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_CHOICES = {
+    "model.attn_implementation": ("fastlm", "sdpa", "eager"),
+    "data.mode": ("random", "sequential"),
+    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.zero_stage": (0, 1, 2, 3),
+    "optim.name": ("fused_adamw", "adamw"),
+}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config (or the defaults), apply ``key=value`` overrides, validate."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found (give a YAML file; see configs/)")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.max_steps=100")
+        _assign(raw, key.strip(), yaml.safe_load(value) if value.strip() else None)
+    cfg = _build(RunConfig, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def _assign(raw: dict, dotted: str, value) -> None:
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {dotted}: {p} is not a section")
+        node = nxt
+    node[leaf] = value
+
+
+def _build(cls, raw, prefix: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        import difflib
+
+        key = unknown[0]
+        close = difflib.get_close_matches(key, names, n=1)
+        hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known: {sorted(names)}"
+        raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+    kwargs = {}
+    for name, value in raw.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value or {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(value, tp, key: str):
+    options = typing.get_args(tp) if isinstance(tp, types.UnionType) else (tp,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise ConfigError(f"config key {key!r} may not be null")
+    for opt in options:
+        if opt is type(None):
+            continue
+        origin = typing.get_origin(opt) or opt
+        if origin is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if origin is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if origin is float and isinstance(value, str):
+            try:
+                return float(value)  # YAML reads "1e-3" as a string
+            except ValueError:
+                pass
+        if origin in (str, bool, dict, list) and isinstance(value, origin):
+            return value
+    want = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    raise ConfigError(f"config key {key!r} must be {want}, got {value!r} "
+                      f"({type(value).__name__})")
+
+
+def validate(cfg: RunConfig) -> None:
+    for key, allowed in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(f"config key {key!r} must be one of {list(allowed)}, got {value!r}")
+    positive = {"data.block_size": cfg.data.block_size, "train.max_steps": cfg.train.max_steps,
+                "eval.batches": cfg.eval.batches, "log.every": cfg.log.every,
+                "checkpoint.keep_last": cfg.checkpoint.keep_last}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"config key {key!r} must be >= 1, got {value}")
+    o = cfg.optim
+    if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
+        raise ConfigError(f"optim.lr must be > 0 and 0 <= optim.min_lr <= optim.lr, got "
+                          f"lr={o.lr}, min_lr={o.min_lr}")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
+    if cfg.model.preset is None and cfg.model.pretrained is None:
+        raise ConfigError("set model.preset (e.g. tiny-gpt2) or model.pretrained (a local HF dir)")
+
+
+def resolve_batch(train: TrainConfig, world_size: int) -> tuple[int, int, int]:
+    """(micro, accum, global) from any two of them; an inconsistent triple names all three."""
+    micro, accum, glob = train.micro_batch_size, train.grad_accum, train.global_batch_size
+    given = f"(micro_batch_size={micro}, grad_accum={accum}, global_batch_size={glob}, " \
+            f"world_size={world_size})"
+    for name, v in (("micro_batch_size", micro), ("grad_accum", accum),
+                    ("global_batch_size", glob)):
+        if v is not None and v < 1:
+            raise ConfigError(f"train.{name} must be >= 1 {given}")
+    if sum(v is not None for v in (micro, accum, glob)) < 2:
+        raise ConfigError(f"give at least two of train.micro_batch_size, train.grad_accum, "
+                          f"train.global_batch_size {given}")
+    if glob is None:
+        glob = micro * accum * world_size
+    elif micro is None:
+        micro, rem = divmod(glob, accum * world_size)
+        if rem or micro < 1:
+            raise ConfigError(f"train.global_batch_size is not a multiple of "
+                              f"grad_accum x world_size {given}")
+    elif accum is None:
+        accum, rem = divmod(glob, micro * world_size)
+        if rem or accum < 1:
+            raise ConfigError(f"train.global_batch_size is not a multiple of "
+                              f"micro_batch_size x world_size {given}")
+    if micro * accum * world_size != glob:
+        raise ConfigError(f"inconsistent batch sizes: micro_batch_size x grad_accum x world_size "
+                          f"= {micro * accum * world_size} != global_batch_size {given}")
+    return micro, accum, glob

@@ -1,0 +1,99 @@
+"""The DeepSpeed config fastlm derives from a run config, and the engine built from it."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from fastlm.train.config import ConfigError, RunConfig
+
+_PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def deepspeed_config(cfg: RunConfig, micro: int, accum: int, glob: int) -> dict:
+    """The user's DeepSpeed JSON (if any) with the keys fastlm derives filled in.
+
+    A key the user set wins, except that batch sizes must agree with the run config: the
+    loader is sized from those, so a silent disagreement would train on the wrong batch.
+    """
+    user: dict = {}
+    if cfg.train.deepspeed:
+        path = Path(cfg.train.deepspeed)
+        if not path.is_file():
+            raise ConfigError(f"train.deepspeed: {path} not found (a DeepSpeed JSON file)")
+        try:
+            user = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"train.deepspeed: {path} is not valid JSON: {exc}") from exc
+    derived = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,
+               "train_batch_size": glob}
+    for key, value in derived.items():
+        if key in user and user[key] != value:
+            raise ConfigError(f"{cfg.train.deepspeed}: {key}={user[key]} disagrees with the run "
+                              f"config's batch sizes ({key}={value}); set them in one place")
+    ds = dict(user)
+    ds.update(derived)
+    ds.setdefault("gradient_clipping", cfg.train.grad_clip)
+    ds.setdefault("steps_per_print", 1 << 30)  # fastlm logs; DeepSpeed's own prints are noise
+    ds.setdefault("wall_clock_breakdown", False)
+    zero = ds.setdefault("zero_optimization", {})
+    zero.setdefault("stage", cfg.train.zero_stage)
+    if cfg.train.offload_optimizer:
+        zero.setdefault("offload_optimizer", {"device": "cpu", "pin_memory": False})
+    p = cfg.train.precision
+    if p == "bf16":
+        ds.setdefault("bf16", {"enabled": True})
+    elif p == "fp16":
+        ds.setdefault("fp16", {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
+                               "loss_scale_window": 1000, "hysteresis": 1,
+                               "min_loss_scale": 1})
+    return ds
+
+
+def lr_lambda(cfg: RunConfig):
+    """Linear warmup to optim.lr, then cosine to optim.min_lr, then flat at min_lr."""
+    o = cfg.optim
+    warm = max(0, o.warmup_steps)
+    decay = o.decay_steps if o.decay_steps is not None else max(1, cfg.train.max_steps - warm)
+    floor = o.min_lr / o.lr
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        t = min(1.0, (step - warm) / max(1, decay))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return factor
+
+
+def make_optimizer(cfg: RunConfig, groups: list[dict]):
+    o = cfg.optim
+    kw = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    if o.name == "fused_adamw":
+        from fastlm.optim import FusedAdamW
+
+        return FusedAdamW(groups, **kw)
+    return torch.optim.AdamW(groups, **kw)
+
+
+def precision_dtype(cfg: RunConfig) -> torch.dtype:
+    return _PRECISION_DTYPES[cfg.train.precision]
+
+
+def initialize(cfg: RunConfig, model, groups, ds_config: dict):
+    """deepspeed.initialize with fastlm's optimizer accepted under ZeRO and offload."""
+    import deepspeed
+
+    from fastlm.integrations.deepspeed import prepare_config
+
+    optimizer = make_optimizer(cfg, groups)
+    factor = lr_lambda(cfg)
+    ds_config = prepare_config(ds_config, optimizer)
+    # A callable: the schedule must drive the optimizer DeepSpeed wraps (ZeRO's flat groups).
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor))
+    return engine, optimizer, scheduler

@@ -1,0 +1,105 @@
+"""``fastlm export CKPT OUT``: a training checkpoint -> a Hugging Face model directory.
+
+ZeRO-sharded checkpoints (stages 1-3) are consolidated into fp32 weights with DeepSpeed's own
+converter; stage 0 checkpoints hold the module's state dict directly. The directory is written
+to a temporary sibling and renamed into place, so OUT is either complete or absent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from fastlm.train import checkpoint as ckpt
+
+
+class ExportError(Exception):
+    user_facing = True
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
+    """(model, run config dict) from a run directory / checkpoint directory / tag directory."""
+    from transformers import AutoModelForCausalLM
+
+    from fastlm.train.config import ModelConfig
+    from fastlm.train.model import hf_config
+
+    try:
+        ckpt_dir, tag = ckpt.resolve(path)
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise ExportError(str(exc)) from exc
+    state = json.loads((ckpt_dir / tag / "fastlm_state.json").read_text())
+    run = state["config"]
+    mcfg = ModelConfig(**run["model"])
+    conf = hf_config(mcfg, state["vocab_size"], run["data"]["block_size"], state["eos_id"])
+    model = AutoModelForCausalLM.from_config(conf, dtype=torch.float32,
+                                             attn_implementation="sdpa")
+    weights = _consolidated_state_dict(ckpt_dir, tag)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    # Tied heads are stored once; anything else missing means a mismatched checkpoint.
+    tied = {k for k in missing if "lm_head" in k} if conf.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise ExportError(f"{path}: checkpoint does not match the model "
+                          f"(missing {sorted(set(missing) - tied)[:5]}, "
+                          f"unexpected {sorted(unexpected)[:5]})")
+    if conf.tie_word_embeddings:
+        model.tie_weights()
+    return model.to(dtype).eval(), run, ckpt_dir.parent
+
+
+def _consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict:
+    tag_dir = ckpt_dir / tag
+    if any(tag_dir.glob("*zero_pp_rank_*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+    if not files:
+        raise ExportError(f"{tag_dir}: no model states found; is this a fastlm checkpoint?")
+    sd = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() for k, v in sd.items()}
+
+
+def export(path: str | Path, out: str | Path, *, overwrite: bool = False,
+           dtype: torch.dtype = torch.float32) -> Path:
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} exists; pass --overwrite to replace it")
+    model, run, run_dir = load_model(path, dtype)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok = run_dir / "tokenizer"
+        if not tok.is_dir():
+            tok = Path(run["data"]["path"]) / "tokenizer"
+        if tok.is_dir():
+            for f in tok.iterdir():
+                shutil.copy2(f, tmp / f.name)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("checkpoint", help="run directory, checkpoints directory or checkpoint")
+    parser.add_argument("out", help="output Hugging Face model directory")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
+
+def run(args) -> int:
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    out = export(args.checkpoint, args.out, overwrite=args.overwrite, dtype=dtype)
+    print(f"exported {args.checkpoint} -> {out} (load with "
+          f"AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+    return 0

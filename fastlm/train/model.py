@@ -1,0 +1,143 @@
+"""Build the Hugging Face causal LM a run trains, and its optimizer parameter groups.
+
+Every model is a standard transformers model, so every checkpoint is a standard checkpoint.
+fastlm's kernels go in through the public drop-in (``attn_implementation="fastlm"`` and
+``fastlm.patch``), the same API users call on their own models.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import yaml
+
+from fastlm.train.config import ConfigError, ModelConfig
+
+logger = logging.getLogger("fastlm")
+
+_REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def config_dirs() -> list[Path]:
+    """Where presets are looked up: the installed copy, then a source checkout's configs/."""
+    dirs = []
+    try:
+        import fastlm._configs as packaged  # installed wheel: configs/ -> fastlm/_configs
+
+        dirs.append(Path(next(iter(packaged.__path__))))
+    except ImportError:
+        pass
+    dirs.append(_REPO_CONFIGS)
+    return dirs
+
+
+def preset_path(preset: str) -> Path:
+    p = Path(preset)
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        return p
+    for d in config_dirs():
+        cand = d / "models" / f"{preset}.yaml"
+        if cand.is_file():
+            return cand
+    known = sorted({q.stem for d in config_dirs() for q in (d / "models").glob("*.yaml")})
+    raise ConfigError(f"model.preset {preset!r} not found; known presets: {known} "
+                      f"(or give a path to a YAML file of HF config keys)")
+
+
+def hf_config(cfg: ModelConfig, vocab_size: int | None, block_size: int | None,
+              eos_id: int | None = None):
+    """The transformers config: preset (or pretrained dir's) keys, then overrides, then what
+    the data fixes (vocabulary size, and a context at least the block size)."""
+    from transformers import AutoConfig
+
+    if cfg.pretrained:
+        if not Path(cfg.pretrained, "config.json").is_file():
+            raise ConfigError(f"model.pretrained {cfg.pretrained!r} is not a Hugging Face model "
+                              f"directory (no config.json); give a local directory")
+        conf = AutoConfig.from_pretrained(cfg.pretrained, **cfg.overrides)
+        return conf
+    keys = yaml.safe_load(preset_path(cfg.preset).read_text()) or {}
+    keys.update(cfg.overrides)
+    model_type = keys.pop("model_type", None)
+    if model_type is None:
+        raise ConfigError(f"model preset {cfg.preset!r} has no model_type")
+    if vocab_size is not None:
+        keys["vocab_size"] = vocab_size
+    if eos_id is not None:  # the data's EOS is the model's BOS/EOS/PAD (GPT-2 convention)
+        keys.update(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
+    conf = AutoConfig.for_model(model_type, **keys)
+    ctx_key = "n_positions" if hasattr(conf, "n_positions") else "max_position_embeddings"
+    if block_size is not None and getattr(conf, ctx_key, block_size) < block_size:
+        setattr(conf, ctx_key, block_size)
+    return conf
+
+
+def build_model(cfg: ModelConfig, vocab_size: int | None, block_size: int | None,
+                dtype: torch.dtype = torch.float32, eos_id: int | None = None):
+    """A fresh model from the preset (seeded by the caller), or the pretrained weights."""
+    from transformers import AutoModelForCausalLM
+
+    _register_fastlm_attention(cfg)
+    conf = hf_config(cfg, vocab_size, block_size, eos_id)
+    if cfg.pretrained:
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.pretrained, config=conf, attn_implementation=cfg.attn_implementation,
+            dtype=dtype)
+        if vocab_size is not None and model.get_input_embeddings().num_embeddings < vocab_size:
+            model.resize_token_embeddings(vocab_size)
+    else:
+        model = AutoModelForCausalLM.from_config(
+            conf, attn_implementation=cfg.attn_implementation, dtype=dtype)
+    if cfg.patch:
+        _apply_patch(model)
+    return model
+
+
+def _register_fastlm_attention(cfg: ModelConfig) -> None:
+    if cfg.attn_implementation != "fastlm":
+        return
+    try:
+        from fastlm.integrations import transformers as hf_integration
+    except ImportError as exc:
+        raise ConfigError("model.attn_implementation='fastlm' needs fastlm's transformers "
+                          "integration; use 'sdpa' instead") from exc
+    hf_integration.register()
+
+
+def _apply_patch(model) -> None:
+    try:
+        from fastlm.integrations.patch import patch
+    except ImportError:
+        logger.warning("fastlm.patch is not available in this build; training with the "
+                       "model's own norms, rotary, MLP and loss")
+        return
+    patch(model, attention=False)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only: biases, norm gains and embeddings get no weight decay (GPT-2/
+    nanoGPT practice; decaying gains pulls them towards 0 for no regularisation gain)."""
+    decay, no_decay, seen = [], [], set()
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue  # tied weights appear once
+        seen.add(id(p))
+        if p.dim() < 2 or id(p) in embeddings or "norm" in name.lower() or "ln_" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def flops_per_token(model: torch.nn.Module, block_size: int) -> float:
+    """Training FLOPs per token, 6N + 12 L d T (PaLM appendix B), N without embeddings'
+    lookups counted once (tied heads are a matmul, so they stay in N)."""
+    conf = model.config
+    n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    layers = getattr(conf, "num_hidden_layers", None) or conf.n_layer
+    width = getattr(conf, "hidden_size", None) or conf.n_embd
+    return 6.0 * n + 12.0 * layers * width * block_size

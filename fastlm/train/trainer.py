@@ -1,0 +1,335 @@
+"""The training run: data, model, DeepSpeed engine, loop, eval, checkpoints, sample, export.
+
+One code path for one process and for a DeepSpeed launch on many nodes: a plain
+``fastlm train`` is a world of one. The loss curve depends only on (config, seed), so a run
+resumed from a checkpoint repeats the uninterrupted run's losses exactly (same batches: the
+loader's position is the step; same dropout: every rank's RNG state is saved).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from fastlm.data.loader import IGNORE_INDEX, Batch, BlockLoader
+from fastlm.train import checkpoint as ckpt
+from fastlm.train import dist as fdist
+from fastlm.train.config import ConfigError, RunConfig, resolve_batch
+from fastlm.train.engine import deepspeed_config, initialize
+from fastlm.train.metrics import MetricsLog
+from fastlm.train.model import build_model, flops_per_token, param_groups
+
+logger = logging.getLogger("fastlm")
+
+# Peak dense bf16/fp16 tensor-core TFLOP/s by device name, for MFU (fp32 runs use the same
+# figure: MFU is reported against what the hardware could do).
+GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}
+
+
+class TrainingAborted(RuntimeError):
+    user_facing = True
+
+
+@dataclass
+class RunState:
+    step: int = 0
+    best_val: float = math.inf
+    best_tag: str | None = None
+    evals_since_best: int = 0
+    history: list = field(default_factory=list)  # (step, loss) of every logged step
+
+
+class _Signals:
+    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the next step and exits."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def train(cfg: RunConfig, *, resume: str | None = None) -> RunState:
+    """Run ``cfg``; ``resume``: None (fresh; refuses a run dir holding checkpoints), "auto"
+    (continue from the latest checkpoint if any) or a checkpoint path."""
+    rank, local_rank, world = fdist.init()
+    dev = fdist.device(local_rank)
+    if cfg.train.precision == "fp16" and dev.type != "cuda":
+        raise ConfigError("train.precision=fp16 needs a GPU (DeepSpeed has no fp16 on the CPU); "
+                          "use train.precision=bf16 or fp32 here")
+    micro, accum, glob = resolve_batch(cfg.train, world)
+    out_dir = Path(cfg.out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    if resume is None and ckpt_dir.is_dir() and (ckpt_dir / "latest").exists():
+        raise ConfigError(f"{out_dir} already holds checkpoints: pass --resume auto to "
+                          f"continue, or choose another out_dir")
+
+    data_dir = _ensure_data(cfg, rank)
+    train_loader = BlockLoader(data_dir, cfg.data.block_size, micro, split_name="train",
+                               rank=rank, world_size=world, seed=cfg.train.seed,
+                               mode=cfg.data.mode, boundaries=cfg.data.boundaries)
+    val_loader = _val_loader(cfg, data_dir, micro, rank, world)
+    vocab = train_loader.split.vocab_size
+
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    model = build_model(cfg.model, vocab, cfg.data.block_size,
+                        eos_id=train_loader.split.eos_id).to(dev)
+    if cfg.train.compile:
+        model = torch.compile(model)
+    fpt = flops_per_token(model, cfg.data.block_size)
+    engine, _, scheduler = initialize(cfg, model, param_groups(model, cfg.optim.weight_decay),
+                                      deepspeed_config(cfg, micro, accum, glob))
+    peak = _peak_flops(dev, cfg)  # before any RNG state is restored: it draws random inputs
+    torch.manual_seed(cfg.train.seed + 1 + rank)  # dropout streams differ across ranks
+
+    state = RunState()
+    if resume is not None:
+        state = _resume(engine, resume, ckpt_dir, rank, train_loader)
+
+    log = MetricsLog(out_dir, rank, total=cfg.train.max_steps, start=state.step,
+                     tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _save_run_files(cfg, out_dir, data_dir)
+    try:
+        with _Signals() as signals:
+            _loop(cfg, engine, scheduler, train_loader, val_loader, state, log, signals,
+                  ckpt_dir=ckpt_dir, rank=rank, dev=dev, accum=accum,
+                  tokens_per_step=glob * cfg.data.block_size, fpt=fpt,
+                  peak=peak * world if peak else None)
+        if rank == 0 and cfg.sample.tokens > 0 and state.step >= cfg.train.max_steps:
+            log.write(_sample(cfg, engine.module, data_dir, dev))
+    finally:
+        log.close()
+    if cfg.export and state.step >= cfg.train.max_steps:
+        fdist.barrier()
+        if rank == 0:
+            from fastlm.train.export import export
+
+            export(out_dir, out_dir / "hf", overwrite=True)
+    return state
+
+
+def _loop(cfg, engine, scheduler, loader, val_loader, state, log, signals, *, ckpt_dir, rank,
+          dev, accum, tokens_per_step, fpt, peak):
+    model_dtype = next(engine.module.parameters()).dtype
+    skipped_before, consecutive_skips = _skipped(engine), 0
+    window_t0, window_steps, window_loss = time.perf_counter(), 0, 0.0
+    kill_at = os.environ.get("FASTLM_TEST_KILL_AT_STEP")
+    overflow_at = os.environ.get("FASTLM_TEST_OVERFLOW_AT_STEP")
+    while state.step < cfg.train.max_steps:
+        loss_sum = 0.0
+        for _ in range(accum):
+            batch = next(loader).to(dev)
+            loss = _loss(engine, batch, model_dtype)
+            if overflow_at is not None and state.step + 1 == int(overflow_at):
+                loss = loss * float("inf")  # fault injection: an fp16 overflow this step
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.item()
+        state.step += 1
+        skipped_now = _skipped(engine)
+        consecutive_skips = consecutive_skips + 1 if skipped_now > skipped_before else 0
+        skipped_before = skipped_now
+        if consecutive_skips >= cfg.train.max_consecutive_skips:
+            raise TrainingAborted(
+                f"{consecutive_skips} optimizer steps in a row were skipped for overflowing "
+                f"fp16 gradients (loss scale {_loss_scale(engine)}); the run is diverging: "
+                f"lower optim.lr, use train.precision=bf16, or raise "
+                f"train.max_consecutive_skips")
+        step_loss = fdist.mean(loss_sum / accum, dev)
+        state.history.append((state.step, step_loss))
+        window_steps += 1
+        window_loss += step_loss
+        if state.step % cfg.log.every == 0 or state.step == cfg.train.max_steps:
+            dt = time.perf_counter() - window_t0
+            tps = tokens_per_step * window_steps / dt
+            row = {"loss": window_loss / window_steps, "lr": scheduler.get_last_lr()[0],
+                   "tokens_per_s": tps, "mfu": tps * fpt / peak if peak else None,
+                   "grad_norm": _grad_norm(engine), "loss_scale": _loss_scale(engine),
+                   "skipped_steps": skipped_now}
+            log.log(state.step, **row)
+            log.progress(state.step, {"loss": f"{row['loss']:.4f}", "lr": f"{row['lr']:.2e}",
+                                      "tok/s": f"{tps:,.0f}",
+                                      "mfu": f"{row['mfu']:.1%}" if row["mfu"] else None})
+            window_t0, window_steps, window_loss = time.perf_counter(), 0, 0.0
+        done = state.step >= cfg.train.max_steps
+        stop_early = False
+        if (cfg.eval.every and state.step % cfg.eval.every == 0) or done:
+            stop_early = _evaluate(cfg, engine, val_loader, state, log, ckpt_dir, rank, dev,
+                                   model_dtype, loader)
+        save_due = cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0
+        interrupted = fdist.any_true(signals.received is not None, dev)
+        if save_due or done or stop_early or interrupted:
+            _save(engine, cfg, ckpt_dir, state, loader, rank)
+        if kill_at is not None and state.step == int(kill_at):
+            os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the resume tests
+        if interrupted:
+            log.write(f"signal received: checkpoint saved at step {state.step}; exiting")
+            raise SystemExit(128 + (signals.received or signal.SIGTERM))
+        if stop_early:
+            log.write(f"early stop at step {state.step}: no better validation loss in "
+                      f"{cfg.eval.patience} evaluations")
+            break
+
+
+def _loss(engine, batch: Batch, model_dtype) -> torch.Tensor:
+    kwargs = {"input_ids": batch.input_ids, "use_cache": False}
+    if batch.position_ids is not None:
+        kwargs["position_ids"] = batch.position_ids
+    logits = engine(**kwargs).logits  # (B, T, V)
+    return F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(),
+                           ignore_index=IGNORE_INDEX)
+
+
+@torch.no_grad()
+def evaluate_loss(engine, val_loader: BlockLoader, batches: int, dev, model_dtype) -> float:
+    """Mean validation loss over the same ``batches`` batches every time, all ranks."""
+    engine.eval()
+    total = 0.0
+    for i in range(batches):
+        total += _loss(engine, val_loader.batch_at(i).to(dev), model_dtype).item()
+    engine.train()
+    return fdist.mean(total / batches, dev)
+
+
+def _evaluate(cfg, engine, val_loader, state, log, ckpt_dir, rank, dev, model_dtype,
+              loader) -> bool:
+    val = evaluate_loss(engine, val_loader, cfg.eval.batches, dev, model_dtype)
+    ppl = math.exp(min(val, 50.0))
+    log.log(state.step, val_loss=val, val_ppl=ppl)
+    log.write(f"step {state.step}: val loss {val:.4f}, perplexity {ppl:.2f}")
+    if val < state.best_val:
+        state.best_val, state.evals_since_best = val, 0
+        if cfg.checkpoint.keep_best:
+            state.best_tag = ckpt.tag_for(state.step)
+            _save(engine, cfg, ckpt_dir, state, loader, rank)
+            if rank == 0:
+                ckpt.mark_best(ckpt_dir, state.best_tag)
+        return False
+    state.evals_since_best += 1
+    return cfg.eval.patience is not None and state.evals_since_best >= cfg.eval.patience
+
+
+def _save(engine, cfg, ckpt_dir, state, loader, rank) -> None:
+    if (ckpt_dir / ckpt.tag_for(state.step) / ckpt.COMPLETE).exists():
+        return  # already saved at this step (e.g. as the best)
+    payload = {"step": state.step, "best_val": state.best_val, "best_tag": state.best_tag,
+               "evals_since_best": state.evals_since_best, "loader": loader.state_dict(),
+               "vocab_size": loader.split.vocab_size, "eos_id": loader.split.eos_id,
+               "config": cfg.to_dict()}
+    ckpt.save(engine, ckpt_dir, state.step, payload, rank, keep_last=cfg.checkpoint.keep_last,
+              best_tag=state.best_tag)
+
+
+def _resume(engine, resume: str, ckpt_dir: Path, rank: int, loader: BlockLoader) -> RunState:
+    if resume == "auto":
+        tag = ckpt.latest_tag(ckpt_dir) if ckpt_dir.is_dir() else None
+        if tag is None:
+            return RunState()
+        where = ckpt_dir
+    else:
+        where, tag = ckpt.resolve(resume)
+    saved = ckpt.load(engine, where, tag, rank)
+    loader.load_state_dict(saved["loader"])
+    return RunState(step=saved["step"], best_val=saved["best_val"],
+                    best_tag=saved.get("best_tag"),
+                    evals_since_best=saved.get("evals_since_best", 0))
+
+
+def _ensure_data(cfg: RunConfig, rank: int) -> Path:
+    path = Path(cfg.data.path)
+    if not (path / "meta.json").is_file():
+        if cfg.data.prepare is None:
+            raise ConfigError(
+                f"data.path {str(path)!r} is not a prepared dataset: run `fastlm prepare "
+                f"INPUT --out {path}` first, or give data.prepare in the config")
+        if rank == 0:
+            from fastlm.data import prepare
+
+            prepare(out_dir=path, **cfg.data.prepare)
+        fdist.barrier()
+    return path
+
+
+def _val_loader(cfg, data_dir, micro, rank, world) -> BlockLoader:
+    try:
+        return BlockLoader(data_dir, cfg.data.block_size, micro, split_name="val", rank=rank,
+                           world_size=world, seed=cfg.train.seed + 1, mode="random",
+                           boundaries=cfg.data.boundaries)
+    except Exception as exc:
+        raise ConfigError(f"validation split of {data_dir} unusable: {exc}") from exc
+
+
+def _save_run_files(cfg: RunConfig, out_dir: Path, data_dir: Path) -> None:
+    import yaml
+
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    # The tokenizer travels with the run, so export and generate need only the run directory.
+    src, dst = data_dir / "tokenizer", out_dir / "tokenizer"
+    if src.is_dir() and not dst.exists():
+        import shutil
+
+        tmp = out_dir / ".tokenizer.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+        os.replace(tmp, dst)
+
+
+def _skipped(engine) -> int:
+    return int(getattr(engine, "skipped_steps", 0) or 0)
+
+
+def _loss_scale(engine):
+    if not engine.fp16_enabled():
+        return None
+    opt = engine.optimizer
+    scale = getattr(opt, "cur_scale", None) or getattr(opt, "loss_scale", None)
+    return float(scale) if scale is not None else None
+
+
+def _grad_norm(engine):
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return None
+    return float(norm.item() if torch.is_tensor(norm) else norm)
+
+
+def _peak_flops(dev: torch.device, cfg: RunConfig) -> float | None:
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+        for key, tflops in GPU_PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12
+        return None
+    from fastlm.bench.harness import matmul_peak_tflops
+
+    return matmul_peak_tflops("cpu", torch.float32, n=512) * 1e12
+
+
+def _sample(cfg: RunConfig, model, data_dir: Path, dev) -> str:
+    from fastlm.train.generate import load_tokenizer, sample
+
+    tok = load_tokenizer(data_dir)
+    text = sample(model, tok, cfg.sample.prompt, max_new_tokens=cfg.sample.tokens,
+                  temperature=cfg.sample.temperature, top_k=cfg.sample.top_k,
+                  top_p=cfg.sample.top_p, device=dev)
+    return f"--- sample ---\n{text}\n--------------"

@@ -1,0 +1,82 @@
+"""Run config: YAML + overrides, and errors that name the key."""
+
+import pytest
+
+from fastlm.train.config import ConfigError, TrainConfig, load_config, resolve_batch
+
+
+def write(tmp_path, text):
+    p = tmp_path / "run.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = write(tmp_path, "train: {max_steps: 10}\noptim: {lr: 3e-4}\n")
+    cfg = load_config(p, ["train.precision=bf16", "data.block_size=32", "optim.betas=[0.9, 0.9]"])
+    assert cfg.train.max_steps == 10 and cfg.optim.lr == 3e-4  # "3e-4" (a YAML string) -> float
+    assert cfg.train.precision == "bf16" and cfg.data.block_size == 32
+    assert cfg.optim.betas == [0.9, 0.9]
+
+
+def test_every_shipped_config_loads():
+    from fastlm.train.model import _REPO_CONFIGS
+
+    runs = sorted(_REPO_CONFIGS.glob("*.yaml"))
+    assert runs, "configs/*.yaml missing"
+    for p in runs:
+        load_config(p)
+
+
+@pytest.mark.parametrize("text, overrides, match", [
+    ("train: {max_stpes: 3}", [], r"unknown config key 'train.max_stpes'.*did you mean.*max_steps"),
+    ("trian: {}", [], r"unknown config key 'trian'.*'train'"),
+    ("train: {max_steps: ten}", [], r"'train.max_steps' must be int, got 'ten'"),
+    ("train: {max_steps: 1.5}", [], r"'train.max_steps' must be int"),
+    ("", ["train.precision=fp8"], r"'train.precision' must be one of"),
+    ("", ["train.zero_stage=4"], r"'train.zero_stage' must be one of"),
+    ("", ["optim.min_lr=1"], r"optim.min_lr"),
+    ("", ["optim.betas=[0.9, 1.0]"], r"optim.betas"),
+    ("", ["train.max_steps"], r"expected KEY=VALUE"),
+    ("", ["data.block_size=0"], r"'data.block_size' must be >= 1"),
+    ("- a\n- b\n", [], r"top level must be a mapping"),
+    ("train: [1, 2]", [], r"train: expected a mapping"),
+])
+def test_bad_config_names_the_key(tmp_path, text, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(write(tmp_path, text), overrides)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("micro, accum, glob, world, expect", [
+    (4, 2, None, 2, (4, 2, 16)),
+    (None, 2, 16, 2, (4, 2, 16)),
+    (4, None, 16, 2, (4, 2, 16)),
+    (4, 2, 16, 2, (4, 2, 16)),
+])
+def test_batch_triple_derivation(micro, accum, glob, world, expect):
+    t = TrainConfig(micro_batch_size=micro, grad_accum=accum, global_batch_size=glob)
+    assert resolve_batch(t, world) == expect
+
+
+@pytest.mark.parametrize("micro, accum, glob, match", [
+    (4, 2, 10, "inconsistent batch sizes.*micro_batch_size=4, grad_accum=2, global_batch_size=10"),
+    (None, 3, 16, "not a multiple of grad_accum x world_size"),
+    (None, None, 16, "give at least two"),
+    (0, 1, None, "micro_batch_size must be >= 1"),
+])
+def test_bad_batch_triple_names_all_three(micro, accum, glob, match):
+    t = TrainConfig(micro_batch_size=micro, grad_accum=accum, global_batch_size=glob)
+    with pytest.raises(ConfigError, match=match):
+        resolve_batch(t, 2)
+
+
+def test_unknown_preset_lists_known():
+    from fastlm.train.model import preset_path
+
+    with pytest.raises(ConfigError, match="known presets.*tiny-gpt2"):
+        preset_path("gpt5-nano")

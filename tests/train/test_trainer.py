@@ -1,0 +1,145 @@
+"""The trainer in-process as a world of one: batch arithmetic, evaluation, checkpoints, export."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from fastlm.train.config import ConfigError, load_config
+
+TINY = ["model.preset=tiny-gpt2", "model.overrides={n_layer: 2, n_embd: 64, n_head: 2}",
+        "data.block_size=32", "optim.warmup_steps=2", "eval.batches=2", "log.progress=false",
+        "log.tensorboard=false", "checkpoint.every=0"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _env(launcher_env):
+    yield
+
+
+def config(tmp_path, data, *overrides):
+    return load_config(None, [*TINY, f"data.path={data}", f"out_dir={tmp_path / 'run'}",
+                              *overrides])
+
+
+def run(cfg, **kw):
+    from fastlm.train.trainer import train
+
+    return train(cfg, **kw)
+
+
+def losses(state):
+    return [loss for _, loss in state.history]
+
+
+def test_grad_accumulation_equals_bigger_micro_batch(tmp_path, tiny_data):
+    """micro 2 x accum 4 == micro 8 x accum 1 to 1e-6 (fp32): same tokens, same update."""
+    a = run(config(tmp_path / "a", tiny_data, "train.micro_batch_size=2", "train.grad_accum=4",
+                   "train.max_steps=5", "eval.every=0"))
+    b = run(config(tmp_path / "b", tiny_data, "train.micro_batch_size=8", "train.grad_accum=1",
+                   "train.max_steps=5", "eval.every=0"))
+    la, lb = losses(a), losses(b)
+    assert len(la) == 5 and la[-1] < la[0]
+    for x, y in zip(la, lb):
+        assert abs(x - y) <= 1e-6 * abs(y), (la, lb)
+
+
+def test_run_writes_metrics_checkpoints_and_exports(tmp_path, tiny_data):
+    cfg = config(tmp_path, tiny_data, "train.micro_batch_size=4", "train.max_steps=6",
+                 "eval.every=3", "checkpoint.every=2", "checkpoint.keep_last=2", "export=true",
+                 "log.every=2", "log.tensorboard=true")
+    state = run(cfg)
+    out = tmp_path / "run"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in train_rows] == [2, 4, 6]
+    assert {"lr", "tokens_per_s", "mfu"} <= set(train_rows[0])
+    assert [r["step"] for r in evals] == [3, 6]
+    assert math.isclose(evals[-1]["val_ppl"], math.exp(evals[-1]["val_loss"]), rel_tol=1e-6)
+    assert any((out / "tensorboard").iterdir())
+    ckpts = out / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step00000006"
+    kept = sorted(p.name for p in ckpts.iterdir() if p.is_dir())
+    best = (ckpts / "best").read_text()
+    assert kept == sorted({"step00000004", "step00000006", best}), kept
+    assert state.best_tag == best
+
+    # the export loads in transformers and computes the trained model's logits
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    hf = AutoModelForCausalLM.from_pretrained(out / "hf")
+    tok = PreTrainedTokenizerFast.from_pretrained(out / "hf")
+    assert len(tok) == hf.config.vocab_size
+    from fastlm.train.export import load_model
+
+    trained, _, _ = load_model(out)
+    ids = torch.tensor([tok("Some text to score.").input_ids])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, trained(ids).logits, rtol=0, atol=0)
+    _assert_export_matches_engine(tmp_path, tiny_data)
+
+
+def _assert_export_matches_engine(tmp_path, data):
+    """Exported weights == the weights the engine trained (not just a round trip)."""
+    from fastlm.train import trainer
+
+    captured = {}
+    real_loop = trainer._loop
+
+    def spy(cfg, engine, *a, **k):
+        real_loop(cfg, engine, *a, **k)
+        captured.update({k2: v.detach().clone() for k2, v in engine.module.state_dict().items()})
+
+    trainer._loop = spy
+    try:
+        run(config(tmp_path / "x", data, "train.micro_batch_size=2", "train.max_steps=2",
+                   "eval.every=0", "export=true"))
+    finally:
+        trainer._loop = real_loop
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "x" / "run" / "hf")
+    for name, p in hf.state_dict().items():
+        torch.testing.assert_close(p, captured[name], rtol=0, atol=0, msg=name)
+
+
+def test_bf16_run(tmp_path, tiny_data):
+    state = run(config(tmp_path, tiny_data, "train.precision=bf16", "train.micro_batch_size=4",
+                       "train.max_steps=4", "eval.every=0", "train.zero_stage=1"))
+    assert all(math.isfinite(x) for x in losses(state))
+
+
+def test_early_stopping_with_patience(tmp_path, tiny_data):
+    # lr 1e-12: validation loss cannot improve, so patience 2 stops at the 3rd evaluation
+    state = run(config(tmp_path, tiny_data, "optim.lr=1e-12", "optim.min_lr=0",
+                       "train.micro_batch_size=2", "train.max_steps=50", "eval.every=1",
+                       "eval.patience=2"))
+    assert state.step == 3
+
+
+def test_resume_refused_without_flag_and_bad_inputs(tmp_path, tiny_data):
+    cfg = config(tmp_path, tiny_data, "train.micro_batch_size=2", "train.max_steps=1",
+                 "eval.every=0")
+    run(cfg)
+    with pytest.raises(ConfigError, match="already holds checkpoints.*--resume auto"):
+        run(cfg)
+    with pytest.raises(ConfigError, match="not a prepared dataset.*fastlm prepare"):
+        run(config(tmp_path / "m", tmp_path / "missing", "train.max_steps=1"))
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        run(config(tmp_path / "h", tiny_data, "train.precision=fp16"))
+
+
+def test_user_deepspeed_json_passes_through_and_is_checked(tmp_path, tiny_data):
+    from fastlm.train.engine import deepspeed_config
+
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2, "overlap_comm": False},
+                              "gradient_clipping": 0.5, "train_micro_batch_size_per_gpu": 4}))
+    cfg = config(tmp_path, tiny_data, f"train.deepspeed={ds}", "train.micro_batch_size=4")
+    out = deepspeed_config(cfg, 4, 1, 4)
+    assert out["zero_optimization"] == {"stage": 2, "overlap_comm": False}
+    assert out["gradient_clipping"] == 0.5 and out["train_batch_size"] == 4
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu=4 disagrees"):
+        deepspeed_config(cfg, 8, 1, 8)

@@ -1,0 +1,30 @@
+"""Run under `deepspeed --num_gpus 2`: the same tiny run under ZeRO 0, 1, 2, 3 and ZeRO-2 with
+optimizer offload; rank 0 writes each run's per-step losses as JSON to argv[2]."""
+
+import json
+import sys
+
+from fastlm.train.config import load_config
+from fastlm.train.trainer import train
+
+SETTINGS = {"zero0": ["train.zero_stage=0"], "zero1": ["train.zero_stage=1"],
+            "zero2": ["train.zero_stage=2"], "zero3": ["train.zero_stage=3"],
+            "zero2_offload": ["train.zero_stage=2", "train.offload_optimizer=true"]}
+
+
+def main(data: str, out: str, overrides: list[str]) -> None:
+    results = {}
+    for name, extra in SETTINGS.items():
+        cfg = load_config(None, [*overrides, f"data.path={data}", f"out_dir={out}_{name}", *extra])
+        state = train(cfg)
+        results[name] = [loss for _, loss in state.history]
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        with open(out + ".json", "w") as f:
+            json.dump(results, f)
+
+
+if __name__ == "__main__":
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    main(args[0], args[1], args[2:])
