@@ -264,8 +264,14 @@ def _ensure_data(cfg: RunConfig, rank: int) -> Path:
                 f"INPUT --out {path}` first, or give data.prepare in the config")
         if rank == 0:
             from fastlm.data import prepare
+            from fastlm.data.sources import resolve_inputs
 
-            prepare(out_dir=path, **cfg.data.prepare)
+            kwargs = dict(cfg.data.prepare)
+            inputs = kwargs.pop("inputs", None)
+            if not inputs:
+                raise ConfigError("data.prepare needs 'inputs' (files, globs, directories or "
+                                  "builtin:pydoc)")
+            prepare(resolve_inputs(list(inputs), path.parent / "sources"), path, **kwargs)
         fdist.barrier()
     return path
 

@@ -143,3 +143,52 @@ def test_user_deepspeed_json_passes_through_and_is_checked(tmp_path, tiny_data):
     assert out["gradient_clipping"] == 0.5 and out["train_batch_size"] == 4
     with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu=4 disagrees"):
         deepspeed_config(cfg, 8, 1, 8)
+
+
+def test_loss_counts_only_unmasked_targets():
+    """SFT: prompt positions carry IGNORE_INDEX and contribute nothing to loss or gradient."""
+    from types import SimpleNamespace
+
+    from fastlm.data.loader import IGNORE_INDEX, Batch
+    from fastlm.train.trainer import _loss
+
+    logits = torch.randn(2, 5, 11, requires_grad=True)
+    engine = lambda **kw: SimpleNamespace(logits=logits)  # noqa: E731
+    targets = torch.randint(0, 11, (2, 5))
+    targets[0, :3] = IGNORE_INDEX
+    loss = _loss(engine, Batch(torch.zeros(2, 5, dtype=torch.long), targets), None)
+    keep = targets != IGNORE_INDEX
+    expected = torch.nn.functional.cross_entropy(logits[keep], targets[keep])
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert logits.grad[0, :3].abs().max() == 0
+
+
+def test_sft_and_continued_pretraining_from_an_export(tmp_path, tiny_data):
+    """Fine-tune an exported model on prompt/response data (loss on responses only)."""
+    from fastlm.data.format import write_split
+
+    base = config(tmp_path / "base", tiny_data, "train.micro_batch_size=4", "train.max_steps=8",
+                  "eval.every=0", "export=true")
+    run(base)
+    hf_dir = tmp_path / "base" / "run" / "hf"
+    sft = tmp_path / "sft"
+    sft.mkdir()
+    import shutil
+
+    shutil.copytree(tiny_data / "tokenizer", sft / "tokenizer")
+    meta = json.loads((tiny_data / "meta.json").read_text())
+    docs, masks = [], []
+    for i in range(40):  # prompt "q<i>?" -> response "a<i>." then EOS (id 256)
+        prompt, response = list(f"q{i}?".encode()), list(f"a{i}.".encode()) + [256]
+        docs.append(prompt + response)
+        masks.append([0] * len(prompt) + [1] * len(response))
+    meta["sft"] = True
+    meta["splits"] = {"train": write_split(sft, "train", docs, masks=masks),
+                      "val": write_split(sft, "val", docs[:8], masks=masks[:8])}
+    (sft / "meta.json").write_text(json.dumps(meta))
+    cfg = config(tmp_path / "ft", sft, f"model.pretrained={hf_dir}", "data.block_size=16",
+                 "train.micro_batch_size=4", "train.max_steps=3", "eval.every=0")
+    state = run(cfg)
+    assert len(state.history) == 3 and all(math.isfinite(x) for x in losses(state))
+
