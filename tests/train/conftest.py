@@ -7,34 +7,17 @@ from pathlib import Path
 import pytest
 
 from fastlm.data.format import FORMAT, write_split
+from fastlm.data.tokenizer import byte_level
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def byte_tokenizer_dir(path: Path) -> Path:
-    """A Hugging Face fast tokenizer over raw bytes + <|endoftext|> (id 256)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    vocab["<|endoftext|>"] = 256
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
-    fast.save_pretrained(str(path))
-    return path
 
 
 def make_dataset(root: Path, n_docs: int = 60) -> Path:
     """Paragraphs of pydoc's topic help as documents; every 10th document is validation."""
     from pydoc_data.topics import topics
 
-    from transformers import PreTrainedTokenizerFast
-
     root.mkdir(parents=True, exist_ok=True)
-    tok = PreTrainedTokenizerFast.from_pretrained(str(byte_tokenizer_dir(root / "tokenizer")))
+    tok = byte_level(root / "tokenizer")
     texts = [t for t in topics.values() if len(t) > 400][:n_docs]
     docs = [tok(t).input_ids + [tok.eos_token_id] for t in texts]
     splits = {"train": write_split(root, "train", [d for i, d in enumerate(docs) if i % 10]),

@@ -1,0 +1,94 @@
+"""``fastlm bench data``: MB/s of raw text through the whole ``fastlm prepare`` pipeline
+(read, clean, filter, exact + near dedup, BPE training, tokenization, shard writing).
+
+The corpus is synthesised from text on every machine (Python's pydoc topics, plus tiny
+shakespeare when ../shared/data has it): documents of 10-30 random paragraphs, so there are
+many documents of web-page size, all distinct, with realistic word statistics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--input", default=None, help="a text file to draw paragraphs from "
+                        "(default: pydoc topics + tinyshakespeare if found)")
+    parser.add_argument("--mb", type=float, default=16.0, help="corpus size in MB")
+    parser.add_argument("--tokenizer", default="bpe", help="bpe, byte or a tokenizer dir")
+    parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--num-proc", type=int, default=None)
+    parser.add_argument("--out", default=None, help="directory for JSON and markdown")
+    parser.add_argument("--name", default="data_cpu")
+
+
+def paragraphs(source: str | None) -> list[str]:
+    texts = []
+    if source:
+        texts.append(Path(source).read_text(errors="replace"))
+    else:
+        from pydoc_data.topics import topics
+
+        texts += list(topics.values())
+        shakes = Path(__file__).resolve().parents[2].parent / "shared/data/tinyshakespeare.txt"
+        if shakes.is_file():
+            texts.append(shakes.read_text())
+    paras = [p.strip() for t in texts for p in t.split("\n\n") if len(p.strip()) > 40]
+    return paras
+
+
+def synth_corpus(path: Path, mb: float, source: str | None, seed: int = 0) -> int:
+    rng = random.Random(seed)
+    paras = paragraphs(source)
+    size, n = 0, 0
+    with open(path, "w") as f:
+        while size < mb * 1e6:
+            doc = "\n\n".join(rng.choice(paras) for _ in range(rng.randint(10, 30)))
+            line = json.dumps({"text": doc}) + "\n"
+            f.write(line)
+            size += len(doc.encode())
+            n += 1
+    return n
+
+
+def run(args) -> int:
+    from fastlm.bench import harness
+    from fastlm.data import prepare
+
+    tmp = Path(tempfile.mkdtemp(prefix="fastlm-bench-data-"))
+    try:
+        corpus = tmp / "corpus.jsonl"
+        n_docs = synth_corpus(corpus, args.mb, args.input)
+        with open(corpus) as f:
+            raw_mb = sum(len(json.loads(x)["text"].encode()) for x in f) / 1e6
+        import datasets  # noqa: F401  (imports are not pipeline time)
+        import tokenizers  # noqa: F401
+        import transformers  # noqa: F401
+
+        t0 = time.perf_counter()
+        prepare([str(corpus)], tmp / "out", tokenizer=args.tokenizer,
+                vocab_size=args.vocab_size, num_proc=args.num_proc, progress=False)
+        seconds = time.perf_counter() - t0
+        meta = json.loads((tmp / "out" / "meta.json").read_text())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    report = harness.Report(name=args.name, command="fastlm bench data " + shlex.join(
+        sys.argv[3:]) if sys.argv[1:3] == ["bench", "data"] else shlex.join(sys.argv),
+        device="cpu", env=harness.environment("cpu"))
+    rep = meta["report"]
+    report.add(docs=n_docs, raw_mb=round(raw_mb, 2), tokenizer=args.tokenizer,
+               cpus=os.cpu_count(), seconds=round(seconds, 2), mb_per_s=raw_mb / seconds,
+               docs_out=rep["docs_out"], tokens=rep["train"]["tokens"] + rep["val"]["tokens"],
+               dropped=sum(d["docs"] for d in rep["dropped"].values()))
+    print(harness.format_table(report.rows))
+    if args.out:
+        print("wrote " + ", ".join(str(p) for p in report.write(args.out)))
+    return 0

@@ -1,0 +1,185 @@
+"""Document cleaning and quality filters, each on by default, each counted.
+
+Normalisation (Unicode NFC, control characters, whitespace) rewrites a document; filters drop
+it with a reason. The repetition filters are the Gopher rules (Rae et al. 2021, table A1):
+documents whose lines or word n-grams repeat too much are boilerplate or spam. Word n-gram
+statistics are computed on 32-bit word ids with numpy, not Python tuples, so filtering keeps
+up with tokenization.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# C0/C1 control characters except tab and newline; DEL.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_SPACES = re.compile(r"[ \t\u00a0\u2000-\u200a\u3000]+")
+_TRAILING = re.compile(r"[ \t]+\n")
+_BLANKS = re.compile(r"\n{4,}")  # more than 2 consecutive blank lines
+
+
+@dataclass
+class CleanConfig:
+    """What cleaning does; every step can be switched off."""
+
+    normalize_unicode: bool = True  # NFC
+    strip_control: bool = True
+    normalize_whitespace: bool = True
+    min_chars: int = 1  # shorter documents are dropped ("too_short")
+    max_chars: int | None = None  # longer ones are dropped ("too_long")
+    repetition: bool = True  # the Gopher line / n-gram repetition rules below
+    max_dup_line_frac: float = 0.30  # share of lines that are duplicates
+    max_dup_line_char_frac: float = 0.20  # share of characters in duplicate lines
+    max_top_ngram_char_frac: dict = field(default_factory=lambda: {2: 0.20, 3: 0.18, 4: 0.16})
+    min_words_for_ngrams: int = 50  # n-gram rules are noise on very short texts
+    dedup: bool = True  # exact duplicates of the normalised text
+    near_dedup: bool = True  # MinHash LSH
+    near_dedup_threshold: float = 0.8  # estimated Jaccard similarity of word 5-shingles
+    num_perm: int = 128
+    shingle: int = 5
+
+
+def normalize(text: str, cfg: CleanConfig) -> str:
+    if cfg.normalize_unicode and not text.isascii():  # ASCII is already NFC
+        text = unicodedata.normalize("NFC", text)
+    if cfg.strip_control:
+        text = _CONTROL.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
+    if cfg.normalize_whitespace:
+        text = _SPACES.sub(" ", text)
+        text = _TRAILING.sub("\n", text)
+        text = _BLANKS.sub("\n\n\n", text).strip()
+    return text
+
+
+def word_ids(text: str | list[str]) -> np.ndarray:
+    """Deterministic 32-bit ids of the whitespace-separated words (crc32: fast, stable across
+    processes, unlike Python's salted hash). Accepts the text or its ``split()``."""
+    words = text.split() if isinstance(text, str) else text
+    return np.fromiter((zlib.crc32(w.encode()) for w in words), dtype=np.uint64,
+                       count=len(words))
+
+
+def _ngram_hashes(ids: np.ndarray, n: int) -> np.ndarray:
+    """One 64-bit hash per word n-gram (polynomial combination of the word ids)."""
+    h = np.zeros(len(ids) - n + 1, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for k in range(n):
+            h = h * np.uint64(1_000_003) + ids[k:len(ids) - n + 1 + k]
+    return h
+
+
+def repetition_reason(text: str, words: list[str], cfg: CleanConfig) -> str | None:
+    lines = [ln for ln in text.split("\n") if ln.strip()]
+    if len(lines) > 1:
+        seen, dup_lines, dup_chars = set(), 0, 0
+        for ln in lines:
+            if ln in seen:
+                dup_lines += 1
+                dup_chars += len(ln)
+            else:
+                seen.add(ln)
+        if dup_lines / len(lines) > cfg.max_dup_line_frac:
+            return "dup_lines"
+        if dup_chars / max(1, len(text)) > cfg.max_dup_line_char_frac:
+            return "dup_line_chars"
+    if len(words) < cfg.min_words_for_ngrams:
+        return None
+    ids = word_ids(words)
+    lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
+    total = max(1, int(lengths.sum()))
+    for n, limit in sorted(cfg.max_top_ngram_char_frac.items()):
+        if len(ids) < n:
+            continue
+        hashes = _ngram_hashes(ids, n)
+        uniq, first, counts = np.unique(hashes, return_index=True, return_counts=True)
+        top = int(np.argmax(counts))
+        if counts[top] < 2:
+            continue
+        chars = int(lengths[first[top]:first[top] + n].sum())
+        if counts[top] * chars / total > limit:
+            return f"top_{n}gram"
+    return None
+
+
+def filter_reason(text: str, cfg: CleanConfig) -> str | None:
+    """Why a normalised document is dropped, or None to keep it."""
+    if len(text) < cfg.min_chars or not text.strip():
+        return "too_short" if text.strip() else "empty"
+    if cfg.max_chars is not None and len(text) > cfg.max_chars:
+        return "too_long"
+    if cfg.repetition:
+        return repetition_reason(text, text.split(), cfg)
+    return None
+
+
+class MinHasher:
+    """MinHash signatures of word shingles, vectorised: one (shingles x num_perm) hash per
+    document instead of a Python loop per shingle (datasketch's MinHash.update)."""
+
+    def __init__(self, num_perm: int = 128, shingle: int = 5, seed: int = 1):
+        rng = np.random.default_rng(seed)
+        # multiply-shift hashing (Dietzfelbinger): odd a, h(x) = (a*x + b) >> 32 mod 2^64 —
+        # a universal family with no modulo, several times faster than (a*x+b) mod p in numpy
+        self.a = rng.integers(0, 1 << 63, size=num_perm, dtype=np.uint64) * np.uint64(2) + \
+            np.uint64(1)
+        self.b = rng.integers(0, 1 << 63, size=num_perm, dtype=np.uint64)
+        self.num_perm, self.shingle = num_perm, shingle
+
+    def signature(self, text: str) -> np.ndarray:
+        ids = word_ids(text)
+        n = min(self.shingle, max(1, len(ids)))
+        if len(ids) == 0:
+            return np.full(self.num_perm, np.iinfo(np.uint32).max, dtype=np.uint64)
+        sh = np.unique(_ngram_hashes(ids, n))  # (shingles,) 64-bit
+        with np.errstate(over="ignore"):
+            h = (sh[:, None] * self.a[None, :] + self.b[None, :]) >> np.uint64(32)
+        return h.min(axis=0)  # (num_perm,) values < 2^32
+
+
+def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
+    """(bands, rows) minimising the summed false-positive and false-negative probability
+    mass of banded LSH at ``threshold`` (the standard criterion; Leskovec et al., ch. 3)."""
+    xs = np.linspace(0.0, 1.0, 201)
+    best, best_err = (1, num_perm), float("inf")
+    for b in range(1, num_perm + 1):
+        for r in range(1, num_perm // b + 1):
+            p = 1.0 - (1.0 - xs**r) ** b  # probability of becoming a candidate at similarity x
+            fp = np.trapezoid(p[xs < threshold], xs[xs < threshold])
+            fn = np.trapezoid(1.0 - p[xs >= threshold], xs[xs >= threshold])
+            if fp + fn < best_err:
+                best, best_err = (b, r), fp + fn
+    return best
+
+
+class NearDedup:
+    """Near-duplicate detection with MinHash LSH: signatures are cut into bands; documents
+    sharing a band are candidates, and a candidate whose estimated Jaccard similarity (share
+    of equal signature values) reaches the threshold makes the later document a duplicate.
+    Banding is a dict lookup per band (about 10 per document), so the index keeps up with the
+    vectorised signatures."""
+
+    def __init__(self, cfg: CleanConfig):
+        self.threshold = cfg.near_dedup_threshold
+        self.bands, self.rows = lsh_params(cfg.near_dedup_threshold, cfg.num_perm)
+        self.tables: list[dict] = [{} for _ in range(self.bands)]
+        self.kept: list[np.ndarray] = []
+
+    def is_duplicate(self, key: str, signature: np.ndarray) -> bool:
+        r = self.rows
+        band_keys = [signature[i * r:(i + 1) * r].tobytes() for i in range(self.bands)]
+        candidates = set()
+        for table, bk in zip(self.tables, band_keys):
+            candidates.update(table.get(bk, ()))
+        for c in candidates:
+            if np.mean(self.kept[c] == signature) >= self.threshold:
+                return True
+        idx = len(self.kept)
+        self.kept.append(signature)
+        for table, bk in zip(self.tables, band_keys):
+            table.setdefault(bk, []).append(idx)
+        return False

@@ -1,0 +1,146 @@
+"""Inputs -> a ``datasets.Dataset`` of documents (columns ``text``, ``source``).
+
+Files, globs and directories of ``.txt``, ``.jsonl``/``.json`` and ``.parquet``, or a dataset
+saved with ``Dataset.save_to_disk``. Structured files go through ``datasets`` loaders; text
+files are decoded here so that bytes that are not UTF-8 can be counted (or reported with the
+file and byte offset) instead of aborting deep inside a loader.
+"""
+
+from __future__ import annotations
+
+import glob
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastlm.data.errors import DataError
+
+TEXT_SUFFIXES = {".txt", ".text", ".md"}
+JSON_SUFFIXES = {".jsonl", ".json"}
+PARQUET_SUFFIXES = {".parquet"}
+SUPPORTED = TEXT_SUFFIXES | JSON_SUFFIXES | PARQUET_SUFFIXES
+_PARAGRAPHS = re.compile(r"\n\s*\n")
+
+
+@dataclass
+class ReadStats:
+    files: list = field(default_factory=list)  # (path, size, mtime) of every input
+    replaced_chars: int = 0  # bytes that were not UTF-8, replaced by U+FFFD
+
+
+def _is_saved_dataset(p: Path) -> bool:
+    return p.is_dir() and (p / "dataset_info.json").is_file() and (p / "state.json").is_file()
+
+
+def expand(inputs: list[str]) -> list[Path]:
+    """Every input file (sorted within a directory or glob), saved datasets as directories."""
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if any(ch in item for ch in "*?["):
+            matches = sorted(Path(m) for m in glob.glob(item, recursive=True))
+            if not matches:
+                raise DataError(f"input pattern {item!r} matches no file")
+            out += [m for m in matches if m.is_file() and m.suffix in SUPPORTED]
+        elif _is_saved_dataset(p):
+            out.append(p)
+        elif p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in SUPPORTED)
+            if not found:
+                raise DataError(f"input directory {p} holds no {sorted(SUPPORTED)} files")
+            out += found
+        elif p.is_file():
+            if p.suffix not in SUPPORTED:
+                raise DataError(f"input {p}: unsupported file type {p.suffix!r}; use "
+                                f"{sorted(SUPPORTED)} or a saved datasets directory")
+            out.append(p)
+        else:
+            raise DataError(f"input {p} not found (give files, globs, directories or a "
+                            f"dataset saved with save_to_disk)")
+    if not out:
+        raise DataError("no input files")
+    return out
+
+
+def split_text(text: str, mode: str) -> list[str]:
+    if mode == "file":
+        return [text]
+    if mode == "lines":
+        return [ln for ln in text.split("\n") if ln.strip()]
+    if mode == "blank-lines":
+        return [d for d in _PARAGRAPHS.split(text) if d.strip()]
+    raise DataError(f"--doc-split must be file, blank-lines or lines, got {mode!r}")
+
+
+def _decode(path: Path, data: bytes, errors: str, stats: ReadStats) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if errors == "strict":
+            raise DataError(
+                f"{path}: bytes at offset {exc.start} are not UTF-8 ({data[exc.start:exc.start + 4]!r}); "
+                f"fix the file or pass --encoding-errors replace to replace and count them"
+            ) from exc
+        text = data.decode("utf-8", errors="replace")
+        stats.replaced_chars += text.count("\ufffd") - data.decode(
+            "utf-8", errors="ignore").count("\ufffd")
+        return text
+
+
+def load(inputs: list[str], *, text_field: str = "text", doc_split: str = "blank-lines",
+         encoding_errors: str = "replace", fields: tuple[str, ...] | None = None):
+    """(Dataset, ReadStats). ``fields``: columns to keep instead of just ``text_field``
+    (fine-tuning data: prompt/response or messages)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    stats = ReadStats()
+    parts = []
+    for path in expand(inputs):
+        st = path.stat()
+        stats.files.append({"path": str(path.resolve()), "size": st.st_size,
+                            "mtime": st.st_mtime})
+        if path.is_dir():
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if "train" not in ds:
+                    raise DataError(f"{path}: a DatasetDict without a 'train' split "
+                                    f"(has {list(ds)})")
+                ds = ds["train"]
+        elif path.suffix in TEXT_SUFFIXES:
+            if fields is not None:
+                raise DataError(f"{path}: fine-tuning data must be JSONL or parquet with "
+                                f"{' / '.join(fields)} fields, not plain text")
+            text = _decode(path, path.read_bytes(), encoding_errors, stats)
+            docs = split_text(text, doc_split)
+            ds = datasets.Dataset.from_dict({"text": docs})
+            parts.append(ds.add_column("source", [str(path)] * len(ds)))
+            continue
+        else:
+            kind = "json" if path.suffix in JSON_SUFFIXES else "parquet"
+            try:
+                ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+            except Exception as exc:
+                raise DataError(f"{path}: cannot read as {kind} ({type(exc).__name__}: "
+                                f"{str(exc)[:300]})") from exc
+        parts.append(_select(ds, path, text_field, fields))
+    ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    return ds, stats
+
+
+def _select(ds, path: Path, text_field: str, fields):
+    if fields is not None:
+        ok = ("messages" in ds.column_names) or all(f in ds.column_names for f in fields)
+        if not ok:
+            raise DataError(f"{path}: fine-tuning records need {' and '.join(fields)} fields "
+                            f"or a 'messages' list; found columns {ds.column_names}")
+        keep = [c for c in ("messages", *fields) if c in ds.column_names]
+    else:
+        if text_field not in ds.column_names:
+            raise DataError(f"{path}: no field {text_field!r}; available fields: "
+                            f"{ds.column_names} (choose one with --text-field)")
+        keep = [text_field]
+    ds = ds.select_columns(keep)
+    if fields is None and text_field != "text":
+        ds = ds.rename_column(text_field, "text")
+    return ds.add_column("source", [str(path)] * len(ds))

@@ -1,0 +1,101 @@
+"""Tokenizers for prepared data: always saved as a Hugging Face fast tokenizer directory, so
+training, generation and the exported model all load the same one with transformers."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+from fastlm.data.errors import DataError
+
+EOS = "<|endoftext|>"
+
+
+def byte_level(path: str | Path):
+    """256 byte tokens + EOS (id 256), no merges: a character-level tokenizer for ASCII text
+    that can still encode anything."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    vocab[EOS] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return _save(tok, path)
+
+
+def byte_ids_table():
+    """(256,) int64: token id of each byte value in :func:`byte_level`'s vocabulary, so byte
+    tokenization is a table lookup on ``text.encode()`` (same ids as the tokenizer's)."""
+    import numpy as np
+    from tokenizers import pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    index = {ch: i for i, ch in enumerate(alphabet)}
+    return np.array([index[ch] for ch in _bytes_to_unicode()], dtype=np.int64)
+
+
+def _bytes_to_unicode() -> list[str]:
+    """The printable stand-in of each byte used by byte-level BPE (GPT-2's mapping)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for _, c in sorted(zip(bs, cs))]
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, path: str | Path):
+    """A byte-level BPE (GPT-2 style pre-tokenisation) trained on ``texts``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 257 + 1:
+        raise DataError(f"--vocab-size {vocab_size} is too small for byte-level BPE (>= 258: "
+                        f"256 bytes, EOS and at least one merge); use --tokenizer byte")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return _save(tok, path)
+
+
+def copy_pretrained(src: str | Path, path: str | Path):
+    """A local Hugging Face tokenizer directory, copied; it must define an EOS token."""
+    from transformers import AutoTokenizer
+
+    src = Path(src)
+    if not src.is_dir():
+        raise DataError(f"tokenizer {src} is neither 'bpe', 'byte' nor a local tokenizer "
+                        f"directory")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(src))
+    except Exception as exc:
+        raise DataError(f"cannot load a tokenizer from {src}: {exc}") from exc
+    if tok.eos_token_id is None:
+        raise DataError(f"tokenizer {src} has no EOS token; documents are separated by EOS, "
+                        f"so set one (tokenizer.eos_token) or use --tokenizer bpe")
+    shutil.copytree(src, path)
+    return tok
+
+
+def _save(tok, path):
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS,
+                                   pad_token=EOS)
+    fast.save_pretrained(str(path))
+    return fast
+
+
+def load(path: str | Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))

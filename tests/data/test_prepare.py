@@ -1,0 +1,196 @@
+"""`fastlm prepare` end to end on corpora the tests write, and on tiny shakespeare."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fastlm.cli import main
+from fastlm.data import DataError, prepare
+from fastlm.data.format import open_split
+from fastlm.data.tokenizer import byte_ids_table
+from fastlm.train.generate import load_tokenizer
+
+SHAKESPEARE = Path(__file__).resolve().parents[3] / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def doc(i: int, words: int = 80) -> str:
+    rng = np.random.default_rng(i)
+    vocab = [f"w{j}" for j in range(500)]
+    return " ".join(rng.choice(vocab, words))
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    docs = [doc(i) for i in range(40)]
+    planted = {
+        "exact": docs[3],  # an exact copy
+        "near": docs[5].replace("w1 ", "w2 ", 1) + " extra",  # a near copy
+        "short": "tiny",
+        "spam": " ".join(["click here now"] * 60),
+    }
+    path = tmp_path / "corpus.jsonl"
+    with open(path, "w") as f:
+        for i, d in enumerate(docs + list(planted.values())):
+            f.write(json.dumps({"body": d, "id": i}) + "\n")
+    return path, docs
+
+
+def read_docs(out, split):
+    s = open_split(out, split)
+    docs = []
+    for sh in s.shards:
+        toks = np.asarray(sh.tokens)
+        docs += [toks[a:b].tolist() for a, b in zip(sh.doc_starts[:-1], sh.doc_starts[1:])]
+    return docs
+
+
+def test_pipeline_cleans_dedups_and_packs(tmp_path, corpus):
+    path, docs = corpus
+    out = prepare([path], tmp_path / "out", text_field="body", tokenizer="bpe", vocab_size=400,
+                  val_fraction=0.2, min_chars=10, progress=False)
+    meta = json.loads((out / "meta.json").read_text())
+    rep = meta["report"]
+    assert rep["docs_in"] == 44
+    assert rep["dropped"]["exact_duplicate"]["docs"] == 1
+    assert rep["dropped"]["near_duplicate"]["docs"] == 1
+    assert rep["dropped"]["too_short"]["docs"] == 1
+    assert sum(v["docs"] for k, v in rep["dropped"].items() if k.startswith("top_")) == 1
+    assert rep["docs_out"] == 40 == rep["train"]["docs"] + rep["val"]["docs"]
+    assert json.loads((out / "report.json").read_text()) == rep
+    # shards hold exactly the kept documents, tokenized, each followed by EOS
+    tok = load_tokenizer(out)
+    eos = tok.eos_token_id
+    got = read_docs(out, "train") + read_docs(out, "val")
+    assert all(d[-1] == eos and eos not in d[:-1] for d in got)
+    texts = sorted(tok.decode(d[:-1]) for d in got)
+    assert texts == sorted(docs)
+    assert meta["dtype"] == "uint16" and meta["vocab_size"] == len(tok) <= 400
+
+
+def test_split_is_deterministic_and_order_independent(tmp_path, corpus):
+    path, _ = corpus
+    lines = path.read_text().splitlines()
+    rev = tmp_path / "rev.jsonl"
+    rev.write_text("\n".join(reversed(lines)) + "\n")
+    kw = dict(text_field="body", tokenizer="byte", val_fraction=0.3, progress=False)
+    a = prepare([path], tmp_path / "a", **kw)
+    b = prepare([rev], tmp_path / "b", **kw)
+    tok = load_tokenizer(a)
+    va = sorted(tok.decode(d[:-1]) for d in read_docs(a, "val"))
+    vb = sorted(tok.decode(d[:-1]) for d in read_docs(b, "val"))
+    assert va == vb and 0 < len(va) < 40
+
+
+def test_byte_table_matches_the_byte_tokenizer(tmp_path):
+    from fastlm.data.tokenizer import byte_level
+
+    tok = byte_level(tmp_path / "t")
+    text = "Héllo, wörld! \n\t{}~ 日本 \x01"
+    table = byte_ids_table()
+    fast = table[np.frombuffer(text.encode(), dtype=np.uint8)].tolist()
+    assert fast == tok(text, add_special_tokens=False).input_ids
+    assert tok.decode(fast) == text
+
+
+def test_sft_masks_prompts(tmp_path):
+    path = tmp_path / "sft.jsonl"
+    rows = [{"prompt": f"What is {i}+{i}?", "response": f"It is {2 * i}."} for i in range(20)]
+    rows.append({"messages": None, "prompt": "Hi", "response": "Hello."})
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = prepare([path], tmp_path / "o", tokenizer="byte", sft=True, val_fraction=0.1,
+                  progress=False)
+    tok = load_tokenizer(out)
+    split = open_split(out, "train")
+    sh = split.shards[0]
+    toks, mask = np.asarray(sh.tokens), np.asarray(sh.mask)
+    a, b = sh.doc_starts[0], sh.doc_starts[1]
+    text = tok.decode(toks[a:b][:-1])
+    trained = tok.decode(toks[a:b][mask[a:b] == 1][:-1])
+    assert text.startswith("<|user|>\nWhat is") and "<|assistant|>\nIt is" in text
+    assert trained.startswith("It is") and trained.endswith(".")
+    assert mask[b - 1] == 1 and toks[b - 1] == tok.eos_token_id
+
+
+def test_chat_messages(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
+            {"role": "assistant", "content": "Hello."}]
+    path.write_text("\n".join(json.dumps({"messages": msgs, "n": i}) for i in range(3)) + "\n")
+    out = prepare([path], tmp_path / "o", tokenizer="byte", sft=True, val_fraction=0.0,
+                  dedup=False, progress=False)
+    sh = open_split(out, "train").shards[0]
+    tok = load_tokenizer(out)
+    toks, mask = np.asarray(sh.tokens), np.asarray(sh.mask)
+    assert tok.decode(toks[mask == 1]).count("Hello.") == 3
+
+
+def test_txt_doc_split_and_saved_dataset_and_parquet(tmp_path):
+    import datasets
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text(doc(1) + "\n\n" + doc(2) + "\n\n\n" + doc(3))
+    pq = tmp_path / "in" / "b.parquet"
+    datasets.Dataset.from_dict({"text": [doc(4), doc(5)]}).to_parquet(str(pq))
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_dict({"text": [doc(6)]}).save_to_disk(str(saved))
+    out = prepare([tmp_path / "in", saved], tmp_path / "o", tokenizer="byte",
+                  val_fraction=0.0, progress=False)
+    assert json.loads((out / "meta.json").read_text())["report"]["docs_in"] == 6
+
+
+def test_bad_inputs(tmp_path, corpus):
+    path, _ = corpus
+    with pytest.raises(DataError, match="not found"):
+        prepare([tmp_path / "missing.txt"], tmp_path / "o", progress=False)
+    with pytest.raises(DataError, match=r"no field 'text'; available fields: \['body', 'id'\]"):
+        prepare([path], tmp_path / "o", progress=False)
+    with pytest.raises(DataError, match=r"removed every document: 44 documents in; dropped "
+                                        r".*too_short: 44 docs"):
+        prepare([path], tmp_path / "o", text_field="body", min_chars=10**6, progress=False)
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"good text here\n\nbad \xff\xfe bytes " + doc(9).encode())
+    with pytest.raises(DataError, match=r"bad.txt: bytes at offset 20 are not UTF-8"):
+        prepare([bad], tmp_path / "o", encoding_errors="strict", progress=False)
+    out = prepare([bad], tmp_path / "o", tokenizer="byte", val_fraction=0.0, progress=False)
+    assert json.loads((out / "meta.json").read_text())["report"]["replaced_chars"] == 2
+    assert not any(p.name.startswith(".tmp-") for p in tmp_path.iterdir())  # nothing left over
+
+
+def test_existing_output_is_reused_or_refused(tmp_path, corpus, capsys):
+    path, _ = corpus
+    kw = dict(text_field="body", tokenizer="byte", progress=True)
+    out = prepare([path], tmp_path / "o", **kw)
+    stamp = (out / "meta.json").stat().st_mtime_ns
+    prepare([path], tmp_path / "o", **kw)
+    assert "up to date" in capsys.readouterr().out
+    assert (out / "meta.json").stat().st_mtime_ns == stamp
+    with pytest.raises(DataError, match="exists.*--overwrite"):
+        prepare([path], tmp_path / "o", **dict(kw, val_fraction=0.5))
+    prepare([path], tmp_path / "o", overwrite=True, **dict(kw, val_fraction=0.5))
+    assert json.loads((out / "meta.json").read_text())["config"]["val_fraction"] == 0.5
+
+
+def test_cli(tmp_path, corpus, capsys):
+    path, _ = corpus
+    rc = main(["prepare", str(path), "--out", str(tmp_path / "o"), "--text-field", "body",
+               "--tokenizer", "byte", "--no-near-dedup"])
+    assert rc == 0 and (tmp_path / "o" / "meta.json").is_file()
+    assert "dropped: exact_duplicate" in capsys.readouterr().out
+    rc = main(["prepare", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "p")])
+    assert rc == 2 and "not found" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="../shared/data/tinyshakespeare.txt absent")
+def test_tinyshakespeare_byte_level(tmp_path):
+    out = prepare([SHAKESPEARE], tmp_path / "s", tokenizer="byte", val_fraction=0.1,
+                  progress=False)
+    meta = json.loads((out / "meta.json").read_text())
+    rep = meta["report"]
+    assert rep["docs_in"] > 7000 and rep["train"]["tokens"] > 900_000
+    assert 0.05 < rep["val"]["tokens"] / (rep["train"]["tokens"] + rep["val"]["tokens"]) < 0.15
+    text = SHAKESPEARE.read_text()
+    tok = load_tokenizer(out)
+    first = read_docs(out, "train")[0]
+    assert tok.decode(first[:-1]) in text
