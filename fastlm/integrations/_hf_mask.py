@@ -1,0 +1,164 @@
+"""The mask function registered as ``"fastlm"`` in transformers' ``AttentionMaskInterface``.
+
+transformers builds one mask per forward (per layer type) by calling the mask function
+registered under ``config._attn_implementation``. Its sdpa/eager functions materialise a
+(B, 1, Sq, Sk) tensor; fastlm's kernels take the pattern instead: causal, a sliding window and
+a (B, Sk) key-padding mask. :func:`fastlm_mask` returns that pattern as a :class:`FastlmMask`
+when the mask transformers asked for is exactly one the kernels compute, and otherwise the
+dense boolean mask (the attention function then runs transformers' own path, with a warning).
+
+Which pattern transformers asked for is read from its ``mask_function``: the building blocks
+of ``transformers.masking_utils`` are recognised by identity (their code objects), never by
+name, so a custom or composed function we do not know always takes the dense path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import masking_utils as mu
+
+__all__ = ["FastlmMask", "fastlm_mask"]
+
+UNBOUNDED = -1
+
+# Code objects of the closures masking_utils builds: a closure is recognised by its code, and its
+# parameters (the window size, the functions it combines) are read from its cells.
+_AND_CODE = mu.and_masks(mu.causal_mask_function).__code__
+_SLIDING_CODE = mu.sliding_window_overlay(1).__code__
+_SLIDING_BIDIR_CODE = mu.sliding_window_bidirectional_overlay(1).__code__
+
+
+@dataclass(eq=False)
+class FastlmMask:
+    """One forward's attention pattern in the form ``fastlm.ops.attention`` takes.
+
+    Positions are aligned bottom-right as in the kernels: query ``i`` of ``Sq`` sits at key
+    ``i + kv_used - Sq``. Keys past ``kv_used`` (the unwritten tail of a static cache) are
+    visible to no query and are sliced off before the kernel runs.
+    """
+
+    causal: bool
+    window: tuple[int, int]  # (left, right) around the aligned position, -1 = unbounded
+    key_padding_mask: torch.Tensor | None  # (B, kv_used) bool, True = attend; None = no padding
+    kv_used: int  # number of leading keys any query can see
+    kv_length: int  # number of keys transformers' mask covers
+    dense_args: dict = field(repr=False)  # arguments that rebuild the dense mask for fallbacks
+    _dense: torch.Tensor | None = field(default=None, repr=False)
+
+    def dense(self) -> torch.Tensor:
+        """(B, 1, Sq, kv_length) bool, True = attend: what transformers' sdpa path would use."""
+        if self._dense is None:
+            self._dense = _dense_mask(self.dense_args)
+        return self._dense
+
+    def dense_additive(self, dtype: torch.dtype) -> torch.Tensor:
+        """(B, 1, Sq, kv_length) float: 0 where attended, dtype's minimum elsewhere (eager)."""
+        return to_additive(self.dense(), dtype)
+
+
+def to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if mask.dtype != torch.bool:
+        return mask
+    zero = torch.zeros((), dtype=dtype, device=mask.device)
+    return torch.where(mask, zero, torch.finfo(dtype).min)
+
+
+def _dense_mask(args: dict) -> torch.Tensor:
+    return mu.sdpa_mask(**args, allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
+
+
+def _cells(fn) -> dict:
+    names = fn.__code__.co_freevars
+    return dict(zip(names, (c.cell_contents for c in fn.__closure__ or ())))
+
+
+def _recognise(fn) -> tuple[int, int] | None:
+    """(left, right) window of a masking_utils mask function, or None if not recognised.
+
+    Distances d = query position - key position; causal is right = 0, unbounded is -1.
+    """
+    if fn is mu.causal_mask_function:
+        return UNBOUNDED, 0
+    if fn is mu.bidirectional_mask_function:
+        return UNBOUNDED, UNBOUNDED
+    code = getattr(fn, "__code__", None)
+    if code is _SLIDING_CODE:  # kv > q - w  <=>  d <= w - 1
+        w = _cells(fn).get("sliding_window")
+        return (w - 1, UNBOUNDED) if isinstance(w, int) and w >= 1 else None
+    if code is _SLIDING_BIDIR_CODE:  # |d| <= w
+        w = _cells(fn).get("sliding_window")
+        return (w, w) if isinstance(w, int) and w >= 0 else None
+    if code is _AND_CODE:
+        parts = [_recognise(part) for part in _cells(fn).get("mask_functions", ())]
+        if not parts or any(p is None for p in parts):
+            return None
+        return _tightest([p[0] for p in parts]), _tightest([p[1] for p in parts])
+    return None
+
+
+def _tightest(bounds: list[int]) -> int:
+    bounded = [b for b in bounds if b != UNBOUNDED]
+    return min(bounded) if bounded else UNBOUNDED
+
+
+def _as_int(x) -> int | None:
+    """A Python int for an offset; None if it is a tensor being traced (value unknown)."""
+    if isinstance(x, torch.Tensor):
+        if torch.compiler.is_compiling():
+            return None
+        return int(x)
+    return int(x)
+
+
+def _padding(attention_mask, kv_length: int, kv_offset: int, kv_used: int):
+    """(B, kv_used) bool key-padding mask, or None when no key is padded."""
+    padding = mu.prepare_padding_mask(attention_mask, kv_length, kv_offset)
+    if padding is None:
+        return None
+    padding = padding[:, kv_offset : kv_offset + kv_used].to(torch.bool)
+    if not torch.compiler.is_compiling() and bool(padding.all()):
+        return None  # no padding: the kernels skip the mask entirely
+    return padding
+
+
+def fastlm_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function=mu.causal_mask_function,
+    attention_mask: torch.Tensor | None = None,
+    local_size: int | None = None,
+    use_vmap: bool = False,
+    device: torch.device | str = "cpu",
+    **kwargs,
+) -> FastlmMask | torch.Tensor:
+    """transformers' mask-interface signature; returns a FastlmMask or a dense bool mask."""
+    dense_args = dict(
+        batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+        kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+        local_size=local_size, use_vmap=use_vmap, device=device,
+    )
+    window = _recognise(mask_function)
+    if window is None:  # packed sequences, chunked or blockwise attention, custom overlays
+        return _dense_mask(dense_args)
+    left, right = window
+    kv_used = kv_length
+    if left != UNBOUNDED or right != UNBOUNDED:
+        # Positional limits need the kernels' bottom-right alignment: the last query must sit
+        # on the last used key. q_offset is a tensor under a static cache (to avoid recompiles).
+        q_start = _as_int(q_offset)
+        if q_start is None:
+            return _dense_mask(dense_args)
+        kv_used = q_start + q_length - kv_offset
+        # A shorter span is exact only when nothing past the last query is visible (causal).
+        if kv_used < 1 or kv_used > kv_length or (kv_used < kv_length and right != 0):
+            return _dense_mask(dense_args)
+    padding = _padding(attention_mask, kv_length, kv_offset, kv_used)
+    return FastlmMask(
+        causal=right == 0, window=(left, right), key_padding_mask=padding, kv_used=kv_used,
+        kv_length=kv_length, dense_args=dense_args,
+    )
