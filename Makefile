@@ -29,9 +29,9 @@ cuda-check: venv
 test: venv lint cuda-check
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-# Until the trainer lands (fastlm train), the demo is a tiny GPT on fastlm's kernels.
+# The README's main command: prepare pydoc text, train, evaluate, sample, export (CPU).
 demo: venv
-	$(BIN)/python -m fastlm.demo
+	$(BIN)/fastlm train configs/demo.yaml --resume auto
 
 bench-cpu: venv
 	$(BIN)/fastlm bench attention --device cpu --out benchmarks/results
