@@ -32,3 +32,44 @@ def prepare_config(ds_config: dict, optimizer=None) -> dict:
     if offload in ("cpu", "nvme"):
         cfg.setdefault("zero_force_ds_cpu_optimizer", False)
     return cfg
+
+
+def fuse_unscale_and_clip(engine) -> bool:
+    """Fold ZeRO-1/2's unscale + clip pass over the fp32 gradient partition into FusedAdamW's
+    step: one fewer read and write of every gradient (8 of ~36 bytes per parameter moved by
+    the optimizer phase). Per engine instance; returns False (and changes nothing) when the
+    engine is not ZeRO stage 1/2 around a FusedAdamW.
+
+    DeepSpeed computes one combined factor (loss scale x clip coefficient) and multiplies the
+    gradients by its inverse before calling the optimizer; here the factor is handed to the
+    optimizer as ``grad_scale`` instead, which its kernels divide by while they read the
+    gradient anyway. Overflow handling is untouched: DeepSpeed still skips the step itself.
+    """
+    import torch
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    zero = getattr(engine, "optimizer", None)
+    if not isinstance(zero, DeepSpeedZeroOptimizer):
+        return False
+    inner = getattr(zero, "optimizer", None)
+    if not isinstance(inner, _FASTLM_OPTIMIZERS) or getattr(zero, "torch_autocast_gradscaler",
+                                                             None):
+        return False
+
+    def unscale_and_clip_grads(self, grad_groups_flat, total_norm):
+        if self.clip_grad == 0.0 and self.loss_scale == 1.0:
+            inner.grad_scale = None
+            return
+        combined = self.loss_scale
+        if self.clip_grad > 0.0:
+            norm = total_norm
+            if not torch.is_tensor(norm) or not torch.isfinite(norm).all():
+                norm = torch.as_tensor(float("inf"))
+            clip = torch.clamp(((norm / self.loss_scale) + 1e-6) / self.clip_grad, min=1.0)
+            combined = clip * self.loss_scale
+        inner.grad_scale = combined  # FusedAdamW divides the gradient by it in its step
+
+    import types
+
+    zero.unscale_and_clip_grads = types.MethodType(unscale_and_clip_grads, zero)
+    return True

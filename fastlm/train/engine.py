@@ -87,7 +87,7 @@ def initialize(cfg: RunConfig, model, groups, ds_config: dict):
     """deepspeed.initialize with fastlm's optimizer accepted under ZeRO and offload."""
     import deepspeed
 
-    from fastlm.integrations.deepspeed import prepare_config
+    from fastlm.integrations.deepspeed import fuse_unscale_and_clip, prepare_config
 
     optimizer = make_optimizer(cfg, groups)
     factor = lr_lambda(cfg)
@@ -96,4 +96,6 @@ def initialize(cfg: RunConfig, model, groups, ds_config: dict):
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor))
+    # ZeRO 1/2 + FusedAdamW: DeepSpeed's unscale/clip multiply happens inside the step
+    fuse_unscale_and_clip(engine)
     return engine, optimizer, scheduler
