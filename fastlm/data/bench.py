@@ -88,7 +88,32 @@ def run(args) -> int:
                cpus=os.cpu_count(), seconds=round(seconds, 2), mb_per_s=raw_mb / seconds,
                docs_out=rep["docs_out"], tokens=rep["train"]["tokens"] + rep["val"]["tokens"],
                dropped=sum(d["docs"] for d in rep["dropped"].values()))
+    for stage, sec in rep["seconds"].items():
+        report.rows[0][f"s_{stage}"] = sec
     print(harness.format_table(report.rows))
     if args.out:
-        print("wrote " + ", ".join(str(p) for p in report.write(args.out)))
+        paths = report.write(args.out)
+        paths.append(_plot(rep["seconds"], raw_mb, Path(args.out) / f"{args.name}.png",
+                           f"fastlm prepare, {raw_mb:.0f} MB, tokenizer {args.tokenizer}: "
+                           f"{raw_mb / seconds:.2f} MB/s"))
+        print("wrote " + ", ".join(str(p) for p in paths))
     return 0
+
+
+def _plot(stages: dict, mb: float, path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3))
+    names = list(stages)
+    ax.barh(names, [mb / max(stages[n], 1e-9) for n in names], color="C0")
+    ax.set_xscale("log")
+    ax.set_xlabel("MB/s of raw text through the stage (log)")
+    ax.invert_yaxis()
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 import unicodedata
-import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -56,12 +55,37 @@ def normalize(text: str, cfg: CleanConfig) -> str:
     return text
 
 
-def word_ids(text: str | list[str]) -> np.ndarray:
-    """Deterministic 32-bit ids of the whitespace-separated words (crc32: fast, stable across
-    processes, unlike Python's salted hash). Accepts the text or its ``split()``."""
-    words = text.split() if isinstance(text, str) else text
-    return np.fromiter((zlib.crc32(w.encode()) for w in words), dtype=np.uint64,
-                       count=len(words))
+_P = np.uint64(0x100000001B3)  # odd, so invertible modulo 2^64
+_P_INV = np.uint64(pow(0x100000001B3, -1, 1 << 64))
+_SPACE = np.zeros(256, dtype=bool)
+_SPACE[[9, 10, 11, 12, 13, 32]] = True
+
+
+def words(text: str) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, lengths) of the ASCII-whitespace-separated words, vectorised over the UTF-8 bytes:
+    id = polynomial hash of the word's bytes mod 2^64 from one prefix sum, deterministic across
+    processes (unlike Python's salted hash) and ~10x faster than hashing words one by one.
+    Lengths are in bytes."""
+    b = np.frombuffer(text.encode(), dtype=np.uint8)
+    if len(b) == 0:
+        return np.zeros(0, np.uint64), np.zeros(0, np.int64)
+    space = _SPACE[b]
+    edges = np.diff(np.concatenate(([True], space, [True])).astype(np.int8))
+    starts = np.flatnonzero(edges == -1)  # first byte of each word
+    ends = np.flatnonzero(edges == 1)  # one past its last byte
+    one = np.ones(1, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        # P^i and P^-i (mod 2^64) for i = 0..n-1
+        powers = np.concatenate((one, np.cumprod(np.full(len(b) - 1, _P, dtype=np.uint64))))
+        inv = np.concatenate((one, np.cumprod(np.full(len(b) - 1, _P_INV, dtype=np.uint64))))
+        terms = (b.astype(np.uint64) + one) * powers
+        prefix = np.concatenate((np.zeros(1, np.uint64), np.cumsum(terms, dtype=np.uint64)))
+        ids = (prefix[ends] - prefix[starts]) * inv[starts]  # hash independent of position
+    return ids, (ends - starts).astype(np.int64)
+
+
+def word_ids(text: str) -> np.ndarray:
+    return words(text)[0]
 
 
 def _ngram_hashes(ids: np.ndarray, n: int) -> np.ndarray:
@@ -73,7 +97,9 @@ def _ngram_hashes(ids: np.ndarray, n: int) -> np.ndarray:
     return h
 
 
-def repetition_reason(text: str, words: list[str], cfg: CleanConfig) -> str | None:
+def repetition_reason(text: str, w: tuple[np.ndarray, np.ndarray],
+                      cfg: CleanConfig) -> str | None:
+    """Gopher repetition rules; ``w`` = :func:`words` of the text."""
     lines = [ln for ln in text.split("\n") if ln.strip()]
     if len(lines) > 1:
         seen, dup_lines, dup_chars = set(), 0, 0
@@ -87,33 +113,37 @@ def repetition_reason(text: str, words: list[str], cfg: CleanConfig) -> str | No
             return "dup_lines"
         if dup_chars / max(1, len(text)) > cfg.max_dup_line_char_frac:
             return "dup_line_chars"
-    if len(words) < cfg.min_words_for_ngrams:
+    ids, lengths = w
+    if len(ids) < cfg.min_words_for_ngrams:
         return None
-    ids = word_ids(words)
-    lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
     total = max(1, int(lengths.sum()))
     for n, limit in sorted(cfg.max_top_ngram_char_frac.items()):
         if len(ids) < n:
             continue
         hashes = _ngram_hashes(ids, n)
-        uniq, first, counts = np.unique(hashes, return_index=True, return_counts=True)
+        srt = np.sort(hashes)  # run lengths of the sorted hashes = n-gram counts
+        cuts = np.flatnonzero(srt[1:] != srt[:-1]) + 1
+        counts = np.diff(np.concatenate(([0], cuts, [len(srt)])))
         top = int(np.argmax(counts))
         if counts[top] < 2:
             continue
-        chars = int(lengths[first[top]:first[top] + n].sum())
-        if counts[top] * chars / total > limit:
+        first = int(np.argmax(hashes == srt[0 if top == 0 else cuts[top - 1]]))
+        chars = int(lengths[first:first + n].sum())
+        if int(counts[top]) * chars / total > limit:
             return f"top_{n}gram"
     return None
 
 
-def filter_reason(text: str, cfg: CleanConfig) -> str | None:
-    """Why a normalised document is dropped, or None to keep it."""
+def filter_reason(text: str, cfg: CleanConfig,
+                  w: tuple[np.ndarray, np.ndarray] | None = None) -> str | None:
+    """Why a normalised document is dropped, or None to keep it (``w``: its :func:`words`,
+    if already computed)."""
     if len(text) < cfg.min_chars or not text.strip():
         return "too_short" if text.strip() else "empty"
     if cfg.max_chars is not None and len(text) > cfg.max_chars:
         return "too_long"
     if cfg.repetition:
-        return repetition_reason(text, text.split(), cfg)
+        return repetition_reason(text, w if w is not None else words(text), cfg)
     return None
 
 
@@ -130,8 +160,8 @@ class MinHasher:
         self.b = rng.integers(0, 1 << 63, size=num_perm, dtype=np.uint64)
         self.num_perm, self.shingle = num_perm, shingle
 
-    def signature(self, text: str) -> np.ndarray:
-        ids = word_ids(text)
+    def signature(self, text: str, ids: np.ndarray | None = None) -> np.ndarray:
+        ids = word_ids(text) if ids is None else ids
         n = min(self.shingle, max(1, len(ids)))
         if len(ids) == 0:
             return np.full(self.num_perm, np.iinfo(np.uint32).max, dtype=np.uint64)

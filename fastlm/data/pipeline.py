@@ -103,17 +103,21 @@ def _up_to_date(out: Path, files, settings) -> bool:
 
 def _build(inputs, tmp: Path, cfg: C.CleanConfig, settings: dict, files, num_proc, progress):
     sft = settings["sft"]
+    clock = _Stopwatch()
     ds, stats = readers.load(inputs, text_field=settings["text_field"],
                              doc_split=settings["doc_split"],
                              encoding_errors=settings["encoding_errors"],
                              fields=SFT_FIELDS if sft else None)
     report = {"docs_in": len(ds), "chars_in": 0, "dropped": {}, "replaced_chars":
               stats.replaced_chars}
+    clock.lap("read")
     if sft:
         records = _sft_records(ds, cfg)
     else:
         records = _clean_documents(ds, cfg, num_proc, report, progress)
+    clock.lap("clean")
     kept = _deduplicate(records, cfg, report, progress)
+    clock.lap("dedup")
     report["docs_out"] = len(kept)
     report["chars_out"] = sum(len(r["text"]) for r in kept)
     if not kept:
@@ -122,16 +126,20 @@ def _build(inputs, tmp: Path, cfg: C.CleanConfig, settings: dict, files, num_pro
                         "input and --text-field")
     train, val = _split(kept, settings["val_fraction"], settings["seed"])
     tok = _tokenizer(settings, [r["text"] for r in train], tmp / "tokenizer")
+    clock.lap("tokenizer")
     eos = tok.eos_token_id
     vocab = len(tok)
     dtype = "uint16" if vocab <= 65535 else "uint32"
     splits = {}
     for name, docs in (("train", train), ("val", val)):
         tokens, masks = _tokenize(tok, docs, eos, sft, progress, name)
+        clock.lap("tokenize")
         splits[name] = write_split(tmp, name, tokens, dtype=dtype, masks=masks,
                                    shard_tokens=settings["shard_tokens"])
+        clock.lap("write")
     report["train"] = {"docs": splits["train"]["docs"], "tokens": splits["train"]["tokens"]}
     report["val"] = {"docs": splits["val"]["docs"], "tokens": splits["val"]["tokens"]}
+    report["seconds"] = clock.laps
     return {"format": FORMAT, "dtype": dtype, "vocab_size": vocab, "eos_id": eos,
             "tokenizer": "tokenizer", "sft": sft, "splits": splits, "report": report,
             "inputs": files, "config": settings}
@@ -146,11 +154,12 @@ def _clean_documents(ds, cfg: C.CleanConfig, num_proc, report, progress):
             raw = raw if isinstance(raw, str) else ""
             chars_in.append(len(raw))
             text = C.normalize(raw, cfg)
-            reason = C.filter_reason(text, cfg)
+            w = C.words(text)  # shared by the repetition rules and MinHash
+            reason = C.filter_reason(text, cfg, w)
             texts.append(text)
             reasons.append(reason or "")
             keys.append(hashlib.blake2b(text.encode(), digest_size=16).hexdigest())
-            sigs.append(hasher.signature(text) if hasher and not reason else zero_sig)
+            sigs.append(hasher.signature(text, w[0]) if hasher and not reason else zero_sig)
         return {"text": texts, "reason": reasons, "chars_in": chars_in, "sig": sigs,
                 "key": keys}
 
@@ -306,6 +315,20 @@ def _tokenize_bytes(docs, eos: int) -> list[np.ndarray]:
         b = np.frombuffer(r["text"].encode(), dtype=np.uint8)
         out.append(np.append(table[b], eos))
     return out
+
+
+class _Stopwatch:
+    def __init__(self):
+        import time
+
+        self._time = time.perf_counter
+        self._t = self._time()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = self._time()
+        self.laps[name] = round(self.laps.get(name, 0.0) + now - self._t, 4)
+        self._t = now
 
 
 # -- reporting --------------------------------------------------------------------------------
