@@ -1,5 +1,8 @@
 """fastlm's fused ops. Each has one public function; see its module for the backends."""
 
+from fastlm.ops.activations import geglu, gelu, silu, swiglu
 from fastlm.ops.attention import attention, attention_varlen
+from fastlm.ops.norms import layer_norm, rms_norm
 
-__all__ = ["attention", "attention_varlen"]
+__all__ = ["attention", "attention_varlen", "rms_norm", "layer_norm", "gelu", "silu", "swiglu",
+           "geglu"]

@@ -211,3 +211,176 @@ def attention_varlen_bwd_ref(
         )
         dq[qs:qe], dk[ks:ke], dv[ks:ke] = (g[0].transpose(0, 1) for g in grads)
     return dq, dk, dv
+
+
+# =============================================================================================
+# Fused ops around attention: RMSNorm, LayerNorm, rotary, activations, linear cross-entropy.
+# Each ``*_ref`` computes in float64 when ``upcast`` (else in the inputs' dtype) and returns the
+# input dtype; the ``*_bwd_ref`` functions are explicit gradients, usable where autograd is not
+# recording (the ``torch`` backends call them inside their custom ops' backward).
+# =============================================================================================
+
+
+def _work(t: torch.Tensor | None, upcast: bool) -> torch.Tensor | None:
+    return t.double() if (upcast and t is not None) else t
+
+
+def rms_norm_ref(x, weight, eps=1e-6, *, offset=0.0, upcast=True):
+    """``x / sqrt(mean(x^2, -1) + eps) * (weight + offset)``; weight (H,) or None (= 1)."""
+    xc = _work(x, upcast)
+    y = xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * (_work(weight, upcast).to(xc.dtype) + offset)
+    return y.to(x.dtype)
+
+
+def rms_norm_bwd_ref(dy, x, weight, eps=1e-6, *, offset=0.0, rstd=None):
+    """(dx, dweight or None) of :func:`rms_norm_ref`, in x's dtype (dweight in weight's).
+
+    rstd (..., 1), if given, is the forward's saved 1/rms instead of a recomputed one.
+    """
+    h = x.shape[-1]
+    if rstd is None:
+        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    xhat = x * rstd
+    g = dy if weight is None else dy * (weight.to(x.dtype) + offset)
+    dx = rstd * (g - xhat * (g * xhat).sum(-1, keepdim=True) / h)
+    dw = None if weight is None else (dy * xhat).reshape(-1, h).sum(0).to(weight.dtype)
+    return dx, dw
+
+
+def layer_norm_ref(x, weight, bias, eps=1e-5, *, upcast=True):
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` over the last dim (biased variance)."""
+    xc = _work(x, upcast)
+    w, b = _work(weight, upcast), _work(bias, upcast)
+    y = torch.nn.functional.layer_norm(
+        xc, (x.shape[-1],), None if w is None else w.to(xc.dtype),
+        None if b is None else b.to(xc.dtype), eps,
+    )
+    return y.to(x.dtype)
+
+
+def layer_norm_bwd_ref(dy, x, weight, eps=1e-5, *, mean=None, rstd=None):
+    """(dx, dweight, dbias) of :func:`layer_norm_ref`; dweight is None without a weight.
+
+    mean and rstd (..., 1), if given, are the forward's saved statistics.
+    """
+    h = x.shape[-1]
+    if mean is None or rstd is None:
+        mean = x.mean(-1, keepdim=True)
+        rstd = torch.rsqrt((x - mean).pow(2).mean(-1, keepdim=True) + eps)
+    xhat = (x - mean) * rstd
+    g = dy if weight is None else dy * weight.to(x.dtype)
+    dx = rstd * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
+    dw = None if weight is None else (dy * xhat).reshape(-1, h).sum(0).to(weight.dtype)
+    db = dy.reshape(-1, h).sum(0)
+    return dx, dw, db
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """[x1, x2] -> [-x2, x1] over the last dim (the HF convention's rotation)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _rotary_tables(cos, sin):
+    # (S, R) -> (1, 1, S, R); (B, S, R) -> (B, 1, S, R): broadcast over heads
+    if cos.dim() == 2:
+        return cos[None, None], sin[None, None]
+    return cos[:, None], sin[:, None]
+
+
+def rotary_ref(q, k, cos, sin, *, upcast=True):
+    """HF rotary: ``x * cos + rotate_half(x) * sin`` on the first cos.shape[-1] features.
+
+    q (B, Hq, S, D), k (B, Hkv, S, D), cos/sin (S, R) or (B, S, R) with R <= D even; features
+    [R, D) pass through (partial rotary). Returns (q_out, k_out) in the inputs' dtypes.
+    """
+    c, s = _rotary_tables(_work(cos, upcast), _work(sin, upcast))
+    rot = c.shape[-1]
+
+    def apply(x):
+        xc = _work(x, upcast)
+        xr = xc[..., :rot]
+        out = xr * c.to(xc.dtype) + rotate_half(xr) * s.to(xc.dtype)
+        return torch.cat((out, xc[..., rot:]), dim=-1).to(x.dtype)
+
+    return apply(q), apply(k)
+
+
+def rotary_bwd_ref(dq_out, dk_out, cos, sin):
+    """(dq, dk) of :func:`rotary_ref`: the transpose of the rotation, applied to the gradients."""
+    c, s = _rotary_tables(cos, sin)
+    rot = c.shape[-1]
+
+    def apply(dy):
+        dr = dy[..., :rot]
+        ds = dr * s.to(dy.dtype)
+        d1, d2 = ds.chunk(2, dim=-1)
+        back = torch.cat((d2, -d1), dim=-1)  # rotate_half transposed
+        return torch.cat((dr * c.to(dy.dtype) + back, dy[..., rot:]), dim=-1)
+
+    return apply(dq_out), apply(dk_out)
+
+
+def gelu_ref(x, *, approximate="none", upcast=True):
+    """GELU, exact (erf) or the tanh approximation, as torch.nn.functional.gelu."""
+    return torch.nn.functional.gelu(_work(x, upcast), approximate=approximate).to(x.dtype)
+
+
+def swiglu_ref(gate, up, *, upcast=True):
+    """``silu(gate) * up`` (Llama/Mistral MLP)."""
+    return (torch.nn.functional.silu(_work(gate, upcast)) * _work(up, upcast)).to(gate.dtype)
+
+
+def geglu_ref(gate, up, *, approximate="tanh", upcast=True):
+    """``gelu(gate) * up`` (Gemma MLP uses the tanh approximation)."""
+    g = torch.nn.functional.gelu(_work(gate, upcast), approximate=approximate)
+    return (g * _work(up, upcast)).to(gate.dtype)
+
+
+def activation_and_grad_ref(x, kind):
+    """(act(x), act'(x)) for kind "silu", "gelu" (erf) or "gelu_tanh", in x's dtype."""
+    if kind == "silu":
+        s = torch.sigmoid(x)
+        return x * s, s * (1 + x * (1 - s))
+    if kind == "gelu":
+        cdf = 0.5 * (1 + torch.erf(x / math.sqrt(2)))
+        return x * cdf, cdf + x * torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+    if kind == "gelu_tanh":
+        k0, k1 = math.sqrt(2 / math.pi), 0.044715
+        t = torch.tanh(k0 * (x + k1 * x**3))
+        dt = (1 - t * t) * k0 * (1 + 3 * k1 * x * x)
+        return 0.5 * x * (1 + t), 0.5 * (1 + t) + 0.5 * x * dt
+    raise ValueError(f"unknown activation kind {kind!r}")
+
+
+def linear_cross_entropy_ref(
+    hidden,
+    weight,
+    labels,
+    *,
+    bias=None,
+    ignore_index=-100,
+    label_smoothing=0.0,
+    reduction="mean",
+    softcap=0.0,
+    upcast=True,
+):
+    """``cross_entropy(softcap(hidden @ weight.T + bias), labels)``, materialising all logits.
+
+    upcast=False is the usual unfused PyTorch recipe: the LM-head matmul in the inputs' dtype,
+    then the logits upcast to fp32 for the loss (as Hugging Face's causal-LM loss does).
+    Returns fp32 (float64 when upcast); "mean" averages over labels != ignore_index.
+    """
+    h, w, b = _work(hidden, upcast), _work(weight, upcast), _work(bias, upcast)
+    logits = h @ w.T
+    if b is not None:
+        logits = logits + b
+    logits = logits if upcast else logits.float()
+    if softcap > 0:
+        logits = softcap * torch.tanh(logits / softcap)
+    return torch.nn.functional.cross_entropy(
+        logits, labels, ignore_index=ignore_index, label_smoothing=label_smoothing,
+        reduction=reduction,
+    )

@@ -1,0 +1,225 @@
+// SIMD building blocks of the fused elementwise/row kernels (norms, rotary, activations, cross
+// entropy): 8-lane float vectors, loads/stores of fp32/bf16/fp16 to them, and the few
+// transcendental functions those kernels need, written once for both vectors and scalars.
+//
+// Vectors are GCC/Clang vector extensions rather than intrinsics: the compiler lowers them to
+// AVX2 (one ymm register), AVX-512 (half a zmm), SSE or NEON (two registers), or scalar code,
+// whatever the build flags allow, so there is no separate scalar path to keep in sync. libm's
+// expf/erff would not vectorise (glibc only exposes its vector variants under -ffast-math), so
+// exp/sigmoid/erfc are polynomials here, accurate to a few ulp of fp32.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "common/cpu_vec.h"
+
+namespace fastlm::simd {
+
+constexpr int W = 8;  // lanes
+typedef float vf __attribute__((vector_size(32)));
+typedef int32_t vi __attribute__((vector_size(32)));
+typedef uint32_t vu __attribute__((vector_size(32)));
+typedef uint16_t vu16 __attribute__((vector_size(16)));
+
+inline vf splat(float x) { return vf{} + x; }
+inline float hsum(vf v) {
+  float s = 0.0f;
+  for (int i = 0; i < W; ++i) s += v[i];
+  return s;
+}
+inline float hmax(vf v) {
+  float m = v[0];
+  for (int i = 1; i < W; ++i) m = std::max(m, v[i]);
+  return m;
+}
+
+// -- overloads that let one template body serve float and vf ----------------------------------
+inline float vmax(float a, float b) { return a > b ? a : b; }
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+inline float vmin(float a, float b) { return a < b ? a : b; }
+inline vf vmin(vf a, vf b) { return a < b ? a : b; }
+inline float vabs(float a) { return std::fabs(a); }
+inline vf vabs(vf a) { return (vf)((vu)a & 0x7fffffffu); }
+inline float pick(bool c, float a, float b) { return c ? a : b; }
+inline vf pick(vi c, vf a, vf b) { return c ? a : b; }
+inline int32_t to_i32(float x) { return static_cast<int32_t>(x); }
+inline vi to_i32(vf x) { return __builtin_convertvector(x, vi); }
+inline float bits_to_f(int32_t x) { return __builtin_bit_cast(float, x); }
+inline vf bits_to_f(vi x) { return (vf)x; }
+
+// e^x: x < -87.3 gives exactly 0 (masked logits rely on it) and x > 88.3 saturates at e^88.3
+// ~ 2.2e38, finite. Range reduction x = n ln2 + r, |r| <= ln2/2, then the degree-6 Taylor
+// polynomial of e^r: relative error < 2e-7 (~2 ulp).
+template <typename F>
+inline F exp_any(F x) {
+  const float kRound = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to integer
+  F xc = vmin(vmax(x, F{} - 87.3f), F{} + 88.3f);
+  F n = (xc * 1.44269504088896341f + kRound) - kRound;
+  F r = xc - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  F p = F{} + (1.0f / 720.0f);
+  p = p * r + (1.0f / 120.0f);
+  p = p * r + (1.0f / 24.0f);
+  p = p * r + (1.0f / 6.0f);
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  F scale = bits_to_f((to_i32(n) + 127) << 23);
+  return pick(x < -87.3f, F{}, p * scale);
+}
+
+// sigmoid(x) and 1 - sigmoid(x), each without cancellation: both come from e = exp(-|x|) <= 1,
+// so neither 1/(1+e) nor e/(1+e) ever subtracts nearly equal numbers (silu', gelu-tanh' need
+// the complement at |x| ~ 10, where 1 - sigmoid(x) computed directly would be all rounding).
+template <typename F>
+inline void sigmoid2(F x, F& s, F& one_minus_s) {
+  F e = exp_any(F{} - vabs(x));
+  F inv = (F{} + 1.0f) / (e + 1.0f);
+  F big = inv, small = e * inv;  // sigmoid(|x|), sigmoid(-|x|)
+  s = pick(x >= 0.0f, big, small);
+  one_minus_s = pick(x >= 0.0f, small, big);
+}
+
+// tanh(x). Near 0, (1 - e)/(1 + e) with e = exp(-2|x|) would lose the leading digits to
+// cancellation (tanh(0.01) with an absolute error of 1e-7 is 1e-5 relative), so |x| < 0.4 uses
+// the Taylor series to x^11 (truncation < 3e-8 relative there) and larger |x| the exp form.
+template <typename F>
+inline F tanh_any(F x) {
+  F a = vabs(x), x2 = x * x;
+  F p = F{} - 1382.0f / 155925.0f;
+  p = p * x2 + 62.0f / 2835.0f;
+  p = p * x2 - 17.0f / 315.0f;
+  p = p * x2 + 2.0f / 15.0f;
+  p = p * x2 - 1.0f / 3.0f;
+  p = x + x * x2 * p;
+  F e = exp_any(a * -2.0f);
+  F big = (F{} + 1.0f - e) / (e + 1.0f);
+  big = pick(x < 0.0f, F{} - big, big);
+  return pick(a < 0.4f, p, big);
+}
+
+// erfc(x). For z = |x|: erfc(z) = t exp(-z^2 + P(t)), t = 1 / (1 + z/2), with the degree-9
+// Chebyshev fit of Press et al., Numerical Recipes (2nd ed.) sec. 6.2: relative error < 1.2e-7
+// for every z >= 0. erfc(-z) = 2 - erfc(z). Used as gelu(x) = x/2 erfc(-x/sqrt 2), which keeps
+// full relative accuracy for very negative x where 1 + erf(x) would cancel.
+template <typename F>
+inline F erfc_any(F x) {
+  F z = vabs(x);
+  F t = (F{} + 1.0f) / (z * 0.5f + 1.0f);
+  F p = F{} + 0.17087277f;
+  p = p * t - 0.82215223f;
+  p = p * t + 1.48851587f;
+  p = p * t - 1.13520398f;
+  p = p * t + 0.27886807f;
+  p = p * t - 0.18628806f;
+  p = p * t + 0.09678418f;
+  p = p * t + 0.37409196f;
+  p = p * t + 1.00002368f;
+  p = p * t - 1.26551223f;
+  F r = t * exp_any(p - z * z);
+  return pick(x >= 0.0f, r, (F{} + 2.0f) - r);
+}
+
+// -- loads and stores of 8 lanes ---------------------------------------------------------------
+inline vf load8(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline vf load8(const bf16* p) {
+  vu16 h;
+  std::memcpy(&h, p, sizeof(h));
+  return (vf)(__builtin_convertvector(h, vu) << 16);
+}
+inline vf load8(const fp16* p) {
+#if defined(__F16C__)
+  __m128i h;
+  std::memcpy(&h, p, sizeof(h));
+  return (vf)_mm256_cvtph_ps(h);
+#else
+  vf v;
+  for (int i = 0; i < W; ++i) v[i] = to_float(p[i]);
+  return v;
+#endif
+}
+
+inline void store8(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+inline void store8(bf16* p, vf v) {
+  // Round to nearest even on the bit pattern; NaNs keep a set quiet bit instead of rounding
+  // into infinity.
+  vu u = (vu)v;
+  vu r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  r = (v != v) ? ((u >> 16) | 0x40u) : r;
+  vu16 h = __builtin_convertvector(r, vu16);
+  std::memcpy(p, &h, sizeof(h));
+}
+inline void store8(fp16* p, vf v) {
+#if defined(__F16C__)
+  __m128i h = _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT);
+  std::memcpy(p, &h, sizeof(h));
+#else
+  for (int i = 0; i < W; ++i) p[i] = from_float<fp16>(v[i]);
+#endif
+}
+
+// The last n < 8 elements of a row: staged through a zero-padded buffer so the same vector code
+// handles them (zeros are harmless in sums; callers mask maxima themselves).
+template <typename T>
+inline vf load_part(const T* p, int n) {
+  T tmp[W];
+  std::memset(tmp, 0, sizeof(tmp));
+  std::memcpy(tmp, p, n * sizeof(T));
+  return load8(tmp);
+}
+template <typename T>
+inline void store_part(T* p, vf v, int n) {
+  T tmp[W];
+  store8(tmp, v);
+  std::memcpy(p, tmp, n * sizeof(T));
+}
+template <typename T>
+inline vf load_n(const T* p, int n) { return n >= W ? load8(p) : load_part(p, n); }
+template <typename T>
+inline void store_n(T* p, vf v, int n) {
+  if (n >= W) store8(p, v); else store_part(p, v, n);
+}
+
+// Lanes [0, n) set, for masking a partial vector (n >= 8 sets all).
+inline vi lanes_below(int n) {
+  const vi idx = {0, 1, 2, 3, 4, 5, 6, 7};
+  return idx < n;
+}
+
+}  // namespace fastlm::simd
+
+namespace fastlm::fused {
+
+// Element types of the fused kernels' tensors (weights and statistics are always fp32).
+enum class Dt { f32, bf16, f16 };
+
+// Calls fn(T{}) with T the C++ type of dt, so one generic lambda instantiates every kernel.
+template <typename Fn>
+inline void dispatch(Dt dt, Fn&& fn) {
+  switch (dt) {
+    case Dt::f32: fn(float{}); break;
+    case Dt::bf16: fn(bf16{}); break;
+    case Dt::f16: fn(fp16{}); break;
+  }
+}
+
+// Below this many elements a kernel runs on the calling thread: waking the OpenMP team costs
+// a few microseconds, more than the work itself.
+constexpr int64_t kParallelMin = 1 << 15;
+
+// Rows [begin, end) of thread t out of nt: contiguous blocks, so the split (and with it every
+// per-thread partial sum) depends only on the thread count, never on timing.
+inline void thread_rows(int64_t rows, int t, int nt, int64_t& begin, int64_t& end) {
+  const int64_t per = rows / nt, extra = rows % nt;
+  begin = t * per + std::min<int64_t>(t, extra);
+  end = begin + per + (t < extra ? 1 : 0);
+}
+
+}  // namespace fastlm::fused
