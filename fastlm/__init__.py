@@ -1,7 +1,8 @@
 """fastlm: fused attention and optimizer kernels for fast GPT training.
 
-``import fastlm`` is cheap: the ops, the optimizer and the transformers integration are
-imported on first use (``fastlm.ops``, ``fastlm.optim``, ...).
+``import fastlm`` is cheap: the ops, the optimizer and the trainer are imported on first use
+(``fastlm.ops``, ``fastlm.optim``, ...). It registers ``attn_implementation="fastlm"`` with
+transformers (when transformers is imported, not before) and offers ``fastlm.patch(model)``.
 """
 
 from __future__ import annotations
@@ -44,4 +45,19 @@ _LAZY = {"ops", "optim", "data", "bench", "integrations", "train", "nn"}
 def __getattr__(name: str):
     if name in _LAZY:
         return importlib.import_module(f"{__name__}.{name}")
+    if name == "patch":
+        from fastlm.integrations.patch import patch
+
+        return patch
     raise AttributeError(f"module 'fastlm' has no attribute {name!r}")
+
+
+def _register_with_transformers() -> None:
+    """``attn_implementation="fastlm"`` for transformers, without importing it now (the
+    registration happens when transformers loads; see fastlm/integrations/transformers.py)."""
+    from fastlm.integrations import transformers as hf
+
+    hf.register()
+
+
+_register_with_transformers()
