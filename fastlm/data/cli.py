@@ -15,6 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab-size", type=int, default=8192, help="for --tokenizer bpe")
     parser.add_argument("--val-fraction", type=float, default=0.01,
                         help="share of documents for validation (by document hash)")
+    parser.add_argument("--split", default="hash", choices=["hash", "tail"],
+                        help="validation documents: by a seeded hash (default), or the last "
+                        "ones in input order")
     parser.add_argument("--doc-split", default="blank-lines",
                         choices=["blank-lines", "lines", "file"],
                         help="how .txt files divide into documents")
@@ -44,6 +47,7 @@ def run(args) -> int:
     out = prepare(
         inputs, args.out, text_field=args.text_field, tokenizer=args.tokenizer,
         vocab_size=args.vocab_size, val_fraction=args.val_fraction, doc_split=args.doc_split,
+        split=args.split,
         encoding_errors=args.encoding_errors, sft=args.sft, overwrite=args.overwrite,
         num_proc=args.num_proc, seed=args.seed, min_chars=args.min_chars,
         max_chars=args.max_chars, repetition=not args.no_repetition, dedup=not args.no_dedup,

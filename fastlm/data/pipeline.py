@@ -32,7 +32,8 @@ def prepare(inputs, out_dir, *, text_field: str = "text", tokenizer: str = "bpe"
             vocab_size: int = 8192, val_fraction: float = 0.01, clean: C.CleanConfig | None = None,
             doc_split: str = "blank-lines", encoding_errors: str = "replace", sft: bool = False,
             overwrite: bool = False, num_proc: int | None = None, seed: int = 0,
-            shard_tokens: int = 1 << 28, progress: bool = True, **clean_overrides) -> Path:
+            shard_tokens: int = 1 << 28, split: str = "hash", progress: bool = True,
+            **clean_overrides) -> Path:
     """Prepare ``inputs`` into ``out_dir``; returns ``out_dir``. Re-running with unchanged
     inputs and settings reuses the result. Keyword arguments naming :class:`CleanConfig`
     fields (``min_chars=...``, ``near_dedup=False``) override the cleaning config."""
@@ -40,13 +41,15 @@ def prepare(inputs, out_dir, *, text_field: str = "text", tokenizer: str = "bpe"
     cfg = dataclasses.replace(clean or C.CleanConfig(), **_clean_kwargs(clean_overrides))
     if not 0 <= val_fraction < 1:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if split not in ("hash", "tail"):
+        raise DataError(f"split must be 'hash' or 'tail', got {split!r}")
     if encoding_errors not in ("replace", "strict"):
         raise DataError(f"encoding_errors must be 'replace' or 'strict', got {encoding_errors!r}")
     out = Path(out_dir)
     settings = {"text_field": text_field, "tokenizer": tokenizer, "vocab_size": vocab_size,
                 "val_fraction": val_fraction, "clean": dataclasses.asdict(cfg), "sft": sft,
                 "doc_split": doc_split, "encoding_errors": encoding_errors, "seed": seed,
-                "shard_tokens": shard_tokens}
+                "shard_tokens": shard_tokens, "split": split}
     settings = json.loads(json.dumps(settings))  # normalise (tuple -> list, int keys -> str)
     files = [_stat(p) for p in readers.expand(inputs)]
     if out.exists():
@@ -124,7 +127,11 @@ def _build(inputs, tmp: Path, cfg: C.CleanConfig, settings: dict, files, num_pro
         raise DataError("cleaning removed every document: " + _dropped_summary(report) +
                         "; relax the filters (e.g. --min-chars, --no-repetition) or check the "
                         "input and --text-field")
-    train, val = _split(kept, settings["val_fraction"], settings["seed"])
+    if settings["split"] == "tail":  # the last documents in input order (nanoGPT's convention)
+        n_val = int(round(len(kept) * settings["val_fraction"]))
+        train, val = kept[:len(kept) - n_val], kept[len(kept) - n_val:]
+    else:
+        train, val = _split(kept, settings["val_fraction"], settings["seed"])
     tok = _tokenizer(settings, [r["text"] for r in train], tmp / "tokenizer")
     clock.lap("tokenizer")
     eos = tok.eos_token_id

@@ -34,6 +34,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--impls", default=",".join(IMPLS))
     parser.add_argument("--out", default=None, help="directory for JSON, markdown and PNG")
     parser.add_argument("--name", default=None)
+    parser.add_argument("--vs-nanogpt", default=None, metavar="DIR",
+                        help="instead: nanoGPT's CPU shakespeare recipe side by side (a local "
+                        "nanoGPT checkout with its data prepared), time to --target-loss")
+    parser.add_argument("--text", default="../shared/data/tinyshakespeare.txt")
+    parser.add_argument("--target-loss", type=float, default=1.89)
+    parser.add_argument("--work-dir", default="/tmp/fastlm-recipe-bench")
     parser.add_argument("--worker", default=None, help=argparse_suppress())
 
 
@@ -48,6 +54,8 @@ def run(args) -> int:
         print("RESULT " + json.dumps(_worker(args.worker, args)), flush=True)
         return 0
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.vs_nanogpt:
+        return _recipe(args, device)
     report = harness.Report(
         name=args.name or f"train_{device}", command="fastlm bench train " + shlex.join(
             a for a in sys.argv[3:]) if sys.argv[1:3] == ["bench", "train"] else
@@ -69,6 +77,19 @@ def run(args) -> int:
         paths = report.write(args.out)
         paths.append(_plot(report, args.out))
         print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _recipe(args, device) -> int:
+    from fastlm.train import recipe_bench
+
+    report = harness.Report(name=args.name or f"train_shakespeare_{device}",
+                            command="fastlm bench train " + shlex.join(sys.argv[3:]),
+                            device=device, env=harness.environment(device))
+    recipe_bench.run(args, report)
+    print(harness.format_table(report.rows))
+    if args.out:
+        print("wrote " + ", ".join(str(p) for p in report.write(args.out)))
     return 0
 
 
@@ -157,7 +178,7 @@ def _time_fastlm(model, vocab, args, dev) -> float:
             _sync(dev)
             t0 = time.perf_counter()
         x, y = next(data)
-        loss = _loss(engine, Batch(x, y), None)
+        loss = _loss(engine, Batch(x, y), None, fused=True)
         engine.backward(loss)
         engine.step()
     _sync(dev)

@@ -131,6 +131,8 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> RunState:
 def _loop(cfg, engine, scheduler, loader, val_loader, state, log, signals, *, ckpt_dir, rank,
           dev, accum, tokens_per_step, fpt, peak):
     model_dtype = next(engine.module.parameters()).dtype
+    # ZeRO-3 partitions the LM-head weight, which the fused loss reads outside the module
+    fused = cfg.train.fused_loss and cfg.train.zero_stage < 3
     skipped_before, consecutive_skips = _skipped(engine), 0
     window_t0, window_steps, window_loss = time.perf_counter(), 0, 0.0
     kill_at = os.environ.get("FASTLM_TEST_KILL_AT_STEP")
@@ -139,7 +141,7 @@ def _loop(cfg, engine, scheduler, loader, val_loader, state, log, signals, *, ck
         loss_sum = 0.0
         for _ in range(accum):
             batch = next(loader).to(dev)
-            loss = _loss(engine, batch, model_dtype)
+            loss = _loss(engine, batch, model_dtype, fused)
             if overflow_at is not None and state.step + 1 == int(overflow_at):
                 loss = loss * float("inf")  # fault injection: an fp16 overflow this step
             engine.backward(loss)
@@ -191,29 +193,42 @@ def _loop(cfg, engine, scheduler, loader, val_loader, state, log, signals, *, ck
             break
 
 
-def _loss(engine, batch: Batch, model_dtype) -> torch.Tensor:
+def _loss(engine, batch: Batch, model_dtype, fused: bool = False) -> torch.Tensor:
     kwargs = {"input_ids": batch.input_ids, "use_cache": False}
     if batch.position_ids is not None:
         kwargs["position_ids"] = batch.position_ids
+    if fused:
+        # the model stops at the final hidden states (logits for one position only); the
+        # LM head and the loss run chunked, never holding (B*T, V) logits
+        out = engine(**kwargs, output_hidden_states=True, logits_to_keep=1)
+        head = engine.module.get_output_embeddings()
+        softcap = getattr(engine.module.config, "final_logit_softcapping", None) or 0.0
+        from fastlm.ops import fused_linear_cross_entropy
+
+        return fused_linear_cross_entropy(out.hidden_states[-1], head.weight,
+                                          batch.targets, getattr(head, "bias", None),
+                                          ignore_index=IGNORE_INDEX, softcap=softcap)
     logits = engine(**kwargs).logits  # (B, T, V)
     return F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(),
                            ignore_index=IGNORE_INDEX)
 
 
 @torch.no_grad()
-def evaluate_loss(engine, val_loader: BlockLoader, batches: int, dev, model_dtype) -> float:
+def evaluate_loss(engine, val_loader: BlockLoader, batches: int, dev, model_dtype,
+                  fused: bool = False) -> float:
     """Mean validation loss over the same ``batches`` batches every time, all ranks."""
     engine.eval()
     total = 0.0
     for i in range(batches):
-        total += _loss(engine, val_loader.batch_at(i).to(dev), model_dtype).item()
+        total += _loss(engine, val_loader.batch_at(i).to(dev), model_dtype, fused).item()
     engine.train()
     return fdist.mean(total / batches, dev)
 
 
 def _evaluate(cfg, engine, val_loader, state, log, ckpt_dir, rank, dev, model_dtype,
               loader) -> bool:
-    val = evaluate_loss(engine, val_loader, cfg.eval.batches, dev, model_dtype)
+    val = evaluate_loss(engine, val_loader, cfg.eval.batches, dev, model_dtype,
+                        cfg.train.fused_loss and cfg.train.zero_stage < 3)
     ppl = math.exp(min(val, 50.0))
     log.log(state.step, val_loss=val, val_ppl=ppl)
     log.write(f"step {state.step}: val loss {val:.4f}, perplexity {ppl:.2f}")

@@ -194,3 +194,12 @@ def test_tinyshakespeare_byte_level(tmp_path):
     tok = load_tokenizer(out)
     first = read_docs(out, "train")[0]
     assert tok.decode(first[:-1]) in text
+
+
+def test_tail_split_takes_the_last_documents(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("\n\n".join(doc(i) for i in range(10)))
+    out = prepare([path], tmp_path / "o", tokenizer="byte", val_fraction=0.2, split="tail",
+                  progress=False)
+    tok = load_tokenizer(out)
+    assert [tok.decode(d[:-1]) for d in read_docs(out, "val")] == [doc(8), doc(9)]

@@ -192,3 +192,13 @@ def test_sft_and_continued_pretraining_from_an_export(tmp_path, tiny_data):
     state = run(cfg)
     assert len(state.history) == 3 and all(math.isfinite(x) for x in losses(state))
 
+
+
+def test_fused_loss_follows_the_plain_loss(tmp_path, tiny_data):
+    """The chunked LM head + cross-entropy gives the plain path's losses (fp32, 5 steps)."""
+    common = ["train.micro_batch_size=4", "train.max_steps=5", "eval.every=5"]
+    fused = run(config(tmp_path / "f", tiny_data, *common, "train.fused_loss=true"))
+    plain = run(config(tmp_path / "p", tiny_data, *common, "train.fused_loss=false"))
+    for a, b in zip(losses(fused), losses(plain)):
+        assert abs(a - b) <= 1e-5 * abs(b), (losses(fused), losses(plain))
+    assert abs(fused.best_val - plain.best_val) <= 1e-5 * plain.best_val

@@ -1,0 +1,187 @@
+"""Fused linear + cross-entropy: the LM-head matmul and the loss without ever holding the full
+(tokens x vocab) logits.
+
+Rows are processed in chunks: logits of a chunk (chunk x V) are computed, the row kernel turns
+them into the per-row loss and, in place, into d(loss)/d(logits) (fp32 math), and two matmuls
+fold that into the gradients of the hidden states and of the weight. The gradients are thus
+computed during the forward (as Liger-Kernel does) and the backward only scales them by the
+incoming gradient. Peak extra memory: one chunk of logits instead of N x V (for 8k tokens and
+a 128k vocabulary in fp32, 4 GB -> 64 MB at the default chunk).
+
+Backends: ``cpu`` (csrc/cpu/cross_entropy.cpp row kernel), ``torch`` (the same chunking with
+torch ops; also what CUDA tensors use).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastlm._build import load_extension
+from fastlm._dispatch import Call, all_of, define_op, extension_check, needs_device, needs_dtypes
+from fastlm.ops import _fused_common as fc
+
+__all__ = ["fused_linear_cross_entropy"]
+
+_op = define_op("linear_cross_entropy", order={"cuda": ("torch",), "cpu": ("cpu", "torch")})
+
+
+def _ce_rows_torch(logits, labels, row_scale, ignore_index, smoothing, softcap, grad):
+    """Reference row kernel: (loss per row, fp32) and, if grad, logits overwritten with
+    row_scale * dloss/dlogits."""
+    z = logits.float()
+    if softcap > 0:
+        t = torch.tanh(z / softcap)
+        z = softcap * t
+    logp = torch.log_softmax(z, dim=-1)
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels))
+    nll = -logp.gather(1, safe[:, None])[:, 0]
+    loss = (1 - smoothing) * nll - smoothing * logp.mean(-1) if smoothing else nll
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    if grad:
+        p = logp.exp()
+        g = p - (smoothing / z.shape[-1])
+        g.scatter_add_(1, safe[:, None], torch.full_like(g[:, :1], -(1 - smoothing)))
+        if softcap > 0:
+            g = g * (1 - t * t)
+        g = g * (row_scale * valid)[:, None]
+        logits.copy_(g)
+    return loss
+
+
+class _Cpu:
+    @staticmethod
+    def ce_rows(logits, labels, row_scale, ignore_index, smoothing, softcap, grad):
+        return load_extension("cpu").ce_rows(logits, labels, row_scale, ignore_index, smoothing,
+                                             softcap, grad)
+
+
+class _Torch:
+    ce_rows = staticmethod(_ce_rows_torch)
+
+
+_op.register("cpu", all_of(needs_device("cpu"), needs_dtypes(*fc.FLOATS),
+                           extension_check("cpu", "ce_rows")), lambda: _Cpu)
+_op.register("torch", lambda call: None, lambda: _Torch)
+
+
+def _chunk_rows(n: int, vocab: int, chunk_size: int | None) -> int:
+    if chunk_size:
+        return chunk_size
+    # ~2^22 logits per chunk (16 MB in fp32): large enough for efficient matmuls
+    return max(1, min(n, (1 << 22) // max(1, vocab)))
+
+
+@torch.library.custom_op("fastlm::linear_cross_entropy", mutates_args=())
+def _fused(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+           bias: torch.Tensor | None, ignore_index: int, smoothing: float, softcap: float,
+           sum_reduction: bool, chunk_size: int, want_grads: bool, backend: str
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    impl = _op.select(Call.of(hidden), backend or None).impl()
+    n, vocab = hidden.shape[0], weight.shape[0]
+    n_valid = int((labels != ignore_index).sum())
+    scale = 1.0 if sum_reduction else 1.0 / max(n_valid, 1)
+    # float64 across chunks: the per-chunk sums are fp32, the running total should not drift
+    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    dh = torch.empty_like(hidden) if want_grads else hidden.new_empty(0)
+    dw = torch.zeros_like(weight, dtype=torch.float32) if want_grads else hidden.new_empty(0)
+    db = (torch.zeros(vocab, dtype=torch.float32, device=hidden.device)
+          if want_grads and bias is not None else hidden.new_empty(0))
+    step = _chunk_rows(n, vocab, chunk_size)
+    row_scale = torch.full((min(step, n),), scale, dtype=torch.float32, device=hidden.device)
+    for s in range(0, n, step):
+        h = hidden[s:s + step]
+        logits = h @ weight.T  # (chunk, V) in the inputs' dtype, as the unfused LM head
+        if bias is not None:
+            logits = logits + bias
+        loss = impl.ce_rows(logits, labels[s:s + step], row_scale[:h.shape[0]], ignore_index,
+                            smoothing, softcap, want_grads)
+        total += loss.sum(dtype=torch.float64)
+        if want_grads:  # logits now hold row_scale * dloss/dlogits
+            dh[s:s + step] = logits @ weight
+            dw += logits.T.float() @ h.float()
+            if bias is not None:
+                db += logits.float().sum(0)
+    return (total * scale).float().reshape(()), dh, dw, db
+
+
+@_fused.register_fake
+def _(hidden, weight, labels, bias, ignore_index, smoothing, softcap, sum_reduction,
+      chunk_size, want_grads, backend):
+    return (hidden.new_empty((), dtype=torch.float32), torch.empty_like(hidden),
+            torch.empty_like(weight, dtype=torch.float32),
+            hidden.new_empty(weight.shape[0] if bias is not None else 0, dtype=torch.float32))
+
+
+def _setup(ctx, inputs, output):
+    hidden, weight, _labels, bias = inputs[:4]
+    _, dh, dw, db = output
+    ctx.save_for_backward(dh, dw, db)
+    ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+
+
+def _backward(ctx, dloss, _dh, _dw, _db):
+    dh, dw, db = ctx.saved_tensors
+    g = dloss.to(torch.float32)
+    w_dtype, b_dtype = ctx.dtypes
+    grad_b = (db * g).to(b_dtype) if b_dtype is not None and db.numel() else None
+    return ((dh * g.to(dh.dtype)), (dw * g).to(w_dtype), None, grad_b, None, None, None, None,
+            None, None, None)
+
+
+_fused.register_autograd(_backward, setup_context=_setup)
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    softcap: float = 0.0,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``cross_entropy(softcap(hidden @ weight.T + bias), labels)`` without the full logits.
+
+    Args:
+        hidden: (N, H) (or (..., H), flattened) final hidden states, fp32/fp16/bf16.
+        weight: (V, H) LM-head weight, same dtype; bias: (V,) or None.
+        labels: (N,) int64 targets in [0, V) or ``ignore_index``.
+        label_smoothing, softcap: as torch's cross_entropy and Gemma's final-logit soft-cap.
+        reduction: "mean" (over non-ignored labels) or "sum".
+        chunk_size: rows per chunk (default: about 4M logits per chunk).
+    Returns:
+        the fp32 scalar loss; differentiable in hidden, weight and bias.
+    """
+    op = "fused_linear_cross_entropy"
+    fc.check_float_tensor(op, "hidden", hidden)
+    fc.check_float_tensor(op, "weight", weight)
+    hidden2 = hidden.reshape(-1, hidden.shape[-1])
+    if weight.dim() != 2 or weight.shape[1] != hidden2.shape[1]:
+        fc.fail(op, f"weight must be (vocab, {hidden2.shape[1]}) to match hidden's last dim, "
+                    f"got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype or weight.device != hidden.device:
+        fc.fail(op, f"weight ({weight.dtype}, {weight.device}) must match hidden "
+                    f"({hidden.dtype}, {hidden.device})")
+    labels2 = labels.reshape(-1)
+    if labels2.dtype != torch.long or labels2.numel() != hidden2.shape[0]:
+        fc.fail(op, f"labels must be int64 with one entry per row of hidden "
+                    f"({hidden2.shape[0]}), got {labels.dtype} {tuple(labels.shape)}")
+    if bias is not None:
+        fc.check_vector(op, "bias", bias, weight.T)
+    if reduction not in ("mean", "sum"):
+        fc.fail(op, f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if not 0.0 <= label_smoothing < 1.0 or softcap < 0 or not math.isfinite(softcap):
+        fc.fail(op, "label_smoothing must be in [0, 1) and softcap >= 0")
+    want = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias))
+    loss, *_ = _fused(hidden2.contiguous(), weight.contiguous(), labels2.contiguous(), bias,
+                      int(ignore_index), float(label_smoothing), float(softcap),
+                      reduction == "sum", int(chunk_size or 0), want, backend or "")
+    return loss

@@ -1,0 +1,77 @@
+"""Fused linear + cross-entropy against float64, with ignore_index, smoothing, soft-capping,
+chunk boundaries that do not divide the rows, and gradients in hidden, weight and bias."""
+
+import pytest
+import torch
+
+from fastlm.ops.cross_entropy import fused_linear_cross_entropy
+from fastlm.ops.reference import linear_cross_entropy_ref
+from fastlm.testing import GRAD_FACTOR, assert_within
+
+
+def _inputs(n, h, v, dtype, bias):
+    hidden = torch.randn(n, h).to(dtype)
+    weight = (torch.randn(v, h) / h**0.5).to(dtype)
+    b = torch.randn(v).to(dtype) if bias else None
+    labels = torch.randint(0, v, (n,))
+    labels[::3] = -100  # ignored rows
+    return hidden, weight, b, labels
+
+
+def _run(fn, tensors):
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in tensors]
+    loss = fn(*leaves)
+    grads = torch.autograd.grad(loss, [t for t in leaves if t is not None])
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n, h, v, chunk", [(1, 8, 5, None), (37, 16, 101, 8), (64, 33, 257, 7)])
+@pytest.mark.parametrize("opts", [dict(), dict(label_smoothing=0.1), dict(softcap=3.0),
+                                  dict(reduction="sum")], ids=str)
+@pytest.mark.parametrize("bias", [False, True])
+def test_matches_float64(backend, dtype, n, h, v, chunk, opts, bias):
+    hidden, weight, b, labels = _inputs(n, h, v, dtype, bias)
+    if n == 1:
+        labels[0] = 3
+
+    def fused(hh, ww, bb=None):
+        return fused_linear_cross_entropy(hh, ww, labels, bb, chunk_size=chunk, backend=backend,
+                                          **opts)
+
+    def ref(upcast):
+        return lambda hh, ww, bb=None: linear_cross_entropy_ref(hh, ww, labels, bias=bb,
+                                                                upcast=upcast, **opts)
+
+    tensors = [hidden, weight] + ([b] if bias else [])
+    loss, grads = _run(fused, tensors)
+    base, base_grads = _run(ref(False), tensors)
+    ref64, grads64 = _run(ref(True), [t.double() for t in tensors])
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    # the loss is one number of size ~|ref|: the fp32 floor is relative to it (sum reduction)
+    assert_within(loss, ref64, base, factor=2, floor=2e-7 * max(1.0, abs(ref64.item())))
+    for g, g64, gb in zip(grads, grads64, base_grads):
+        assert g.dtype == dtype
+        assert_within(g, g64, gb, factor=GRAD_FACTOR)
+
+
+def test_all_ignored_gives_zero_loss_and_grads():
+    hidden, weight, _, labels = _inputs(6, 8, 11, torch.float32, False)
+    labels[:] = -100
+    loss, (gh, gw) = _run(lambda hh, ww: fused_linear_cross_entropy(hh, ww, labels), [hidden, weight])
+    assert loss.item() == 0 and gh.abs().max() == 0 and gw.abs().max() == 0
+
+
+def test_bad_inputs():
+    hidden, weight, _, labels = _inputs(6, 8, 11, torch.float32, False)
+    with pytest.raises(ValueError, match=r"weight must be \(vocab, 8\)"):
+        fused_linear_cross_entropy(hidden, weight[:, :5], labels)
+    with pytest.raises(ValueError, match="labels must be int64"):
+        fused_linear_cross_entropy(hidden, weight, labels.int())
+    with pytest.raises(ValueError, match="reduction"):
+        fused_linear_cross_entropy(hidden, weight, labels, reduction="none")
+    bad = labels.clone()
+    bad[1] = 99
+    with pytest.raises(RuntimeError, match="outside"):
+        fused_linear_cross_entropy(hidden, weight, bad, backend="cpu")
