@@ -5,8 +5,13 @@ its CPU accelerator; both must be chosen before triton/deepspeed are first impor
 conftest import time.
 """
 
+import json
 import os
 import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,3 +37,19 @@ def _fixed_seeds():
     random.seed(0)
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def zero_runs(tmp_path_factory):
+    """One 2-rank DeepSpeed launch (CPU, gloo) of tests/optim/zero_script.py, shared by the
+    optimizer and the patch suites."""
+    launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
+    out = tmp_path_factory.mktemp("zero") / "runs.json"
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    script = Path(__file__).parent / "optim" / "zero_script.py"
+    proc = subprocess.run(
+        [launcher, "--num_gpus", "2", str(script), str(out)],
+        capture_output=True, text=True, timeout=900, env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())

@@ -9,8 +9,10 @@ parameter gathering hooks on the module still run around the new forward.
 
 What is swapped per model type (``PATCH_TABLE`` drives ``patch`` and the README table):
 attention via ``attn_implementation="fastlm"``; RMSNorm/LayerNorm; the MLP activation, fused
-with the gate product where the MLP is gated (SwiGLU/GeGLU). Rotary embeddings and the fused
-linear cross-entropy are not in this version: requested, they are reported as skipped.
+with the gate product where the MLP is gated (SwiGLU/GeGLU); rotary embeddings in every
+attention module that applies them (fastlm/integrations/_patch_rope.py: the one place a
+behaviour-neutral dispatcher is installed in the modeling file); the fused linear
+cross-entropy in training with labels (fastlm/integrations/_patch_loss.py, ZeRO-3 safe).
 """
 
 from __future__ import annotations
@@ -21,20 +23,38 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fastlm.integrations._patch_loss import (
+    head_forward,
+    loss_unsupported,
+    make_loss_function,
+    model_forward,
+)
+from fastlm.integrations._patch_rope import rope_forward, rope_target
+
 logger = logging.getLogger("fastlm")
 
 # model_type -> what its modules are, so the table can be read without running anything.
 PATCH_TABLE = {
-    "gpt2": {"norm": "LayerNorm", "mlp": "GELU (tanh) activation"},
-    "llama": {"norm": "RMSNorm", "mlp": "SwiGLU (gate/up/down)"},
-    "mistral": {"norm": "RMSNorm", "mlp": "SwiGLU (gate/up/down)"},
-    "qwen2": {"norm": "RMSNorm", "mlp": "SwiGLU (gate/up/down)"},
-    "qwen3": {"norm": "RMSNorm (+ q/k norms)", "mlp": "SwiGLU (gate/up/down)"},
-    "gemma": {"norm": "RMSNorm (1 + weight)", "mlp": "GeGLU tanh (gate/up/down)"},
-    "phi3": {"norm": "RMSNorm", "mlp": "SwiGLU (fused gate_up_proj)"},
-    "gpt_neox": {"norm": "LayerNorm", "mlp": "GELU activation"},
-    "opt": {"norm": "LayerNorm", "mlp": "ReLU: left alone (nothing to fuse)"},
-    "bert": {"norm": "LayerNorm", "mlp": "GELU activation"},
+    "gpt2": {"norm": "LayerNorm", "mlp": "GELU (tanh) activation", "rope": "none (learned)",
+             "loss": "fused"},
+    "llama": {"norm": "RMSNorm", "mlp": "SwiGLU (gate/up/down)", "rope": "fused",
+              "loss": "fused"},
+    "mistral": {"norm": "RMSNorm", "mlp": "SwiGLU (gate/up/down)", "rope": "fused",
+                "loss": "fused"},
+    "qwen2": {"norm": "RMSNorm", "mlp": "SwiGLU (gate/up/down)", "rope": "fused",
+              "loss": "fused"},
+    "qwen3": {"norm": "RMSNorm (+ q/k norms)", "mlp": "SwiGLU (gate/up/down)", "rope": "fused",
+              "loss": "fused"},
+    "gemma": {"norm": "RMSNorm (1 + weight)", "mlp": "GeGLU tanh (gate/up/down)",
+              "rope": "fused", "loss": "fused"},
+    "phi3": {"norm": "RMSNorm", "mlp": "SwiGLU (fused gate_up_proj)", "rope": "fused (partial)",
+             "loss": "fused"},
+    "gpt_neox": {"norm": "LayerNorm", "mlp": "GELU activation", "rope": "fused (partial)",
+                 "loss": "fused"},
+    "opt": {"norm": "LayerNorm", "mlp": "ReLU: left alone (nothing to fuse)",
+            "rope": "none (learned)", "loss": "fused"},
+    "bert": {"norm": "LayerNorm", "mlp": "GELU activation", "rope": "none (learned)",
+             "loss": "none (not a causal LM)"},
 }
 
 _GELU_TANH = {"NewGELUActivation", "GELUTanh", "PytorchGELUTanh", "GELUPytorchTanh"}
@@ -50,9 +70,13 @@ class PatchHandle:
     swapped: dict = field(default_factory=dict)  # kind -> number of modules swapped
     skipped: dict = field(default_factory=dict)  # kind -> reason
     _modules: list = field(default_factory=list)
+    _restore: list = field(default_factory=list)  # callables that put other state back
     _attn_before: str | None = None
 
     def undo(self) -> None:
+        for restore in reversed(self._restore):
+            restore()
+        self._restore.clear()
         for m in self._modules:
             if "forward" in m.__dict__:
                 del m.forward
@@ -89,22 +113,50 @@ def patch(model: torch.nn.Module, *, attention: bool = True, norms: bool = True,
             fwd, kind = _norm_forward(module), "norms"
         if fwd is None and mlp:
             fwd, kind = _mlp_forward(module), "mlp"
+        if fwd is None and rope and rope_target(module) is not None:
+            fwd, kind = rope_forward(module), "rope"
         if fwd is None:
             continue
         if kind == "mlp":
             inside_gated.update(id(c) for c in module.children())
-        module.forward = types.MethodType(fwd, module)
-        module._fastlm_patched = True
-        h._modules.append(module)
+        _set_forward(h, module, fwd)
         h.swapped[kind] = h.swapped.get(kind, 0) + 1
-    if rope:
-        h.skipped["rope"] = "fused rotary embeddings are not in this version of fastlm"
+    if rope and "rope" not in h.swapped:
+        h.skipped["rope"] = "no attention module applies rotary embeddings (learned positions?)"
     if loss:
-        h.skipped["loss"] = "the fused linear cross-entropy is not in this version of fastlm"
+        _patch_loss(model, h)
     model.__dict__["_fastlm_patch"] = h
     if verbose:
         logger.warning(h.summary())
     return h
+
+
+def _set_forward(h: PatchHandle, module, fwd) -> None:
+    module.forward = types.MethodType(fwd, module)
+    module._fastlm_patched = True
+    h._modules.append(module)
+
+
+def _patch_loss(model, h: PatchHandle) -> None:
+    reason = loss_unsupported(model)
+    if reason is not None:
+        h.skipped["loss"] = reason
+        return
+    head = model.get_output_embeddings()
+    _set_forward(h, head, head_forward)
+    _set_forward(h, model, model_forward(model, head))
+    had_own = "_loss_function" in model.__dict__
+    before = model.__dict__.get("_loss_function")
+    model._loss_function = make_loss_function(head, model.loss_function)
+
+    def restore():
+        if had_own:
+            model._loss_function = before
+        else:
+            model.__dict__.pop("_loss_function", None)
+
+    h._restore.append(restore)
+    h.swapped["loss"] = 1
 
 
 def _patch_attention(model, h: PatchHandle) -> None:

@@ -1,5 +1,6 @@
 """fastlm.patch on tiny random models of ten architectures: same logits, loss and gradients
-as the eager model (fp32), same greedy generation with the KV cache, undo() restores eager."""
+as the eager model (fp32), the fused training loss equals HF's, same greedy generation with
+the KV cache, torch.compile, undo() restores eager."""
 
 import pytest
 import torch
@@ -26,10 +27,14 @@ EXPECT = {  # what patch() must swap: (norm modules, mlp modules) for two layers
     "gpt2": (5, 2), "llama": (5, 2), "mistral": (5, 2), "qwen2": (5, 2), "qwen3": (9, 2),
     "gemma": (5, 2), "phi3": (5, 2), "gpt_neox": (5, 2), "opt": (5, 0), "bert": (5, 2),
 }
+LEARNED_POSITIONS = {"gpt2", "opt", "bert"}  # no rotary embedding to fuse
+CAUSAL = sorted(set(ARCHS) - {"bert"})
+NO_DROPOUT = {"gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+              "opt": dict(dropout=0.0)}
 
 
-def build(kind):
-    conf = AutoConfig.for_model(kind, vocab_size=96, **ARCHS[kind])
+def build(kind, **overrides):
+    conf = AutoConfig.for_model(kind, vocab_size=96, **dict(ARCHS[kind], **overrides))
     torch.manual_seed(0)
     cls = AutoModel if kind == "bert" else AutoModelForCausalLM
     return cls.from_config(conf, attn_implementation="eager").eval()
@@ -57,7 +62,9 @@ def test_patched_model_matches_eager(kind):
     assert fastlm.patch(model) is handle  # idempotent
     norms, mlps = EXPECT[kind]
     assert handle.swapped.get("norms", 0) == norms and handle.swapped.get("mlp", 0) == mlps
-    assert handle.swapped.get("attention") == 1 and "loss" in handle.skipped
+    assert handle.swapped.get("attention") == 1
+    assert handle.swapped.get("rope", 0) == (0 if kind in LEARNED_POSITIONS else 2)
+    assert ("loss" in handle.swapped) == (kind != "bert")
     got = forward_and_grads(model, ids, mask)
     keep = mask.bool()
     torch.testing.assert_close(got[0][keep], ref[0][keep], rtol=1e-4, atol=2e-5)
@@ -71,7 +78,81 @@ def test_patched_model_matches_eager(kind):
     assert torch.equal(again[0], ref[0])  # eager behaviour, bit for bit
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "gemma", "phi3"])
+@pytest.mark.parametrize("kind", CAUSAL)
+@pytest.mark.parametrize("accumulate", [False, True], ids=["mean", "num_items_in_batch"])
+def test_fused_training_loss_matches_hf(kind, accumulate):
+    """In training with labels the patched model's loss (fused LM head + cross-entropy, no
+    logits) and every parameter gradient equal HF's eager loss; ignored labels included."""
+    model = build(kind, **NO_DROPOUT.get(kind, {})).train()
+    ids = torch.randint(1, 96, (2, 9))
+    labels = ids.clone()
+    labels[0, :4] = -100  # a prompt masked out, as in SFT
+    extra = {"num_items_in_batch": torch.tensor(20)} if accumulate else {}
+
+    def step():
+        model.zero_grad()
+        out = model(input_ids=ids, labels=labels, **extra)
+        out.loss.backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters()
+                     if p.grad is not None}
+
+    ref, ref_grads = step()
+    handle = fastlm.patch(model)
+    out, grads = step()
+    assert out.logits is None and ref.logits is not None
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-3, atol=2e-5,
+                                   msg=name)
+    model.eval()  # outside training: HF's own path, logits and loss
+    with torch.no_grad():
+        ev = model(input_ids=ids, labels=labels, **extra)
+    assert ev.logits is not None
+    torch.testing.assert_close(ev.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    handle.undo()
+    assert "_loss_function" not in model.__dict__
+    assert "forward" not in model.__dict__ and "forward" not in \
+        model.get_output_embeddings().__dict__
+
+
+def test_fused_rope_only_runs_in_patched_instances(monkeypatch):
+    import fastlm.ops
+
+    calls = []
+    real = fastlm.ops.rotary
+    monkeypatch.setattr(fastlm.ops, "rotary", lambda *a, **k: calls.append(1) or real(*a, **k))
+    a, b = build("llama"), build("llama")
+    fastlm.patch(a)
+    ids = torch.randint(1, 96, (1, 5))
+    b(ids)
+    assert calls == []  # same class, unpatched instance: HF's own rotary
+    a(ids)
+    assert len(calls) == 2  # one call per layer
+    a._fastlm_patch.undo()
+    a(ids)
+    assert len(calls) == 2
+
+
+@pytest.mark.slow
+def test_torch_compile_of_a_patched_model():
+    """forward + backward of a compiled patched model (fused loss, rope, norms, MLP and
+    attention custom ops inside the graph) give the eager model's loss and gradients."""
+    model = build("llama", num_hidden_layers=1).train()
+    ids = torch.randint(1, 96, (2, 11))
+    ref = model(ids, labels=ids).loss
+    ref.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    fastlm.patch(model)
+    loss = torch.compile(model)(ids, labels=ids).loss
+    loss.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[name], rtol=1e-3, atol=2e-5, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "gemma", "phi3", "gpt_neox"])
 def test_greedy_generation_with_cache_is_unchanged(kind):
     model = build(kind)
     ids = torch.randint(1, 96, (1, 6))
@@ -90,9 +171,9 @@ def test_patch_is_per_instance():
 
 
 def test_selective_patch_and_verbose_report(caplog):
-    model = build("llama")
+    model = build("gpt2")  # learned positions: the requested rope is reported as left alone
     with caplog.at_level("WARNING", logger="fastlm"):
-        h = fastlm.patch(model, attention=False, mlp=False, verbose=True)
+        h = fastlm.patch(model, attention=False, mlp=False, loss=False, verbose=True)
     assert set(h.swapped) == {"norms"}
     assert "left alone" in caplog.text and "rope" in caplog.text
 

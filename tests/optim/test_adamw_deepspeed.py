@@ -4,11 +4,6 @@ One 2-rank launch (CPU, gloo) runs every case with FusedAdamW and with torch.opt
 first launch on a machine also JIT-builds DeepSpeed's shm op (~90 s), hence one launch only.
 """
 
-import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -32,17 +27,6 @@ def test_prepare_config_sets_only_what_fastlm_needs():
     assert "zero_allow_untested_optimizer" not in prepare_config({"zero_optimization": {"stage": 0}}, opt)
 
 
-@pytest.fixture(scope="module")
-def zero_runs(tmp_path_factory):
-    launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
-    out = tmp_path_factory.mktemp("zero") / "runs.json"
-    env = dict(os.environ, DS_ACCELERATOR="cpu")
-    proc = subprocess.run(
-        [launcher, "--num_gpus", "2", str(HERE / "zero_script.py"), str(out)],
-        capture_output=True, text=True, timeout=900, env=env,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(out.read_text())
 
 
 @pytest.mark.slow

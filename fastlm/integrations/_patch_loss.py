@@ -1,0 +1,98 @@
+"""The fused linear cross-entropy for ``fastlm.patch``: the LM head's loss without the
+(tokens x vocab) logits, in training, for causal LMs whose forward is
+``logits = lm_head(hidden)`` then ``loss = self.loss_function(logits, labels, ...)``.
+
+Three per-instance pieces, nothing global:
+- the model's forward, while training with labels, marks the head "deferred" for the call and
+  returns ``logits=None`` (as Liger-Kernel does: the logits are what is saved);
+- the deferred head returns its input (the hidden states) instead of logits;
+- the instance's ``loss_function`` receives those hidden states and calls the head module
+  again with the shifted labels, and the head computes the fused loss. Computing it *inside
+  the head module's call* is what makes DeepSpeed ZeRO-3 work: its hooks gather the head's
+  partitioned weight around that call (and the gradients are computed in the forward).
+Outside training, without labels, or with ``logits_to_keep``, HF's own path runs unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from fastlm.ops import fused_linear_cross_entropy
+
+# Causal LMs whose forward was read to be head(hidden) -> loss_function with nothing between.
+LOSS_MODEL_TYPES = {"gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt_neox",
+                    "opt"}
+
+
+def loss_unsupported(model) -> str | None:
+    cfg = getattr(model, "config", None)
+    mtype = getattr(cfg, "model_type", None)
+    if mtype not in LOSS_MODEL_TYPES:
+        return f"model type {mtype!r} is not one whose LM-head path was verified"
+    if getattr(cfg, "final_logit_softcapping", None):
+        return "final-logit soft-capping sits between the head and the loss in HF's forward"
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear):
+        return "no nn.Linear output embedding"
+    return None
+
+
+def head_forward(self, x, labels=None, num_items_in_batch=None, ignore_index=-100):
+    if labels is not None:
+        loss = fused_linear_cross_entropy(
+            x, self.weight, labels, self.bias, ignore_index=ignore_index,
+            reduction="mean" if num_items_in_batch is None else "sum")
+        if num_items_in_batch is not None:
+            loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
+        return loss
+    if self.__dict__.get("_fastlm_defer"):
+        return x
+    return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+def make_loss_function(head, original):
+    """The instance ``loss_function``: the fused loss for deferred calls, else ``original``."""
+
+    def loss_function(logits, labels, vocab_size=None, num_items_in_batch=None,
+                      ignore_index=-100, shift_labels=None, **kwargs):
+        if not head.__dict__.get("_fastlm_defer"):
+            return original(logits, labels, vocab_size=vocab_size,
+                            num_items_in_batch=num_items_in_batch, ignore_index=ignore_index,
+                            shift_labels=shift_labels, **kwargs)
+        hidden = logits  # the deferred head returned the hidden states
+        if shift_labels is None:
+            hidden, shift_labels = hidden[..., :-1, :], labels[..., 1:]
+        head.__dict__["_fastlm_defer"] = False  # the next call computes the loss
+        return head(hidden, labels=shift_labels.to(hidden.device),
+                    num_items_in_batch=num_items_in_batch, ignore_index=ignore_index)
+
+    return loss_function
+
+
+def model_forward(model, head):
+    cls_forward = type(model).forward
+
+    @functools.wraps(cls_forward)
+    def forward(self, *args, **kwargs):
+        fused = (self.training and kwargs.get("labels") is not None
+                 and not kwargs.get("logits_to_keep"))
+        if not fused:
+            return cls_forward(self, *args, **kwargs)
+        head.__dict__["_fastlm_defer"] = True
+        try:
+            out = cls_forward(self, *args, **kwargs)
+        finally:
+            deferred = head.__dict__.pop("_fastlm_defer", False)
+        if deferred:  # the forward never reached loss_function: its result would be wrong
+            raise RuntimeError(
+                f"fastlm.patch(loss=True): {type(self).__name__}.forward did not pass the head's "
+                "output to self.loss_function; patch this model with loss=False")
+        if isinstance(out, tuple):  # return_dict=False: (loss, logits, ...)
+            return out[:1] + (None,) + out[2:]
+        # a new output without logits (setting the field to None would leave it in the
+        # mapping, which is what DeepSpeed's output hooks rebuild the object from)
+        return type(out)(**{k: v for k, v in out.items() if k != "logits"})
+
+    return forward
