@@ -63,11 +63,15 @@ class Op:
     order: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_ORDER))
     backends: dict[str, Backend] = field(default_factory=dict)
     _warned: set = field(default_factory=set, repr=False)
+    # auto selections by (device, dtype, features): the checks are pure functions of those
+    # (availability is computed once per process), and a model calls each op ~100x a step
+    _auto: dict = field(default_factory=dict, repr=False)
 
     def register(self, name: str, check: Callable[[Call], str | None], impl: Callable[[], Any]):
         if name not in BACKEND_NAMES:
             raise ValueError(f"backend name {name!r} is not one of {BACKEND_NAMES}")
         self.backends[name] = Backend(name, check, impl)
+        self._auto.clear()
 
     def env_vars(self) -> tuple[str, str]:
         return f"FASTLM_BACKEND_{self.name.upper()}", "FASTLM_BACKEND"
@@ -107,11 +111,22 @@ class Op:
                     f"automatically, or another backend."
                 )
             return self.backends[name]
+        try:
+            key = (call.device, call.dtype, tuple(sorted(call.features.items())))
+            hash(key)
+        except TypeError:
+            key = None
+        if key is not None and key in self._auto:
+            chosen, skipped = self._auto[key]
+            self._warn_fallback(chosen, skipped)  # once per reason, even after a clear()
+            return self.backends[chosen]
         skipped = []
         for candidate in self.order.get(call.device, ("torch",)):
             reason = self.reason_unavailable(candidate, call)
             if reason is None:
                 self._warn_fallback(candidate, skipped)
+                if key is not None:
+                    self._auto[key] = (candidate, skipped)
                 return self.backends[candidate]
             skipped.append((candidate, reason))
         # Unreachable in practice: the torch reference accepts every call.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from fastlm._custom_op import custom_op
 from fastlm.ops import _fused_common as fc
 from fastlm.ops import reference
 
@@ -60,7 +61,7 @@ _glu_op = fc.fused_op("glu", cpu_symbol="glu_fwd", triton_module="activations",
                       torch_impl=lambda: _TorchActivations)
 
 
-@torch.library.custom_op("fastlm::act_fwd", mutates_args=())
+@custom_op("fastlm::act_fwd")
 def _act_fwd(x: torch.Tensor, act: int, backend: str) -> torch.Tensor:
     return fc.select(_act_op, backend, x).act_fwd(x, act)
 
@@ -70,7 +71,7 @@ def _(x, act, backend):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("fastlm::act_bwd", mutates_args=())
+@custom_op("fastlm::act_bwd")
 def _act_bwd(dy: torch.Tensor, x: torch.Tensor, act: int, backend: str) -> torch.Tensor:
     return fc.select(_act_op, backend, x).act_bwd(dy, x, act)
 
@@ -94,7 +95,7 @@ def _act_backward(ctx, dy):
 _act_fwd.register_autograd(_act_backward, setup_context=_act_setup)
 
 
-@torch.library.custom_op("fastlm::glu_fwd", mutates_args=())
+@custom_op("fastlm::glu_fwd")
 def _glu_fwd(gate: torch.Tensor, up: torch.Tensor, act: int, backend: str) -> torch.Tensor:
     return fc.select(_glu_op, backend, gate).glu_fwd(gate, up, act)
 
@@ -104,7 +105,7 @@ def _(gate, up, act, backend):
     return torch.empty_like(gate)
 
 
-@torch.library.custom_op("fastlm::glu_bwd", mutates_args=())
+@custom_op("fastlm::glu_bwd")
 def _glu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: int,
              backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     return tuple(fc.select(_glu_op, backend, gate).glu_bwd(dy, gate, up, act))

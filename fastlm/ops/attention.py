@@ -20,6 +20,7 @@ import math
 import torch
 
 from fastlm._build import load_extension
+from fastlm._custom_op import custom_op
 from fastlm._dispatch import (
     Call,
     all_of,
@@ -133,7 +134,7 @@ def _impl(backend: str, q: torch.Tensor):
 # -- dense custom ops ---------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastlm::attention_fwd", mutates_args=())
+@custom_op("fastlm::attention_fwd")
 def _attention_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -160,7 +161,7 @@ def _(q, k, v, key_padding_mask, causal, scale, window_left, window_right, softc
     return torch.empty_like(q), q.new_empty((b, h, s), dtype=torch.float32)
 
 
-@torch.library.custom_op("fastlm::attention_bwd", mutates_args=())
+@custom_op("fastlm::attention_bwd")
 def _attention_bwd(
     dout: torch.Tensor,
     q: torch.Tensor,
@@ -209,7 +210,7 @@ _attention_fwd.register_autograd(_backward_dense, setup_context=_setup_dense)
 # -- varlen custom ops --------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastlm::attention_varlen_fwd", mutates_args=())
+@custom_op("fastlm::attention_varlen_fwd")
 def _attention_varlen_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -240,7 +241,7 @@ def _(q, k, v, *args):
     return torch.empty_like(q), q.new_empty((h, t), dtype=torch.float32)
 
 
-@torch.library.custom_op("fastlm::attention_varlen_bwd", mutates_args=())
+@custom_op("fastlm::attention_varlen_bwd")
 def _attention_varlen_bwd(
     dout: torch.Tensor,
     q: torch.Tensor,

@@ -19,6 +19,7 @@ import math
 import torch
 
 from fastlm._build import load_extension
+from fastlm._custom_op import custom_op
 from fastlm._dispatch import Call, all_of, define_op, extension_check, needs_device, needs_dtypes
 from fastlm.ops import _fused_common as fc
 
@@ -74,7 +75,7 @@ def _chunk_rows(n: int, vocab: int, chunk_size: int | None) -> int:
     return max(1, min(n, (1 << 22) // max(1, vocab)))
 
 
-@torch.library.custom_op("fastlm::linear_cross_entropy", mutates_args=())
+@custom_op("fastlm::linear_cross_entropy")
 def _fused(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
            bias: torch.Tensor | None, ignore_index: int, smoothing: float, softcap: float,
            sum_reduction: bool, chunk_size: int, want_grads: bool, backend: str

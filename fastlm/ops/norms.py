@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from fastlm._custom_op import custom_op
 from fastlm.ops import _fused_common as fc
 from fastlm.ops import reference
 
@@ -76,7 +77,7 @@ _ln_op = fc.fused_op("layer_norm", cpu_symbol="layer_norm_fwd", triton_module="n
 # -- RMSNorm custom ops -------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastlm::rms_norm_fwd", mutates_args=())
+@custom_op("fastlm::rms_norm_fwd")
 def _rms_norm_fwd(
     x: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: float, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,7 +90,7 @@ def _(x, weight, eps, offset, backend):
     return torch.empty_like(x), x.new_empty(x.shape[0], dtype=torch.float32)
 
 
-@torch.library.custom_op("fastlm::rms_norm_bwd", mutates_args=())
+@custom_op("fastlm::rms_norm_bwd")
 def _rms_norm_bwd(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rstd: torch.Tensor,
     offset: float, weight_grad: bool, backend: str,
@@ -124,7 +125,7 @@ _rms_norm_fwd.register_autograd(_rms_backward, setup_context=_rms_setup)
 # -- LayerNorm custom ops -----------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastlm::layer_norm_fwd", mutates_args=())
+@custom_op("fastlm::layer_norm_fwd")
 def _layer_norm_fwd(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
     backend: str,
@@ -139,7 +140,7 @@ def _(x, weight, bias, eps, backend):
     return torch.empty_like(x), stat, torch.empty_like(stat)
 
 
-@torch.library.custom_op("fastlm::layer_norm_bwd", mutates_args=())
+@custom_op("fastlm::layer_norm_bwd")
 def _layer_norm_bwd(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
     rstd: torch.Tensor, weight_grad: bool, bias_grad: bool, backend: str,

@@ -19,6 +19,7 @@ import logging
 
 import torch
 
+from fastlm._custom_op import custom_op
 from fastlm.ops import _fused_common as fc
 from fastlm.ops import reference
 
@@ -52,7 +53,7 @@ _op = fc.fused_op("rotary", cpu_symbol="rotary", triton_module="rotary",
                   torch_impl=lambda: _TorchRotary)
 
 
-@torch.library.custom_op("fastlm::rotary", mutates_args=())
+@custom_op("fastlm::rotary")
 def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool,
             backend: str) -> torch.Tensor:
     return fc.select(_op, backend, x).rotary(x, cos, sin, inverse)

@@ -190,7 +190,7 @@ def test_opcheck_fake_and_autograd_registration():
 
     q, k, v = (torch.randn(1, 2, 5, 8, requires_grad=True) for _ in range(3))
     torch.library.opcheck(
-        _attention_fwd, (q, k, v, None, True, 1 / math.sqrt(8), -1, 0, 0.0, False, "torch"),
+        _attention_fwd.op, (q, k, v, None, True, 1 / math.sqrt(8), -1, 0, 0.0, False, "torch"),
         test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
     )
 
