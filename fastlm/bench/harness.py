@@ -72,6 +72,42 @@ def time_fn(
     return Timing(statistics.median(times), q[0], q[3], len(times))
 
 
+def time_interleaved(
+    fns: dict[str, Callable[[int], object]],
+    *,
+    device: str = "cpu",
+    warmup: int = 1,
+    repeat: int = 5,
+) -> tuple[dict[str, Timing], dict[str, float | None]]:
+    """Time several implementations of one step in alternation: round r runs each once, in an
+    order rotated by r. On a shared or throttling machine, speed drifts over seconds; timing
+    A's calls then B's lets the drift land on one of them, alternating spreads it over all.
+    Returns (Timing per name, peak GPU memory in GiB per name; None on the CPU)."""
+    names = list(fns)
+    for name in names:
+        for i in range(warmup):
+            fns[name](i)
+    _sync(device)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    peaks: dict[str, float | None] = {n: None for n in names}
+    for r in range(repeat):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            if device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            fns[name](r)
+            _sync(device)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+            if device.startswith("cuda"):
+                gb = torch.cuda.max_memory_allocated() / 2**30
+                peaks[name] = max(peaks[name] or 0.0, gb)
+    out = {}
+    for name, ts in times.items():
+        q = statistics.quantiles(ts, n=5) if len(ts) >= 2 else [ts[0]] * 4
+        out[name] = Timing(statistics.median(ts), q[0], q[3], len(ts))
+    return out, peaks
+
+
 def matmul_peak_tflops(device: str, dtype: torch.dtype, n: int | None = None) -> float:
     """Achieved TFLOP/s of a square matmul: the practical ceiling for attention FLOPs."""
     n = n or (8192 if device.startswith("cuda") else 1024)

@@ -87,7 +87,8 @@ def _fused(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
     # float64 across chunks: the per-chunk sums are fp32, the running total should not drift
     total = torch.zeros((), dtype=torch.float64, device=hidden.device)
     dh = torch.empty_like(hidden) if want_grads else hidden.new_empty(0)
-    dw = torch.zeros_like(weight, dtype=torch.float32) if want_grads else hidden.new_empty(0)
+    # written by the first chunk's matmul, accumulated in place after (no zero fill, no temp)
+    dw = torch.empty_like(weight, dtype=torch.float32) if want_grads else hidden.new_empty(0)
     db = (torch.zeros(vocab, dtype=torch.float32, device=hidden.device)
           if want_grads and bias is not None else hidden.new_empty(0))
     step = _chunk_rows(n, vocab, chunk_size)
@@ -101,8 +102,12 @@ def _fused(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                             smoothing, softcap, want_grads)
         total += loss.sum(dtype=torch.float64)
         if want_grads:  # logits now hold row_scale * dloss/dlogits
-            dh[s:s + step] = logits @ weight
-            dw += logits.T.float() @ h.float()
+            torch.mm(logits, weight, out=dh[s:s + step])
+            g, hf = (logits, h) if logits.dtype == torch.float32 else (logits.float(), h.float())
+            if s == 0:
+                torch.mm(g.T, hf, out=dw)
+            else:
+                dw.addmm_(g.T, hf)
             if bias is not None:
                 db += logits.float().sum(0)
     return (total * scale).float().reshape(()), dh, dw, db

@@ -12,6 +12,7 @@ the time at which each first reached the target loss, and the ratio.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -31,8 +32,10 @@ def _timed_run(cmd, cwd, pattern, log_path: Path) -> tuple[float, list]:
     t0 = time.perf_counter()
     evals = []
     with open(log_path, "w") as log:
+        # unbuffered: each eval line must arrive when it is printed, or its time is wrong
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, bufsize=1)
+                                text=True, bufsize=1, env=env)
         for line in proc.stdout:
             log.write(line)
             m = pattern.search(line)
@@ -50,6 +53,7 @@ def time_to(evals, target):
 
 def run(args, report) -> None:
     out = Path(args.out or "benchmarks/results")
+    out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     nano = Path(args.vs_nanogpt).resolve()

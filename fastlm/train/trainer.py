@@ -137,14 +137,21 @@ def _loop(cfg, engine, scheduler, loader, val_loader, state, log, signals, *, ck
     window_t0, window_steps, window_loss = time.perf_counter(), 0, 0.0
     kill_at = os.environ.get("FASTLM_TEST_KILL_AT_STEP")
     overflow_at = os.environ.get("FASTLM_TEST_OVERFLOW_AT_STEP")
+    # DeepSpeed records the global gradient norm in its ZeRO/fp16/bf16 optimizers only; with
+    # plain fp32 and no ZeRO the trainer measures it itself, on logging steps
+    own_norm = cfg.train.zero_stage == 0 and cfg.train.precision == "fp32"
+    grad_norm = None
     while state.step < cfg.train.max_steps:
         loss_sum = 0.0
-        for _ in range(accum):
+        log_step = (state.step + 1) % cfg.log.every == 0 or state.step + 1 == cfg.train.max_steps
+        for micro in range(accum):
             batch = next(loader).to(dev)
             loss = _loss(engine, batch, model_dtype, fused)
             if overflow_at is not None and state.step + 1 == int(overflow_at):
                 loss = loss * float("inf")  # fault injection: an fp16 overflow this step
             engine.backward(loss)
+            if own_norm and log_step and micro == accum - 1:
+                grad_norm = _grads_norm(engine.module)  # reduced, not yet clipped
             engine.step()
             loss_sum += loss.item()
         state.step += 1
@@ -166,7 +173,8 @@ def _loop(cfg, engine, scheduler, loader, val_loader, state, log, signals, *, ck
             tps = tokens_per_step * window_steps / dt
             row = {"loss": window_loss / window_steps, "lr": scheduler.get_last_lr()[0],
                    "tokens_per_s": tps, "mfu": tps * fpt / peak if peak else None,
-                   "grad_norm": _grad_norm(engine), "loss_scale": _loss_scale(engine),
+                   "grad_norm": grad_norm if own_norm else _grad_norm(engine),
+                   "loss_scale": _loss_scale(engine),
                    "skipped_steps": skipped_now}
             log.log(state.step, **row)
             log.progress(state.step, {"loss": f"{row['loss']:.4f}", "lr": f"{row['lr']:.2e}",
@@ -325,6 +333,11 @@ def _loss_scale(engine):
     opt = engine.optimizer
     scale = getattr(opt, "cur_scale", None) or getattr(opt, "loss_scale", None)
     return float(scale) if scale is not None else None
+
+
+def _grads_norm(module) -> float:
+    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
 def _grad_norm(engine):

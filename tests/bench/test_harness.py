@@ -51,3 +51,42 @@ def test_bench_commands_write_results(argv, tmp_path, capsys):
     assert {r["impl"] for r in rows} == set(argv[argv.index("--impls") + 1].split(","))
     assert all(r.get("ms") for r in rows), rows
     assert (tmp_path / f"{name}_cpu.png").exists()
+
+
+def test_bench_model_all_types_tiny(tmp_path, monkeypatch):
+    """Every supported model type builds, is patched and takes a training step in the bench
+    (tiny dims here; the bench's own sizes are for measuring)."""
+    from fastlm.bench import model as bm
+
+    tiny = {k: dict(v) for k, v in bm.SIZES.items()}
+    for v in tiny.values():
+        for key in ("hidden_size", "n_embd", "word_embed_proj_dim"):
+            if key in v:
+                v[key] = 32
+        for key in ("intermediate_size", "ffn_dim"):
+            if key in v:
+                v[key] = 64
+        for key in ("num_hidden_layers", "n_layer"):
+            if key in v:
+                v[key] = 1
+        if "head_dim" in v:
+            v["head_dim"] = 8
+        v["vocab_size"] = 64
+    monkeypatch.setattr(bm, "SIZES", tiny)
+    argv = ["bench", "model", "--model-type", "all", "--seqlens", "9", "--batch", "1",
+            "--repeat", "1", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    rows = json.loads((tmp_path / "model_all_cpu.json").read_text())["rows"]
+    assert {(r["model"], r["impl"]) for r in rows} == {(k, i) for k in tiny for i in bm.IMPLS}
+    assert all(r["ms"] > 0 and r["vs_best_peer"] > 0 for r in rows)
+    assert (tmp_path / "model_all_cpu.png").exists()
+    assert cli.main(["bench", "model", "--model-type", "llama,t5"]) == 2  # names the bad type
+
+
+def test_time_interleaved_alternates_and_rotates():
+    order = []
+    fns = {name: (lambda i, n=name: order.append((n, i))) for name in "abc"}
+    timings, peaks = harness.time_interleaved(fns, warmup=1, repeat=3)
+    assert order[:3] == [("a", 0), ("b", 0), ("c", 0)]  # warm-up, one each
+    assert [n for n, _ in order[3:]] == list("abc" "bca" "cab")  # rotated rounds
+    assert all(t.n == 3 for t in timings.values()) and peaks == dict.fromkeys("abc")
