@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <optional>
 
@@ -126,6 +127,22 @@ inline AttnStrides dense_lse(const Tensor& lse) {
   return {lse.stride(0), lse.stride(1), lse.stride(2)};
 }
 inline AttnStrides varlen_lse(const Tensor& lse) { return {0, lse.stride(0), lse.stride(1)}; }
+
+// The op schemas, defined alike in fastlm_cpu and fastlm_cuda: one Python call signature.
+inline void define_attention_ops(torch::Library& m) {
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, bool causal, "
+        "float scale, int window_left, int window_right, float softcap) -> (Tensor, Tensor)");
+  m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "Tensor? key_padding_mask, bool causal, float scale, int window_left, int window_right, "
+        "float softcap, bool deterministic) -> (Tensor, Tensor, Tensor)");
+  m.def("attention_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, "
+        "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal, float scale, "
+        "int window_left, int window_right, float softcap) -> (Tensor, Tensor)");
+  m.def("attention_varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, "
+        "Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
+        "int max_seqlen_k, bool causal, float scale, int window_left, int window_right, "
+        "float softcap, bool deterministic) -> (Tensor, Tensor, Tensor)");
+}
 
 }  // namespace binding
 }  // namespace fastlm

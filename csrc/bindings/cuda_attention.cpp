@@ -116,20 +116,7 @@ std::tuple<Tensor, Tensor, Tensor> varlen_bwd(
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(fastlm_cuda, m) {
-  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, bool causal, "
-        "float scale, int window_left, int window_right, float softcap) -> (Tensor, Tensor)");
-  m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-        "Tensor? key_padding_mask, bool causal, float scale, int window_left, int window_right, "
-        "float softcap, bool deterministic) -> (Tensor, Tensor, Tensor)");
-  m.def("attention_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, "
-        "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal, float scale, "
-        "int window_left, int window_right, float softcap) -> (Tensor, Tensor)");
-  m.def("attention_varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, "
-        "Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
-        "int max_seqlen_k, bool causal, float scale, int window_left, int window_right, "
-        "float softcap, bool deterministic) -> (Tensor, Tensor, Tensor)");
-}
+TORCH_LIBRARY_FRAGMENT(fastlm_cuda, m) { fastlm::binding::define_attention_ops(m); }
 
 TORCH_LIBRARY_IMPL(fastlm_cuda, CUDA, m) {
   m.impl("attention_fwd", &fwd);

@@ -4,8 +4,8 @@
 //
 // A is addressed through two strides so the same kernel computes Q K^T (A = Q rows),
 // P V (A = P), P^T dO and dS^T Q (A transposed: a_m = 1). B rows are contiguous.
-// With AVX2+FMA it keeps a 4 x 16 block of C in 8 registers across the whole k loop: per k,
-// 2 loads of B and 4 broadcasts of A feed 8 FMAs, instead of a load and a store of C per FMA.
+// With AVX2+FMA it keeps a 6 x 16 block of C in 12 registers across the whole k loop (below),
+// instead of a load and a store of C per FMA; the last rows of a tile use a smaller block.
 #pragma once
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -26,39 +26,52 @@ inline void gemm_scalar(int m0, int m1, int n0, int n1, int k, const float* a, i
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
-// C block rows [i, i + 4), columns [j, j + 16).
-inline void gemm_4x16(int i, int j, int k, const float* a, int a_m, int a_k, const float* b,
-                      int ldb, float* c, int ldc, bool acc) {
-  __m256 c00, c01, c10, c11, c20, c21, c30, c31;
-  if (acc) {
-    c00 = _mm256_loadu_ps(c + (i + 0) * ldc + j), c01 = _mm256_loadu_ps(c + (i + 0) * ldc + j + 8);
-    c10 = _mm256_loadu_ps(c + (i + 1) * ldc + j), c11 = _mm256_loadu_ps(c + (i + 1) * ldc + j + 8);
-    c20 = _mm256_loadu_ps(c + (i + 2) * ldc + j), c21 = _mm256_loadu_ps(c + (i + 2) * ldc + j + 8);
-    c30 = _mm256_loadu_ps(c + (i + 3) * ldc + j), c31 = _mm256_loadu_ps(c + (i + 3) * ldc + j + 8);
-  } else {
-    c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = _mm256_setzero_ps();
+// C block rows [i, i + M), columns [j, j + 16), held in 2M registers across the whole k loop:
+// per k, 2 loads of B and M broadcasts of A feed 2M FMAs. M = 6 uses 12 accumulators + 2 B +
+// 1 broadcast of the 16 ymm registers (the FMA units stay busy: 12 FMAs per 8 loads, where a
+// 4-row block gave 8 per 6); smaller M serve the last rows of a tile.
+template <int M>
+inline void gemm_rows_x16(int i, int j, int k, const float* a, int a_m, int a_k, const float* b,
+                          int ldb, float* c, int ldc, bool acc) {
+  __m256 c0[M], c1[M];
+  const float* ar[M];
+#pragma GCC unroll 6
+  for (int r = 0; r < M; ++r) {
+    c0[r] = acc ? _mm256_loadu_ps(c + (i + r) * ldc + j) : _mm256_setzero_ps();
+    c1[r] = acc ? _mm256_loadu_ps(c + (i + r) * ldc + j + 8) : _mm256_setzero_ps();
+    ar[r] = a + (i + r) * a_m;
   }
-  const float* a0 = a + (i + 0) * a_m;
-  const float* a1 = a + (i + 1) * a_m;
-  const float* a2 = a + (i + 2) * a_m;
-  const float* a3 = a + (i + 3) * a_m;
   for (int kk = 0; kk < k; ++kk) {
     const float* bk = b + kk * ldb + j;
     const __m256 b0 = _mm256_loadu_ps(bk), b1 = _mm256_loadu_ps(bk + 8);
     const int o = kk * a_k;
-    __m256 x = _mm256_broadcast_ss(a0 + o);
-    c00 = _mm256_fmadd_ps(x, b0, c00), c01 = _mm256_fmadd_ps(x, b1, c01);
-    x = _mm256_broadcast_ss(a1 + o);
-    c10 = _mm256_fmadd_ps(x, b0, c10), c11 = _mm256_fmadd_ps(x, b1, c11);
-    x = _mm256_broadcast_ss(a2 + o);
-    c20 = _mm256_fmadd_ps(x, b0, c20), c21 = _mm256_fmadd_ps(x, b1, c21);
-    x = _mm256_broadcast_ss(a3 + o);
-    c30 = _mm256_fmadd_ps(x, b0, c30), c31 = _mm256_fmadd_ps(x, b1, c31);
+#pragma GCC unroll 6
+    for (int r = 0; r < M; ++r) {
+      const __m256 x = _mm256_broadcast_ss(ar[r] + o);
+      c0[r] = _mm256_fmadd_ps(x, b0, c0[r]);
+      c1[r] = _mm256_fmadd_ps(x, b1, c1[r]);
+    }
   }
-  _mm256_storeu_ps(c + (i + 0) * ldc + j, c00), _mm256_storeu_ps(c + (i + 0) * ldc + j + 8, c01);
-  _mm256_storeu_ps(c + (i + 1) * ldc + j, c10), _mm256_storeu_ps(c + (i + 1) * ldc + j + 8, c11);
-  _mm256_storeu_ps(c + (i + 2) * ldc + j, c20), _mm256_storeu_ps(c + (i + 2) * ldc + j + 8, c21);
-  _mm256_storeu_ps(c + (i + 3) * ldc + j, c30), _mm256_storeu_ps(c + (i + 3) * ldc + j + 8, c31);
+#pragma GCC unroll 6
+  for (int r = 0; r < M; ++r) {
+    _mm256_storeu_ps(c + (i + r) * ldc + j, c0[r]);
+    _mm256_storeu_ps(c + (i + r) * ldc + j + 8, c1[r]);
+  }
+}
+
+// Rows [i0, m) of the 16-wide column block j, in blocks of 6 then one smaller block.
+inline void gemm_col_block(int i0, int m, int j, int k, const float* a, int a_m, int a_k,
+                           const float* b, int ldb, float* c, int ldc, bool acc) {
+  int i = i0;
+  for (; i + 6 <= m; i += 6) gemm_rows_x16<6>(i, j, k, a, a_m, a_k, b, ldb, c, ldc, acc);
+  switch (m - i) {
+    case 5: return gemm_rows_x16<5>(i, j, k, a, a_m, a_k, b, ldb, c, ldc, acc);
+    case 4: return gemm_rows_x16<4>(i, j, k, a, a_m, a_k, b, ldb, c, ldc, acc);
+    case 3: return gemm_rows_x16<3>(i, j, k, a, a_m, a_k, b, ldb, c, ldc, acc);
+    case 2: return gemm_rows_x16<2>(i, j, k, a, a_m, a_k, b, ldb, c, ldc, acc);
+    case 1: return gemm_rows_x16<1>(i, j, k, a, a_m, a_k, b, ldb, c, ldc, acc);
+    default: return;
+  }
 }
 #endif
 
@@ -66,11 +79,9 @@ inline void gemm_4x16(int i, int j, int k, const float* a, int a_m, int a_k, con
 inline void gemm(int m, int n, int k, const float* a, int a_m, int a_k, const float* b, int ldb,
                  float* c, int ldc, bool acc) {
 #if defined(__AVX2__) && defined(__FMA__)
-  const int m4 = m - m % 4, n16 = n - n % 16;
-  for (int i = 0; i < m4; i += 4)
-    for (int j = 0; j < n16; j += 16) gemm_4x16(i, j, k, a, a_m, a_k, b, ldb, c, ldc, acc);
-  gemm_scalar(0, m4, n16, n, k, a, a_m, a_k, b, ldb, c, ldc, acc);
-  gemm_scalar(m4, m, 0, n, k, a, a_m, a_k, b, ldb, c, ldc, acc);
+  const int n16 = n - n % 16;
+  for (int j = 0; j < n16; j += 16) gemm_col_block(0, m, j, k, a, a_m, a_k, b, ldb, c, ldc, acc);
+  gemm_scalar(0, m, n16, n, k, a, a_m, a_k, b, ldb, c, ldc, acc);
 #else
   gemm_scalar(0, m, 0, n, k, a, a_m, a_k, b, ldb, c, ldc, acc);
 #endif
