@@ -55,7 +55,7 @@ class TrainConfig:
     max_consecutive_skips: int = 20  # fp16: abort after this many overflowing steps in a row
     deepspeed: str | None = None  # a DeepSpeed JSON of the user's; passes through
     compile: bool = False  # torch.compile the model
-    fused_loss: bool = True  # LM head + cross-entropy without the full logits (not ZeRO-3)
+    fused_loss: bool = True  # LM head + cross-entropy without the full logits (ZeRO-3: via patch)
 
 
 @dataclass

@@ -131,8 +131,11 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> RunState:
 def _loop(cfg, engine, scheduler, loader, val_loader, state, log, signals, *, ckpt_dir, rank,
           dev, accum, tokens_per_step, fpt, peak):
     model_dtype = next(engine.module.parameters()).dtype
-    # ZeRO-3 partitions the LM-head weight, which the fused loss reads outside the module
-    fused = cfg.train.fused_loss and cfg.train.zero_stage < 3
+    fused = cfg.train.fused_loss
+    if fused and cfg.train.zero_stage == 3 and not _patched_loss(engine.module):
+        logger.warning("train.fused_loss under ZeRO-3 runs through fastlm.patch's loss, which "
+                       "this model does not have (model.patch=false or an unsupported type): "
+                       "training computes the full logits")
     skipped_before, consecutive_skips = _skipped(engine), 0
     window_t0, window_steps, window_loss = time.perf_counter(), 0, 0.0
     kill_at = os.environ.get("FASTLM_TEST_KILL_AT_STEP")
@@ -201,11 +204,22 @@ def _loop(cfg, engine, scheduler, loader, val_loader, state, log, signals, *, ck
             break
 
 
+def _patched_loss(module) -> bool:
+    handle = module.__dict__.get("_fastlm_patch")
+    return handle is not None and "loss" in handle.swapped
+
+
 def _loss(engine, batch: Batch, model_dtype, fused: bool = False) -> torch.Tensor:
     kwargs = {"input_ids": batch.input_ids, "use_cache": False}
     if batch.position_ids is not None:
         kwargs["position_ids"] = batch.position_ids
-    if fused:
+    if fused and engine.module.training and _patched_loss(engine.module):
+        # fastlm.patch's fused loss: computed inside the LM head module's call, where ZeRO-3
+        # has gathered its weight; the loader's targets are already the next tokens
+        return engine(**kwargs, labels=batch.targets, shift_labels=batch.targets).loss
+    # below: the trainer's own fused loss reads the head weight outside the head module, so
+    # not under ZeRO-3 (partitioned weight), where the full logits are computed instead
+    if fused and engine.zero_optimization_stage() < 3:
         # the model stops at the final hidden states (logits for one position only); the
         # LM head and the loss run chunked, never holding (B*T, V) logits
         out = engine(**kwargs, output_hidden_states=True, logits_to_keep=1)
