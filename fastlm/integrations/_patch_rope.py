@@ -51,10 +51,11 @@ def _install(modeling) -> None:
     setattr(modeling, _NAME, dispatch)
 
 
-def rope_forward(module: torch.nn.Module):
-    """An instance forward for an attention module that turns the fused RoPE on around the
-    class's own forward (same signature, for anything that inspects it)."""
-    _install(rope_target(module))
+def rope_forward(module: torch.nn.Module, modeling):
+    """An instance forward for an attention module (``modeling``: its :func:`rope_target`)
+    that turns the fused RoPE on around the class's own forward (same signature, for anything
+    that inspects it)."""
+    _install(modeling)
     cls_forward = type(module).forward
 
     @functools.wraps(cls_forward)

@@ -113,8 +113,8 @@ def patch(model: torch.nn.Module, *, attention: bool = True, norms: bool = True,
             fwd, kind = _norm_forward(module), "norms"
         if fwd is None and mlp:
             fwd, kind = _mlp_forward(module), "mlp"
-        if fwd is None and rope and rope_target(module) is not None:
-            fwd, kind = rope_forward(module), "rope"
+        if fwd is None and rope and (modeling := rope_target(module)) is not None:
+            fwd, kind = rope_forward(module, modeling), "rope"
         if fwd is None:
             continue
         if kind == "mlp":

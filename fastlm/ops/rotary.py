@@ -144,7 +144,7 @@ def rotary(
             _warned_table_grad = True
             logger.warning("fastlm.ops.rotary: cos/sin require grad; the kernels give them no "
                            "gradient, so these calls use the differentiable torch reference")
-        qo, ko = reference.rotary_ref(q, q if k is None else k, _squeeze(cos), _squeeze(sin))
+        qo, ko = reference.rotary_ref(q, q if k is None else k, c, s)  # c, s keep grad
         return qo, None if k is None else ko
 
     def one(x):
@@ -152,6 +152,3 @@ def rotary(
 
     return one(q), None if k is None else one(k)
 
-
-def _squeeze(t):
-    return t[:, 0] if t.dim() == 4 else t
