@@ -12,6 +12,11 @@ under a plain autograd.Function that calls the *same* ``setup_context`` and ``ba
 registered with torch.library; under ``torch.compile`` (or on fake/meta tensors) it calls the
 registered op. One set of functions, two entry points: eager and compiled results agree by
 construction, and tests/ops check both.
+
+Convention: an op's outputs after the first exist only to be saved for its backward (softmax
+statistics, norm statistics, the cross-entropy's precomputed gradients). The eager path marks
+them non-differentiable and hands their backward ``None`` instead of materialised zeros (the
+cross-entropy's weight gradient alone is a vocab x hidden buffer of them).
 """
 
 from __future__ import annotations
@@ -30,10 +35,18 @@ class _Eager(torch.autograd.Function):
         out = op._fn(*args)
         op._setup(ctx, args, out)
         ctx._fastlm_backward = op._backward
+        if isinstance(out, tuple):
+            ctx.mark_non_differentiable(*out[1:])
+            ctx.set_materialize_grads(False)
+            # metadata, not the tensor (which would make a reference cycle through grad_fn)
+            ctx._fastlm_first = (out[0].shape, out[0].dtype, out[0].device)
         return out
 
     @staticmethod
     def backward(ctx, *grads):
+        if grads[0] is None:  # only when materialisation is off, i.e. for tuple outputs
+            shape, dtype, device = ctx._fastlm_first
+            grads = (torch.zeros(shape, dtype=dtype, device=device), *grads[1:])
         needs = ctx.needs_input_grad
         ctx.needs_input_grad = needs[1:]  # as the inputs the op's backward was written for
         try:

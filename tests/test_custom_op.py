@@ -73,3 +73,54 @@ def test_opcheck_of_the_registered_ops():
     torch.library.opcheck(
         _fused.op, (x, head, torch.randint(0, 11, (6,)), None, -100, 0.0, 0.0, False, 0, True, ""),
         test_utils=tests)
+
+
+def test_eager_path_hands_no_zeros_for_saved_outputs():
+    """Outputs after the first exist for the backward only: the eager path marks them
+    non-differentiable, and their gradient slots reach the backward as None, not as zero
+    buffers (for the cross-entropy that would be a vocab x hidden fill per step)."""
+    from fastlm.ops.cross_entropy import _fused
+
+    seen = []
+    original = _fused._backward
+
+    def spy(ctx, *grads):
+        seen.append(grads)
+        return original(ctx, *grads)
+
+    h = torch.randn(6, 16, requires_grad=True)
+    w = torch.randn(11, 16, requires_grad=True)
+    _fused._backward = spy
+    try:
+        loss, dh, dw, _ = _fused(h, w, torch.randint(0, 11, (6,)), None, -100, 0.0, 0.0, False,
+                                 0, True, "")
+        assert loss.requires_grad and not dh.requires_grad and not dw.requires_grad
+        (loss * 3).backward()
+    finally:
+        _fused._backward = original
+    assert len(seen) == 1 and seen[0][0] is not None and all(g is None for g in seen[0][1:])
+    assert h.grad is not None and w.grad is not None
+
+
+def test_cross_entropy_gradients_survive_retained_graphs():
+    """The gradients are computed in the forward and saved: a retained graph run twice must
+    accumulate 2x (nothing the backward hands out may alias what it saved), and a scaled
+    upstream gradient must scale them."""
+    torch.manual_seed(0)
+    h = torch.randn(7, 16, requires_grad=True)
+    w = torch.randn(11, 16, requires_grad=True)
+    labels = torch.randint(0, 11, (7,))
+    loss = fused_linear_cross_entropy(h, w, labels)
+    loss.backward(retain_graph=True)
+    g1 = (h.grad.clone(), w.grad.clone())
+    loss.backward(retain_graph=True)
+    torch.testing.assert_close(h.grad, 2 * g1[0], rtol=0, atol=0)
+    torch.testing.assert_close(w.grad, 2 * g1[1], rtol=0, atol=0)
+    h.grad = w.grad = None
+    loss.backward(torch.tensor(0.5))
+    torch.testing.assert_close(h.grad, 0.5 * g1[0])
+    torch.testing.assert_close(w.grad, 0.5 * g1[1])
+    ref = torch.nn.functional.cross_entropy(h.double() @ w.double().T, labels)
+    gh, gw = torch.autograd.grad(ref, (h, w))
+    torch.testing.assert_close(g1[0], gh.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g1[1], gw.float(), rtol=1e-5, atol=1e-6)

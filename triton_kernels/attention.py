@@ -108,8 +108,14 @@ def _mask_args(mask, q):
     return mask, mask.stride(0), True
 
 
+def _same_layout(a, b) -> bool:
+    """Equal strides wherever the size is not 1 (a size-1 dim's stride is never used)."""
+    return a.shape == b.shape and all(
+        sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n != 1)
+
+
 def _forward(q, k, v, mask, causal, scale, wl, wr, softcap, geo: _Geometry):
-    assert k.stride() == v.stride(), "k and v must share strides"
+    assert _same_layout(k, v), "k and v must share strides"
     out = torch.empty_like(q)
     lse = geo.new_lse(q)
     mask_t, smb, has_mask = _mask_args(mask, q)
@@ -130,7 +136,7 @@ def _forward(q, k, v, mask, causal, scale, wl, wr, softcap, geo: _Geometry):
 
 
 def _backward(dout, q, k, v, out, lse, mask, causal, scale, wl, wr, softcap, geo: _Geometry):
-    assert dout.stride() == q.stride() and out.stride() == q.stride(), "dout/out must match q"
+    assert _same_layout(dout, q) and _same_layout(out, q), "dout/out must match q's strides"
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty_like(lse)
     mask_t, smb, has_mask = _mask_args(mask, q)

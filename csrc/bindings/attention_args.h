@@ -17,6 +17,11 @@ using at::Tensor;
 struct Ctx {
   const char* ext;          // "fastlm_cpu" / "fastlm_cuda": error prefix
   at::DeviceType device;    // where every tensor must live
+  // Dense q/k/v in any dimension order with a contiguous head dim (HF's transposed
+  // (B, S, H, D) projections) are read in place, the outputs allocated in the same layout.
+  // The CPU kernels address every row by its strides; the CUDA ones are only ever run on
+  // contiguous tensors (Python makes them so), so they keep that requirement.
+  bool any_dense_layout = false;
 };
 
 inline DType dtype_of(const Ctx& c, const Tensor& t) {
@@ -37,7 +42,18 @@ inline void check_tensor(const Ctx& c, const Tensor& t, const char* name, int64_
               t.sizes());
   TORCH_CHECK(t.scalar_type() == like.scalar_type(), c.ext, " attention: ", name,
               " has dtype ", t.scalar_type(), " but q has ", like.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), c.ext, " attention: ", name, " must be contiguous");
+  if (c.any_dense_layout && t.dim() == 4) {
+    TORCH_CHECK(t.is_non_overlapping_and_dense() && (t.size(3) == 1 || t.stride(3) == 1), c.ext,
+                " attention: ", name, " must be dense with a contiguous last dim, got strides ",
+                t.strides(), "; pass .contiguous()");
+  } else {
+    TORCH_CHECK(t.is_contiguous(), c.ext, " attention: ", name, " must be contiguous");
+  }
+}
+
+// An output laid out like `like` (strides included): the kernels write it with like's strides.
+inline Tensor empty_as(const Tensor& like) {
+  return at::empty_strided(like.sizes(), like.strides(), like.options());
 }
 
 inline AttnStrides dense(const Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
@@ -85,6 +101,7 @@ inline AttnParams dense_params(const Ctx& c, const Tensor& q, const Tensor& k, c
                 "), got ", m.scalar_type(), " ", m.sizes(), " on ", m.device());
     p.key_padding_mask = m.data_ptr<bool>();
   }
+  // o (out, dout, dq) defaults to q's layout; bindings that allocate out set it from out
   p.q = dense(q), p.k = dense(k), p.v = dense(v), p.o = dense(q);
   return p;
 }
@@ -117,6 +134,8 @@ inline void check_saved(const Ctx& c, const Tensor& dout, const Tensor& out, con
   check_tensor(c, out, "out", q.dim(), q);
   TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), c.ext,
               " attention: dout and out must have q's shape ", q.sizes());
+  TORCH_CHECK(dout.strides() == out.strides(), c.ext, " attention: dout must have out's "
+              "strides ", out.strides(), ", got ", dout.strides());
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == lse_dim && lse.is_contiguous() &&
                   lse.device().type() == c.device,
               c.ext, " attention: lse must be a contiguous float32 tensor from the forward");

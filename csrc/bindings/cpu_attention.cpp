@@ -14,15 +14,16 @@ using at::Tensor;
 using fastlm::AttnParams;
 namespace fb = fastlm::binding;
 
-const fb::Ctx kCpu{"fastlm_cpu", at::kCPU};
+const fb::Ctx kCpu{"fastlm_cpu", at::kCPU, /*any_dense_layout=*/true};
 
 std::tuple<Tensor, Tensor> fwd(const Tensor& q, const Tensor& k, const Tensor& v,
                                const std::optional<Tensor>& mask, bool causal, double scale,
                                int64_t wl, int64_t wr, double softcap) {
   AttnParams p = fb::dense_params(kCpu, q, k, v, mask, causal, scale, wl, wr, softcap);
-  Tensor out = at::empty_like(q);
+  Tensor out = fb::empty_as(q);  // q's layout: HF's transpose back to (B, S, H, D) is a view
   Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   p.lse = fb::dense_lse(lse);
+  p.o = fb::dense(out);
   fastlm::attention_fwd_cpu(p, fb::dtype_of(kCpu, q), q.data_ptr(), k.data_ptr(), v.data_ptr(),
                             out.data_ptr(), lse.data_ptr<float>());
   return {out, lse};
@@ -36,7 +37,8 @@ std::tuple<Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor& q, cons
   AttnParams p = fb::dense_params(kCpu, q, k, v, mask, causal, scale, wl, wr, softcap);
   fb::check_saved(kCpu, dout, out, lse, q, 3);
   p.lse = fb::dense_lse(lse);
-  Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  p.o = fb::dense(out);  // out, dout and dq share one layout
+  Tensor dq = fb::empty_as(out), dk = fb::empty_as(k), dv = fb::empty_as(v);
   fastlm::attention_bwd_cpu(p, fb::dtype_of(kCpu, q), dout.data_ptr(), q.data_ptr(),
                             k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr<float>(),
                             dq.data_ptr(), dk.data_ptr(), dv.data_ptr());

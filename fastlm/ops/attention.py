@@ -69,7 +69,7 @@ class _TorchBackend:
             out, lse = reference.attention_ref(*args, key_padding_mask=mask, return_lse=True, **kw)
         else:
             out, lse = reference.attention_varlen_ref(*args, cu_q, cu_k, return_lse=True, **kw)
-        return out.to(q.dtype), lse.float()
+        return _like(out.to(q.dtype), q), lse.float()
 
     @classmethod
     def _bwd(cls, dout, q, k, v, mask, causal, scale, wl, wr, softcap, cu_q=None, cu_k=None):
@@ -80,7 +80,7 @@ class _TorchBackend:
             grads = reference.attention_bwd_ref(*args, key_padding_mask=mask, **kw)
         else:
             grads = reference.attention_varlen_bwd_ref(*args, cu_q, cu_k, **kw)
-        return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
+        return tuple(_like(g.to(t.dtype), t) for g, t in zip(grads, (q, k, v)))
 
     @classmethod
     def attention_fwd(cls, q, k, v, mask, causal, scale, wl, wr, softcap):
@@ -118,6 +118,38 @@ _op.register(
     lambda: load_extension("cpu"),
 )
 _op.register("torch", lambda call: None, lambda: _TorchBackend)
+
+
+def _like(t: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
+    """t's values in layout's memory layout (every backend returns out like q, grads like
+    their inputs, and reads dout like out: what the fake implementations promise)."""
+    if all(a == b for a, b, n in zip(t.stride(), layout.stride(), t.shape) if n != 1):
+        return t  # (a size-1 dim's stride is never used)
+    return torch.empty_like(layout).copy_(t)
+
+
+def _dense_rows(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense (a permutation of a contiguous tensor), unit last stride."""
+    if t.shape[-1] != 1 and t.stride(-1) != 1:
+        return False
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _dense_layout(q, k, v):
+    """The layouts the kernels receive. On CPU, dense tensors with a contiguous head dim stay
+    as they are, in any dimension order: HF's (B, S, H, D) projections viewed as (B, H, S, D)
+    cost no copy in, and the output (q's layout) none on the way back. k and v then share one
+    layout (the Triton kernels read both with one set of strides). Anything else, and every
+    tensor on a GPU (the CUDA kernels assume contiguous rows), is made contiguous."""
+    if q.device.type == "cpu" and all(_dense_rows(t) for t in (q, k, v)) \
+            and _like(v, k) is v:
+        return q, k, v
+    return q.contiguous(), k.contiguous(), v.contiguous()
 
 
 def _impl(backend: str, q: torch.Tensor):
@@ -180,7 +212,7 @@ def _attention_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return tuple(
         _impl(backend, q).attention_bwd(
-            dout.contiguous(), q, k, v, out, lse, key_padding_mask, causal, scale,
+            _like(dout, out), q, k, v, out, lse, key_padding_mask, causal, scale,
             window_left, window_right, softcap, deterministic,
         )
     )
@@ -319,7 +351,8 @@ def attention(
     Args:
         q: (B, Hq, Sq, D) queries. k, v: (B, Hkv, Sk, D) keys and values, Hq % Hkv == 0
             (grouped-query / multi-query attention). fp32, fp16 or bf16, all the same dtype and
-            device; any strides (non-contiguous inputs are copied to contiguous first).
+            device; any strides (on CPU dense layouts with a contiguous head dim, e.g.
+            transposed (B, S, H, D) views, are read in place; others are copied first).
         causal: mask future keys, aligned bottom-right when Sq != Sk: query i sees keys
             j <= i + Sk - Sq, as in KV-cache decoding (FlashAttention's convention).
         scale: multiplies q.k; defaults to 1/sqrt(D).
@@ -333,14 +366,15 @@ def attention(
             then $FASTLM_BACKEND, then auto). A named backend that cannot run raises.
 
     Returns:
-        (B, Hq, Sq, D) tensor of q's dtype. Differentiable in q, k and v; accumulation is fp32.
+        (B, Hq, Sq, D) tensor of q's dtype, in the memory layout of the q the kernel read.
+        Differentiable in q, k and v; accumulation is fp32.
     """
     checks.check_dense(q, k, v, key_padding_mask)
     left, right, softcap, scale = _normalise(causal, window, softcap, scale, q.shape[-1])
     mask = None if key_padding_mask is None else key_padding_mask.contiguous()
     out, _ = _attention_fwd(
-        q.contiguous(), k.contiguous(), v.contiguous(), mask, bool(causal), scale, left, right,
-        softcap, bool(deterministic), backend or "",
+        *_dense_layout(q, k, v), mask, bool(causal), scale, left, right, softcap,
+        bool(deterministic), backend or "",
     )
     return out
 

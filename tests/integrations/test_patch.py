@@ -25,7 +25,7 @@ ARCHS = {
 }
 EXPECT = {  # what patch() must swap: (norm modules, mlp modules) for two layers
     "gpt2": (5, 2), "llama": (5, 2), "mistral": (5, 2), "qwen2": (5, 2), "qwen3": (9, 2),
-    "gemma": (5, 2), "phi3": (5, 2), "gpt_neox": (5, 2), "opt": (5, 0), "bert": (5, 2),
+    "gemma": (5, 2), "phi3": (5, 2), "gpt_neox": (5, 0), "opt": (5, 0), "bert": (5, 0),
 }
 LEARNED_POSITIONS = {"gpt2", "opt", "bert"}  # no rotary embedding to fuse
 CAUSAL = sorted(set(ARCHS) - {"bert"})
@@ -161,6 +161,53 @@ def test_greedy_generation_with_cache_is_unchanged(kind):
     got = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
     handle.undo()
     assert torch.equal(got, ref)
+
+
+def _spy_on_layer_norm(monkeypatch):
+    import fastlm.ops
+
+    calls = []
+    real = fastlm.ops.layer_norm
+    monkeypatch.setattr(fastlm.ops, "layer_norm",
+                        lambda *a, **k: calls.append(a[0].device.type) or real(*a, **k))
+    return calls
+
+
+def test_layer_norm_on_cpu_runs_torch_kernel_and_standalone_gelu_is_left_alone(monkeypatch):
+    """Where torch already has one fused kernel, patch() keeps it: LayerNorm on CPU (fastlm's
+    CPU kernel only matches aten's there, and the wrapper costs time) and a standalone F.gelu
+    activation (GPT-NeoX, BERT; reported as left alone). GPT-2's composite NewGELU is fused."""
+    calls = _spy_on_layer_norm(monkeypatch)
+    model = build("gpt_neox")
+    h = fastlm.patch(model)
+    assert h.swapped["norms"] == 5 and "mlp" not in h.swapped
+    assert "GELUActivation is one torch kernel already" in h.skipped["mlp"]
+    model(torch.randint(1, 96, (1, 7)))
+    assert calls == []  # the LayerNorms ran torch's own CPU kernel
+    gpt2 = fastlm.patch(build("gpt2"))
+    assert gpt2.swapped["mlp"] == 2 and "mlp" not in gpt2.skipped
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "gpt_neox"])
+def test_patched_model_on_gpu_matches_eager(kind, monkeypatch):
+    """On CUDA every swapped module runs fastlm's kernels (LayerNorm included) and the model
+    keeps the eager model's outputs and gradients (fp32, TF32 off)."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    calls = _spy_on_layer_norm(monkeypatch)
+    model = build(kind).cuda()
+    ids = torch.randint(1, 96, (2, 11), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    ref = forward_and_grads(model, ids, mask)
+    fastlm.patch(model)
+    got = forward_and_grads(model, ids, mask)
+    if kind != "llama":
+        assert calls and set(calls) == {"cuda"}
+    keep = mask.bool()
+    torch.testing.assert_close(got[0][keep], ref[0][keep], rtol=1e-4, atol=2e-5)
+    for name in ref[2]:
+        torch.testing.assert_close(got[2][name], ref[2][name], rtol=1e-3, atol=2e-5, msg=name)
 
 
 def test_patch_is_per_instance():

@@ -152,13 +152,63 @@ def test_varlen_matches_per_sequence_dense(backend):
         torch.testing.assert_close(g.double(), g64, atol=5e-5, rtol=0)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "torch"])
-def test_non_contiguous_inputs_match_contiguous(backend):
-    q, k, v = (torch.randn(2, 33, 4, 32).transpose(1, 2) for _ in range(3))  # (B, H, S, D) views
-    assert not q.is_contiguous()
-    out = attention(q, k, v, causal=True, backend=backend)
-    ref = attention(q.contiguous(), k.contiguous(), v.contiguous(), causal=True, backend=backend)
+def _layouts(b, hq, hkv, s, d):
+    """(q, k, v) in the layouts models hand the op: HF's per-projection (B, S, H, D) tensors
+    viewed as (B, H, S, D) (dense, read in place on CPU), slices of one fused QKV projection
+    (not dense: copied first), and a k/v pair with different layouts."""
+    def bshd(h):
+        return torch.randn(b, s, h, d).transpose(1, 2)
+
+    fused = torch.randn(b, s, (hq + 2 * hkv) * d)
+    q_, k_, v_ = fused.split([hq * d, hkv * d, hkv * d], dim=-1)
+    sliced = [t.view(b, s, -1, d).transpose(1, 2) for t in (q_, k_, v_)]
+    return {
+        "bshd": (bshd(hq), bshd(hkv), bshd(hkv)),
+        "fused_qkv": tuple(sliced),
+        "mixed": (bshd(hq), torch.randn(b, hkv, s, d), bshd(hkv)),
+    }
+
+
+@pytest.mark.parametrize("layout", ["bshd", "fused_qkv", "mixed"])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 16), (2, 4, 2, 33, 32), (1, 2, 1, 70, 24)],
+                         ids=str)
+@pytest.mark.parametrize("backend", ["cpu", "torch", TRITON_ON_CPU])
+def test_strided_inputs_match_contiguous(backend, shape, layout):
+    """Outputs and gradients of strided inputs equal the contiguous run's bit for bit (the
+    kernels read the same rows, just from other addresses). On CPU the HF layout is read in
+    place: the output comes back in q's layout, so transposing it back to (B, S, H, D) is a
+    view, and the gradients come back in their inputs' layouts."""
+    q, k, v = _layouts(*shape)[layout]
+    assert shape[3] == 1 or not q.is_contiguous()
+    dout = torch.randn(q.shape).transpose(1, 2).contiguous().transpose(1, 2)  # HF's dout
+    fn = lambda q, k, v: attention(q, k, v, causal=True, backend=backend)  # noqa: E731
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]  # the layouts as they are
+    out = fn(*leaves)
+    grads = torch.autograd.grad(out, leaves, dout)
+    ref, ref_grads = _grads(fn, q.contiguous(), k.contiguous(), v.contiguous(),
+                            dout.contiguous())
     assert torch.equal(out, ref)
+    for g, r in zip(grads, ref_grads):
+        assert torch.equal(g, r)
+    if layout == "bshd":
+        def same(a, b):  # equal strides where the size is not 1 (those are never used)
+            return all(x == y for x, y, n in zip(a.stride(), b.stride(), a.shape) if n != 1)
+
+        assert same(out, q) and out.transpose(1, 2).is_contiguous()  # (B, S, H, D) in memory
+        for g, t in zip(grads, (q, k, v)):
+            assert same(g, t)
+
+
+def test_opcheck_with_strided_inputs():
+    """The fake implementations promise the layouts the CPU kernels produce (out like q,
+    gradients like their inputs): opcheck compares real and fake strides."""
+    from fastlm.ops.attention import _attention_fwd
+
+    q, k, v = (t.detach().requires_grad_() for t in _layouts(2, 4, 2, 9, 8)["bshd"])
+    torch.library.opcheck(
+        _attention_fwd.op, (q, k, v, None, True, 1 / math.sqrt(8), -1, 0, 0.0, False, "cpu"),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch", TRITON_ON_CPU])
