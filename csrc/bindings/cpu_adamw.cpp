@@ -89,12 +89,37 @@ void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
   fastlm::adamw_step_cpu(slices.data(), static_cast<int64_t>(slices.size()), h);
 }
 
+// sqrt(sum of squares) over every element of every tensor, as an fp32 0-d tensor: the total
+// 2-norm gradient clipping needs, in one threaded pass (accumulated in double).
+Tensor total_norm(at::TensorList tensors) {
+  const int64_t threads = std::max(1, at::get_num_threads());
+  int64_t total = 0;
+  for (const Tensor& t : tensors) total += t.numel();
+  int64_t slice = std::max<int64_t>(16384, (total + threads * 4 - 1) / (threads * 4));
+  slice = (slice + 63) / 64 * 64;
+  std::vector<fastlm::GradSlice> slices;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const Tensor& t = tensors[i];
+    TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), "fastlm_cpu total_norm: tensors[", i,
+                "] must be a contiguous CPU tensor");
+    const AdamDType dt = to_adam_dtype(t, "tensors");
+    for (int64_t b = 0; b < t.numel(); b += slice)
+      slices.push_back({t.data_ptr(), dt, b, std::min(t.numel(), b + slice)});
+  }
+  const double sq = fastlm::sum_squares_cpu(slices.data(), static_cast<int64_t>(slices.size()));
+  return at::scalar_tensor(std::sqrt(sq), at::TensorOptions().dtype(at::kFloat));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastlm_cpu, m) {
+  m.def("total_norm(Tensor[] tensors) -> Tensor");
   m.def("adamw_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
         "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] masters, float lr, float beta1, float beta2, "
         "float eps, float weight_decay, int step, float inv_grad_scale) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(fastlm_cpu, CPU, m) { m.impl("adamw_step_", &adamw_step); }
+TORCH_LIBRARY_IMPL(fastlm_cpu, CPU, m) {
+  m.impl("adamw_step_", &adamw_step);
+  m.impl("total_norm", &total_norm);
+}

@@ -6,7 +6,9 @@
 
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "common/cpu_vec.h"
 
@@ -76,7 +78,45 @@ void step_any(const AdamWSlice& s, const AdamWHyper& h) {
   }
 }
 
+template <typename T>
+double sum_squares_slice(const T* x, int64_t begin, int64_t end) {
+  double total = 0.0;
+  for (int64_t b = begin; b < end; b += 1024) {
+    const int64_t e = std::min(end, b + 1024);
+    float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = b; i < e; ++i) {
+      const float v = to_float(x[i]);
+      acc += v * v;
+    }
+    total += acc;
+  }
+  return total;
+}
+
 }  // namespace
+
+double sum_squares_cpu(const GradSlice* slices, int64_t n_slices) {
+  std::vector<double> partial(static_cast<size_t>(n_slices), 0.0);
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n_slices; ++i) {
+    const GradSlice& s = slices[i];
+    switch (s.dtype) {
+      case AdamDType::f32:
+        partial[i] = sum_squares_slice(static_cast<const float*>(s.data), s.begin, s.end);
+        break;
+      case AdamDType::bf16:
+        partial[i] = sum_squares_slice(static_cast<const bf16*>(s.data), s.begin, s.end);
+        break;
+      case AdamDType::f16:
+        partial[i] = sum_squares_slice(static_cast<const fp16*>(s.data), s.begin, s.end);
+        break;
+    }
+  }
+  double total = 0.0;
+  for (double v : partial) total += v;
+  return total;
+}
 
 void adamw_step_cpu(const AdamWSlice* slices, int64_t n_slices, const AdamWHyper& h) {
   // Static schedule over equal-sized slices: every thread streams the same number of bytes,

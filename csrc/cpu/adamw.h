@@ -35,4 +35,15 @@ struct AdamWSlice {
 
 void adamw_step_cpu(const AdamWSlice* slices, int64_t n_slices, const AdamWHyper& h);
 
+// A slice [begin, end) of one gradient, for the norm that gradient clipping needs.
+struct GradSlice {
+  const void* data;
+  AdamDType dtype;
+  int64_t begin, end;
+};
+
+// Sum of squares over all slices: fp32 vector partials per 1K-element block, added into a
+// double per slice, the slices then summed in order (the result does not depend on threads).
+double sum_squares_cpu(const GradSlice* slices, int64_t n_slices);
+
 }  // namespace fastlm

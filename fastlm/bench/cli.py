@@ -7,6 +7,8 @@ import importlib
 BENCHMARKS = {
     "attention": ("fastlm.bench.attention", "fused attention vs torch SDPA backends and eager math"),
     "adamw": ("fastlm.bench.adamw", "FusedAdamW vs torch AdamW (foreach, fused) and DeepSpeed's Adam"),
+    "adamw-moments": ("fastlm.bench.adamw_moments",
+                      "the accuracy cost of FusedAdamW's bf16 moments on a tiny training run"),
     "data": ("fastlm.data.bench", "MB/s of raw text through the whole data pipeline"),
     "train": ("fastlm.train.bench", "training tokens/s, MFU and memory vs a Hugging Face Trainer"),
     "model": ("fastlm.bench.model", "a transformers model with and without fastlm.patch"),

@@ -126,6 +126,20 @@ def copy_bandwidth_gbs(device: str, nbytes: int | None = None) -> float:
     return 2 * nbytes / (t.median_ms * 1e-3) / 1e9
 
 
+def update_bandwidth_gbs(device: str, nbytes: int | None = None) -> float:
+    """Achieved GB/s of a large in-place update ``a += b`` (read a and b, write a).
+
+    The ceiling for in-place optimizers: unlike a copy, whose destination lines a CPU must
+    first read (read-for-ownership: 3 transfers counted as 2), every byte written here was
+    just read, so the counted bytes are the bytes moved, as in an AdamW step.
+    """
+    nbytes = nbytes or (2 << 30 if device.startswith("cuda") else 256 << 20)
+    a = torch.ones(nbytes // 4, device=device, dtype=torch.float32)
+    b = torch.ones_like(a)
+    t = time_fn(lambda i: a.add_(b), device=device, warmup=2, repeat=7)
+    return 3 * nbytes / (t.median_ms * 1e-3) / 1e9
+
+
 def environment(device: str) -> dict:
     """Device and versions to tag every result with."""
     info = {
@@ -158,6 +172,7 @@ class Report:
     env: dict = field(default_factory=dict)
     ceilings: dict = field(default_factory=dict)
     rows: list[dict] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)  # run-level results that are not rows
 
     def add(self, **row) -> None:
         self.rows.append(row)
@@ -188,6 +203,10 @@ class Report:
         if self.ceilings:
             lines.append("Ceilings measured in the same run: " + ", ".join(
                 f"{k} = {v:.4g}" for k, v in self.ceilings.items()) + "")
+            lines.append("")
+        if self.summary:
+            lines.append("Summary: " + ", ".join(
+                f"{k} = {_fmt(v)}" for k, v in self.summary.items()))
             lines.append("")
         lines += format_table(self.rows, markdown=True).splitlines()
         return "\n".join(lines) + "\n"

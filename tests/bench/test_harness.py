@@ -53,6 +53,41 @@ def test_bench_commands_write_results(argv, tmp_path, capsys):
     assert (tmp_path / f"{name}_cpu.png").exists()
 
 
+def test_bench_adamw_scenarios(tmp_path, capsys):
+    """Both scenarios run; each row says what it moves and is compared within its scenario;
+    the bf16-moment variant is compared against the fp32 peers' plain step."""
+    argv = ["bench", "adamw", "--sizes", "0.02", "--repeat", "2",
+            "--impls", "fastlm_cpu,fastlm_cpu_bf16m,torch_fused", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    data = json.loads((tmp_path / "adamw_cpu.json").read_text())
+    got = {(r["impl"], r["scenario"]): r for r in data["rows"]}
+    assert set(got) == {("fastlm_cpu", "step"), ("fastlm_cpu_bf16m", "step"),
+                        ("torch_fused", "step"), ("fastlm_cpu", "clip+step"),
+                        ("torch_fused", "clip+step")}
+    assert [got[k]["bytes_per_param"] for k in sorted(got)] == [32, 28, 20, 40, 28]
+    for (impl, scenario), r in got.items():
+        peer = got[("torch_fused", scenario)]["ms"]
+        assert r["vs_best_peer"] == pytest.approx(peer / r["ms"])
+    assert data["ceilings"]["update_gbs"] > 0
+    assert cli.main(["bench", "adamw", "--scenarios", "clip"]) != 0
+    assert "--scenarios 'clip': choose from step, clip+step" in capsys.readouterr().err
+
+
+def test_bench_adamw_moments_tiny(tmp_path):
+    """Both moment dtypes train (same batches), the held-out losses and the moment memory are
+    reported (bf16: half of fp32's), a bad --text names the problem."""
+    argv = ["bench", "adamw-moments", "--steps", "3", "--batch", "2", "--block", "16",
+            "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    data = json.loads((tmp_path / "adamw_moments.json").read_text())
+    s = data["summary"]
+    assert s["moment_mb_bfloat16"] == pytest.approx(s["moment_mb_float32"] / 2)
+    assert 0 < s["val_loss_float32"] < 6 and 0 < s["val_loss_bfloat16"] < 6
+    assert {r["moments"] for r in data["rows"]} == {"float32", "bfloat16"}
+    assert (tmp_path / "adamw_moments.png").exists()
+    assert cli.main(["bench", "adamw-moments", "--text", str(tmp_path / "missing.txt")]) != 0
+
+
 def test_bench_model_all_types_tiny(tmp_path, monkeypatch):
     """Every supported model type builds, is patched and takes a training step in the bench
     (tiny dims here; the bench's own sizes are for measuring)."""

@@ -138,6 +138,58 @@ def _tiny_model():
     return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_folded_clip_grad_norm_matches_torch_clip_then_step(backend):
+    """clip_grad_norm_ returns the total norm (the CPU kernel's within fp32 rounding of the
+    float64 one), leaves the gradients alone, and the next step equals torch's clip (in place)
+    + AdamW; the coefficient is used by one step only."""
+    ref = _params()
+    ours = _clone(ref)
+    opt_ref = torch.optim.AdamW(_groups(ref), lr=3e-3, betas=(0.9, 0.95))
+    opt = FusedAdamW(_groups(ours), lr=3e-3, betas=(0.9, 0.95), backend=backend)
+    for step in range(12):
+        _set_grads(ref, ours, skip={1} if step % 4 == 0 else ())
+        clip = step % 3 != 2  # and some steps without clipping
+        max_norm = 0.5 if step % 2 else 1e6  # clipping active, then a no-op coefficient of 1
+        if clip:
+            grads_before = [p.grad.clone() for p in ours if p.grad is not None]
+            n64 = torch.cat([p.grad.double().flatten() for p in ours if p.grad is not None]
+                            ).norm()
+            n_ref = torch.nn.utils.clip_grad_norm_(ref, max_norm)
+            n_ours = opt.clip_grad_norm_(max_norm)
+            # the CPU kernel accumulates in double: fp32 rounding of the exact norm (torch's
+            # own fp32 reduction drifts more: 1e-4 relative over 40M elements)
+            torch.testing.assert_close(n_ours.double(), n64, rtol=1e-5 if backend != "cpu" else
+                                       1e-6, atol=0)
+            torch.testing.assert_close(n_ours, n_ref, rtol=1e-5, atol=0)
+            assert all(torch.equal(a, p.grad) for a, p in
+                       zip(grads_before, [p for p in ours if p.grad is not None]))
+        opt_ref.step()
+        opt.step()
+        for a, b in zip(ours, ref):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="max_norm must be a positive"):
+        opt.clip_grad_norm_(0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_total_norm_kernel_is_exact_to_fp32_rounding(dtype):
+    """The CPU norm kernel over odd sizes and many slices (one tensor longer than a thread's
+    slice) against float64; a non-finite norm raises when asked to."""
+    params = [torch.randn(s, dtype=dtype, requires_grad=True) for s in SIZES + [(300_001,)]]
+    for p in params:
+        p.grad = torch.randn_like(p) * 3
+    opt = FusedAdamW(params, backend="cpu")
+    n64 = torch.cat([p.grad.double().flatten() for p in params]).norm()
+    got = opt.clip_grad_norm_(1.0)
+    assert got.dtype == torch.float32
+    # fp32 partial sums over 1K-element blocks (128 terms per SIMD lane), double across blocks
+    torch.testing.assert_close(got.double(), n64, rtol=1e-6, atol=0)
+    params[2].grad[0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="total gradient norm is nan"):
+        opt.clip_grad_norm_(1.0, error_if_nonfinite=True)
+
+
 def test_grad_scaler_unscales_in_the_kernel_and_skips_overflow():
     model_a, model_b = _tiny_model(), _tiny_model()
     opt_a = FusedAdamW(model_a.parameters(), lr=1e-2)
