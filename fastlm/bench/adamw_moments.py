@@ -63,7 +63,7 @@ def _train(data, val, state_dtype, args, progress):
                      state_dtype=state_dtype)
     g = torch.Generator().manual_seed(1)  # the same batches for both runs
     curve = []
-    for step in range(1, args.steps + 1):
+    for _ in range(args.steps):
         start = torch.randint(0, data.numel() - args.block - 1, (args.batch,), generator=g)
         ids = torch.stack([data[s:s + args.block] for s in start.tolist()])
         loss = model(ids, labels=ids).loss

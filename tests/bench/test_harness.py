@@ -65,7 +65,7 @@ def test_bench_adamw_scenarios(tmp_path, capsys):
                         ("torch_fused", "step"), ("fastlm_cpu", "clip+step"),
                         ("torch_fused", "clip+step")}
     assert [got[k]["bytes_per_param"] for k in sorted(got)] == [32, 28, 20, 40, 28]
-    for (impl, scenario), r in got.items():
+    for (_impl, scenario), r in got.items():
         peer = got[("torch_fused", scenario)]["ms"]
         assert r["vs_best_peer"] == pytest.approx(peer / r["ms"])
     assert data["ceilings"]["update_gbs"] > 0
