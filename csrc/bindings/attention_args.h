@@ -17,11 +17,12 @@ using at::Tensor;
 struct Ctx {
   const char* ext;          // "fastlm_cpu" / "fastlm_cuda": error prefix
   at::DeviceType device;    // where every tensor must live
-  // Dense q/k/v in any dimension order with a contiguous head dim (HF's transposed
-  // (B, S, H, D) projections) are read in place, the outputs allocated in the same layout.
-  // The CPU kernels address every row by its strides; the CUDA ones are only ever run on
-  // contiguous tensors (Python makes them so), so they keep that requirement.
-  bool any_dense_layout = false;
+  // q/k/v with any strides but a contiguous head dim (HF's transposed (B, S, H, D)
+  // projections, slices of a fused QKV projection) are read in place, and the outputs are
+  // allocated dense in q's (k's, v's) dimension order (torch.empty_like), which is what the
+  // fake implementations promise. The CPU kernels address every row through its strides;
+  // the CUDA ones are only ever run on contiguous tensors (Python makes them so).
+  bool any_strides = false;
 };
 
 inline DType dtype_of(const Ctx& c, const Tensor& t) {
@@ -42,16 +43,17 @@ inline void check_tensor(const Ctx& c, const Tensor& t, const char* name, int64_
               t.sizes());
   TORCH_CHECK(t.scalar_type() == like.scalar_type(), c.ext, " attention: ", name,
               " has dtype ", t.scalar_type(), " but q has ", like.scalar_type());
-  if (c.any_dense_layout && t.dim() == 4) {
-    TORCH_CHECK(t.is_non_overlapping_and_dense() && (t.size(3) == 1 || t.stride(3) == 1), c.ext,
-                " attention: ", name, " must be dense with a contiguous last dim, got strides ",
-                t.strides(), "; pass .contiguous()");
+  if (c.any_strides && t.dim() == 4) {
+    TORCH_CHECK((t.size(3) == 1 || t.stride(3) == 1) && t.stride(0) >= 0 && t.stride(1) >= 0 &&
+                    t.stride(2) >= 0, c.ext, " attention: ", name, " must have a contiguous "
+                "last dim and non-negative strides, got strides ", t.strides(),
+                "; pass .contiguous()");
   } else {
     TORCH_CHECK(t.is_contiguous(), c.ext, " attention: ", name, " must be contiguous");
   }
 }
 
-// An output laid out like `like` (strides included): the kernels write it with like's strides.
+// An output with exactly `like`'s strides (like: a dense tensor the kernels already address).
 inline Tensor empty_as(const Tensor& like) {
   return at::empty_strided(like.sizes(), like.strides(), like.options());
 }
@@ -101,8 +103,9 @@ inline AttnParams dense_params(const Ctx& c, const Tensor& q, const Tensor& k, c
                 "), got ", m.scalar_type(), " ", m.sizes(), " on ", m.device());
     p.key_padding_mask = m.data_ptr<bool>();
   }
-  // o (out, dout, dq) defaults to q's layout; bindings that allocate out set it from out
-  p.q = dense(q), p.k = dense(k), p.v = dense(v), p.o = dense(q);
+  // o (out, dout, dq), dk and dv default to q's, k's and v's layouts; bindings that allocate
+  // them in other layouts set them from the tensors they allocate
+  p.q = dense(q), p.k = dense(k), p.v = dense(v), p.o = dense(q), p.dk = p.k, p.dv = p.v;
   return p;
 }
 
@@ -124,7 +127,7 @@ inline AttnParams varlen_params(const Ctx& c, const Tensor& q, const Tensor& k, 
   p.batch = static_cast<int>(cu_q.numel() - 1);
   p.cu_seqlens_q = cu_q.data_ptr<int32_t>();
   p.cu_seqlens_k = cu_k.data_ptr<int32_t>();
-  p.q = packed(q), p.k = packed(k), p.v = packed(v), p.o = p.q;
+  p.q = packed(q), p.k = packed(k), p.v = packed(v), p.o = p.q, p.dk = p.k, p.dv = p.v;
   return p;
 }
 

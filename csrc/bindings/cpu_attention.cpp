@@ -14,13 +14,14 @@ using at::Tensor;
 using fastlm::AttnParams;
 namespace fb = fastlm::binding;
 
-const fb::Ctx kCpu{"fastlm_cpu", at::kCPU, /*any_dense_layout=*/true};
+const fb::Ctx kCpu{"fastlm_cpu", at::kCPU, /*any_strides=*/true};
 
 std::tuple<Tensor, Tensor> fwd(const Tensor& q, const Tensor& k, const Tensor& v,
                                const std::optional<Tensor>& mask, bool causal, double scale,
                                int64_t wl, int64_t wr, double softcap) {
   AttnParams p = fb::dense_params(kCpu, q, k, v, mask, causal, scale, wl, wr, softcap);
-  Tensor out = fb::empty_as(q);  // q's layout: HF's transpose back to (B, S, H, D) is a view
+  // dense in q's dimension order: HF's transpose back to (B, S, H, D) is then a view
+  Tensor out = at::empty_like(q);
   Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   p.lse = fb::dense_lse(lse);
   p.o = fb::dense(out);
@@ -38,7 +39,8 @@ std::tuple<Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor& q, cons
   fb::check_saved(kCpu, dout, out, lse, q, 3);
   p.lse = fb::dense_lse(lse);
   p.o = fb::dense(out);  // out, dout and dq share one layout
-  Tensor dq = fb::empty_as(out), dk = fb::empty_as(k), dv = fb::empty_as(v);
+  Tensor dq = fb::empty_as(out), dk = at::empty_like(k), dv = at::empty_like(v);
+  p.dk = fb::dense(dk), p.dv = fb::dense(dv);
   fastlm::attention_bwd_cpu(p, fb::dtype_of(kCpu, q), dout.data_ptr(), q.data_ptr(),
                             k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr<float>(),
                             dq.data_ptr(), dk.data_ptr(), dv.data_ptr());

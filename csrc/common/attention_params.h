@@ -25,7 +25,8 @@ struct AttnParams {
   float scale;
   float softcap;                     // > 0: s = softcap * tanh(s / softcap)
   int window_left, window_right;     // -1 = unbounded; causal => window_right = 0
-  AttnStrides q, k, v, o;            // o also describes dout and dq (same layout as q)
+  AttnStrides q, k, v, o;            // o also describes dout and dq
+  AttnStrides dk, dv;                // the backward's dk/dv (the CPU kernels; = k, v otherwise)
   AttnStrides lse;                   // fp32 log-sum-exp, one per (seq, head, query)
 };
 

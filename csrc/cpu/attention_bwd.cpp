@@ -88,8 +88,8 @@ void bwd_unit(const AttnParams& p, const T* dout, const T* q, const T* k, const 
     }
   }
   for (int j = 0; j < s.sk; ++j) {
-    T* dkj = row(dk, p.k, b, hk, s.k0 + j);
-    T* dvj = row(dv, p.v, b, hk, s.k0 + j);
+    T* dkj = row(dk, p.dk, b, hk, s.k0 + j);
+    T* dvj = row(dv, p.dv, b, hk, s.k0 + j);
     for (int c = 0; c < d; ++c) {
       dkj[c] = from_float<T>(w.dk[static_cast<size_t>(j) * d + c]);
       dvj[c] = from_float<T>(w.dv[static_cast<size_t>(j) * d + c]);

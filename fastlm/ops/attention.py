@@ -128,10 +128,13 @@ def _like(t: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(layout).copy_(t)
 
 
-def _dense_rows(t: torch.Tensor) -> bool:
-    """Non-overlapping and dense (a permutation of a contiguous tensor), unit last stride."""
-    if t.shape[-1] != 1 and t.stride(-1) != 1:
-        return False
+def _unit_rows(t: torch.Tensor) -> bool:
+    """A contiguous last (head) dim and no negative strides: rows the kernels can read."""
+    return (t.shape[-1] == 1 or t.stride(-1) == 1) and min(t.stride()) >= 0
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: a permutation of a contiguous tensor."""
     expected = 1
     for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
         if stride != expected:
@@ -140,14 +143,17 @@ def _dense_rows(t: torch.Tensor) -> bool:
     return True
 
 
-def _dense_layout(q, k, v):
-    """The layouts the kernels receive. On CPU, dense tensors with a contiguous head dim stay
-    as they are, in any dimension order: HF's (B, S, H, D) projections viewed as (B, H, S, D)
-    cost no copy in, and the output (q's layout) none on the way back. k and v then share one
-    layout (the Triton kernels read both with one set of strides). Anything else, and every
-    tensor on a GPU (the CUDA kernels assume contiguous rows), is made contiguous."""
-    if q.device.type == "cpu" and all(_dense_rows(t) for t in (q, k, v)) \
-            and _like(v, k) is v:
+def _kernel_layout(q, k, v, backend: str | None):
+    """The layouts the kernels receive. On CPU q/k/v keep their strides when every row is
+    contiguous: HF's (B, S, H, D) projections viewed as (B, H, S, D), and slices of a fused
+    QKV projection (GPT-2), cost no copy in; the output is allocated dense in q's dimension
+    order (``empty_like``), so transposing it back to (B, S, H, D) is a view too. k and v must
+    share strides (the Triton kernels read both with one set), and Triton (tests only, on CPU
+    tensors) only dense ones, whose ``empty_like`` keeps their strides. Anything else, and
+    every tensor on a GPU (the CUDA kernels assume contiguous rows), is made contiguous."""
+    if (q.device.type == "cpu" and all(_unit_rows(t) for t in (q, k, v))
+            and _like(v, k) is v and (_op.requested(backend)[0] != "triton"
+                                      or all(_dense(t) for t in (q, k, v)))):
         return q, k, v
     return q.contiguous(), k.contiguous(), v.contiguous()
 
@@ -351,8 +357,9 @@ def attention(
     Args:
         q: (B, Hq, Sq, D) queries. k, v: (B, Hkv, Sk, D) keys and values, Hq % Hkv == 0
             (grouped-query / multi-query attention). fp32, fp16 or bf16, all the same dtype and
-            device; any strides (on CPU dense layouts with a contiguous head dim, e.g.
-            transposed (B, S, H, D) views, are read in place; others are copied first).
+            device; any strides (on CPU, tensors whose head dim is contiguous, such as
+            transposed (B, S, H, D) views or slices of a fused QKV projection, are read in
+            place; others are copied first).
         causal: mask future keys, aligned bottom-right when Sq != Sk: query i sees keys
             j <= i + Sk - Sq, as in KV-cache decoding (FlashAttention's convention).
         scale: multiplies q.k; defaults to 1/sqrt(D).
@@ -366,14 +373,15 @@ def attention(
             then $FASTLM_BACKEND, then auto). A named backend that cannot run raises.
 
     Returns:
-        (B, Hq, Sq, D) tensor of q's dtype, in the memory layout of the q the kernel read.
+        (B, Hq, Sq, D) tensor of q's dtype, dense in the dimension order of the q the kernel
+        read (``torch.empty_like(q)``).
         Differentiable in q, k and v; accumulation is fp32.
     """
     checks.check_dense(q, k, v, key_padding_mask)
     left, right, softcap, scale = _normalise(causal, window, softcap, scale, q.shape[-1])
     mask = None if key_padding_mask is None else key_padding_mask.contiguous()
     out, _ = _attention_fwd(
-        *_dense_layout(q, k, v), mask, bool(causal), scale, left, right, softcap,
+        *_kernel_layout(q, k, v, backend), mask, bool(causal), scale, left, right, softcap,
         bool(deterministic), backend or "",
     )
     return out
