@@ -30,6 +30,7 @@ class Timing:
     p20_ms: float
     p80_ms: float
     n: int
+    times_ms: tuple = ()  # every timed call in order (time_interleaved: one per round)
 
 
 def _sync(device: str) -> None:
@@ -104,8 +105,23 @@ def time_interleaved(
     out = {}
     for name, ts in times.items():
         q = statistics.quantiles(ts, n=5) if len(ts) >= 2 else [ts[0]] * 4
-        out[name] = Timing(statistics.median(ts), q[0], q[3], len(ts))
+        out[name] = Timing(statistics.median(ts), q[0], q[3], len(ts), tuple(ts))
     return out, peaks
+
+
+def paired_speedup(timings: dict, ours: str, peers: Sequence[str]) -> float | None:
+    """Median over rounds of (fastest peer's time in the round / ours in the round).
+
+    With :func:`time_interleaved` the calls of one round run back to back, so each round's
+    ratio sees the same machine state; its median is steadier than a ratio of medians when
+    the machine drifts by more than the difference being measured."""
+    rounds = [t for t in (timings.get(p) for p in peers) if t is not None and t.times_ms]
+    mine = timings.get(ours)
+    if not rounds or mine is None or not mine.times_ms:
+        return None
+    ratios = [min(r.times_ms[i] for r in rounds) / m for i, m in enumerate(mine.times_ms)
+              if all(i < len(r.times_ms) for r in rounds)]
+    return statistics.median(ratios) if ratios else None
 
 
 def matmul_peak_tflops(device: str, dtype: torch.dtype, n: int | None = None) -> float:

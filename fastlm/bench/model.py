@@ -1,10 +1,15 @@
 """``fastlm bench model``: a transformers model's training step (forward + backward) with and
 without fastlm (``attn_implementation="fastlm"`` + ``fastlm.patch``), side by side with SDPA
-and eager attention: step time, tokens/s and peak memory, over sequence lengths."""
+and eager attention: step time, tokens/s and peak memory, over sequence lengths.
+
+The implementations are timed in alternation. ``vs_best_peer`` is the ratio of medians;
+``paired_vs_best_peer`` (fastlm's rows) the median over rounds of the fastest unpatched call
+over the patched one in the same round, the steadier of the two on a drifting machine."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import shlex
 import sys
 
@@ -43,7 +48,11 @@ def add_arguments(parser) -> None:
                         help="default: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--seqlens", default="256,512,1024")
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=5,
+                        help="timed rounds at least (more when --min-seconds asks for them)")
+    parser.add_argument("--min-seconds", type=float, default=3.0,
+                        help="time each implementation for at least this long per length: "
+                             "short steps get more rounds (this VM drifts by a few %%)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--name", default=None)
 
@@ -94,13 +103,19 @@ def run(args) -> int:
             ids = torch.randint(0, vocab, (args.batch, s), device=args.device)
             steps = {impl: (lambda i, m=m, x=ids: m(x, labels=x).loss.backward())
                      for impl, m in models.items()}
-            timings, peaks = harness.time_interleaved(steps, device=args.device, warmup=1,
-                                                      repeat=args.repeat)
+            probe, _ = harness.time_interleaved(steps, device=args.device, warmup=1, repeat=1)
+            slowest = max(t.median_ms for t in probe.values()) * 1e-3
+            repeat = max(args.repeat, math.ceil(args.min_seconds / max(slowest, 1e-6)))
+            timings, peaks = harness.time_interleaved(steps, device=args.device, warmup=0,
+                                                      repeat=repeat)
+            paired = harness.paired_speedup(timings, "fastlm", [i for i in IMPLS
+                                                                if i != "fastlm"])
             for impl, t in timings.items():
                 report.add(model=kind, impl=impl, dtype=str(dtype).split(".")[-1],
-                           seqlen=s, batch=args.batch, ms=t.median_ms,
+                           seqlen=s, batch=args.batch, rounds=t.n, ms=t.median_ms,
                            tokens_per_s=args.batch * s / (t.median_ms * 1e-3),
-                           peak_gb=peaks[impl])
+                           peak_gb=peaks[impl],
+                           paired_vs_best_peer=paired if impl == "fastlm" else None)
         for m in models.values():
             m.zero_grad(set_to_none=True)
         del models

@@ -64,10 +64,15 @@ def run(args, report) -> None:
                         f"data/shakespeare_char/{{train,val}}.bin (run its prepare.py first)")
     shakes = Path(args.text)
     data = work / "shakespeare_char"
-    subprocess.run([sys.executable, "-m", "fastlm.cli", "prepare", str(shakes), "--out",
-                    str(data), "--tokenizer", "byte", "--split", "tail", "--val-fraction",
-                    "0.1", "--no-dedup", "--no-near-dedup", "--no-repetition"], check=True,
-                   capture_output=True)
+    # the work dir is the bench's own: a dataset left by an earlier run is replaced
+    prep = subprocess.run([sys.executable, "-m", "fastlm.cli", "prepare", str(shakes), "--out",
+                           str(data), "--tokenizer", "byte", "--split", "tail",
+                           "--val-fraction", "0.1", "--no-dedup", "--no-near-dedup",
+                           "--no-repetition", "--overwrite"], capture_output=True, text=True)
+    if prep.returncode != 0:
+        from fastlm.cli import UserError
+
+        raise UserError(f"preparing {shakes} failed: {prep.stderr.strip()[-500:]}")
     runs = {}
     nano_cmd = [sys.executable, "train.py", *NANOGPT_ARGS, f"--out_dir={work / 'nanogpt-out'}"]
     runs["nanogpt"] = _timed_run(nano_cmd, nano, _NANO_EVAL, work / "nanogpt.log")

@@ -53,6 +53,17 @@ def test_bench_commands_write_results(argv, tmp_path, capsys):
     assert (tmp_path / f"{name}_cpu.png").exists()
 
 
+def test_paired_speedup_uses_each_rounds_fastest_peer():
+    T = harness.Timing
+    timings = {  # round 2 is slow for everyone (drift): a paired ratio does not mind
+        "ours": T(10, 0, 0, 3, (10.0, 20.0, 10.0)),
+        "a": T(11, 0, 0, 3, (11.0, 22.0, 13.0)),
+        "b": T(12, 0, 0, 3, (12.0, 21.0, 12.0)),
+    }
+    assert harness.paired_speedup(timings, "ours", ["a", "b"]) == pytest.approx(1.1)
+    assert harness.paired_speedup(timings, "missing", ["a"]) is None
+
+
 def test_bench_adamw_scenarios(tmp_path, capsys):
     """Both scenarios run; each row says what it moves and is compared within its scenario;
     the bf16-moment variant is compared against the fp32 peers' plain step."""

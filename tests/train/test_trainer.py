@@ -45,6 +45,37 @@ def test_grad_accumulation_equals_bigger_micro_batch(tmp_path, tiny_data):
         assert abs(x - y) <= 1e-6 * abs(y), (la, lb)
 
 
+def test_one_process_skips_the_gradient_allreduce_with_the_same_losses(tmp_path, tiny_data,
+                                                                        monkeypatch):
+    """A world of one with plain fp32 and no ZeRO has nothing to reduce: the engine's bucketed
+    all-reduce is switched off, and the losses equal a run that does it (accumulation on)."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    import fastlm.train.engine as fengine
+
+    calls = []
+    real = DeepSpeedEngine.allreduce_gradients
+    monkeypatch.setattr(DeepSpeedEngine, "allreduce_gradients",
+                        lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    args = ("train.micro_batch_size=2", "train.grad_accum=2", "train.max_steps=4",
+            "eval.every=0")
+    skipped = run(config(tmp_path / "a", tiny_data, *args))
+    assert calls == []
+    original = fengine.initialize
+
+    def with_allreduce(*a, **k):
+        engine, opt, sched = original(*a, **k)
+        engine.enable_backward_allreduce = True
+        return engine, opt, sched
+
+    import fastlm.train.trainer as ftrainer
+
+    monkeypatch.setattr(ftrainer, "initialize", with_allreduce)
+    reduced = run(config(tmp_path / "b", tiny_data, *args))
+    assert len(calls) >= 4  # the reference run did reduce
+    assert losses(skipped) == losses(reduced)
+
+
 def test_run_writes_metrics_checkpoints_and_exports(tmp_path, tiny_data):
     cfg = config(tmp_path, tiny_data, "train.micro_batch_size=4", "train.max_steps=6",
                  "eval.every=3", "checkpoint.every=2", "checkpoint.keep_last=2", "export=true",
