@@ -31,6 +31,17 @@ void check_same(const Tensor& t, const Tensor& p, const char* what, size_t i) {
               p.numel(), " elements like params[", i, "]");
 }
 
+// Elements per slice of a pass over `tensors`: ~4 slices per thread, at least 16K elements
+// each (below that, scheduling costs more than the memory traffic it splits); multiples of 64
+// keep slices cache-line aligned.
+int64_t slice_elems(at::TensorList tensors) {
+  const int64_t threads = std::max(1, at::get_num_threads());
+  int64_t total = 0;
+  for (const Tensor& t : tensors) total += t.numel();
+  const int64_t slice = std::max<int64_t>(16384, (total + threads * 4 - 1) / (threads * 4));
+  return (slice + 63) / 64 * 64;
+}
+
 void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                 at::TensorList exp_avg_sqs, at::TensorList masters, double lr, double beta1,
                 double beta2, double eps, double weight_decay, int64_t step,
@@ -41,13 +52,7 @@ void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
   TORCH_CHECK(masters.empty() || masters.size() == n,
               "fastlm_cpu adamw: masters must be empty or one per param");
   TORCH_CHECK(step >= 1, "fastlm_cpu adamw: step must be >= 1, got ", step);
-  const int64_t threads = std::max(1, at::get_num_threads());
-  int64_t total = 0;
-  for (size_t i = 0; i < n; ++i) total += params[i].numel();
-  // ~4 slices per thread, at least 16K elements each (below that, scheduling costs more than
-  // the memory traffic it splits); multiples of 64 keep slices cache-line aligned.
-  int64_t slice = std::max<int64_t>(16384, (total + threads * 4 - 1) / (threads * 4));
-  slice = (slice + 63) / 64 * 64;
+  const int64_t slice = slice_elems(params);
   std::vector<fastlm::AdamWSlice> slices;
   for (size_t i = 0; i < n; ++i) {
     const Tensor& p = params[i];
@@ -92,11 +97,7 @@ void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
 // sqrt(sum of squares) over every element of every tensor, as an fp32 0-d tensor: the total
 // 2-norm gradient clipping needs, in one threaded pass (accumulated in double).
 Tensor total_norm(at::TensorList tensors) {
-  const int64_t threads = std::max(1, at::get_num_threads());
-  int64_t total = 0;
-  for (const Tensor& t : tensors) total += t.numel();
-  int64_t slice = std::max<int64_t>(16384, (total + threads * 4 - 1) / (threads * 4));
-  slice = (slice + 63) / 64 * 64;
+  const int64_t slice = slice_elems(tensors);
   std::vector<fastlm::GradSlice> slices;
   for (size_t i = 0; i < tensors.size(); ++i) {
     const Tensor& t = tensors[i];
