@@ -31,7 +31,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+# torch is imported where it is used: fastlm.data.native shares this module's cache and
+# compiler helpers without importing torch.
 
 _PKG_DIR = Path(__file__).resolve().parent
 _HEADER_SUFFIXES = (".h", ".hpp", ".cuh")
@@ -162,6 +163,8 @@ class ExtensionBuilder:
         for path in self.sources() + headers:
             h.update(str(path.relative_to(root)).encode())
             h.update(path.read_bytes())
+        import torch
+
         compilers = [_tool_version(cxx_compiler())]
         if self.cuda_cflags():
             compilers.append(_tool_version("nvcc"))
@@ -179,6 +182,8 @@ class ExtensionBuilder:
         Raises :class:`ExtensionBuildError` with the reason; the outcome is remembered, so a
         failing build is attempted once per process.
         """
+        import torch
+
         if "error" in self._state:
             raise self._state["error"]
         if "ops" not in self._state:
@@ -292,6 +297,8 @@ class CudaOpsBuilder(ExtensionBuilder):
         )
 
     def incompatible_reason(self) -> str | None:
+        import torch
+
         if torch.version.cuda is None:
             return f"this torch ({torch.__version__}) is a CPU-only build"
         if nvcc_path() is None:
@@ -304,6 +311,8 @@ class CudaOpsBuilder(ExtensionBuilder):
 
 def cuda_arch_flags() -> list[str]:
     """-gencode flags: $TORCH_CUDA_ARCH_LIST if set, else the visible GPUs' architectures."""
+    import torch
+
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST")
     if arch_list:
         archs = {a.split("+")[0].replace(".", "") for a in re.split(r"[;\s]+", arch_list) if a}
