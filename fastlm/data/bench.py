@@ -78,6 +78,7 @@ def run(args) -> int:
                 vocab_size=args.vocab_size, num_proc=args.num_proc, progress=False)
         seconds = time.perf_counter() - t0
         meta = json.loads((tmp / "out" / "meta.json").read_text())
+        kernels = _kernel_comparison(corpus, tmp / "out" / "tokenizer", args.tokenizer == "bpe")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     report = harness.Report(name=args.name, command="fastlm bench data " + shlex.join(
@@ -90,29 +91,95 @@ def run(args) -> int:
                dropped=sum(d["docs"] for d in rep["dropped"].values()))
     for stage, sec in rep["seconds"].items():
         report.rows[0][f"s_{stage}"] = sec
+    report.summary.update(kernels)
     print(harness.format_table(report.rows))
+    print("kernels side by side: " + ", ".join(f"{k} = {v:.3g}" for k, v in kernels.items()))
     if args.out:
         paths = report.write(args.out)
         paths.append(_plot(rep["seconds"], raw_mb, Path(args.out) / f"{args.name}.png",
                            f"fastlm prepare, {raw_mb:.0f} MB, tokenizer {args.tokenizer}: "
-                           f"{raw_mb / seconds:.2f} MB/s"))
+                           f"{raw_mb / seconds:.2f} MB/s", kernels))
         print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
 
-def _plot(stages: dict, mb: float, path: Path, title: str) -> Path:
+def _kernel_comparison(corpus: Path, tokenizer_dir: Path, bpe: bool, sample_mb: float = 8.0,
+                       repeats: int = 3) -> dict:
+    """MB/s of fastlm's C++ text kernels and of what they replace, on the same documents (up
+    to ``sample_mb`` of the corpus), best of ``repeats``: cleaning (one process) against the
+    Python reference, BPE encoding against the tokenizers library (both on every core)."""
+    from fastlm.data import bpe_native, clean_native
+    from fastlm.data.clean import CleanConfig
+    from fastlm.data.tokenizer import load
+
+    docs, size = [], 0
+    with open(corpus) as f:
+        for line in f:
+            docs.append(json.loads(line)["text"])
+            size += len(docs[-1].encode())
+            if size >= sample_mb * 1e6:
+                break
+    mb = size / 1e6
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return mb / min(times)
+
+    cfg = CleanConfig()
+    out = {"kernel_sample_mb": round(mb, 2),
+           "clean_mb_s_fastlm": best(lambda: clean_native.clean_batch(docs, cfg, use_native=True)),
+           "clean_mb_s_python": best(lambda: clean_native.clean_batch(docs, cfg, use_native=False))}
+    out["clean_speedup"] = out["clean_mb_s_fastlm"] / out["clean_mb_s_python"]
+    if bpe:
+        tok = load(tokenizer_dir)
+        enc = bpe_native.NativeBpe.for_tokenizer(tok.backend_tokenizer)
+        lib = tok.backend_tokenizer
+        out["bpe_mb_s_fastlm"] = best(lambda: enc.encode(docs))
+        out["bpe_mb_s_tokenizers"] = best(lambda: lib.encode_batch_fast(docs, add_special_tokens=False))
+        out["bpe_speedup"] = out["bpe_mb_s_fastlm"] / out["bpe_mb_s_tokenizers"]
+    return out
+
+
+def _plot(stages: dict, mb: float, path: Path, title: str, kernels: dict | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3))
+    kernels = kernels or {}
+    pairs = [(name, kernels[f"{name}_mb_s_fastlm"], peer, kernels[f"{name}_mb_s_{peer}"])
+             for name, peer in (("clean", "python"), ("bpe", "tokenizers"))
+             if f"{name}_mb_s_fastlm" in kernels]
+    fig, axes = plt.subplots(1, 2 if pairs else 1, figsize=(10 if pairs else 6, 3), squeeze=False)
+    ax = axes[0, 0]
     names = list(stages)
-    ax.barh(names, [mb / max(stages[n], 1e-9) for n in names], color="C0")
-    ax.set_xscale("log")
-    ax.set_xlabel("MB/s of raw text through the stage (log)")
+    rates = [mb / max(stages[n], 1e-9) for n in names]
+    ax.barh(names, rates, color="C0")
+    for y, v in enumerate(rates):
+        ax.text(v, y, f" {v:.0f}", va="center", fontsize=8)
+    ax.set_xlim(0, max(rates) * 1.15)
+    ax.set_xlabel("MB/s of raw text through the stage")
     ax.invert_yaxis()
     ax.set_title(title, fontsize=9)
+    if pairs:
+        ax = axes[0, 1]
+        labels, values, colors = [], [], []
+        for name, fast, peer, slow in pairs:
+            labels += [f"{name}: fastlm C++", f"{name}: {peer}"]
+            values += [fast, slow]
+            colors += ["C0", "C7"]
+        ax.barh(labels, values, color=colors)
+        for y, v in enumerate(values):
+            ax.text(v, y, f" {v:.1f}", va="center", fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlim(0, max(values) * 1.15)
+        ax.set_xlabel("MB/s, same documents")
+        ax.set_title("kernels side by side (" + ", ".join(
+            f"{n} {f / s_:.1f}x" for n, f, _, s_ in pairs) + ")", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

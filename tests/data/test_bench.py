@@ -1,0 +1,20 @@
+"""`fastlm bench data` end to end on a tiny corpus: the pipeline row, the kernels side by side
+(fastlm's C++ against the Python reference and the tokenizers library), the plot."""
+
+import json
+
+from fastlm.cli import main
+
+
+def test_bench_data_reports_pipeline_and_kernel_ratios(tmp_path, capsys):
+    assert main(["bench", "data", "--mb", "0.3", "--vocab-size", "400", "--out", str(tmp_path),
+                 "--name", "d"]) == 0
+    rep = json.loads((tmp_path / "d.json").read_text())
+    (row,) = rep["rows"]
+    assert row["mb_per_s"] > 0 and row["tokens"] > 0 and row["s_tokenize"] >= 0
+    s = rep["summary"]
+    for k in ("clean", "bpe"):
+        assert s[f"{k}_speedup"] == s[f"{k}_mb_s_fastlm"] / s[f"{k}_mb_s_" +
+                                                              ("python" if k == "clean" else "tokenizers")]
+    assert (tmp_path / "d.png").stat().st_size > 0
+    assert "kernels side by side" in capsys.readouterr().out
