@@ -67,6 +67,11 @@ def machine() -> list[tuple[str, str]]:
     else:
         rows.append(("gpu", "none visible to torch"))
     rows.append(("extension cache", str(_build.cache_root())))
+    from fastlm.data import native
+
+    text = native.library_path()
+    rows.append(("text kernels", f"built: {text}" if text.exists() else
+                 "not built yet (fastlm prepare builds them on first use; or fastlm env --build)"))
     return rows
 
 
@@ -97,6 +102,17 @@ def build_all() -> list[tuple[str, str]]:
             results.append((name, f"OK in {time.perf_counter() - start:.1f}s: {builder.how_loaded()}"))
         except _build.ExtensionBuildError as err:
             results.append((name, f"FAILED: {err}"))
+    import warnings
+
+    from fastlm.data import native
+
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lib = native.load()
+    results.append(("text", f"OK in {time.perf_counter() - start:.1f}s: {native.library_path()}"
+                    if lib is not None else
+                    "FAILED: " + "; ".join(str(w.message) for w in caught)))
     return results
 
 

@@ -1,5 +1,6 @@
 """The fastlm command line: subcommands, env report, env --build."""
 
+import re
 import subprocess
 import sys
 
@@ -61,6 +62,7 @@ def test_env_build_builds_cpu_and_explains_cuda():
     assert "extension builds (--build)" in out
     build_lines = out.split("extension builds (--build)")[1].split("backends per op")[0]
     assert "cpu" in build_lines and "OK in" in build_lines
+    assert re.search(r"^\s+text\s+OK in .*libfastlm_text\.so$", build_lines, re.MULTILINE)
     import torch
 
     if torch.version.cuda is None:
