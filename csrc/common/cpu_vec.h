@@ -3,6 +3,7 @@
 // the build enables them, see fastlm/_build.py); no intrinsics are needed for correctness.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -110,6 +111,31 @@ inline float exp_neg(float x) {
   // __builtin_bit_cast rather than memcpy: GCC vectorises loops around it, not around memcpy.
   const float scale = __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
   return x < -87.0f ? 0.0f : p * scale;
+}
+
+// max(init, x[0], ..., x[n-1]). Eight running maxima where AVX2 is available: the scalar loop
+// is one serial chain of compares (GCC does not reorder float max without -ffast-math), and
+// at head dim 32 it cost as much as both GEMMs of an attention tile.
+inline float row_max(const float* x, int n, float init) {
+  int i = 0;
+  float m = init;
+#if defined(__AVX2__)
+  if (n >= 8) {
+    __m256 a = _mm256_loadu_ps(x), b = a;
+    for (i = 8; i + 16 <= n; i += 16) {
+      a = _mm256_max_ps(a, _mm256_loadu_ps(x + i));
+      b = _mm256_max_ps(b, _mm256_loadu_ps(x + i + 8));
+    }
+    for (; i + 8 <= n; i += 8) a = _mm256_max_ps(a, _mm256_loadu_ps(x + i));
+    a = _mm256_max_ps(a, b);
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    m = std::max(m, _mm_cvtss_f32(h));
+  }
+#endif
+  for (; i < n; ++i) m = std::max(m, x[i]);
+  return m;
 }
 
 // x[i] = exp_neg(x[i] - sub) for i < n, eight lanes at a time where AVX2 is available (the

@@ -28,9 +28,7 @@ struct KvCache {
 // into the tile loop it did not, and the exp is a third of the forward's arithmetic).
 __attribute__((noinline)) bool softmax_row(float* __restrict sr, float& m, float& l,
                                            float* __restrict acc, int d) {
-  float mx = kNegInf;
-  for (int j = 0; j < BK; ++j) mx = std::max(mx, sr[j]);
-  const float m_new = std::max(m, mx);
+  const float m_new = row_max(sr, BK, m);
   if (m_new == kNegInf) {
     for (int j = 0; j < BK; ++j) sr[j] = 0.0f;
     return false;
