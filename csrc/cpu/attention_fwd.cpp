@@ -2,6 +2,7 @@
 // softmax, so the (Sq, Sk) score matrix never exists; O(BQ * BK) scratch per thread.
 #include <omp.h>
 
+#include <memory>
 #include <vector>
 
 #include "cpu/attention_tile.h"
@@ -11,33 +12,45 @@ namespace {
 
 using namespace attn;
 
+// Key tiles per online-softmax step: the scores of up to kSub * BK keys are computed (one
+// GEMM per BK tile of K^T), then softmaxed and multiplied into V as one block, so the
+// per-row work of a step (max, rescaling the accumulator, bookkeeping) and the load/store of
+// the accumulator in the P V GEMM happen once per 256 keys instead of once per 64: at head
+// dim 32 that per-row work was as large as the GEMMs.
+constexpr int kSub = 4;
+
 struct FwdScratch {
   std::vector<float> q, s, acc, m, l;
-  explicit FwdScratch(int d) : q(BQ * d), s(BQ * BK), acc(BQ * d), m(BQ), l(BQ) {}
+  explicit FwdScratch(int d) : q(BQ * d), s(BQ * BK * kSub), acc(BQ * d), m(BQ), l(BQ) {}
 };
 
 // K (transposed per tile) and V of every (sequence, kv head) in fp32, converted once before
 // the query tiles run: each is read by all Sq / BQ query tiles of the Hq / Hkv heads sharing it.
+// One uninitialised allocation for all of them (the loaders write every float, padding
+// included): a zero-filled vector per head was a memset and a malloc per head per call.
 struct KvCache {
-  std::vector<std::vector<float>> kt, v;
+  std::unique_ptr<float[]> data;
+  std::vector<size_t> offset;  // unit u = b * heads_kv + hk: kt at offset[u], v after it
+  float* kt(int64_t u) const { return data.get() + offset[u]; }
+  float* v(int64_t u) const { return data.get() + offset[u] + (offset[u + 1] - offset[u]) / 2; }
 };
 
-// Online-softmax update of one row given its masked scores sr (BK wide): turns sr into P and
-// rescales the row's accumulator. Returns false when the row has seen no visible key yet.
+// Online-softmax update of one row given its masked scores sr (`width` wide): turns sr into P
+// and rescales the row's accumulator. Returns false when the row has seen no visible key yet.
 // Not inlined: compiled on its own, with plain pointer arguments, GCC vectorises its loops (inlined
 // into the tile loop it did not, and the exp is a third of the forward's arithmetic).
-__attribute__((noinline)) bool softmax_row(float* __restrict sr, float& m, float& l,
+__attribute__((noinline)) bool softmax_row(float* __restrict sr, int width, float& m, float& l,
                                            float* __restrict acc, int d) {
-  const float m_new = row_max(sr, BK, m);
+  const float m_new = row_max(sr, width, m);
   if (m_new == kNegInf) {
-    for (int j = 0; j < BK; ++j) sr[j] = 0.0f;
+    for (int j = 0; j < width; ++j) sr[j] = 0.0f;
     return false;
   }
   const float alpha = exp_neg(m - m_new);  // 0 on the first visible tile (m = -inf)
-  exp_neg_sub(sr, BK, m_new);
+  exp_neg_sub(sr, width, m_new);
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-  for (int j = 0; j < BK; ++j) sum += sr[j];
+  for (int j = 0; j < width; ++j) sum += sr[j];
   l = l * alpha + sum;
   m = m_new;
   if (alpha != 1.0f)
@@ -59,20 +72,25 @@ void fwd_tile(const AttnParams& p, const T* q, const KvCache& kv, T* out, float*
   std::fill(w.acc.begin(), w.acc.end(), 0.0f);
   std::fill(w.m.begin(), w.m.end(), kNegInf);
   std::fill(w.l.begin(), w.l.end(), 0.0f);
-  const std::vector<float>& kt = kv.kt[b * p.heads_kv + hk];
-  const std::vector<float>& vv = kv.v[b * p.heads_kv + hk];
+  const float* kt = kv.kt(b * p.heads_kv + hk);
+  const float* vv = kv.v(b * p.heads_kv + hk);
   const int jlo = key_range(p, s, i0).lo, jhi = key_range(p, s, i0 + n - 1).hi;
-  for (int j0 = jlo - jlo % BK; j0 < jhi; j0 += BK) {
-    const int nk = std::min(BK, s.sk - j0);
-    const float* ktile = &kt[static_cast<size_t>(j0) * d];  // tile j0 / BK of d x BK floats
-    const float* vtile = &vv[static_cast<size_t>(j0) * d];
-    gemm(n, BK, d, w.q.data(), d, 1, ktile, BK, w.s.data(), BK, false);  // S = Q K^T
-    for (int i = 0; i < n; ++i) {
-      float* sr = &w.s[i * BK];
-      mask_row(p, sr, j0, nk, key_range(p, s, i0 + i), kpm, nullptr);
-      softmax_row(sr, w.m[i], w.l[i], &w.acc[i * d], d);
+  for (int j0 = jlo - jlo % BK; j0 < jhi; j0 += kSub * BK) {
+    const int nsub = std::min(kSub, (jhi - j0 + BK - 1) / BK);  // BK tiles in this step
+    const int width = nsub * BK, nk = std::min(width, s.sk - j0);
+    for (int t = 0; t < nsub; ++t) {  // S = Q K^T, tile t of d x BK floats of K^T per BK keys
+      const float* ktile = kt + static_cast<size_t>(j0 + t * BK) * d;
+      gemm(n, BK, d, w.q.data(), d, 1, ktile, BK, w.s.data() + t * BK, width, false);
     }
-    gemm(n, d, nk, w.s.data(), BK, 1, vtile, d, w.acc.data(), d, true);  // acc += P V
+    for (int i = 0; i < n; ++i) {
+      float* sr = &w.s[i * width];
+      const Range r = key_range(p, s, i0 + i);
+      for (int t = 0; t < nsub; ++t)
+        mask_row(p, sr + t * BK, j0 + t * BK, std::min(BK, s.sk - j0 - t * BK), r, kpm, nullptr);
+      softmax_row(sr, width, w.m[i], w.l[i], &w.acc[i * d], d);
+    }
+    const float* vtile = vv + static_cast<size_t>(j0) * d;
+    gemm(n, d, nk, w.s.data(), width, 1, vtile, d, w.acc.data(), d, true);  // acc += P V
   }
   for (int i = 0; i < n; ++i) {
     T* o = row(out, p.o, b, h, s.q0 + i0 + i);
@@ -93,14 +111,17 @@ void fwd(const AttnParams& p, const T* q, const T* k, const T* v, T* out, float*
   const int nblk = (max_seqlen_q(p) + BQ - 1) / BQ;
   const int64_t units = static_cast<int64_t>(p.batch) * p.heads_q * nblk;
   KvCache kv;
-  kv.kt.resize(static_cast<size_t>(p.batch) * p.heads_kv);
-  kv.v.resize(kv.kt.size());
+  const int64_t nkv = static_cast<int64_t>(p.batch) * p.heads_kv;
+  kv.offset.resize(nkv + 1, 0);
+  for (int64_t u = 0; u < nkv; ++u)
+    kv.offset[u + 1] = kv.offset[u] + 2 * head_floats(sequence(p, static_cast<int>(u / p.heads_kv)).sk, p.head_dim);
+  kv.data.reset(new float[std::max<size_t>(1, kv.offset[nkv])]);
 #pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t u = 0; u < static_cast<int64_t>(kv.kt.size()); ++u) {
+  for (int64_t u = 0; u < nkv; ++u) {
     const int b = static_cast<int>(u / p.heads_kv), hk = static_cast<int>(u % p.heads_kv);
     const Seq s = sequence(p, b);
-    load_head_t(p, k, p.k, b, hk, s.k0, s.sk, kv.kt[u]);
-    load_head(p, v, p.v, b, hk, s.k0, s.sk, kv.v[u]);
+    load_head_t(p, k, p.k, b, hk, s.k0, s.sk, kv.kt(u));
+    load_head(p, v, p.v, b, hk, s.k0, s.sk, kv.v(u));
   }
 #pragma omp parallel
   {

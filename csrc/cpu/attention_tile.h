@@ -153,23 +153,38 @@ inline void load_rows_t(const T* base, const AttnStrides& st, int b, int h, int6
   }
 }
 
+// Floats of one head's n rows padded to whole key tiles (load_head / load_head_t write this many).
+inline size_t head_floats(int n, int d) { return static_cast<size_t>((n + BK - 1) / BK * BK) * d; }
+
 template <typename T>
 inline void load_head(const AttnParams& p, const T* x, const AttnStrides& st, int b, int h, int64_t t0,
-               int n, std::vector<float>& dst, float mul = 1.0f) {
+                      int n, float* dst, float mul = 1.0f) {
   const int padded = (n + BK - 1) / BK * BK;  // whole tiles, zero rows past n
-  dst.resize(static_cast<size_t>(padded) * p.head_dim);
-  load_rows(x, st, b, h, t0, n, p.head_dim, dst.data(), mul, padded);
+  load_rows(x, st, b, h, t0, n, p.head_dim, dst, mul, padded);
+}
+
+template <typename T>
+inline void load_head(const AttnParams& p, const T* x, const AttnStrides& st, int b, int h, int64_t t0,
+                      int n, std::vector<float>& dst, float mul = 1.0f) {
+  dst.resize(head_floats(n, p.head_dim));
+  load_head(p, x, st, b, h, t0, n, dst.data(), mul);
 }
 
 // kt/vt: the unit's keys and values transposed per BK tile: tile t is a (d x BK) block.
 template <typename T>
 inline void load_head_t(const AttnParams& p, const T* x, const AttnStrides& st, int b, int h, int64_t t0,
-                 int n, std::vector<float>& dst) {
+                        int n, float* dst) {
   const int tiles = (n + BK - 1) / BK;
-  dst.resize(static_cast<size_t>(tiles) * p.head_dim * BK);
   for (int t = 0; t < tiles; ++t)
     load_rows_t(x, st, b, h, t0 + t * BK, std::min(BK, n - t * BK), p.head_dim,
-                &dst[static_cast<size_t>(t) * p.head_dim * BK]);
+                dst + static_cast<size_t>(t) * p.head_dim * BK);
+}
+
+template <typename T>
+inline void load_head_t(const AttnParams& p, const T* x, const AttnStrides& st, int b, int h, int64_t t0,
+                        int n, std::vector<float>& dst) {
+  dst.resize(head_floats(n, p.head_dim));
+  load_head_t(p, x, st, b, h, t0, n, dst.data());
 }
 
 }  // namespace attn
