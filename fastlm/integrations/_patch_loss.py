@@ -11,6 +11,11 @@ Three per-instance pieces, nothing global:
   the head module's call* is what makes DeepSpeed ZeRO-3 work: its hooks gather the head's
   partitioned weight around that call (and the gradients are computed in the forward).
 Outside training, without labels, or with ``logits_to_keep``, HF's own path runs unchanged.
+
+Masked LMs (BERT) compute their loss inline, not through ``loss_function``: there the model's
+forward runs with the decoder deferred and without labels (so it returns the transformed hidden
+states as "logits" and no loss), then calls the decoder on the labelled positions only: MLM
+labels ~15% of tokens, so the vocab-wide head runs on those alone.
 """
 
 from __future__ import annotations
@@ -26,9 +31,25 @@ LOSS_MODEL_TYPES = {"gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "phi3
                     "opt"}
 
 
+# Masked LMs whose forward was read to be cls(sequence_output) -> CrossEntropyLoss(logits,
+# labels) with the head's last step an nn.Linear at cls.predictions.decoder.
+MLM_MODEL_TYPES = {"bert"}
+
+
+def mlm_head(model) -> torch.nn.Linear | None:
+    """The decoder of a BERT-style masked-LM head, or None."""
+    if getattr(getattr(model, "config", None), "model_type", None) not in MLM_MODEL_TYPES:
+        return None
+    head = getattr(getattr(getattr(model, "cls", None), "predictions", None), "decoder", None)
+    return head if isinstance(head, torch.nn.Linear) else None
+
+
 def loss_unsupported(model) -> str | None:
     cfg = getattr(model, "config", None)
     mtype = getattr(cfg, "model_type", None)
+    if mtype in MLM_MODEL_TYPES:
+        return None if mlm_head(model) is not None else (
+            f"{type(model).__name__} has no masked-LM head (cls.predictions.decoder)")
     if mtype not in LOSS_MODEL_TYPES:
         return f"model type {mtype!r} is not one whose LM-head path was verified"
     if getattr(cfg, "final_logit_softcapping", None):
@@ -94,5 +115,37 @@ def model_forward(model, head):
         # a new output without logits (setting the field to None would leave it in the
         # mapping, which is what DeepSpeed's output hooks rebuild the object from)
         return type(out)(**{k: v for k, v in out.items() if k != "logits"})
+
+    return forward
+
+
+def mlm_forward(model, head):
+    """The masked-LM model's forward: in training with labels, the fused loss over the
+    labelled positions (mean over them, as HF's CrossEntropyLoss with ignore_index -100)."""
+    cls_forward = type(model).forward
+
+    @functools.wraps(cls_forward)
+    def forward(self, *args, **kwargs):
+        labels = kwargs.get("labels")
+        if not (self.training and labels is not None):
+            return cls_forward(self, *args, **kwargs)
+        head.__dict__["_fastlm_defer"] = True
+        try:
+            out = cls_forward(self, *args, **dict(kwargs, labels=None))
+        finally:
+            head.__dict__.pop("_fastlm_defer", None)
+        tuple_out = isinstance(out, tuple)
+        hidden = out[0] if tuple_out else out.logits
+        if hidden is None or hidden.shape[-1] != head.in_features or \
+                hidden.shape[:-1] != labels.shape:
+            raise RuntimeError(
+                f"fastlm.patch(loss=True): {type(self).__name__}.forward did not return its "
+                "masked-LM head's output as logits; patch this model with loss=False")
+        flat = labels.reshape(-1).to(hidden.device)
+        keep = flat != -100
+        loss = head(hidden.reshape(-1, hidden.shape[-1])[keep], labels=flat[keep])
+        if tuple_out:  # return_dict=False: (loss, logits, ...)
+            return (loss, None) + out[1:]
+        return type(out)(**{k: v for k, v in out.items() if k != "logits"}, loss=loss)
 
     return forward

@@ -27,6 +27,8 @@ from fastlm.integrations._patch_loss import (
     head_forward,
     loss_unsupported,
     make_loss_function,
+    mlm_forward,
+    mlm_head,
     model_forward,
 )
 from fastlm.integrations._patch_rope import rope_forward, rope_target
@@ -54,7 +56,7 @@ PATCH_TABLE = {
     "opt": {"norm": "LayerNorm", "mlp": "ReLU: left alone (nothing to fuse)",
             "rope": "none (learned)", "loss": "fused"},
     "bert": {"norm": "LayerNorm", "mlp": "GELU: left alone (one torch kernel already)",
-             "rope": "none (learned)", "loss": "none (not a causal LM)"},
+             "rope": "none (learned)", "loss": "fused masked-LM head (labelled positions only)"},
 }
 
 _GELU_TANH = {"NewGELUActivation", "GELUTanh", "PytorchGELUTanh", "GELUPytorchTanh"}
@@ -149,6 +151,12 @@ def _patch_loss(model, h: PatchHandle) -> None:
     reason = loss_unsupported(model)
     if reason is not None:
         h.skipped["loss"] = reason
+        return
+    mlm = mlm_head(model)
+    if mlm is not None:  # masked LM: the loss is computed inline, not by loss_function
+        _set_forward(h, mlm, head_forward)
+        _set_forward(h, model, mlm_forward(model, mlm))
+        h.swapped["loss"] = 1
         return
     head = model.get_output_embeddings()
     _set_forward(h, head, head_forward)

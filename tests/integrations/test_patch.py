@@ -116,6 +116,57 @@ def test_fused_training_loss_matches_hf(kind, accumulate):
         model.get_output_embeddings().__dict__
 
 
+@pytest.mark.parametrize("return_dict", [True, False])
+def test_fused_masked_lm_loss_matches_hf(return_dict):
+    """BERT's masked-LM loss: the patched model runs the vocab-wide decoder on the labelled
+    positions only (fused with the cross-entropy); loss and every gradient equal HF's."""
+    from transformers import AutoModelForMaskedLM
+
+    conf = AutoConfig.for_model("bert", vocab_size=96, hidden_dropout_prob=0.0,
+                                attention_probs_dropout_prob=0.0, **ARCHS["bert"])
+    torch.manual_seed(0)
+    model = AutoModelForMaskedLM.from_config(conf, attn_implementation="eager").train()
+    ids = torch.randint(1, 96, (3, 13))
+    mask = torch.ones_like(ids)
+    mask[2, 9:] = 0  # right padding
+    labels = torch.full_like(ids, -100)
+    picked = torch.rand(ids.shape) < 0.25
+    picked[0, 0] = True
+    labels[picked] = ids[picked]
+
+    def step():
+        model.zero_grad()
+        out = model(input_ids=ids, attention_mask=mask, labels=labels, return_dict=return_dict)
+        loss = out[0] if not return_dict else out.loss
+        loss.backward()
+        return out, loss, {n: p.grad.clone() for n, p in model.named_parameters()
+                           if p.grad is not None}
+
+    ref, ref_loss, ref_grads = step()
+    handle = fastlm.patch(model)
+    assert handle.swapped.get("loss") == 1
+    spy = []
+    decoder = model.cls.predictions.decoder
+    hook = decoder.register_forward_hook(lambda m, args, out: spy.append(args[0].shape))
+    out, loss, grads = step()
+    hook.remove()
+    # a pass-through call inside HF's forward (deferred), then the vocab-wide product on the
+    # labelled rows only
+    assert spy == [(3, 13, 64), (int(picked.sum()), 64)]
+    assert (out.logits if return_dict else out[1]) is None
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-3, atol=2e-5, msg=name)
+    model.eval()  # outside training: HF's own path
+    with torch.no_grad():
+        ev = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert ev.logits is not None
+    torch.testing.assert_close(ev.loss, ref_loss, rtol=1e-5, atol=1e-6)
+    handle.undo()
+    assert "forward" not in model.__dict__ and "forward" not in decoder.__dict__
+
+
 def test_fused_rope_only_runs_in_patched_instances(monkeypatch):
     import fastlm.ops
 
