@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import json
 import os
 import unicodedata
@@ -24,18 +25,21 @@ from fastlm.data import native
 OTHER, LETTER, NUMBER, SPACE, UNSURE = 0, 1, 2, 3, 4
 # Oniguruma's \s (the tokenizers library's regex engine): Unicode's White_Space property.
 WHITE_SPACE = [*range(0x09, 0x0E), 0x20, 0x85, 0xA0, 0x1680, *range(0x2000, 0x200B), 0x2028,
-               0x202F, 0x205F, 0x3000]
+               0x2029, 0x202F, 0x205F, 0x3000]
 
 
 def char_classes() -> np.ndarray:
     """(0x110000,) uint8 class of every code point, from Python's Unicode database (cached on
-    disk per Unicode version: computing it takes ~0.5 s)."""
-    return _char_classes(unicodedata.unidata_version)
+    disk, named by the Unicode version and a hash of this module's rules: computing it takes
+    ~0.5 s)."""
+    rules = repr((WHITE_SPACE, OTHER, LETTER, NUMBER, SPACE, UNSURE, ("Cn", "Cs"), "L", "N"))
+    return _char_classes(unicodedata.unidata_version,
+                         hashlib.sha256(rules.encode()).hexdigest()[:12])
 
 
 @functools.cache
-def _char_classes(version: str) -> np.ndarray:
-    path = native.cache_root() / f"text-char-classes-{version}-v1.npy"
+def _char_classes(version: str, rules: str) -> np.ndarray:
+    path = native.cache_root() / f"text-char-classes-{version}-{rules}.npy"
     try:
         table = np.load(path)
         if table.shape == (0x110000,) and table.dtype == np.uint8:
@@ -70,7 +74,7 @@ class NativeBpe:
     def __del__(self):
         if getattr(self, "_model", None):
             self._lib.fastlm_bpe_free(self._model)
-            self._model = None
+            self._model = None  # freed once, even if __del__ runs again
 
     @classmethod
     def for_tokenizer(cls, backend) -> NativeBpe | None:
@@ -119,7 +123,7 @@ class NativeBpe:
         unsure = np.zeros(max(1, len(blobs)), dtype=np.uint8)
         ptr = lambda a: a.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
         total = self._lib.fastlm_bpe_encode(self._model, ptr(text), ptr(offsets), len(blobs),
-                                            threads or len(os.sched_getaffinity(0)), ptr(out),
+                                            threads or _cpus(), ptr(out),
                                             ptr(out_offsets), ptr(unsure))
         ids = out[:total]
         pieces = [ids[out_offsets[d]:out_offsets[d + 1]] for d in range(len(blobs))]
@@ -132,8 +136,9 @@ def pretokenize(text: str) -> list[tuple[int, int]] | None:
     form of the library's ``pre_tokenizers.ByteLevel().pre_tokenize_str`` (tests compare the
     two); None where the text holds a code point of unsure class."""
     lib = native.load()
-    data = np.frombuffer(text.encode("utf-8", "surrogatepass") or b"\0", dtype=np.uint8)
-    n = len(text.encode("utf-8", "surrogatepass"))
+    raw = text.encode("utf-8", "surrogatepass")
+    data = np.frombuffer(raw or b"\0", dtype=np.uint8)
+    n = len(raw)
     ends = np.empty(max(1, n), dtype=np.int64)
     ptr = lambda a: a.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
     k = lib.fastlm_pretokenize(ptr(char_classes()), ptr(data), n, ptr(ends))
@@ -142,6 +147,14 @@ def pretokenize(text: str) -> list[tuple[int, int]] | None:
     chars = np.concatenate(([0], np.cumsum((data[:n] & 0xC0) != 0x80)))  # byte -> char offset
     cuts = [0] + [int(chars[e]) for e in ends[:k]]
     return list(zip(cuts[:-1], cuts[1:]))
+
+
+def _cpus() -> int:
+    """CPUs this process may run on (the affinity mask under taskset/cgroups)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _supported(spec: dict) -> bool:

@@ -35,6 +35,18 @@ def library_ids(tok, texts):
     return [e.ids for e in tok.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
 
 
+def assert_same_ids(got, ref, texts):
+    """Equal id lists, reporting the first differing document briefly (pytest's diff of
+    thousands of long lists takes minutes)."""
+    assert len(got) == len(ref)
+    bad = next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), None)
+    if bad is not None:
+        a, b = got[bad], ref[bad]
+        k = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        raise AssertionError(f"document {bad} ({texts[bad][:60]!r}...) differs at token {k}: "
+                             f"{a[k:k + 5]} vs the library's {b[k:k + 5]}")
+
+
 def native_ids(tok, texts, threads=2):
     enc = B.NativeBpe.for_tokenizer(tok.backend_tokenizer)
     assert enc is not None
@@ -71,7 +83,8 @@ def test_bpe_matches_library_on_real_text_any_thread_count(tok):
     ref = library_ids(tok, TEXT)
     for threads in (1, 2, 3):
         ids, left = native_ids(tok, TEXT, threads)
-        assert ids == ref and left == []
+        assert left == []
+        assert_same_ids(ids, ref, TEXT)
 
 
 def test_bpe_matches_library_for_every_code_point(tok):
@@ -87,7 +100,7 @@ def test_bpe_matches_library_for_every_code_point(tok):
             for i in range(0, len(cps), 400)]
     ids, left = native_ids(tok, docs)
     assert left == []
-    assert ids == library_ids(tok, docs)
+    assert_same_ids(ids, library_ids(tok, docs), docs)
 
 
 def test_bpe_leaves_unknown_code_points_to_the_library(tok):
@@ -104,7 +117,8 @@ def test_bpe_small_vocab_long_merge_chains(tmp_path, lib):
     tok = train_bpe(TEXT[:40] * 3, 300, tmp_path / "small")  # few merges: long words stay split
     docs = TEXT[40:80] + ["x" * 1000, "ab" * 700]
     ids, left = native_ids(tok, docs)
-    assert left == [] and ids == library_ids(tok, docs)
+    assert left == []
+    assert_same_ids(ids, library_ids(tok, docs), docs)
 
 
 def test_bpe_other_tokenizers_use_the_library(tmp_path, lib):
