@@ -10,6 +10,7 @@ library, so the ids are always the library's.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -51,10 +52,14 @@ def _char_classes(version: str, rules: str) -> np.ndarray:
         (UNSURE if (cat := unicodedata.category(chr(cp))) in ("Cn", "Cs") else kind.get(cat[0], OTHER)
          for cp in range(0x110000)), dtype=np.uint8, count=0x110000)
     table[WHITE_SPACE] = SPACE
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npy")
-    np.save(tmp, table)
-    os.replace(tmp, path)
+    try:  # the cache only saves time: a read-only cache directory is not an error
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(tmp, table)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
     return table
 
 

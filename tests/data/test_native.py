@@ -257,3 +257,16 @@ def test_pretokenizer_matches_library_for_every_code_point(lib):
             k = next(i for i, (a, b) in enumerate(zip(got, ref)) if a != b)
             raise AssertionError(f"first difference at piece {k}: {text[ref[k][0]:ref[k][1]]!r} "
                                  f"(library) vs {text[got[k][0]:got[k][1]]!r}")
+
+
+def test_char_class_table_without_a_writable_cache(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("FASTLM_CACHE_DIR", str(blocker / "cache"))  # mkdir under a file fails
+    expected = B.char_classes()
+    B._char_classes.cache_clear()
+    try:
+        assert np.array_equal(B.char_classes(), expected)
+    finally:
+        B._char_classes.cache_clear()
+    assert list(tmp_path.iterdir()) == [blocker]
