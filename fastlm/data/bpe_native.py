@@ -181,20 +181,23 @@ def _byte_decoder() -> dict[str, int]:
     return {ch: b for b, ch in enumerate(_bytes_to_unicode())}
 
 
-def encode_documents(tok, texts: list[str], eos: int, threads: int | None = None) -> list[np.ndarray]:
-    """Token ids of each text plus ``eos``, as the tokenizer ``tok`` (a fast HF tokenizer)
-    gives them without special tokens: natively where possible, else by the library."""
+def encode_documents(tok, texts: list[str], eos: int | None,
+                     threads: int | None = None) -> list[np.ndarray]:
+    """Token ids of each text (plus ``eos`` unless None), as the tokenizer ``tok`` (a fast HF
+    tokenizer) gives them without special tokens: natively where possible, else by the
+    library."""
     backend = tok.backend_tokenizer
     enc = _native_for(backend)
+    tail = [] if eos is None else [eos]
     if enc is None:
-        return [np.array(e.ids + [eos], dtype=np.int64)
+        return [np.array(e.ids + tail, dtype=np.int64)
                 for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
     pieces, left = enc.encode(texts, threads)
     if left:
         redo = backend.encode_batch_fast([texts[d] for d in left], add_special_tokens=False)
         for d, e in zip(left, redo):
             pieces[d] = np.asarray(e.ids, dtype=np.int32)
-    eos_arr = np.array([eos], dtype=np.int64)
+    eos_arr = np.array(tail, dtype=np.int64)
     return [np.concatenate((p, eos_arr)) for p in pieces]
 
 

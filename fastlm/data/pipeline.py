@@ -289,14 +289,17 @@ def _tokenize(tok, docs, eos: int, sft: bool, progress: bool, name: str):
             # fastlm's C++ BPE encoder where it reproduces this tokenizer, else the library
             tokens += encode_documents(tok, [r["text"] for r in chunk], eos)
             continue
+        # every segment of the chunk in one batch, each encoded on its own (as the model
+        # will see a prompt end and a response start)
+        parts = iter(encode_documents(tok, [t for r in chunk for t, _ in r["segments"]], None))
         for r in chunk:
             ids, mask = [], []
-            for text, flag in r["segments"]:
-                piece = tok(text, add_special_tokens=False)["input_ids"] if text else []
-                ids += piece
-                mask += [flag] * len(piece)
-            tokens.append(ids + [eos])
-            masks.append(mask + [1])  # the model learns to end its response
+            for _text, flag in r["segments"]:
+                piece = next(parts)
+                ids.append(piece)
+                mask.append(np.full(len(piece), flag, dtype=np.uint8))
+            tokens.append(np.concatenate(ids + [np.array([eos], dtype=np.int64)]))
+            masks.append(np.concatenate(mask + [np.ones(1, np.uint8)]))  # learn to end
     return tokens, masks
 
 

@@ -203,3 +203,30 @@ def test_tail_split_takes_the_last_documents(tmp_path):
                   progress=False)
     tok = load_tokenizer(out)
     assert [tok.decode(d[:-1]) for d in read_docs(out, "val")] == [doc(8), doc(9)]
+
+
+def test_sft_with_bpe_tokenizes_each_segment_as_the_library_does(tmp_path):
+    """Prompt and response are tokenized separately (fastlm's C++ encoder); the shard holds
+    exactly the library's ids of each segment, the mask 1 on the response and the EOS."""
+    from fastlm.data.pipeline import ASSISTANT, USER
+
+    path = tmp_path / "sft.jsonl"
+    rows = [{"prompt": f"Question {i}: what's {doc(i, 6)}?", "response": f"Answer {i}: {doc(i + 50, 9)}."}
+            for i in range(30)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = prepare([path], tmp_path / "o", tokenizer="bpe", vocab_size=300, sft=True,
+                  val_fraction=0.0, progress=False)
+    tok = load_tokenizer(out)
+    sh = open_split(out, "train").shards[0]
+    toks, mask = np.asarray(sh.tokens), np.asarray(sh.mask)
+    lib = tok.backend_tokenizer
+    seen = 0
+    for a, b in zip(sh.doc_starts[:-1], sh.doc_starts[1:]):
+        text = tok.decode(toks[a:b][:-1])
+        row = next(r for r in rows if r["response"] in text)
+        prompt = lib.encode(USER + row["prompt"] + "\n" + ASSISTANT, add_special_tokens=False).ids
+        response = lib.encode(row["response"], add_special_tokens=False).ids
+        assert toks[a:b].tolist() == prompt + response + [tok.eos_token_id]
+        assert mask[a:b].tolist() == [0] * len(prompt) + [1] * (len(response) + 1)
+        seen += 1
+    assert seen == 30
