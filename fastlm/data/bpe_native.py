@@ -11,7 +11,6 @@ library, so the ids are always the library's.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import hashlib
 import json
@@ -21,6 +20,7 @@ import unicodedata
 import numpy as np
 
 from fastlm.data import native
+from fastlm.data.native import ptr
 
 # Code point classes of the pre-tokenizer's regex (see csrc/text/bpe.cpp).
 OTHER, LETTER, NUMBER, SPACE, UNSURE = 0, 1, 2, 3, 4
@@ -70,11 +70,9 @@ class NativeBpe:
     def __init__(self, lib, byte_ids, left, right, merged, specials: list[str]):
         self._lib = lib
         self._specials = specials
-        cls = char_classes()
-        self._keep = (byte_ids, left, right, merged, cls)
-        ptr = lambda a: a.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
+        # fastlm_bpe_new copies all of these: nothing needs to outlive the call
         self._model = lib.fastlm_bpe_new(ptr(byte_ids), ptr(left), ptr(right), ptr(merged),
-                                         len(left), ptr(cls))
+                                         len(left), ptr(char_classes()))
 
     def __del__(self):
         if getattr(self, "_model", None):
@@ -119,14 +117,10 @@ class NativeBpe:
         to the caller (their arrays are empty)."""
         blobs = [b"" if any(s in t for s in self._specials) else t.encode("utf-8", "surrogatepass")
                  for t in texts]
-        lengths = np.fromiter(map(len, blobs), dtype=np.int64, count=len(blobs))
-        offsets = np.zeros(len(blobs) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        text = np.frombuffer(b"".join(blobs), dtype=np.uint8) if offsets[-1] else np.zeros(1, np.uint8)
+        text, offsets = native.pack(blobs)
         out = np.empty(max(1, int(offsets[-1])), dtype=np.int32)
         out_offsets = np.empty(len(blobs) + 1, dtype=np.int64)
         unsure = np.zeros(max(1, len(blobs)), dtype=np.uint8)
-        ptr = lambda a: a.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
         total = self._lib.fastlm_bpe_encode(self._model, ptr(text), ptr(offsets), len(blobs),
                                             threads or _cpus(), ptr(out),
                                             ptr(out_offsets), ptr(unsure))
@@ -141,11 +135,9 @@ def pretokenize(text: str) -> list[tuple[int, int]] | None:
     form of the library's ``pre_tokenizers.ByteLevel().pre_tokenize_str`` (tests compare the
     two); None where the text holds a code point of unsure class."""
     lib = native.load()
-    raw = text.encode("utf-8", "surrogatepass")
-    data = np.frombuffer(raw or b"\0", dtype=np.uint8)
-    n = len(raw)
+    data, offsets = native.pack([text.encode("utf-8", "surrogatepass")])
+    n = int(offsets[-1])
     ends = np.empty(max(1, n), dtype=np.int64)
-    ptr = lambda a: a.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
     k = lib.fastlm_pretokenize(ptr(char_classes()), ptr(data), n, ptr(ends))
     if k < 0:
         return None

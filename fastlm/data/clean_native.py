@@ -13,6 +13,7 @@ import numpy as np
 
 from fastlm.data import clean as C
 from fastlm.data import native
+from fastlm.data.native import ptr
 
 _BASE_REASONS = (None, "empty", "too_short", "too_long", "dup_lines", "dup_line_chars")
 
@@ -60,34 +61,27 @@ def _permutations(num_perm: int, shingle: int) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(h.a), np.ascontiguousarray(h.b)
 
 
-def _ptr(a: np.ndarray):
-    return a.ctypes.data_as(ctypes.c_void_p)
-
-
 def _native(lib, texts, cfg):
     n = len(texts)
     if cfg.normalize_unicode:  # NFC in Python; ASCII is already NFC
         texts = [t if t.isascii() else unicodedata.normalize("NFC", t) for t in texts]
-    blobs = [t.encode() for t in texts]
-    offsets = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(np.fromiter(map(len, blobs), dtype=np.int64, count=n), out=offsets[1:])
-    raw = np.frombuffer(b"".join(blobs) or b"\0", dtype=np.uint8)
+    raw, offsets = native.pack([t.encode() for t in texts])
     normed = np.empty(max(1, int(offsets[-1])), dtype=np.uint8)
     out_offsets = np.empty(n + 1, dtype=np.int64)
-    lib.fastlm_clean_normalize(_ptr(raw), _ptr(offsets), n, int(cfg.strip_control),
-                               int(cfg.normalize_whitespace), _ptr(normed), _ptr(out_offsets))
+    lib.fastlm_clean_normalize(ptr(raw), ptr(offsets), n, int(cfg.strip_control),
+                               int(cfg.normalize_whitespace), ptr(normed), ptr(out_offsets))
     ngrams = sorted(cfg.max_top_ngram_char_frac.items())
     ns = np.array([k for k, _ in ngrams], dtype=np.int32)
     limits = np.array([v for _, v in ngrams], dtype=np.float64)
     a, b = _permutations(cfg.num_perm, cfg.shingle) if cfg.near_dedup else (ns, ns)
     params = _Params(cfg.min_chars, -1 if cfg.max_chars is None else cfg.max_chars,
                      int(cfg.repetition), cfg.max_dup_line_frac, cfg.max_dup_line_char_frac,
-                     len(ns), _ptr(ns), _ptr(limits), cfg.min_words_for_ngrams,
-                     int(cfg.near_dedup), cfg.num_perm, cfg.shingle, _ptr(a), _ptr(b))
+                     len(ns), ptr(ns), ptr(limits), cfg.min_words_for_ngrams,
+                     int(cfg.near_dedup), cfg.num_perm, cfg.shingle, ptr(a), ptr(b))
     codes = np.empty(max(1, n), dtype=np.int32)
     sigs = np.zeros((n, cfg.num_perm if cfg.near_dedup else 0), dtype=np.uint64)
-    lib.fastlm_clean_filter(_ptr(normed), _ptr(out_offsets), n, ctypes.byref(params),
-                            _ptr(codes), _ptr(sigs) if sigs.size else None)
+    lib.fastlm_clean_filter(ptr(normed), ptr(out_offsets), n, ctypes.byref(params),
+                            ptr(codes), ptr(sigs) if sigs.size else None)
     names = _BASE_REASONS + tuple(f"top_{k}gram" for k in ns.tolist())
     data = normed.tobytes()
     out = [data[out_offsets[d]:out_offsets[d + 1]].decode() for d in range(n)]

@@ -93,6 +93,21 @@ def load() -> ctypes.CDLL | None:
     return lib
 
 
+def ptr(a):
+    """A numpy array's data as a void pointer for the library's C functions."""
+    return a.ctypes.data_as(ctypes.c_void_p)
+
+
+def pack(blobs: list[bytes]):
+    """Documents as one uint8 buffer (never empty: C receives a valid pointer) and their
+    (n + 1,) int64 start offsets, the layout every text kernel reads."""
+    import numpy as np
+
+    offsets = np.zeros(len(blobs) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, blobs), dtype=np.int64, count=len(blobs)), out=offsets[1:])
+    return np.frombuffer(b"".join(blobs) or b"\0", dtype=np.uint8), offsets
+
+
 def _declare(lib: ctypes.CDLL) -> None:
     P, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
     lib.fastlm_bpe_new.restype = P
