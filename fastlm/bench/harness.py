@@ -83,7 +83,9 @@ def time_interleaved(
     """Time several implementations of one step in alternation: round r runs each once, in an
     order rotated by r. On a shared or throttling machine, speed drifts over seconds; timing
     A's calls then B's lets the drift land on one of them, alternating spreads it over all.
-    Returns (Timing per name, peak GPU memory in GiB per name; None on the CPU)."""
+    Returns (Timing per name, peak GPU memory in GiB per name; None on the CPU). The peak is
+    what a call needed above what was allocated when it began (activations, gradients created
+    in it, temporaries), so the other implementations' resident weights never count."""
     names = list(fns)
     for name in names:
         for i in range(warmup):
@@ -95,12 +97,13 @@ def time_interleaved(
         for name in names[r % len(names):] + names[:r % len(names)]:
             if device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
             t0 = time.perf_counter()
             fns[name](r)
             _sync(device)
             times[name].append((time.perf_counter() - t0) * 1e3)
             if device.startswith("cuda"):
-                gb = torch.cuda.max_memory_allocated() / 2**30
+                gb = (torch.cuda.max_memory_allocated() - base) / 2**30
                 peaks[name] = max(peaks[name] or 0.0, gb)
     out = {}
     for name, ts in times.items():

@@ -4,7 +4,17 @@ and eager attention: step time, tokens/s and peak memory, over sequence lengths.
 
 The implementations are timed in alternation. ``vs_best_peer`` is the ratio of medians;
 ``paired_vs_best_peer`` (fastlm's rows) the median over rounds of the fastest unpatched call
-over the patched one in the same round, the steadier of the two on a drifting machine."""
+over the patched one in the same round, the steadier of the two on a drifting machine.
+
+Sizes: small built-in shapes per model type (``--model-type``), or a real one from a model
+preset (``--preset llama-1b``: configs/models). On a GPU, Liger-Kernel joins as a peer when it
+is installed. Liger swaps functions at module level (the rotary function of a modeling file,
+for instance), which would change the other implementations' models in the same process, so
+its model is built and timed after every other measurement of the run.
+
+``peak_gb`` (GPU) is the model's own weights plus what one forward+backward allocates on top
+(activations, gradients, the logits and temporaries; no optimizer state): the peak that model
+would reach alone, whatever else the bench holds."""
 
 from __future__ import annotations
 
@@ -37,12 +47,19 @@ NO_DROPOUT = {"gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
               "opt": dict(dropout=0.0), "bert": dict(hidden_dropout_prob=0.0,
                                                       attention_probs_dropout_prob=0.0)}
 IMPLS = ("eager", "sdpa", "fastlm")
+OPTIONAL_IMPLS = ("liger",)  # GPU only, when installed; timed last (see the module docstring)
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model-type", default="llama",
+    parser.add_argument("--model-type", default=None,
                         help=f"one or more (comma-separated) of {', '.join(sorted(SIZES))}, "
-                             "or 'all'")
+                             "or 'all' (default llama), at the bench's small sizes")
+    parser.add_argument("--preset", default=None,
+                        help="instead: a model preset of configs/models (e.g. llama-1b, "
+                             "gpt2-124m) or a YAML file of HF config keys, at its real size")
+    parser.add_argument("--impls", default=None,
+                        help=f"comma list of {', '.join(IMPLS + OPTIONAL_IMPLS)} (default: "
+                             "the first three, and liger on a GPU when it is installed)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                         help="default: bf16 on GPU, fp32 on CPU")
@@ -57,27 +74,108 @@ def add_arguments(parser) -> None:
     parser.add_argument("--name", default=None)
 
 
-def _model(kind: str, impl: str, device: str, dtype: torch.dtype):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+def _config(kind: str, preset: str | None, max_len: int):
+    from transformers import AutoConfig
+
+    # dropout off: attention dropout would send every implementation to a different path
+    if preset is not None:
+        keys = _preset_keys(preset)
+        keys.pop("model_type")
+        conf = AutoConfig.for_model(kind, **{**keys, **NO_DROPOUT.get(kind, {})})
+    else:
+        conf = AutoConfig.for_model(kind, **SIZES[kind], **NO_DROPOUT.get(kind, {}))
+    ctx = "n_positions" if hasattr(conf, "n_positions") else "max_position_embeddings"
+    if hasattr(conf, ctx):
+        setattr(conf, ctx, max(getattr(conf, ctx) or 0, max_len, 4096 if preset is None else 0))
+    return conf
+
+
+def _preset_keys(preset: str) -> dict:
+    import yaml
+
+    from fastlm.cli import UserError
+    from fastlm.train.config import ConfigError
+    from fastlm.train.model import preset_path
+
+    try:
+        keys = yaml.safe_load(preset_path(preset).read_text()) or {}
+    except ConfigError as e:
+        raise UserError(f"--preset: {e}") from None
+    if "model_type" not in keys:
+        raise UserError(f"--preset {preset!r} has no model_type key")
+    return keys
+
+
+def _model(conf, impl: str, device: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     import fastlm
 
-    # dropout off: attention dropout would send every implementation to a different path
-    conf = AutoConfig.for_model(kind, **SIZES[kind], **NO_DROPOUT.get(kind, {}))
-    if hasattr(conf, "n_positions"):
-        conf.n_positions = 4096
     torch.manual_seed(0)
-    attn = "sdpa" if impl == "fastlm" else impl
-    auto = AutoModelForMaskedLM if kind == "bert" else AutoModelForCausalLM
+    attn = impl if impl in ("eager", "sdpa") else "sdpa"
+    auto = AutoModelForMaskedLM if conf.model_type == "bert" else AutoModelForCausalLM
     model = auto.from_config(conf, attn_implementation=attn).to(device, dtype)
     if impl == "fastlm":
-        fastlm.patch(model)  # attention + norms + MLP activations
+        fastlm.patch(model)  # attention + norms + MLP activations + fused loss
+    elif impl == "liger":
+        _apply_liger(model)
     return model.train()
 
 
-def _kinds(spec: str) -> list[str]:
+def _liger_types() -> set[str] | None:
+    """Model types Liger-Kernel patches, or None when it is not installed."""
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError:
+        return None
+    return set(MODEL_TYPE_TO_APPLY_LIGER_FN)
+
+
+def _apply_liger(model) -> None:
+    # Liger's per-instance entry point: its defaults swap RMSNorm, rotary, SwiGLU and the
+    # fused linear cross-entropy, the same set fastlm.patch swaps
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(model=model)
+
+
+def _impls(spec: str | None, device: str) -> list[str]:
     from fastlm.cli import UserError
 
+    on_gpu = device.startswith("cuda")
+    if spec is None:
+        return list(IMPLS) + (["liger"] if on_gpu and _liger_types() is not None else [])
+    impls = [i.strip() for i in spec.split(",") if i.strip()]
+    bad = [i for i in impls if i not in IMPLS + OPTIONAL_IMPLS]
+    if bad or "fastlm" not in impls or len(impls) < 2:
+        raise UserError(f"--impls {spec!r}: choose fastlm and at least one peer from "
+                        f"{', '.join(IMPLS + OPTIONAL_IMPLS)}" + (f" (unknown: {bad})" if bad
+                                                                   else ""))
+    if "liger" in impls and not on_gpu:
+        raise UserError("--impls liger: Liger-Kernel's kernels are Triton GPU kernels; "
+                        "use --device cuda")
+    if "liger" in impls and _liger_types() is None:
+        raise UserError("--impls liger: Liger-Kernel is not installed (pip install liger-kernel)")
+    return impls
+
+
+def _params_gb(model) -> float:
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**30
+
+
+def _kinds(spec: str | None, preset: str | None) -> list[str]:
+    from fastlm.cli import UserError
+
+    if preset is not None:
+        kind = _preset_keys(preset)["model_type"]
+        if spec is not None and spec != kind:
+            raise UserError(f"--preset {preset!r} is a {kind} model; drop --model-type {spec}")
+        if kind not in SIZES:
+            raise UserError(f"--preset {preset!r}: model type {kind!r} is not one the bench "
+                            f"covers ({', '.join(sorted(SIZES))})")
+        return [kind]
+    spec = spec or "llama"
     kinds = sorted(SIZES) if spec == "all" else [k.strip() for k in spec.split(",") if k.strip()]
     bad = [k for k in kinds if k not in SIZES]
     if bad or not kinds:
@@ -89,36 +187,34 @@ def _kinds(spec: str) -> list[str]:
 def run(args) -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
         args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
-    kinds = _kinds(args.model_type)
-    tag = kinds[0] if len(kinds) == 1 else "all" if len(kinds) == len(SIZES) else "_".join(kinds)
+    kinds = _kinds(args.model_type, args.preset)
+    impls = _impls(args.impls, args.device)
+    if args.preset is not None:
+        tag = args.preset.rsplit("/", 1)[-1].removesuffix(".yaml")
+    else:
+        tag = kinds[0] if len(kinds) == 1 else "all" if len(kinds) == len(SIZES) else "_".join(kinds)
     report = harness.Report(
         name=args.name or f"model_{tag}_{args.device}",
         command="fastlm bench model " + shlex.join(sys.argv[3:]), device=args.device,
         env=harness.environment(args.device))
     seqlens = [int(x) for x in args.seqlens.split(",")]
+    together = [i for i in impls if i not in OPTIONAL_IMPLS]
+    later = [(k, i) for k in kinds for i in impls if i in OPTIONAL_IMPLS]
+    liger_types = _liger_types() if later else None
     for kind in tqdm(kinds, desc="bench model", disable=None):
-        models = {impl: _model(kind, impl, args.device, dtype) for impl in IMPLS}
-        vocab = models["eager"].config.vocab_size
+        conf = _config(kind, args.preset, max(seqlens))
+        models = {impl: _model(conf, impl, args.device, dtype) for impl in together}
         for s in seqlens:
-            ids = torch.randint(0, vocab, (args.batch, s), device=args.device)
-            steps = {impl: (lambda i, m=m, x=ids: m(x, labels=x).loss.backward())
-                     for impl, m in models.items()}
-            probe, _ = harness.time_interleaved(steps, device=args.device, warmup=1, repeat=1)
-            slowest = max(t.median_ms for t in probe.values()) * 1e-3
-            repeat = max(args.repeat, math.ceil(args.min_seconds / max(slowest, 1e-6)))
-            timings, peaks = harness.time_interleaved(steps, device=args.device, warmup=0,
-                                                      repeat=repeat)
-            paired = harness.paired_speedup(timings, "fastlm", [i for i in IMPLS
-                                                                if i != "fastlm"])
-            for impl, t in timings.items():
-                report.add(model=kind, impl=impl, dtype=str(dtype).split(".")[-1],
-                           seqlen=s, batch=args.batch, rounds=t.n, ms=t.median_ms,
-                           tokens_per_s=args.batch * s / (t.median_ms * 1e-3),
-                           peak_gb=peaks[impl],
-                           paired_vs_best_peer=paired if impl == "fastlm" else None)
-        for m in models.values():
-            m.zero_grad(set_to_none=True)
+            _time_lengths(args, report, kind, s, models, dtype)
         del models
+    for kind, impl in later:  # after everything else: Liger patches module-level functions
+        if impl == "liger" and kind not in liger_types:
+            print(f"liger: no Liger-Kernel patch for model type {kind!r}; no row")
+            continue
+        model = _model(_config(kind, args.preset, max(seqlens)), impl, args.device, dtype)
+        for s in seqlens:
+            _time_lengths(args, report, kind, s, {impl: model}, dtype)
+        del model
     harness.add_speedup(report, "vs_best_peer", ["model", "seqlen"],
                         lambda r: r["impl"] != "fastlm")
     print(harness.format_table(report.rows))
@@ -135,3 +231,29 @@ def run(args) -> int:
                                       ylabel="fastlm.patch speed / best of eager, sdpa"))
         print("wrote " + ", ".join(str(p) for p in paths))
     return 0
+
+
+def _time_lengths(args, report, kind: str, s: int, models: dict, dtype) -> None:
+    """Times one training step (forward + backward) of each model at length s, alternating."""
+    vocab = next(iter(models.values())).config.vocab_size
+    ids = torch.randint(0, vocab, (args.batch, s), device=args.device)
+
+    def step(i, m, x=ids):
+        m.zero_grad(set_to_none=True)  # gradients are made inside the step: in its peak
+        m(x, labels=x).loss.backward()
+
+    steps = {impl: (lambda i, m=m: step(i, m)) for impl, m in models.items()}
+    probe, _ = harness.time_interleaved(steps, device=args.device, warmup=1, repeat=1)
+    slowest = max(t.median_ms for t in probe.values()) * 1e-3
+    repeat = max(args.repeat, math.ceil(args.min_seconds / max(slowest, 1e-6)))
+    timings, peaks = harness.time_interleaved(steps, device=args.device, warmup=0, repeat=repeat)
+    paired = harness.paired_speedup(timings, "fastlm", [i for i in models if i != "fastlm"])
+    for impl, t in timings.items():
+        peak = peaks[impl]
+        report.add(model=kind, impl=impl, dtype=str(dtype).split(".")[-1], seqlen=s,
+                   batch=args.batch, rounds=t.n, ms=t.median_ms,
+                   tokens_per_s=args.batch * s / (t.median_ms * 1e-3),
+                   peak_gb=None if peak is None else peak + _params_gb(models[impl]),
+                   paired_vs_best_peer=paired if impl == "fastlm" else None)
+    for m in models.values():
+        m.zero_grad(set_to_none=True)

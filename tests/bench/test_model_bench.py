@@ -1,0 +1,93 @@
+"""``fastlm bench model``: presets at their real shapes, the choice of implementations, and
+Liger-Kernel's place in the run (built and timed after everything else)."""
+
+import json
+import sys
+import types
+
+import pytest
+
+from fastlm import cli
+from fastlm.bench import model as bm
+from fastlm.cli import UserError
+
+FAST = ["--seqlens", "9", "--batch", "1", "--repeat", "1", "--min-seconds", "0"]
+
+
+def test_preset_runs_at_its_own_shape(tmp_path):
+    assert cli.main(["bench", "model", "--preset", "tiny-llama", *FAST, "--out",
+                     str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "model_tiny-llama_cpu.json").read_text())["rows"]
+    assert {(r["model"], r["impl"]) for r in rows} == {("llama", i) for i in bm.IMPLS}
+    conf = bm._config("llama", "tiny-llama", 9)
+    assert (conf.hidden_size, conf.num_key_value_heads, conf.num_hidden_layers) == (128, 2, 4)
+
+
+def test_llama_1b_preset_has_llama_3_2_1b_shapes():
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    conf = bm._config("llama", "llama-1b", 2048)
+    with torch.device("meta"):
+        n = sum(p.numel() for p in AutoModelForCausalLM.from_config(conf).parameters())
+    assert 1.2e9 < n < 1.3e9 and conf.head_dim == 64 and conf.vocab_size == 128256
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--preset", "no-such-preset"], "not found"),
+    (["--preset", "tiny-llama", "--model-type", "gpt2"], "drop --model-type"),
+    (["--impls", "eager,sdpa"], "choose fastlm"),
+    (["--impls", "fastlm,triton"], "unknown"),
+    (["--impls", "fastlm,liger"], "GPU kernels"),
+])
+def test_bad_arguments_name_the_flag(argv, message, capsys):
+    assert cli.main(["bench", "model", *argv, *FAST]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_liger_requested_but_not_installed(monkeypatch):
+    monkeypatch.setattr(bm, "_liger_types", lambda: None)
+    with pytest.raises(UserError, match="pip install liger-kernel"):
+        bm._impls("fastlm,sdpa,liger", "cuda")
+    assert bm._impls(None, "cuda") == list(bm.IMPLS)  # by default: left out, no error
+    monkeypatch.setattr(bm, "_liger_types", lambda: {"llama"})
+    assert bm._impls(None, "cuda") == [*bm.IMPLS, "liger"]
+    assert bm._impls(None, "cpu") == list(bm.IMPLS)
+
+
+def test_liger_is_timed_after_every_other_model(tmp_path, monkeypatch, capsys):
+    """Liger patches module-level functions, so its model comes last; a model type it has no
+    patch for gets no row (and says so). A stand-in liger package records the calls (the real
+    one needs a GPU)."""
+    events = []
+    fake = types.ModuleType("liger_kernel.transformers")
+    fake._apply_liger_kernel_to_instance = (
+        lambda model: events.append(("apply", model.config.model_type)))
+    patch_mod = types.ModuleType("liger_kernel.transformers.monkey_patch")
+    patch_mod.MODEL_TYPE_TO_APPLY_LIGER_FN = {"llama": None}
+    for name, mod in [("liger_kernel", types.ModuleType("liger_kernel")),
+                      ("liger_kernel.transformers", fake),
+                      ("liger_kernel.transformers.monkey_patch", patch_mod)]:
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setattr(bm, "_impls", lambda spec, device: [*bm.IMPLS, "liger"])
+    timed = bm._time_lengths
+
+    def spy(args, report, kind, s, models, dtype):
+        events.append(("time", kind, tuple(models)))
+        return timed(args, report, kind, s, models, dtype)
+
+    monkeypatch.setattr(bm, "_time_lengths", spy)
+    tiny = {k: dict(bm.SIZES[k], vocab_size=64) for k in ("llama", "gpt2")}
+    tiny["llama"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    tiny["gpt2"].update(n_embd=32, n_layer=1)
+    monkeypatch.setattr(bm, "SIZES", tiny)
+    assert cli.main(["bench", "model", "--model-type", "llama,gpt2", *FAST, "--out",
+                     str(tmp_path), "--name", "liger"]) == 0
+    assert events == [("time", "llama", bm.IMPLS), ("time", "gpt2", bm.IMPLS),
+                      ("apply", "llama"), ("time", "llama", ("liger",))]
+    assert "no Liger-Kernel patch for model type 'gpt2'" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "liger.json").read_text())["rows"]
+    liger = [r for r in rows if r["impl"] == "liger"]
+    assert [r["model"] for r in liger] == ["llama"] and liger[0]["ms"] > 0
+    fastlm_llama = next(r for r in rows if r["impl"] == "fastlm" and r["model"] == "llama")
+    assert fastlm_llama["vs_best_peer"] > 0  # liger's row counts among the peers
