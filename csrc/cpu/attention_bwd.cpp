@@ -30,23 +30,26 @@ void bwd_tile(const AttnParams& p, const Seq& s, int i0, int n, int j0, int nk, 
   const float* dob = &w.dout[static_cast<size_t>(i0) * d];
   float* sm = w.s.data();
   float* dp = w.dp.data();
-  gemm(n, BK, d, qb, d, 1, &w.kt[tile], BK, sm, BK, false);   // S = (scale Q) K^T
-  gemm(n, BK, d, dob, d, 1, &w.vt[tile], BK, dp, BK, false);  // dP = dO V^T
+  // keys [j0, j0 + vis) are the only ones a row of this block can see in this tile
+  const int vis = std::min(nk, key_range(p, s, i0 + n - 1).hi - j0);
+  const int cols = visible_cols(vis);
+  gemm(n, cols, d, qb, d, 1, &w.kt[tile], BK, sm, BK, false);   // S = (scale Q) K^T
+  gemm(n, cols, d, dob, d, 1, &w.vt[tile], BK, dp, BK, false);  // dP = dO V^T
   for (int i = 0; i < n; ++i) {
     float* sr = sm + i * BK;  // becomes P
     float* dr = dp + i * BK;  // becomes dS
     float* th = p.softcap > 0.0f ? &w.th[i * BK] : nullptr;
     mask_row(p, sr, j0, nk, key_range(p, s, i0 + i), kpm, th);
     const float delta = w.delta[i0 + i];
-    exp_neg_sub(sr, BK, lse[i0 + i]);  // P; masked: exp(-inf) = 0; empty row: lse = +inf -> 0
-    for (int j = 0; j < BK; ++j) dr[j] = sr[j] * (dr[j] - delta);  // dS
+    exp_neg_sub(sr, cols, lse[i0 + i]);  // P; masked: exp(-inf) = 0; empty row: lse = +inf -> 0
+    for (int j = 0; j < cols; ++j) dr[j] = sr[j] * (dr[j] - delta);  // dS
     if (th != nullptr)
-      for (int j = 0; j < nk; ++j) dr[j] *= 1.0f - th[j] * th[j];  // softcap * tanh(s / softcap)
+      for (int j = 0; j < vis; ++j) dr[j] *= 1.0f - th[j] * th[j];  // softcap * tanh(s / softcap)
   }
   const size_t kr = static_cast<size_t>(j0) * d;
-  gemm(nk, d, n, sm, 1, BK, dob, d, &w.dv[kr], d, true);  // dV += P^T dO
-  gemm(nk, d, n, dp, 1, BK, qb, d, &w.dk[kr], d, true);   // dK += dS^T (scale Q)
-  gemm(n, d, nk, dp, BK, 1, &w.k[kr], d, &w.dq[static_cast<size_t>(i0) * d], d, true);  // dQ
+  gemm(vis, d, n, sm, 1, BK, dob, d, &w.dv[kr], d, true);  // dV += P^T dO
+  gemm(vis, d, n, dp, 1, BK, qb, d, &w.dk[kr], d, true);   // dK += dS^T (scale Q)
+  gemm(n, d, vis, dp, BK, 1, &w.k[kr], d, &w.dq[static_cast<size_t>(i0) * d], d, true);  // dQ
 }
 
 template <typename T>

@@ -77,20 +77,24 @@ void fwd_tile(const AttnParams& p, const T* q, const KvCache& kv, T* out, float*
   const int jlo = key_range(p, s, i0).lo, jhi = key_range(p, s, i0 + n - 1).hi;
   for (int j0 = jlo - jlo % BK; j0 < jhi; j0 += kSub * BK) {
     const int nsub = std::min(kSub, (jhi - j0 + BK - 1) / BK);  // BK tiles in this step
-    const int width = nsub * BK, nk = std::min(width, s.sk - j0);
+    const int width = nsub * BK;
+    // keys [j0, j0 + vis) are the only ones a row of this block can see in this step
+    const int vis = std::min({width, s.sk - j0, jhi - j0});
+    const int cols = (nsub - 1) * BK + visible_cols(vis - (nsub - 1) * BK);
     for (int t = 0; t < nsub; ++t) {  // S = Q K^T, tile t of d x BK floats of K^T per BK keys
       const float* ktile = kt + static_cast<size_t>(j0 + t * BK) * d;
-      gemm(n, BK, d, w.q.data(), d, 1, ktile, BK, w.s.data() + t * BK, width, false);
+      gemm(n, std::min(BK, cols - t * BK), d, w.q.data(), d, 1, ktile, BK,
+           w.s.data() + t * BK, width, false);
     }
     for (int i = 0; i < n; ++i) {
       float* sr = &w.s[i * width];
       const Range r = key_range(p, s, i0 + i);
       for (int t = 0; t < nsub; ++t)
         mask_row(p, sr + t * BK, j0 + t * BK, std::min(BK, s.sk - j0 - t * BK), r, kpm, nullptr);
-      softmax_row(sr, width, w.m[i], w.l[i], &w.acc[i * d], d);
+      softmax_row(sr, cols, w.m[i], w.l[i], &w.acc[i * d], d);
     }
     const float* vtile = vv + static_cast<size_t>(j0) * d;
-    gemm(n, d, nk, w.s.data(), width, 1, vtile, d, w.acc.data(), d, true);  // acc += P V
+    gemm(n, d, vis, w.s.data(), width, 1, vtile, d, w.acc.data(), d, true);  // acc += P V
   }
   for (int i = 0; i < n; ++i) {
     T* o = row(out, p.o, b, h, s.q0 + i0 + i);
