@@ -38,17 +38,24 @@ def fuse_unscale_and_clip(engine) -> bool:
     """Fold ZeRO-1/2's unscale + clip pass over the fp32 gradient partition into FusedAdamW's
     step: one fewer read and write of every gradient (8 of ~36 bytes per parameter moved by
     the optimizer phase). Per engine instance; returns False (and changes nothing) when the
-    engine is not ZeRO stage 1/2 around a FusedAdamW.
+    engine is neither ZeRO stage 1/2 around a FusedAdamW nor plain fp32 without ZeRO around one.
 
     DeepSpeed computes one combined factor (loss scale x clip coefficient) and multiplies the
     gradients by its inverse before calling the optimizer; here the factor is handed to the
     optimizer as ``grad_scale`` instead, which its kernels divide by while they read the
     gradient anyway. Overflow handling is untouched: DeepSpeed still skips the step itself.
+
+    Without ZeRO, in fp32, DeepSpeed clips with its own ``clip_grad_norm_`` (a norm per
+    tensor, then a multiply of every gradient); there FusedAdamW's ``clip_grad_norm_`` takes
+    its place (one fused norm, the coefficient applied inside the step), and the norm becomes
+    the engine's ``get_global_grad_norm()``, which DeepSpeed leaves empty in that mode.
     """
     import torch
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     zero = getattr(engine, "optimizer", None)
+    if isinstance(zero, _FASTLM_OPTIMIZERS):
+        return _fold_fp32_clip(engine, zero)
     if not isinstance(zero, DeepSpeedZeroOptimizer):
         return False
     inner = getattr(zero, "optimizer", None)
@@ -72,4 +79,21 @@ def fuse_unscale_and_clip(engine) -> bool:
     import types
 
     zero.unscale_and_clip_grads = types.MethodType(unscale_and_clip_grads, zero)
+    return True
+
+
+def _fold_fp32_clip(engine, opt) -> bool:
+    import types
+
+    if (engine.zero_optimization() or engine.fp16_enabled() or engine.bfloat16_enabled()
+            or getattr(engine, "torch_autocast_z0_gradscaler", None) is not None
+            or engine.mpu is not None):  # model parallel: the norm spans ranks' shards
+        return False
+
+    def clip_fp32_gradients(self):
+        # called by the engine's step only when gradient_clipping > 0; the optimizer's
+        # _global_grad_norm is what the engine then reports as the global gradient norm
+        opt._global_grad_norm = opt.clip_grad_norm_(self.gradient_clipping())
+
+    engine.clip_fp32_gradients = types.MethodType(clip_fp32_gradients, engine)
     return True

@@ -141,8 +141,10 @@ def _loop(cfg, engine, scheduler, loader, val_loader, state, log, signals, *, ck
     kill_at = os.environ.get("FASTLM_TEST_KILL_AT_STEP")
     overflow_at = os.environ.get("FASTLM_TEST_OVERFLOW_AT_STEP")
     # DeepSpeed records the global gradient norm in its ZeRO/fp16/bf16 optimizers only; with
-    # plain fp32 and no ZeRO the trainer measures it itself, on logging steps
-    own_norm = cfg.train.zero_stage == 0 and cfg.train.precision == "fp32"
+    # plain fp32 and no ZeRO the norm comes from FusedAdamW's folded clip (which computes it
+    # anyway, fastlm.integrations.deepspeed), or else the trainer measures it on logging steps
+    own_norm = (cfg.train.zero_stage == 0 and cfg.train.precision == "fp32"
+                and not (cfg.train.grad_clip > 0 and cfg.optim.name == "fused_adamw"))
     grad_norm = None
     while state.step < cfg.train.max_steps:
         loss_sum = 0.0

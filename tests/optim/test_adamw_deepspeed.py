@@ -57,7 +57,8 @@ def test_zero_hands_the_optimizer_flat_partitions(zero_runs):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("case", ["zero2_clip", "zero1_clip_bf16", "zero2_clip_offload"])
+@pytest.mark.parametrize("case", ["zero0_clip", "zero2_clip", "zero1_clip_bf16",
+                                  "zero2_clip_offload"])
 def test_unscale_and_clip_folded_into_the_step(zero_runs, case):
     """fuse_unscale_and_clip: DeepSpeed's separate multiply over the gradient partition is
     gone, and the run is the one DeepSpeed's own pass gives (same factor, applied inside the
@@ -71,3 +72,5 @@ def test_unscale_and_clip_folded_into_the_step(zero_runs, case):
         assert abs(a - c) <= tol_torch * max(1.0, abs(c)), (run["fused"], run["torch"])
     # clipping really acted (otherwise the factor would be 1 and the test vacuous)
     assert max(abs(a - b) for a, b in zip(run["fused"], run["noclip"])) > 1e-4
+    if case == "zero0_clip":  # without ZeRO the folded clip also reports the norm it clipped
+        assert run["handed"]["grad_norm"] > 0.05

@@ -61,6 +61,8 @@ def train(zero: dict, optimizer_cls, clip: float = 0.0, fuse: bool = False,
         "state_numels": sorted(s["exp_avg"].numel() for s in inner.state.values()),
         "state_devices": sorted({str(s["exp_avg"].device) for s in inner.state.values()}),
         "fused_pass": fused_pass,
+        "grad_norm": None if engine.get_global_grad_norm() is None
+        else float(engine.get_global_grad_norm()),
     }
     return losses, handed
 
@@ -108,7 +110,8 @@ def main():
         out[name] = {"fused": fused, "torch": ref, "handed": handed}
     # the unscale+clip pass folded into FusedAdamW's step: the same losses as DeepSpeed's own
     # separate pass (clipping active: lr 1e-2 on this model gives gradient norms above 0.05)
-    for name, zero, bf16 in (("zero2_clip", {"stage": 2}, False),
+    for name, zero, bf16 in (("zero0_clip", {"stage": 0}, False),
+                             ("zero2_clip", {"stage": 2}, False),
                              ("zero1_clip_bf16", {"stage": 1}, True),
                              ("zero2_clip_offload", CASES["zero2_offload"], False)):
         fused, handed = train(zero, FusedAdamW, clip=0.05, fuse=True, bf16=bf16)

@@ -76,6 +76,33 @@ def test_one_process_skips_the_gradient_allreduce_with_the_same_losses(tmp_path,
     assert losses(skipped) == losses(reduced)
 
 
+def test_folded_clip_reports_the_norm_the_trainer_would_measure(tmp_path, tiny_data,
+                                                                monkeypatch):
+    """fp32 without ZeRO: FusedAdamW's folded clip replaces DeepSpeed's clip pass and its norm
+    is the logged one; torch's AdamW keeps DeepSpeed's pass and fastlm measures the norm. The
+    first step's gradients are the same in both runs, so are their norms; the clip acts
+    (max norm 0.1) and the runs' losses stay together."""
+    def norms(name, sub):
+        cfg = config(tmp_path / sub, tiny_data, "train.micro_batch_size=2", "train.max_steps=3",
+                     "eval.every=0", "log.every=1", "train.grad_clip=0.1", f"optim.name={name}")
+        state = run(cfg)
+        rows = (tmp_path / sub / "run" / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(r)["grad_norm"] for r in rows if '"loss"' in r], losses(state)
+
+    import deepspeed.runtime.engine as ds_engine
+
+    ds_clips = []
+    ds_clip = ds_engine.clip_grad_norm_
+    monkeypatch.setattr(ds_engine, "clip_grad_norm_",
+                        lambda *a, **k: ds_clips.append(1) or ds_clip(*a, **k))
+    folded, folded_losses = norms("fused_adamw", "fused")
+    assert ds_clips == []  # DeepSpeed's own clip pass did not run
+    measured, torch_losses = norms("adamw", "torch")
+    assert len(ds_clips) == 3
+    assert folded[0] == pytest.approx(measured[0], rel=1e-5) and folded[0] > 0.1
+    assert folded_losses == pytest.approx(torch_losses, rel=1e-5)
+
+
 def test_run_writes_metrics_checkpoints_and_exports(tmp_path, tiny_data):
     cfg = config(tmp_path, tiny_data, "train.micro_batch_size=4", "train.max_steps=6",
                  "eval.every=3", "checkpoint.every=2", "checkpoint.keep_last=2", "export=true",
