@@ -202,13 +202,18 @@ class FusedAdamW(torch.optim.Optimizer):
                 f"FusedAdamW: a param group mixes devices {sorted(map(str, devices))}; put "
                 f"parameters of different devices in separate groups (or optimizers)"
             )
-        by_step: dict[tuple, list] = {}
         for p in params:
             if p.grad.is_sparse:
                 raise ValueError("FusedAdamW does not support sparse gradients; use torch.optim.SparseAdam")
-            state = self._init_state(p)
-            state["step"] += 1
-            key = (int(state["step"]), "master" in state, p.dtype)
+        states = [self._init_state(p) for p in params]
+        # the step counters (scalar tensors, torch's state format) advanced in one call and
+        # read in one: a `+= 1` and an int() per tensor cost more than a tiny model's update
+        counters = [st["step"] for st in states]  # CPU float32 (load_state_dict sees to it)
+        torch._foreach_add_(counters, 1.0)
+        counts = torch.stack(counters).tolist()
+        by_step: dict[tuple, list] = {}
+        for p, st, count in zip(params, states, counts):
+            key = (int(count), "master" in st, p.dtype)
             by_step.setdefault(key, []).append(p)
         beta1, beta2 = group["betas"]
         for (step, has_master, _dtype), ps in by_step.items():
@@ -233,6 +238,10 @@ class FusedAdamW(torch.optim.Optimizer):
                     state = self.state[p]
                     for key in ("exp_avg", "exp_avg_sq"):
                         state[key] = state[key].to(self.state_dtype).contiguous()
+                    # a fused or capturable torch AdamW keeps its counters on the device; the
+                    # kernels take the step as a number, so they live on the host here
+                    state["step"] = torch.as_tensor(state["step"], dtype=torch.float32,
+                                                    device="cpu").clone()
                     self._init_state(p)
 
 

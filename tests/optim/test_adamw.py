@@ -133,6 +133,31 @@ def test_state_dict_round_trips_with_torch_adamw(backend):
     assert set(opt.state_dict()["state"][0]) >= {"step", "exp_avg", "exp_avg_sq"}
 
 
+@pytest.mark.parametrize("as_saved", [lambda t: int(t), lambda t: t.double()],
+                         ids=["python_int", "float64_tensor"])
+def test_loaded_step_counters_of_any_form_continue(as_saved):
+    """Counters saved as plain numbers (older torch) or in another dtype load as CPU float32
+    tensors and keep counting (the step advances them all in one call)."""
+    ps = _params()
+    opt = FusedAdamW(ps, lr=1e-2)
+    for _ in range(3):
+        _set_grads(ps)
+        opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    for st in sd["state"].values():
+        st["step"] = as_saved(st["step"])
+    again = FusedAdamW(_clone(ps), lr=1e-2)
+    again.load_state_dict(sd)
+    _set_grads(ps, list(again.param_groups[0]["params"]))
+    opt.step()
+    again.step()
+    for st in again.state.values():
+        assert st["step"].dtype == torch.float32 and st["step"].device.type == "cpu"
+        assert float(st["step"]) == 4.0
+    for a, b in zip(ps, again.param_groups[0]["params"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def _tiny_model():
     torch.manual_seed(1)
     return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
