@@ -11,7 +11,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory (written atomically)")
     parser.add_argument("--text-field", default="text", help="field of structured records")
     parser.add_argument("--tokenizer", default="bpe",
-                        help="'bpe' (train byte-level BPE), 'byte', or a local HF tokenizer dir")
+                        help="'bpe' (train byte-level BPE), 'byte', 'char' (one token per "
+                             "character of the corpus, as nanoGPT's char-level data), or a local "
+                             "HF tokenizer dir")
     parser.add_argument("--vocab-size", type=int, default=8192, help="for --tokenizer bpe")
     parser.add_argument("--val-fraction", type=float, default=0.01,
                         help="share of documents for validation (by document hash)")

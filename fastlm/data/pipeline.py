@@ -137,7 +137,10 @@ def _build(inputs, tmp: Path, cfg: C.CleanConfig, settings: dict, files, num_pro
         train, val = kept[:len(kept) - n_val], kept[len(kept) - n_val:]
     else:
         train, val = _split(kept, settings["val_fraction"], settings["seed"])
-    tok = _tokenizer(settings, [r["text"] for r in train], tmp / "tokenizer")
+    # a character vocabulary covers the validation text too (as nanoGPT's does): a character
+    # seen only there would otherwise be unknown; BPE learns its merges from train alone
+    vocab_docs = kept if settings["tokenizer"] == "char" else train
+    tok = _tokenizer(settings, [r["text"] for r in vocab_docs], tmp / "tokenizer")
     clock.lap("tokenizer")
     eos = tok.eos_token_id
     vocab = len(tok)
@@ -269,6 +272,8 @@ def _tokenizer(settings, train_texts, path: Path):
     kind = settings["tokenizer"]
     if kind == "byte":
         return T.byte_level(path)
+    if kind == "char":
+        return T.char_level(train_texts, path)
     if kind == "bpe":
         # Merges converge on a few MB of text; training on all of a large corpus would cost
         # more than everything else here. Every k-th document, so the sample spans all inputs.

@@ -40,6 +40,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--text", default="../shared/data/tinyshakespeare.txt")
     parser.add_argument("--target-loss", type=float, default=1.89)
     parser.add_argument("--work-dir", default="/tmp/fastlm-recipe-bench")
+    parser.add_argument("--fastlm-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="with --vs-nanogpt: a config override for the fastlm run "
+                             "(repeatable), e.g. to try the recipe at another setting")
     parser.add_argument("--worker", default=None, help=argparse_suppress())
 
 

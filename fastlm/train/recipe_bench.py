@@ -4,7 +4,7 @@ validation loss.
 Runs, one after the other on the same machine, (1) nanoGPT's own ``train.py`` from a local
 checkout the user provides (its ``data/shakespeare_char`` prepared with its ``prepare.py``) with
 the recipe's arguments, and (2) ``fastlm train configs/shakespeare_char.yaml`` on the same text
-prepared by ``fastlm prepare`` (byte tokens = characters, validation = the last 10%). Each run's
+prepared by ``fastlm prepare`` (nanoGPT's character vocabulary, validation = the last 10%). Each run's
 validation losses are read from its log with the wall-clock time since launch; the report gives
 the time at which each first reached the target loss, and the ratio.
 """
@@ -66,7 +66,7 @@ def run(args, report) -> None:
     data = work / "shakespeare_char"
     # the work dir is the bench's own: a dataset left by an earlier run is replaced
     prep = subprocess.run([sys.executable, "-m", "fastlm.cli", "prepare", str(shakes), "--out",
-                           str(data), "--tokenizer", "byte", "--split", "tail",
+                           str(data), "--tokenizer", "char", "--split", "tail",
                            "--val-fraction", "0.1", "--no-dedup", "--no-near-dedup",
                            "--no-repetition", "--overwrite"], capture_output=True, text=True)
     if prep.returncode != 0:
@@ -78,7 +78,8 @@ def run(args, report) -> None:
     runs["nanogpt"] = _timed_run(nano_cmd, nano, _NANO_EVAL, work / "nanogpt.log")
     fl_cmd = [sys.executable, "-m", "fastlm.cli", "train", "configs/shakespeare_char.yaml",
               "--set", f"data.path={data}", "--set", f"out_dir={work / 'fastlm-run'}",
-              "--set", "log.progress=false", "--set", "sample.tokens=0"]
+              "--set", "log.progress=false", "--set", "sample.tokens=0",
+              *(a for kv in getattr(args, "fastlm_set", []) for a in ("--set", kv))]
     import shutil
 
     shutil.rmtree(work / "fastlm-run", ignore_errors=True)

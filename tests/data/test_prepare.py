@@ -230,3 +230,27 @@ def test_sft_with_bpe_tokenizes_each_segment_as_the_library_does(tmp_path):
         assert mask[a:b].tolist() == [0] * len(prompt) + [1] * (len(response) + 1)
         seen += 1
     assert seen == 30
+
+
+def test_char_tokenizer_one_id_per_character(tmp_path):
+    """--tokenizer char: the vocabulary is the corpus's characters (validation's included, in
+    code-point order), EOS and an unknown token; each character is one id and decoding gives
+    the text back exactly (newlines, punctuation, non-ASCII beyond the BMP)."""
+    texts = ["First Citizen:\nBefore we proceed, hear me speak.", "Zoë — naïve café 😀",
+             "ALL:\nSpeak, speak."]
+    path = tmp_path / "c.txt"
+    path.write_text("\n\n".join(texts))
+    out = prepare([path], tmp_path / "o", tokenizer="char", val_fraction=0.34, split="tail",
+                  min_chars=1, repetition=False, progress=False)
+    tok = load_tokenizer(out)
+    chars = sorted(set("".join(texts)))
+    assert len(tok) == len(chars) + 2 and tok.convert_ids_to_tokens(list(range(3))) == chars[:3]
+    assert tok.eos_token_id == len(chars) and tok.unk_token_id == len(chars) + 1
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["vocab_size"] == len(chars) + 2
+    docs = read_docs(out, "train") + read_docs(out, "val")
+    assert [tok.decode(d[:-1]) for d in docs] == texts  # "😀" only in validation: still known
+    assert all(len(d) == len(t) + 1 and d[-1] == tok.eos_token_id for d, t in zip(docs, texts))
+    assert tok.encode("Q!")[0] == tok.unk_token_id  # a character the corpus never had
+    assert main(["prepare", str(path), "--out", str(tmp_path / "cli"), "--tokenizer", "char",
+                 "--min-chars", "1", "--no-repetition"]) == 0
