@@ -3,9 +3,11 @@
 #include <omp.h>
 
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/attention_tile.h"
+#include "cpu/bf16_gemm.h"
 
 namespace fastlm {
 namespace {
@@ -58,6 +60,25 @@ __attribute__((noinline)) bool softmax_row(float* __restrict sr, int width, floa
   return true;
 }
 
+// Output rows t0.. of one head from the online softmax's accumulator and row statistics.
+template <typename T>
+void finish_rows(const AttnParams& p, T* out, float* lse, int b, int h, int64_t t0, int n,
+                 const float* acc, const float* m, const float* l) {
+  const int d = p.head_dim;
+  for (int i = 0; i < n; ++i) {
+    T* o = row(out, p.o, b, h, t0 + i);
+    float* lrow = lse + b * p.lse.b + h * p.lse.h + (t0 + i) * p.lse.t;
+    if (l[i] == 0.0f) {  // saw no key: 0 out, +inf lse so the backward's P is exactly 0
+      for (int c = 0; c < d; ++c) o[c] = from_float<T>(0.0f);
+      *lrow = std::numeric_limits<float>::infinity();
+      continue;
+    }
+    const float inv = 1.0f / l[i];
+    for (int c = 0; c < d; ++c) o[c] = from_float<T>(acc[i * d + c] * inv);
+    *lrow = m[i] + std::log(l[i]);
+  }
+}
+
 template <typename T>
 void fwd_tile(const AttnParams& p, const T* q, const KvCache& kv, T* out, float* lse, int b, int h,
               int i0, FwdScratch& w) {
@@ -96,22 +117,164 @@ void fwd_tile(const AttnParams& p, const T* q, const KvCache& kv, T* out, float*
     const float* vtile = vv + static_cast<size_t>(j0) * d;
     gemm(n, d, vis, w.s.data(), width, 1, vtile, d, w.acc.data(), d, true);  // acc += P V
   }
-  for (int i = 0; i < n; ++i) {
-    T* o = row(out, p.o, b, h, s.q0 + i0 + i);
-    float* lrow = lse + b * p.lse.b + h * p.lse.h + (s.q0 + i0 + i) * p.lse.t;
-    if (w.l[i] == 0.0f) {  // saw no key: 0 out, +inf lse so the backward's P is exactly 0
-      for (int c = 0; c < d; ++c) o[c] = from_float<T>(0.0f);
-      *lrow = std::numeric_limits<float>::infinity();
-      continue;
+  finish_rows(p, out, lse, b, h, s.q0 + i0, n, w.acc.data(), w.m.data(), w.l.data());
+}
+
+#if defined(FASTLM_DPBF16)
+// bf16 inputs on vdpbf16ps: Q, K and V stay bf16 (as 32-bit words of element pairs, see
+// bf16_gemm.h), P is rounded to bf16 for the P V product as FlashAttention does on GPUs, and
+// everything else (scores, softmax, accumulator) is fp32. The scale multiplies the fp32 scores
+// (folded into bf16 q it would add a rounding).
+struct KvWords {
+  std::unique_ptr<uint32_t[]> data;
+  std::vector<size_t> kt_at, v_at;  // per unit: K^T tiles (d2 x BK words each), V word pairs
+};
+
+inline uint32_t pair_word(const uint16_t* r, int c, int d) {
+  return r[c] | (c + 1 < d ? static_cast<uint32_t>(r[c + 1]) << 16 : 0u);
+}
+
+// K^T of one unit as words: tile t holds word (c2, j) = K[t BK + j][2 c2 .. 2 c2 + 1].
+void load_kt_words(const AttnParams& p, const bf16* k, int b, int hk, int64_t t0, int n,
+                   uint32_t* dst) {
+  const int d = p.head_dim, d2 = (d + 1) / 2, tiles = (n + BK - 1) / BK;
+  std::fill(dst, dst + static_cast<size_t>(tiles) * d2 * BK, 0u);
+  for (int t = 0; t < tiles; ++t) {
+    uint32_t* tile = dst + static_cast<size_t>(t) * d2 * BK;
+    const int nk = std::min(BK, n - t * BK);
+    int j0 = 0;
+    if (d % 16 == 0) {  // 8 keys x 8 words through registers (strided scalar stores were slow)
+      for (; j0 + 8 <= nk; j0 += 8)
+        for (int c2 = 0; c2 < d2; c2 += 8) {
+          __m256 r[8];
+          for (int u = 0; u < 8; ++u)
+            r[u] = _mm256_loadu_ps(reinterpret_cast<const float*>(
+                row(k, p.k, b, hk, t0 + t * BK + j0 + u)) + c2);
+          transpose8(r);
+          for (int u = 0; u < 8; ++u)
+            _mm256_storeu_ps(reinterpret_cast<float*>(tile + (c2 + u) * BK + j0), r[u]);
+        }
     }
-    const float inv = 1.0f / w.l[i];
-    for (int c = 0; c < d; ++c) o[c] = from_float<T>(w.acc[i * d + c] * inv);
-    *lrow = w.m[i] + std::log(w.l[i]);
+    for (int j = j0; j < nk; ++j) {
+      const auto* r = reinterpret_cast<const uint16_t*>(row(k, p.k, b, hk, t0 + t * BK + j));
+      for (int c2 = 0; c2 < d2; ++c2) tile[c2 * BK + j] = pair_word(r, 2 * c2, d);
+    }
   }
 }
 
+// V of one unit as VNNI words: word (j2, c) = V[2 j2][c] | V[2 j2 + 1][c] << 16, zero past n.
+void load_v_words(const AttnParams& p, const bf16* v, int b, int hk, int64_t t0, int n,
+                  uint32_t* dst) {
+  const int d = p.head_dim, pairs = (n + BK - 1) / BK * BK / 2;
+  for (int j2 = 0; j2 < pairs; ++j2) {
+    uint32_t* w = dst + static_cast<size_t>(j2) * d;
+    if (2 * j2 >= n) {
+      std::fill(w, w + d, 0u);
+      continue;
+    }
+    const auto* r0 = reinterpret_cast<const uint16_t*>(row(v, p.v, b, hk, t0 + 2 * j2));
+    const auto* r1 = 2 * j2 + 1 < n
+        ? reinterpret_cast<const uint16_t*>(row(v, p.v, b, hk, t0 + 2 * j2 + 1)) : nullptr;
+    bf16dot::interleave(r0, r1, d, w);
+  }
+}
+
+struct FwdScratchBf16 {
+  std::vector<uint32_t> q, pw;
+  std::vector<float> s, acc, m, l;
+  explicit FwdScratchBf16(int d)
+      : q(BQ * ((d + 1) / 2)), pw(BQ * BK * kSub / 2), s(BQ * BK * kSub), acc(BQ * d), m(BQ),
+        l(BQ) {}
+};
+
+void fwd_tile_bf16(const AttnParams& p, const bf16* q, const KvWords& kv, bf16* out, float* lse,
+                   int b, int h, int i0, FwdScratchBf16& w) {
+  const int d = p.head_dim, d2 = (d + 1) / 2;
+  const Seq s = sequence(p, b);
+  const int n = std::min(BQ, s.sq - i0);
+  const int hk = h / (p.heads_q / p.heads_kv);
+  const int64_t u = static_cast<int64_t>(b) * p.heads_kv + hk;
+  const bool* kpm = p.key_padding_mask ? p.key_padding_mask + static_cast<int64_t>(b) * p.seqlen_k
+                                       : nullptr;
+  for (int i = 0; i < n; ++i) {
+    const auto* r = reinterpret_cast<const uint16_t*>(row(q, p.q, b, h, s.q0 + i0 + i));
+    for (int c2 = 0; c2 < d2; ++c2) w.q[i * d2 + c2] = pair_word(r, 2 * c2, d);
+  }
+  std::fill(w.acc.begin(), w.acc.end(), 0.0f);
+  std::fill(w.m.begin(), w.m.end(), kNegInf);
+  std::fill(w.l.begin(), w.l.end(), 0.0f);
+  const uint32_t* kt = kv.data.get() + kv.kt_at[u];
+  const uint32_t* vw = kv.data.get() + kv.v_at[u];
+  const int jlo = key_range(p, s, i0).lo, jhi = key_range(p, s, i0 + n - 1).hi;
+  for (int j0 = jlo - jlo % BK; j0 < jhi; j0 += kSub * BK) {
+    const int nsub = std::min(kSub, (jhi - j0 + BK - 1) / BK);
+    const int width = nsub * BK;
+    const int vis = std::min({width, s.sk - j0, jhi - j0});
+    const int cols = (nsub - 1) * BK + visible_cols(vis - (nsub - 1) * BK);
+    for (int t = 0; t < nsub; ++t)
+      bf16dot::gemm(n, std::min(BK, cols - t * BK), d2, w.q.data(), d2,
+                    kt + static_cast<size_t>(j0 / BK + t) * d2 * BK, BK, w.s.data() + t * BK,
+                    width, false);
+    const int vis2 = (vis + 1) / 2;
+    for (int i = 0; i < n; ++i) {
+      float* sr = &w.s[i * width];
+      for (int j = 0; j < cols; ++j) sr[j] *= p.scale;
+      const Range r = key_range(p, s, i0 + i);
+      for (int t = 0; t < nsub; ++t)
+        mask_row(p, sr + t * BK, j0 + t * BK, std::min(BK, s.sk - j0 - t * BK), r, kpm, nullptr);
+      softmax_row(sr, cols, w.m[i], w.l[i], &w.acc[i * d], d);
+      bf16dot::pack_f32(sr, 2 * vis2, &w.pw[i * (width / 2)]);  // P in bf16 (a column past vis is 0)
+    }
+    bf16dot::gemm(n, d, vis2, w.pw.data(), width / 2, vw + static_cast<size_t>(j0 / 2) * d, d,
+                  w.acc.data(), d, true);  // acc += P V
+  }
+  finish_rows(p, out, lse, b, h, s.q0 + i0, n, w.acc.data(), w.m.data(), w.l.data());
+}
+
+void fwd_bf16(const AttnParams& p, const bf16* q, const bf16* k, const bf16* v, bf16* out,
+              float* lse) {
+  const int nblk = (max_seqlen_q(p) + BQ - 1) / BQ;
+  const int64_t units = static_cast<int64_t>(p.batch) * p.heads_q * nblk;
+  const int64_t nkv = static_cast<int64_t>(p.batch) * p.heads_kv;
+  const int d = p.head_dim, d2 = (d + 1) / 2;
+  KvWords kv;
+  kv.kt_at.resize(nkv);
+  kv.v_at.resize(nkv);
+  size_t total = 0;
+  for (int64_t u = 0; u < nkv; ++u) {
+    const size_t padded = static_cast<size_t>(sequence(p, static_cast<int>(u / p.heads_kv)).sk
+                                              + BK - 1) / BK * BK;
+    kv.kt_at[u] = total;
+    kv.v_at[u] = total + padded * d2;
+    total += padded * d2 + padded / 2 * d;
+  }
+  kv.data.reset(new uint32_t[std::max<size_t>(1, total)]);
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t u = 0; u < nkv; ++u) {
+    const int b = static_cast<int>(u / p.heads_kv), hk = static_cast<int>(u % p.heads_kv);
+    const Seq s = sequence(p, b);
+    load_kt_words(p, k, b, hk, s.k0, s.sk, kv.data.get() + kv.kt_at[u]);
+    load_v_words(p, v, b, hk, s.k0, s.sk, kv.data.get() + kv.v_at[u]);
+  }
+#pragma omp parallel
+  {
+    FwdScratchBf16 w(d);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t u = 0; u < units; ++u) {
+      const int blk = static_cast<int>(u % nblk);
+      const int h = static_cast<int>((u / nblk) % p.heads_q);
+      const int b = static_cast<int>(u / (static_cast<int64_t>(nblk) * p.heads_q));
+      if (blk * BQ < sequence(p, b).sq) fwd_tile_bf16(p, q, kv, out, lse, b, h, blk * BQ, w);
+    }
+  }
+}
+#endif
+
 template <typename T>
 void fwd(const AttnParams& p, const T* q, const T* k, const T* v, T* out, float* lse) {
+#if defined(FASTLM_DPBF16)
+  if constexpr (std::is_same_v<T, bf16>) return fwd_bf16(p, q, k, v, out, lse);
+#endif
   const int nblk = (max_seqlen_q(p) + BQ - 1) / BQ;
   const int64_t units = static_cast<int64_t>(p.batch) * p.heads_q * nblk;
   KvCache kv;
