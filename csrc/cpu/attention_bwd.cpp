@@ -7,8 +7,10 @@
 // plain fp32 FMA streams.
 #include <omp.h>
 
+#include <type_traits>
 #include <vector>
 
+#include "cpu/attention_bf16.h"
 #include "cpu/attention_tile.h"
 
 namespace fastlm {
@@ -100,9 +102,134 @@ void bwd_unit(const AttnParams& p, const T* dout, const T* q, const T* k, const 
   }
 }
 
+#if defined(FASTLM_DPBF16)
+// bf16 inputs on vdpbf16ps (bf16_gemm.h): the five GEMMs read bf16 words; P and dS are rounded
+// to bf16 as their products' inputs (as FlashAttention does on GPUs), everything else is fp32.
+// Q is not pre-scaled here: the scale multiplies the fp32 scores, dQ and dK.
+struct BwdScratchBf16 {
+  std::vector<uint32_t> kt, vt, kv, q, qv, dout, doutv;  // see bwd_unit_bf16
+  std::vector<uint32_t> pw, dsw, pt, dst;                // one tile's P / dS as words
+  std::vector<float> delta, dq, dk, dv, s, dp, th;
+};
+
+void bwd_tile_bf16(const AttnParams& p, const Seq& s, int i0, int n, int j0, int nk,
+                   const bool* kpm, const float* lse, BwdScratchBf16& w) {
+  const int d = p.head_dim, d2 = (d + 1) / 2, n2 = (n + 1) / 2;
+  const size_t tile = static_cast<size_t>(j0 / BK) * d2 * BK;
+  float* sm = w.s.data();
+  float* dp = w.dp.data();
+  const int vis = std::min(nk, key_range(p, s, i0 + n - 1).hi - j0);
+  const int cols = visible_cols(vis), vis2 = (vis + 1) / 2;
+  const uint32_t* qa = &w.q[static_cast<size_t>(i0) * d2];
+  const uint32_t* da = &w.dout[static_cast<size_t>(i0) * d2];
+  bf16dot::gemm(n, cols, d2, qa, d2, 1, &w.kt[tile], BK, sm, BK, false);  // S = Q K^T
+  bf16dot::gemm(n, cols, d2, da, d2, 1, &w.vt[tile], BK, dp, BK, false);  // dP = dO V^T
+  for (int i = 0; i < n; ++i) {
+    float* sr = sm + i * BK;  // becomes P
+    float* dr = dp + i * BK;  // becomes dS
+    for (int j = 0; j < cols; ++j) sr[j] *= p.scale;
+    float* th = p.softcap > 0.0f ? &w.th[i * BK] : nullptr;
+    mask_row(p, sr, j0, nk, key_range(p, s, i0 + i), kpm, th);
+    const float delta = w.delta[i0 + i];
+    exp_neg_sub(sr, cols, lse[i0 + i]);
+    for (int j = 0; j < cols; ++j) dr[j] = sr[j] * (dr[j] - delta);
+    if (th != nullptr)
+      for (int j = 0; j < vis; ++j) dr[j] *= 1.0f - th[j] * th[j];
+    bf16dot::pack_f32(sr, 2 * vis2, &w.pw[i * (BK / 2)]);
+    bf16dot::pack_f32(dr, 2 * vis2, &w.dsw[i * (BK / 2)]);
+  }
+  // P^T and dS^T: pairs of query rows interleaved, word (i2, j); read as A with lda = 1
+  for (int i2 = 0; i2 < n2; ++i2) {
+    const bool two = 2 * i2 + 1 < n;
+    const auto* p0 = reinterpret_cast<const uint16_t*>(&w.pw[(2 * i2) * (BK / 2)]);
+    const auto* d0 = reinterpret_cast<const uint16_t*>(&w.dsw[(2 * i2) * (BK / 2)]);
+    bf16dot::interleave(p0, two ? p0 + BK : nullptr, vis, &w.pt[i2 * BK]);
+    bf16dot::interleave(d0, two ? d0 + BK : nullptr, vis, &w.dst[i2 * BK]);
+  }
+  const size_t kr = static_cast<size_t>(j0) * d;
+  const size_t qr = static_cast<size_t>(i0 / 2) * d;
+  bf16dot::gemm(vis, d, n2, w.pt.data(), 1, BK, &w.doutv[qr], d, &w.dv[kr], d, true);  // dV
+  bf16dot::gemm(vis, d, n2, w.dst.data(), 1, BK, &w.qv[qr], d, &w.dk[kr], d, true);  // dK/scale
+  bf16dot::gemm(n, d, vis2, w.dsw.data(), BK / 2, 1, &w.kv[static_cast<size_t>(j0 / 2) * d], d,
+                &w.dq[static_cast<size_t>(i0) * d], d, true);  // dQ / scale
+}
+
+void bwd_unit_bf16(const AttnParams& p, const bf16* dout, const bf16* q, const bf16* k,
+                   const bf16* v, const bf16* out, const float* lse, bf16* dq, bf16* dk,
+                   bf16* dv, int b, int hk, BwdScratchBf16& w) {
+  const int d = p.head_dim, d2 = (d + 1) / 2;
+  const Seq s = sequence(p, b);
+  const int group = p.heads_q / p.heads_kv;
+  const bool* kpm = p.key_padding_mask ? p.key_padding_mask + static_cast<int64_t>(b) * p.seqlen_k
+                                       : nullptr;
+  w.kt.resize(words_t_size(s.sk, d));    // K^T tiles: Q K^T
+  w.vt.resize(words_t_size(s.sk, d));    // V^T tiles: dO V^T
+  w.kv.resize(words_vnni_size(s.sk, d));  // K row pairs: dS K
+  load_words_t(p, k, p.k, b, hk, s.k0, s.sk, w.kt.data());
+  load_words_t(p, v, p.v, b, hk, s.k0, s.sk, w.vt.data());
+  load_words_vnni(p, k, p.k, b, hk, s.k0, s.sk, w.kv.data());
+  w.dk.assign(static_cast<size_t>(s.sk) * d, 0.0f);
+  w.dv.assign(static_cast<size_t>(s.sk) * d, 0.0f);
+  w.s.resize(BQ * BK), w.dp.resize(BQ * BK), w.th.resize(BQ * BK);
+  w.pw.resize(BQ * BK / 2), w.dsw.resize(BQ * BK / 2);
+  w.pt.resize(BQ / 2 * BK), w.dst.resize(BQ / 2 * BK);
+  std::vector<float> lrow(s.sq);
+  for (int h = hk * group; h < (hk + 1) * group; ++h) {
+    w.q.resize(static_cast<size_t>(s.sq) * d2), w.dout.resize(static_cast<size_t>(s.sq) * d2);
+    w.qv.resize(words_vnni_size(s.sq, d)), w.doutv.resize(words_vnni_size(s.sq, d));
+    load_words_rows(p, q, p.q, b, h, s.q0, s.sq, w.q.data());            // Q K^T
+    load_words_rows(p, dout, p.o, b, h, s.q0, s.sq, w.dout.data());      // dO V^T
+    load_words_vnni(p, q, p.q, b, h, s.q0, s.sq, w.qv.data());           // dS^T Q
+    load_words_vnni(p, dout, p.o, b, h, s.q0, s.sq, w.doutv.data());     // P^T dO
+    w.delta.resize(s.sq);
+    for (int i = 0; i < s.sq; ++i) {  // Delta_i = dO_i . O_i
+      const bf16* oi = row(out, p.o, b, h, s.q0 + i);
+      const bf16* gi = row(dout, p.o, b, h, s.q0 + i);
+      float acc = 0.0f;
+      for (int c = 0; c < d; ++c) acc += to_float(gi[c]) * to_float(oi[c]);
+      w.delta[i] = acc;
+      lrow[i] = lse[b * p.lse.b + h * p.lse.h + (s.q0 + i) * p.lse.t];
+    }
+    w.dq.assign(static_cast<size_t>(s.sq) * d, 0.0f);
+    for (int i0 = 0; i0 < s.sq; i0 += BQ) {
+      const int n = std::min(BQ, s.sq - i0);
+      const int jlo = key_range(p, s, i0).lo, jhi = key_range(p, s, i0 + n - 1).hi;
+      for (int j0 = jlo - jlo % BK; j0 < jhi; j0 += BK)
+        bwd_tile_bf16(p, s, i0, n, j0, std::min(BK, s.sk - j0), kpm, lrow.data(), w);
+    }
+    for (int i = 0; i < s.sq; ++i) {
+      bf16* dst = row(dq, p.o, b, h, s.q0 + i);
+      for (int c = 0; c < d; ++c) dst[c] = from_float<bf16>(w.dq[static_cast<size_t>(i) * d + c] * p.scale);
+    }
+  }
+  for (int j = 0; j < s.sk; ++j) {
+    bf16* dkj = row(dk, p.dk, b, hk, s.k0 + j);
+    bf16* dvj = row(dv, p.dv, b, hk, s.k0 + j);
+    for (int c = 0; c < d; ++c) {
+      dkj[c] = from_float<bf16>(w.dk[static_cast<size_t>(j) * d + c] * p.scale);
+      dvj[c] = from_float<bf16>(w.dv[static_cast<size_t>(j) * d + c]);
+    }
+  }
+}
+#endif
+
 template <typename T>
 void bwd(const AttnParams& p, const T* dout, const T* q, const T* k, const T* v, const T* out,
          const float* lse, T* dq, T* dk, T* dv) {
+#if defined(FASTLM_DPBF16)
+  if constexpr (std::is_same_v<T, bf16>) {
+    const int64_t units = static_cast<int64_t>(p.batch) * p.heads_kv;
+#pragma omp parallel
+    {
+      BwdScratchBf16 w;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t u = 0; u < units; ++u)
+        bwd_unit_bf16(p, dout, q, k, v, out, lse, dq, dk, dv, static_cast<int>(u / p.heads_kv),
+                      static_cast<int>(u % p.heads_kv), w);
+    }
+    return;
+  }
+#endif
   const int64_t units = static_cast<int64_t>(p.batch) * p.heads_kv;
 #pragma omp parallel
   {

@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "cpu/attention_tile.h"
-#include "cpu/bf16_gemm.h"
+#include "cpu/attention_bf16.h"
 
 namespace fastlm {
 namespace {
@@ -130,55 +130,6 @@ struct KvWords {
   std::vector<size_t> kt_at, v_at;  // per unit: K^T tiles (d2 x BK words each), V word pairs
 };
 
-inline uint32_t pair_word(const uint16_t* r, int c, int d) {
-  return r[c] | (c + 1 < d ? static_cast<uint32_t>(r[c + 1]) << 16 : 0u);
-}
-
-// K^T of one unit as words: tile t holds word (c2, j) = K[t BK + j][2 c2 .. 2 c2 + 1].
-void load_kt_words(const AttnParams& p, const bf16* k, int b, int hk, int64_t t0, int n,
-                   uint32_t* dst) {
-  const int d = p.head_dim, d2 = (d + 1) / 2, tiles = (n + BK - 1) / BK;
-  std::fill(dst, dst + static_cast<size_t>(tiles) * d2 * BK, 0u);
-  for (int t = 0; t < tiles; ++t) {
-    uint32_t* tile = dst + static_cast<size_t>(t) * d2 * BK;
-    const int nk = std::min(BK, n - t * BK);
-    int j0 = 0;
-    if (d % 16 == 0) {  // 8 keys x 8 words through registers (strided scalar stores were slow)
-      for (; j0 + 8 <= nk; j0 += 8)
-        for (int c2 = 0; c2 < d2; c2 += 8) {
-          __m256 r[8];
-          for (int u = 0; u < 8; ++u)
-            r[u] = _mm256_loadu_ps(reinterpret_cast<const float*>(
-                row(k, p.k, b, hk, t0 + t * BK + j0 + u)) + c2);
-          transpose8(r);
-          for (int u = 0; u < 8; ++u)
-            _mm256_storeu_ps(reinterpret_cast<float*>(tile + (c2 + u) * BK + j0), r[u]);
-        }
-    }
-    for (int j = j0; j < nk; ++j) {
-      const auto* r = reinterpret_cast<const uint16_t*>(row(k, p.k, b, hk, t0 + t * BK + j));
-      for (int c2 = 0; c2 < d2; ++c2) tile[c2 * BK + j] = pair_word(r, 2 * c2, d);
-    }
-  }
-}
-
-// V of one unit as VNNI words: word (j2, c) = V[2 j2][c] | V[2 j2 + 1][c] << 16, zero past n.
-void load_v_words(const AttnParams& p, const bf16* v, int b, int hk, int64_t t0, int n,
-                  uint32_t* dst) {
-  const int d = p.head_dim, pairs = (n + BK - 1) / BK * BK / 2;
-  for (int j2 = 0; j2 < pairs; ++j2) {
-    uint32_t* w = dst + static_cast<size_t>(j2) * d;
-    if (2 * j2 >= n) {
-      std::fill(w, w + d, 0u);
-      continue;
-    }
-    const auto* r0 = reinterpret_cast<const uint16_t*>(row(v, p.v, b, hk, t0 + 2 * j2));
-    const auto* r1 = 2 * j2 + 1 < n
-        ? reinterpret_cast<const uint16_t*>(row(v, p.v, b, hk, t0 + 2 * j2 + 1)) : nullptr;
-    bf16dot::interleave(r0, r1, d, w);
-  }
-}
-
 struct FwdScratchBf16 {
   std::vector<uint32_t> q, pw;
   std::vector<float> s, acc, m, l;
@@ -196,10 +147,7 @@ void fwd_tile_bf16(const AttnParams& p, const bf16* q, const KvWords& kv, bf16* 
   const int64_t u = static_cast<int64_t>(b) * p.heads_kv + hk;
   const bool* kpm = p.key_padding_mask ? p.key_padding_mask + static_cast<int64_t>(b) * p.seqlen_k
                                        : nullptr;
-  for (int i = 0; i < n; ++i) {
-    const auto* r = reinterpret_cast<const uint16_t*>(row(q, p.q, b, h, s.q0 + i0 + i));
-    for (int c2 = 0; c2 < d2; ++c2) w.q[i * d2 + c2] = pair_word(r, 2 * c2, d);
-  }
+  load_words_rows(p, q, p.q, b, h, s.q0 + i0, n, w.q.data());
   std::fill(w.acc.begin(), w.acc.end(), 0.0f);
   std::fill(w.m.begin(), w.m.end(), kNegInf);
   std::fill(w.l.begin(), w.l.end(), 0.0f);
@@ -212,7 +160,7 @@ void fwd_tile_bf16(const AttnParams& p, const bf16* q, const KvWords& kv, bf16* 
     const int vis = std::min({width, s.sk - j0, jhi - j0});
     const int cols = (nsub - 1) * BK + visible_cols(vis - (nsub - 1) * BK);
     for (int t = 0; t < nsub; ++t)
-      bf16dot::gemm(n, std::min(BK, cols - t * BK), d2, w.q.data(), d2,
+      bf16dot::gemm(n, std::min(BK, cols - t * BK), d2, w.q.data(), d2, 1,
                     kt + static_cast<size_t>(j0 / BK + t) * d2 * BK, BK, w.s.data() + t * BK,
                     width, false);
     const int vis2 = (vis + 1) / 2;
@@ -225,7 +173,7 @@ void fwd_tile_bf16(const AttnParams& p, const bf16* q, const KvWords& kv, bf16* 
       softmax_row(sr, cols, w.m[i], w.l[i], &w.acc[i * d], d);
       bf16dot::pack_f32(sr, 2 * vis2, &w.pw[i * (width / 2)]);  // P in bf16 (a column past vis is 0)
     }
-    bf16dot::gemm(n, d, vis2, w.pw.data(), width / 2, vw + static_cast<size_t>(j0 / 2) * d, d,
+    bf16dot::gemm(n, d, vis2, w.pw.data(), width / 2, 1, vw + static_cast<size_t>(j0 / 2) * d, d,
                   w.acc.data(), d, true);  // acc += P V
   }
   finish_rows(p, out, lse, b, h, s.q0 + i0, n, w.acc.data(), w.m.data(), w.l.data());
@@ -236,25 +184,24 @@ void fwd_bf16(const AttnParams& p, const bf16* q, const bf16* k, const bf16* v, 
   const int nblk = (max_seqlen_q(p) + BQ - 1) / BQ;
   const int64_t units = static_cast<int64_t>(p.batch) * p.heads_q * nblk;
   const int64_t nkv = static_cast<int64_t>(p.batch) * p.heads_kv;
-  const int d = p.head_dim, d2 = (d + 1) / 2;
+  const int d = p.head_dim;
   KvWords kv;
   kv.kt_at.resize(nkv);
   kv.v_at.resize(nkv);
   size_t total = 0;
   for (int64_t u = 0; u < nkv; ++u) {
-    const size_t padded = static_cast<size_t>(sequence(p, static_cast<int>(u / p.heads_kv)).sk
-                                              + BK - 1) / BK * BK;
+    const int sk = sequence(p, static_cast<int>(u / p.heads_kv)).sk;
     kv.kt_at[u] = total;
-    kv.v_at[u] = total + padded * d2;
-    total += padded * d2 + padded / 2 * d;
+    kv.v_at[u] = total + words_t_size(sk, d);
+    total += words_t_size(sk, d) + words_vnni_size(sk, d);
   }
   kv.data.reset(new uint32_t[std::max<size_t>(1, total)]);
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t u = 0; u < nkv; ++u) {
     const int b = static_cast<int>(u / p.heads_kv), hk = static_cast<int>(u % p.heads_kv);
     const Seq s = sequence(p, b);
-    load_kt_words(p, k, b, hk, s.k0, s.sk, kv.data.get() + kv.kt_at[u]);
-    load_v_words(p, v, b, hk, s.k0, s.sk, kv.data.get() + kv.v_at[u]);
+    load_words_t(p, k, p.k, b, hk, s.k0, s.sk, kv.data.get() + kv.kt_at[u]);
+    load_words_vnni(p, v, p.v, b, hk, s.k0, s.sk, kv.data.get() + kv.v_at[u]);
   }
 #pragma omp parallel
   {

@@ -7,7 +7,8 @@
 //
 // Operand layouts (k counted in bf16 pairs, "words": a 32-bit word holds elements 2t and 2t+1
 // of the reduction dimension, the first in its low half, as the instruction reads them):
-//   A: m rows of k2 words, row stride lda words (a row-major bf16 matrix read as words)
+//   A: word (i, t) at a[i * lda + t * a_k] (a_k = 1: a row-major bf16 matrix read as words;
+//      lda = 1: a matrix stored transposed, e.g. P^T from pair-interleaved rows of P)
 //   B: k2 rows of n words, row stride ldb words ("VNNI": word (t, j) = B[2t][j] | B[2t+1][j] << 16)
 #pragma once
 
@@ -31,8 +32,8 @@ inline __m512bh as_bh(__m512i x) { return reinterpret_cast<__m512bh&>(x); }
 // Rows [i, i + M) of C, all n columns in blocks of 32 (two 16-lane registers per row, the
 // last block masked): 2M accumulators stay in registers across the k loop.
 template <int M>
-inline void rows(int i, int n, int k2, const uint32_t* a, int lda, const uint32_t* b, int ldb,
-                 float* c, int ldc, bool acc) {
+inline void rows(int i, int n, int k2, const uint32_t* a, int lda, int a_k, const uint32_t* b,
+                 int ldb, float* c, int ldc, bool acc) {
   for (int j = 0; j < n; j += 32) {
     const __mmask16 m0 = lanes(n - j), m1 = lanes(n - j - 16);
     __m512 c0[M], c1[M];
@@ -49,7 +50,7 @@ inline void rows(int i, int n, int k2, const uint32_t* a, int lda, const uint32_
 #pragma GCC unroll 8
       for (int r = 0; r < M; ++r) {
         const __m512bh x = as_bh(_mm512_set1_epi32(static_cast<int>(
-            a[static_cast<size_t>(i + r) * lda + t])));
+            a[static_cast<size_t>(i + r) * lda + static_cast<size_t>(t) * a_k])));
         c0[r] = _mm512_dpbf16_ps(c0[r], x, b0);
         c1[r] = _mm512_dpbf16_ps(c1[r], x, b1);
       }
@@ -64,16 +65,16 @@ inline void rows(int i, int n, int k2, const uint32_t* a, int lda, const uint32_
 }
 
 // C (m x n, fp32) (+)= A (m x 2 k2, bf16) B (2 k2 x n, bf16); acc = false overwrites C.
-inline void gemm(int m, int n, int k2, const uint32_t* a, int lda, const uint32_t* b, int ldb,
-                 float* c, int ldc, bool acc) {
+inline void gemm(int m, int n, int k2, const uint32_t* a, int lda, int a_k, const uint32_t* b,
+                 int ldb, float* c, int ldc, bool acc) {
   int i = 0;
-  for (; i + 6 <= m; i += 6) rows<6>(i, n, k2, a, lda, b, ldb, c, ldc, acc);
+  for (; i + 6 <= m; i += 6) rows<6>(i, n, k2, a, lda, a_k, b, ldb, c, ldc, acc);
   switch (m - i) {
-    case 5: return rows<5>(i, n, k2, a, lda, b, ldb, c, ldc, acc);
-    case 4: return rows<4>(i, n, k2, a, lda, b, ldb, c, ldc, acc);
-    case 3: return rows<3>(i, n, k2, a, lda, b, ldb, c, ldc, acc);
-    case 2: return rows<2>(i, n, k2, a, lda, b, ldb, c, ldc, acc);
-    case 1: return rows<1>(i, n, k2, a, lda, b, ldb, c, ldc, acc);
+    case 5: return rows<5>(i, n, k2, a, lda, a_k, b, ldb, c, ldc, acc);
+    case 4: return rows<4>(i, n, k2, a, lda, a_k, b, ldb, c, ldc, acc);
+    case 3: return rows<3>(i, n, k2, a, lda, a_k, b, ldb, c, ldc, acc);
+    case 2: return rows<2>(i, n, k2, a, lda, a_k, b, ldb, c, ldc, acc);
+    case 1: return rows<1>(i, n, k2, a, lda, a_k, b, ldb, c, ldc, acc);
     default: return;
   }
 }

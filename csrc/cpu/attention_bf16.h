@@ -1,0 +1,81 @@
+// bf16 operands of the CPU attention tiles for the AVX-512 BF16 GEMMs (bf16_gemm.h): one
+// head's K or V as 32-bit words of bf16 pairs, in the two layouts the GEMMs read.
+#pragma once
+
+#include "cpu/attention_tile.h"
+#include "cpu/bf16_gemm.h"
+
+#if defined(FASTLM_DPBF16)
+namespace fastlm {
+namespace attn {
+
+inline uint32_t pair_word(const uint16_t* r, int c, int d) {
+  return r[c] | (c + 1 < d ? static_cast<uint32_t>(r[c + 1]) << 16 : 0u);
+}
+
+// Rows [t0, t0 + n) of one head (x with strides st) transposed per BK-row tile, as words:
+// tile t holds word (c2, j) = X[t BK + j][2 c2 .. 2 c2 + 1] (K^T for Q K^T, V^T for dO V^T).
+inline void load_words_t(const AttnParams& p, const bf16* x, const AttnStrides& st, int b, int h,
+                         int64_t t0, int n, uint32_t* dst) {
+  const int d = p.head_dim, d2 = (d + 1) / 2, tiles = (n + BK - 1) / BK;
+  std::fill(dst, dst + static_cast<size_t>(tiles) * d2 * BK, 0u);
+  for (int t = 0; t < tiles; ++t) {
+    uint32_t* tile = dst + static_cast<size_t>(t) * d2 * BK;
+    const int nk = std::min(BK, n - t * BK);
+    int j0 = 0;
+    if (d % 16 == 0) {  // 8 keys x 8 words through registers (strided scalar stores were slow)
+      for (; j0 + 8 <= nk; j0 += 8)
+        for (int c2 = 0; c2 < d2; c2 += 8) {
+          __m256 r[8];
+          for (int u = 0; u < 8; ++u)
+            r[u] = _mm256_loadu_ps(reinterpret_cast<const float*>(
+                row(x, st, b, h, t0 + t * BK + j0 + u)) + c2);
+          transpose8(r);
+          for (int u = 0; u < 8; ++u)
+            _mm256_storeu_ps(reinterpret_cast<float*>(tile + (c2 + u) * BK + j0), r[u]);
+        }
+    }
+    for (int j = j0; j < nk; ++j) {
+      const auto* r = reinterpret_cast<const uint16_t*>(row(x, st, b, h, t0 + t * BK + j));
+      for (int c2 = 0; c2 < d2; ++c2) tile[c2 * BK + j] = pair_word(r, 2 * c2, d);
+    }
+  }
+}
+
+// Rows [t0, t0 + n) of one head as VNNI words, pairs of rows interleaved: word (j2, c) =
+// X[2 j2][c] | X[2 j2 + 1][c] << 16, zero past n up to a whole BK tile (V for P V, K for dS K,
+// dO for P^T dO, Q for dS^T Q).
+inline void load_words_vnni(const AttnParams& p, const bf16* x, const AttnStrides& st, int b,
+                            int h, int64_t t0, int n, uint32_t* dst) {
+  const int d = p.head_dim, pairs = (n + BK - 1) / BK * BK / 2;
+  for (int j2 = 0; j2 < pairs; ++j2) {
+    uint32_t* w = dst + static_cast<size_t>(j2) * d;
+    if (2 * j2 >= n) {
+      std::fill(w, w + d, 0u);
+      continue;
+    }
+    const auto* r0 = reinterpret_cast<const uint16_t*>(row(x, st, b, h, t0 + 2 * j2));
+    const auto* r1 = 2 * j2 + 1 < n
+        ? reinterpret_cast<const uint16_t*>(row(x, st, b, h, t0 + 2 * j2 + 1)) : nullptr;
+    bf16dot::interleave(r0, r1, d, w);
+  }
+}
+
+// Rows [t0, t0 + n) of one head as words along the row (d2 per row, the odd last dim paired
+// with 0): the A operand of Q K^T and dO V^T.
+inline void load_words_rows(const AttnParams& p, const bf16* x, const AttnStrides& st, int b,
+                            int h, int64_t t0, int n, uint32_t* dst) {
+  const int d = p.head_dim, d2 = (d + 1) / 2;
+  for (int i = 0; i < n; ++i) {
+    const auto* r = reinterpret_cast<const uint16_t*>(row(x, st, b, h, t0 + i));
+    for (int c2 = 0; c2 < d2; ++c2) dst[static_cast<size_t>(i) * d2 + c2] = pair_word(r, 2 * c2, d);
+  }
+}
+
+// Words of a head's n rows in the two layouts (both padded to whole BK tiles).
+inline size_t words_t_size(int n, int d) { return static_cast<size_t>((n + BK - 1) / BK * BK) * ((d + 1) / 2); }
+inline size_t words_vnni_size(int n, int d) { return static_cast<size_t>((n + BK - 1) / BK * BK) / 2 * d; }
+
+}  // namespace attn
+}  // namespace fastlm
+#endif
