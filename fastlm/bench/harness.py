@@ -177,8 +177,23 @@ def environment(device: str) -> dict:
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
-    info["device"] = info.get("gpu") or f"CPU ({info['cpu']}, {os.cpu_count()} cores)"
+    info["cpu_simd"] = cpu_simd_level()
+    info["device"] = info.get("gpu") or (
+        f"CPU ({info['cpu']}, {os.cpu_count()} cores, {info['cpu_simd']})")
     return info
+
+
+def cpu_simd_level() -> str:
+    """The widest vector instructions fastlm's CPU kernels use here: results from machines
+    with and without AVX-512 BF16 differ by ~4x in bf16, so every result names it."""
+    from fastlm._build import cpu_features
+
+    flags = cpu_features()
+    for level, needed in (("avx512_bf16", ("avx512f", "avx512_bf16")), ("avx512", ("avx512f",)),
+                          ("avx2", ("avx2", "fma"))):
+        if all(f in flags for f in needed):
+            return level
+    return "scalar"
 
 
 @dataclass

@@ -136,3 +136,14 @@ def test_time_interleaved_alternates_and_rotates():
     assert order[:3] == [("a", 0), ("b", 0), ("c", 0)]  # warm-up, one each
     assert [n for n, _ in order[3:]] == list("abc" "bca" "cab")  # rotated rounds
     assert all(t.n == 3 for t in timings.values()) and peaks == dict.fromkeys("abc")
+
+
+@pytest.mark.parametrize("flags, level", [
+    ({"avx2", "fma", "avx512f", "avx512_bf16"}, "avx512_bf16"), ({"avx2", "fma", "avx512f"}, "avx512"),
+    ({"avx2", "fma"}, "avx2"), (set(), "scalar")])
+def test_results_name_the_cpu_vector_level(monkeypatch, flags, level):
+    import fastlm._build as build
+
+    monkeypatch.setattr(build, "cpu_features", lambda: frozenset(flags))
+    assert harness.cpu_simd_level() == level
+    assert harness.environment("cpu")["device"].endswith(f"cores, {level})")
