@@ -138,18 +138,19 @@ inline float row_max(const float* x, int n, float init) {
   return m;
 }
 
-// x[i] = exp_neg(x[i] - sub) for i < n, eight lanes at a time where AVX2 is available (the
-// same polynomial, so both paths agree). Written out because GCC would not vectorise the
-// scalar loop inside the attention tile code.
-inline void exp_neg_sub(float* x, int n, float sub) {
+// x[i] = exp_neg(x[i] * mul - sub) for i < n, eight lanes at a time where AVX2 is available
+// (the same polynomial, so both paths agree). Written out because GCC would not vectorise the
+// scalar loop inside the attention tile code. mul = 1 is exact (x - sub); a mul folds the
+// softmax scale into the exponent instead of a pass over the scores.
+inline void exp_neg_sub(float* x, int n, float sub, float mul = 1.0f) {
   int i = 0;
 #if defined(__AVX2__) && defined(__FMA__)
-  const __m256 vsub = _mm256_set1_ps(sub), lo = _mm256_set1_ps(-87.0f);
+  const __m256 vsub = _mm256_set1_ps(sub), vmul = _mm256_set1_ps(mul), lo = _mm256_set1_ps(-87.0f);
   const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
   const __m256 ln2hi = _mm256_set1_ps(0.693359375f), ln2lo = _mm256_set1_ps(-2.12194440e-4f);
   const float coef[] = {1.0f / 720.0f, 1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f};
   for (; i + 8 <= n; i += 8) {
-    const __m256 v = _mm256_sub_ps(_mm256_loadu_ps(x + i), vsub);
+    const __m256 v = _mm256_fmsub_ps(_mm256_loadu_ps(x + i), vmul, vsub);
     const __m256 xc = _mm256_max_ps(v, lo);
     const __m256 k = _mm256_round_ps(_mm256_mul_ps(xc, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 r = _mm256_fnmadd_ps(k, ln2hi, xc);
@@ -161,7 +162,7 @@ inline void exp_neg_sub(float* x, int n, float sub) {
     _mm256_storeu_ps(x + i, _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(v, lo, _CMP_LT_OQ)));
   }
 #endif
-  for (; i < n; ++i) x[i] = exp_neg(x[i] - sub);
+  for (; i < n; ++i) x[i] = exp_neg(std::fma(x[i], mul, -sub));
 }
 
 }  // namespace fastlm

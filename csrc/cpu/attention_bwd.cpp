@@ -116,6 +116,25 @@ struct BwdScratchBf16 {
   std::vector<float> delta, dq, dk, dv, s, dp, th;
 };
 
+// dS = P (dP - delta) for n columns, straight to bf16 words (the odd last paired with 0).
+inline void ds_words(const float* pr, const float* dpr, float delta, int n, uint32_t* dst) {
+  const __m512 vd = _mm512_set1_ps(delta);
+  int j = 0;
+  for (; j + 32 <= n; j += 32) {
+    const __m512 a = _mm512_mul_ps(_mm512_loadu_ps(pr + j),
+                                   _mm512_sub_ps(_mm512_loadu_ps(dpr + j), vd));
+    const __m512 b = _mm512_mul_ps(_mm512_loadu_ps(pr + j + 16),
+                                   _mm512_sub_ps(_mm512_loadu_ps(dpr + j + 16), vd));
+    const __m512bh v = _mm512_cvtne2ps_pbh(b, a);
+    _mm512_storeu_si512(dst + j / 2, reinterpret_cast<const __m512i&>(v));
+  }
+  if (j < n) {
+    float tail[32];
+    for (int t = j; t < n; ++t) tail[t - j] = pr[t] * (dpr[t] - delta);
+    bf16dot::pack_f32(tail, n - j, dst + j / 2);
+  }
+}
+
 void bwd_tile_bf16(const AttnParams& p, const Seq& s, int i0, int n, int j0, int nk,
                    const bool* kpm, const float* lse, BwdScratchBf16& w) {
   const int d = p.head_dim, d2 = (d + 1) / 2, n2 = (n + 1) / 2;
@@ -128,19 +147,25 @@ void bwd_tile_bf16(const AttnParams& p, const Seq& s, int i0, int n, int j0, int
   const uint32_t* da = &w.dout[static_cast<size_t>(i0) * d2];
   bf16dot::gemm(n, cols, d2, qa, d2, 1, &w.kt[tile], BK, sm, BK, false);  // S = Q K^T
   bf16dot::gemm(n, cols, d2, da, d2, 1, &w.vt[tile], BK, dp, BK, false);  // dP = dO V^T
+  // without soft-capping the scale goes into the exponent (masking sets -inf either way)
+  const bool fold = p.softcap <= 0.0f && p.scale > 0.0f;
   for (int i = 0; i < n; ++i) {
     float* sr = sm + i * BK;  // becomes P
     float* dr = dp + i * BK;  // becomes dS
-    for (int j = 0; j < cols; ++j) sr[j] *= p.scale;
+    if (!fold)
+      for (int j = 0; j < cols; ++j) sr[j] *= p.scale;
     float* th = p.softcap > 0.0f ? &w.th[i * BK] : nullptr;
     mask_row(p, sr, j0, nk, key_range(p, s, i0 + i), kpm, th);
     const float delta = w.delta[i0 + i];
-    exp_neg_sub(sr, cols, lse[i0 + i]);
-    for (int j = 0; j < cols; ++j) dr[j] = sr[j] * (dr[j] - delta);
-    if (th != nullptr)
-      for (int j = 0; j < vis; ++j) dr[j] *= 1.0f - th[j] * th[j];
+    exp_neg_sub(sr, cols, lse[i0 + i], fold ? p.scale : 1.0f);
     bf16dot::pack_f32(sr, 2 * vis2, &w.pw[i * (BK / 2)]);
-    bf16dot::pack_f32(dr, 2 * vis2, &w.dsw[i * (BK / 2)]);
+    if (th != nullptr) {
+      for (int j = 0; j < cols; ++j) dr[j] = sr[j] * (dr[j] - delta);
+      for (int j = 0; j < vis; ++j) dr[j] *= 1.0f - th[j] * th[j];
+      bf16dot::pack_f32(dr, 2 * vis2, &w.dsw[i * (BK / 2)]);
+    } else {
+      ds_words(sr, dr, delta, 2 * vis2, &w.dsw[i * (BK / 2)]);
+    }
   }
   // P^T and dS^T: pairs of query rows interleaved, word (i2, j); read as A with lda = 1
   for (int i2 = 0; i2 < n2; ++i2) {
