@@ -41,15 +41,16 @@ struct KvCache {
 // and rescales the row's accumulator. Returns false when the row has seen no visible key yet.
 // Not inlined: compiled on its own, with plain pointer arguments, GCC vectorises its loops (inlined
 // into the tile loop it did not, and the exp is a third of the forward's arithmetic).
+// mul > 0 scales the scores on the way (the bf16 path's softmax scale): max and exp see mul * s.
 __attribute__((noinline)) bool softmax_row(float* __restrict sr, int width, float& m, float& l,
-                                           float* __restrict acc, int d) {
-  const float m_new = row_max(sr, width, m);
+                                           float* __restrict acc, int d, float mul = 1.0f) {
+  const float m_new = std::max(m, row_max(sr, width, kNegInf) * mul);
   if (m_new == kNegInf) {
     for (int j = 0; j < width; ++j) sr[j] = 0.0f;
     return false;
   }
   const float alpha = exp_neg(m - m_new);  // 0 on the first visible tile (m = -inf)
-  exp_neg_sub(sr, width, m_new);
+  exp_neg_sub(sr, width, m_new, mul);
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
   for (int j = 0; j < width; ++j) sum += sr[j];
@@ -164,13 +165,16 @@ void fwd_tile_bf16(const AttnParams& p, const bf16* q, const KvWords& kv, bf16* 
                     kt + static_cast<size_t>(j0 / BK + t) * d2 * BK, BK, w.s.data() + t * BK,
                     width, false);
     const int vis2 = (vis + 1) / 2;
+    // without soft-capping the scale goes into the softmax's max and exp (masks are -inf anyway)
+    const bool fold = p.softcap <= 0.0f && p.scale > 0.0f;
     for (int i = 0; i < n; ++i) {
       float* sr = &w.s[i * width];
-      for (int j = 0; j < cols; ++j) sr[j] *= p.scale;
+      if (!fold)
+        for (int j = 0; j < cols; ++j) sr[j] *= p.scale;
       const Range r = key_range(p, s, i0 + i);
       for (int t = 0; t < nsub; ++t)
         mask_row(p, sr + t * BK, j0 + t * BK, std::min(BK, s.sk - j0 - t * BK), r, kpm, nullptr);
-      softmax_row(sr, cols, w.m[i], w.l[i], &w.acc[i * d], d);
+      softmax_row(sr, cols, w.m[i], w.l[i], &w.acc[i * d], d, fold ? p.scale : 1.0f);
       bf16dot::pack_f32(sr, 2 * vis2, &w.pw[i * (width / 2)]);  // P in bf16 (a column past vis is 0)
     }
     bf16dot::gemm(n, d, vis2, w.pw.data(), width / 2, 1, vw + static_cast<size_t>(j0 / 2) * d, d,
