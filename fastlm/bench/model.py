@@ -12,6 +12,9 @@ is installed. Liger swaps functions at module level (the rotary function of a mo
 for instance), which would change the other implementations' models in the same process, so
 its model is built and timed after every other measurement of the run.
 
+A step is the model's forward with labels, and the backward: next-token labels for causal
+LMs, and for BERT masked-LM labels on ~15% of the positions, as its pretraining has them.
+
 ``peak_gb`` (GPU) is the model's own weights plus what one forward+backward allocates on top
 (activations, gradients, the logits and temporaries; no optimizer state): the peak that model
 would reach alone, whatever else the bench holds."""
@@ -47,6 +50,7 @@ NO_DROPOUT = {"gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
               "opt": dict(dropout=0.0), "bert": dict(hidden_dropout_prob=0.0,
                                                       attention_probs_dropout_prob=0.0)}
 IMPLS = ("eager", "sdpa", "fastlm")
+MASKED_LM = {"bert"}  # trained with labels on ~15% of the positions (the rest -100)
 OPTIONAL_IMPLS = ("liger",)  # GPU only, when installed; timed last (see the module docstring)
 
 
@@ -113,7 +117,7 @@ def _model(conf, impl: str, device: str, dtype: torch.dtype):
 
     torch.manual_seed(0)
     attn = impl if impl in ("eager", "sdpa") else "sdpa"
-    auto = AutoModelForMaskedLM if conf.model_type == "bert" else AutoModelForCausalLM
+    auto = AutoModelForMaskedLM if conf.model_type in MASKED_LM else AutoModelForCausalLM
     model = auto.from_config(conf, attn_implementation=attn).to(device, dtype)
     if impl == "fastlm":
         fastlm.patch(model)  # attention + norms + MLP activations + fused loss
@@ -237,10 +241,15 @@ def _time_lengths(args, report, kind: str, s: int, models: dict, dtype) -> None:
     """Times one training step (forward + backward) of each model at length s, alternating."""
     vocab = next(iter(models.values())).config.vocab_size
     ids = torch.randint(0, vocab, (args.batch, s), device=args.device)
+    labels = ids
+    if kind in MASKED_LM:  # a masked-LM step predicts ~15% of the positions, as BERT trains
+        keep = torch.rand(ids.shape, device=args.device) < 0.15
+        keep[:, 0] = True  # never none
+        labels = torch.where(keep, ids, torch.full_like(ids, -100))
 
-    def step(i, m, x=ids):
+    def step(i, m, x=ids, y=labels):
         m.zero_grad(set_to_none=True)  # gradients are made inside the step: in its peak
-        m(x, labels=x).loss.backward()
+        m(x, labels=y).loss.backward()
 
     steps = {impl: (lambda i, m=m: step(i, m)) for impl, m in models.items()}
     probe, _ = harness.time_interleaved(steps, device=args.device, warmup=1, repeat=1)
