@@ -8,7 +8,7 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__F16C__) || defined(__AVX2__)
+#if defined(__F16C__) || defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -144,6 +144,26 @@ inline float row_max(const float* x, int n, float init) {
 // softmax scale into the exponent instead of a pass over the scores.
 inline void exp_neg_sub(float* x, int n, float sub, float mul = 1.0f) {
   int i = 0;
+#if defined(__AVX512F__)
+  {  // 16 lanes, the same operations lane for lane as the 8-lane loop below
+    const __m512 vsub = _mm512_set1_ps(sub), vmul = _mm512_set1_ps(mul), lo = _mm512_set1_ps(-87.0f);
+    const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+    const __m512 ln2hi = _mm512_set1_ps(0.693359375f), ln2lo = _mm512_set1_ps(-2.12194440e-4f);
+    const float coef[] = {1.0f / 720.0f, 1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f};
+    for (; i + 16 <= n; i += 16) {
+      const __m512 v = _mm512_fmsub_ps(_mm512_loadu_ps(x + i), vmul, vsub);
+      const __m512 xc = _mm512_max_ps(v, lo);
+      const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(xc, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      __m512 r = _mm512_fnmadd_ps(k, ln2hi, xc);
+      r = _mm512_fnmadd_ps(k, ln2lo, r);
+      __m512 q = _mm512_set1_ps(coef[0]);
+      for (int c = 1; c < 7; ++c) q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(coef[c]));
+      const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)), 23);
+      const __m512 y = _mm512_mul_ps(q, _mm512_castsi512_ps(e));
+      _mm512_storeu_ps(x + i, _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, lo, _CMP_NLT_UQ), y));
+    }
+  }
+#endif
 #if defined(__AVX2__) && defined(__FMA__)
   const __m256 vsub = _mm256_set1_ps(sub), vmul = _mm256_set1_ps(mul), lo = _mm256_set1_ps(-87.0f);
   const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
