@@ -8,6 +8,8 @@
 // instead of a load and a store of C per FMA; the last rows of a tile use a smaller block.
 #pragma once
 
+#include <type_traits>
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
@@ -22,6 +24,22 @@ inline void gemm_scalar(int m0, int m1, int n0, int n1, int k, const float* a, i
       for (int kk = 0; kk < k; ++kk) s += a[i * a_m + kk * a_k] * b[kk * ldb + j];
       c[i * ldc + j] = s;
     }
+  }
+}
+
+// Calls block(std::integral_constant<int, M>{}, i) over rows [i0, m): blocks of M = 6 rows,
+// then one block of the 1-5 left; the register-blocked GEMM tiles instantiate per M.
+template <typename Block>
+inline void row_blocks6(int i0, int m, Block&& block) {
+  int i = i0;
+  for (; i + 6 <= m; i += 6) block(std::integral_constant<int, 6>{}, i);
+  switch (m - i) {
+    case 5: return block(std::integral_constant<int, 5>{}, i);
+    case 4: return block(std::integral_constant<int, 4>{}, i);
+    case 3: return block(std::integral_constant<int, 3>{}, i);
+    case 2: return block(std::integral_constant<int, 2>{}, i);
+    case 1: return block(std::integral_constant<int, 1>{}, i);
+    default: return;
   }
 }
 
@@ -62,16 +80,9 @@ inline void gemm_rows_x16(int i, int j, int k, const float* a, int a_m, int a_k,
 // Rows [i0, m) of the 16-wide column block j, in blocks of 6 then one smaller block.
 inline void gemm_col_block(int i0, int m, int j, int k, const float* a, int a_m, int a_k,
                            const float* b, int ldb, float* c, int ldc, bool acc) {
-  int i = i0;
-  for (; i + 6 <= m; i += 6) gemm_rows_x16<6>(i, j, k, a, a_m, a_k, b, ldb, c, ldc, acc);
-  switch (m - i) {
-    case 5: return gemm_rows_x16<5>(i, j, k, a, a_m, a_k, b, ldb, c, ldc, acc);
-    case 4: return gemm_rows_x16<4>(i, j, k, a, a_m, a_k, b, ldb, c, ldc, acc);
-    case 3: return gemm_rows_x16<3>(i, j, k, a, a_m, a_k, b, ldb, c, ldc, acc);
-    case 2: return gemm_rows_x16<2>(i, j, k, a, a_m, a_k, b, ldb, c, ldc, acc);
-    case 1: return gemm_rows_x16<1>(i, j, k, a, a_m, a_k, b, ldb, c, ldc, acc);
-    default: return;
-  }
+  row_blocks6(i0, m, [&](auto rows, int i) {
+    gemm_rows_x16<decltype(rows)::value>(i, j, k, a, a_m, a_k, b, ldb, c, ldc, acc);
+  });
 }
 #endif
 

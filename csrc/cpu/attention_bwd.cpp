@@ -18,6 +18,57 @@ namespace {
 
 using namespace attn;
 
+// Delta_i = dO_i . O_i (the softmax backward's row term) and the saved lse of each query row of
+// head h.
+template <typename T>
+void row_terms(const AttnParams& p, const T* dout, const T* out, const float* lse, int b, int h,
+               const Seq& s, std::vector<float>& delta, std::vector<float>& lrow) {
+  delta.resize(s.sq);
+  lrow.resize(s.sq);
+  for (int i = 0; i < s.sq; ++i) {
+    const T* oi = row(out, p.o, b, h, s.q0 + i);
+    const T* gi = row(dout, p.o, b, h, s.q0 + i);
+    float acc = 0.0f;
+    for (int c = 0; c < p.head_dim; ++c) acc += to_float(gi[c]) * to_float(oi[c]);
+    delta[i] = acc;
+    lrow[i] = lse[b * p.lse.b + h * p.lse.h + (s.q0 + i) * p.lse.t];
+  }
+}
+
+// tile(i0, n, j0, nk) for every block of `rows` query rows and every BK-key tile it can see.
+template <typename Tile>
+void for_tiles(const AttnParams& p, const Seq& s, int rows, Tile&& tile) {
+  for (int i0 = 0; i0 < s.sq; i0 += rows) {
+    const int n = std::min(rows, s.sq - i0);
+    const int jlo = key_range(p, s, i0).lo, jhi = key_range(p, s, i0 + n - 1).hi;
+    for (int j0 = jlo - jlo % BK; j0 < jhi; j0 += BK) tile(i0, n, j0, std::min(BK, s.sk - j0));
+  }
+}
+
+// n rows of an fp32 accumulator (d wide) times mul, into head h's rows from t0 of dst.
+template <typename T>
+void store_rows(const AttnParams& p, T* dst, const AttnStrides& st, int b, int h, int64_t t0,
+                int n, const std::vector<float>& acc, float mul) {
+  const int d = p.head_dim;
+  for (int i = 0; i < n; ++i) {
+    T* r = row(dst, st, b, h, t0 + i);
+    for (int c = 0; c < d; ++c) r[c] = from_float<T>(acc[static_cast<size_t>(i) * d + c] * mul);
+  }
+}
+
+// unit(b, hk, scratch) for every (sequence, kv head), over threads each with its own Scratch.
+template <typename Scratch, typename Unit>
+void for_units(const AttnParams& p, Unit&& unit) {
+  const int64_t units = static_cast<int64_t>(p.batch) * p.heads_kv;
+#pragma omp parallel
+  {
+    Scratch w;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t u = 0; u < units; ++u)
+      unit(static_cast<int>(u / p.heads_kv), static_cast<int>(u % p.heads_kv), w);
+  }
+}
+
 struct BwdScratch {
   std::vector<float> q, dout, delta, kt, vt, k, dq, dk, dv, s, dp, th;
 };
@@ -68,38 +119,19 @@ void bwd_unit(const AttnParams& p, const T* dout, const T* q, const T* k, const 
   w.dk.assign(static_cast<size_t>(s.sk) * d, 0.0f);
   w.dv.assign(static_cast<size_t>(s.sk) * d, 0.0f);
   w.s.resize(BQ * BK), w.dp.resize(BQ * BK), w.th.resize(BQ * BK);
-  std::vector<float> lrow(s.sq);
+  std::vector<float> lrow;
   for (int h = hk * group; h < (hk + 1) * group; ++h) {
     load_head(p, q, p.q, b, h, s.q0, s.sq, w.q, p.scale);
     load_head(p, dout, p.o, b, h, s.q0, s.sq, w.dout);
-    w.delta.resize(s.sq);
-    for (int i = 0; i < s.sq; ++i) {  // Delta_i = dO_i . O_i, the softmax backward's row term
-      const T* oi = row(out, p.o, b, h, s.q0 + i);
-      float acc = 0.0f;
-      for (int c = 0; c < d; ++c) acc += w.dout[static_cast<size_t>(i) * d + c] * to_float(oi[c]);
-      w.delta[i] = acc;
-      lrow[i] = lse[b * p.lse.b + h * p.lse.h + (s.q0 + i) * p.lse.t];
-    }
+    row_terms(p, dout, out, lse, b, h, s, w.delta, lrow);
     w.dq.assign(static_cast<size_t>(s.sq) * d, 0.0f);
-    for (int i0 = 0; i0 < s.sq; i0 += BQ) {
-      const int n = std::min(BQ, s.sq - i0);
-      const int jlo = key_range(p, s, i0).lo, jhi = key_range(p, s, i0 + n - 1).hi;
-      for (int j0 = jlo - jlo % BK; j0 < jhi; j0 += BK)
-        bwd_tile(p, s, i0, n, j0, std::min(BK, s.sk - j0), kpm, lrow.data(), w);
-    }
-    for (int i = 0; i < s.sq; ++i) {
-      T* dst = row(dq, p.o, b, h, s.q0 + i);
-      for (int c = 0; c < d; ++c) dst[c] = from_float<T>(w.dq[static_cast<size_t>(i) * d + c] * p.scale);
-    }
+    for_tiles(p, s, BQ, [&](int i0, int n, int j0, int nk) {
+      bwd_tile(p, s, i0, n, j0, nk, kpm, lrow.data(), w);
+    });
+    store_rows(p, dq, p.o, b, h, s.q0, s.sq, w.dq, p.scale);
   }
-  for (int j = 0; j < s.sk; ++j) {
-    T* dkj = row(dk, p.dk, b, hk, s.k0 + j);
-    T* dvj = row(dv, p.dv, b, hk, s.k0 + j);
-    for (int c = 0; c < d; ++c) {
-      dkj[c] = from_float<T>(w.dk[static_cast<size_t>(j) * d + c]);
-      dvj[c] = from_float<T>(w.dv[static_cast<size_t>(j) * d + c]);
-    }
-  }
+  store_rows(p, dk, p.dk, b, hk, s.k0, s.sk, w.dk, 1.0f);  // Q was pre-scaled
+  store_rows(p, dv, p.dv, b, hk, s.k0, s.sk, w.dv, 1.0f);
 }
 
 #if defined(FASTLM_DPBF16)
@@ -202,7 +234,7 @@ void bwd_unit_bf16(const AttnParams& p, const bf16* dout, const bf16* q, const b
   w.s.resize(kBwdRows * BK), w.dp.resize(kBwdRows * BK), w.th.resize(kBwdRows * BK);
   w.pw.resize(kBwdRows * BK / 2), w.dsw.resize(kBwdRows * BK / 2);
   w.pt.resize(kBwdRows / 2 * BK), w.dst.resize(kBwdRows / 2 * BK);
-  std::vector<float> lrow(s.sq);
+  std::vector<float> lrow;
   for (int h = hk * group; h < (hk + 1) * group; ++h) {
     w.q.resize(static_cast<size_t>(s.sq) * d2), w.dout.resize(static_cast<size_t>(s.sq) * d2);
     w.qv.resize(words_vnni_size(s.sq, d)), w.doutv.resize(words_vnni_size(s.sq, d));
@@ -210,35 +242,15 @@ void bwd_unit_bf16(const AttnParams& p, const bf16* dout, const bf16* q, const b
     load_words_rows(p, dout, p.o, b, h, s.q0, s.sq, w.dout.data());      // dO V^T
     load_words_vnni(p, q, p.q, b, h, s.q0, s.sq, w.qv.data());           // dS^T Q
     load_words_vnni(p, dout, p.o, b, h, s.q0, s.sq, w.doutv.data());     // P^T dO
-    w.delta.resize(s.sq);
-    for (int i = 0; i < s.sq; ++i) {  // Delta_i = dO_i . O_i
-      const bf16* oi = row(out, p.o, b, h, s.q0 + i);
-      const bf16* gi = row(dout, p.o, b, h, s.q0 + i);
-      float acc = 0.0f;
-      for (int c = 0; c < d; ++c) acc += to_float(gi[c]) * to_float(oi[c]);
-      w.delta[i] = acc;
-      lrow[i] = lse[b * p.lse.b + h * p.lse.h + (s.q0 + i) * p.lse.t];
-    }
+    row_terms(p, dout, out, lse, b, h, s, w.delta, lrow);
     w.dq.assign(static_cast<size_t>(s.sq) * d, 0.0f);
-    for (int i0 = 0; i0 < s.sq; i0 += kBwdRows) {
-      const int n = std::min(kBwdRows, s.sq - i0);
-      const int jlo = key_range(p, s, i0).lo, jhi = key_range(p, s, i0 + n - 1).hi;
-      for (int j0 = jlo - jlo % BK; j0 < jhi; j0 += BK)
-        bwd_tile_bf16(p, s, i0, n, j0, std::min(BK, s.sk - j0), kpm, lrow.data(), w);
-    }
-    for (int i = 0; i < s.sq; ++i) {
-      bf16* dst = row(dq, p.o, b, h, s.q0 + i);
-      for (int c = 0; c < d; ++c) dst[c] = from_float<bf16>(w.dq[static_cast<size_t>(i) * d + c] * p.scale);
-    }
+    for_tiles(p, s, kBwdRows, [&](int i0, int n, int j0, int nk) {
+      bwd_tile_bf16(p, s, i0, n, j0, nk, kpm, lrow.data(), w);
+    });
+    store_rows(p, dq, p.o, b, h, s.q0, s.sq, w.dq, p.scale);
   }
-  for (int j = 0; j < s.sk; ++j) {
-    bf16* dkj = row(dk, p.dk, b, hk, s.k0 + j);
-    bf16* dvj = row(dv, p.dv, b, hk, s.k0 + j);
-    for (int c = 0; c < d; ++c) {
-      dkj[c] = from_float<bf16>(w.dk[static_cast<size_t>(j) * d + c] * p.scale);
-      dvj[c] = from_float<bf16>(w.dv[static_cast<size_t>(j) * d + c]);
-    }
-  }
+  store_rows(p, dk, p.dk, b, hk, s.k0, s.sk, w.dk, p.scale);  // Q was not pre-scaled here
+  store_rows(p, dv, p.dv, b, hk, s.k0, s.sk, w.dv, 1.0f);
 }
 #endif
 
@@ -247,27 +259,14 @@ void bwd(const AttnParams& p, const T* dout, const T* q, const T* k, const T* v,
          const float* lse, T* dq, T* dk, T* dv) {
 #if defined(FASTLM_DPBF16)
   if constexpr (std::is_same_v<T, bf16>) {
-    const int64_t units = static_cast<int64_t>(p.batch) * p.heads_kv;
-#pragma omp parallel
-    {
-      BwdScratchBf16 w;
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t u = 0; u < units; ++u)
-        bwd_unit_bf16(p, dout, q, k, v, out, lse, dq, dk, dv, static_cast<int>(u / p.heads_kv),
-                      static_cast<int>(u % p.heads_kv), w);
-    }
-    return;
+    return for_units<BwdScratchBf16>(p, [&](int b, int hk, BwdScratchBf16& w) {
+      bwd_unit_bf16(p, dout, q, k, v, out, lse, dq, dk, dv, b, hk, w);
+    });
   }
 #endif
-  const int64_t units = static_cast<int64_t>(p.batch) * p.heads_kv;
-#pragma omp parallel
-  {
-    BwdScratch w;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t u = 0; u < units; ++u)
-      bwd_unit(p, dout, q, k, v, out, lse, dq, dk, dv, static_cast<int>(u / p.heads_kv),
-               static_cast<int>(u % p.heads_kv), w);
-  }
+  for_units<BwdScratch>(p, [&](int b, int hk, BwdScratch& w) {
+    bwd_unit(p, dout, q, k, v, out, lse, dq, dk, dv, b, hk, w);
+  });
 }
 
 }  // namespace

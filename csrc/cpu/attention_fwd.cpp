@@ -61,6 +61,26 @@ __attribute__((noinline)) bool softmax_row(float* __restrict sr, int width, floa
   return true;
 }
 
+// tile(b, h, i0, scratch) for every block of BQ query rows of every (sequence, head), over
+// threads each with its own Scratch(head_dim). Dynamic: causal tiles near the diagonal's end
+// cost up to Sk/BQ times more than early ones.
+template <typename Scratch, typename Tile>
+void for_query_tiles(const AttnParams& p, Tile&& tile) {
+  const int nblk = (max_seqlen_q(p) + BQ - 1) / BQ;
+  const int64_t units = static_cast<int64_t>(p.batch) * p.heads_q * nblk;
+#pragma omp parallel
+  {
+    Scratch w(p.head_dim);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t u = 0; u < units; ++u) {
+      const int blk = static_cast<int>(u % nblk);
+      const int h = static_cast<int>((u / nblk) % p.heads_q);
+      const int b = static_cast<int>(u / (static_cast<int64_t>(nblk) * p.heads_q));
+      if (blk * BQ < sequence(p, b).sq) tile(b, h, blk * BQ, w);
+    }
+  }
+}
+
 // Output rows t0.. of one head from the online softmax's accumulator and row statistics.
 template <typename T>
 void finish_rows(const AttnParams& p, T* out, float* lse, int b, int h, int64_t t0, int n,
@@ -185,8 +205,6 @@ void fwd_tile_bf16(const AttnParams& p, const bf16* q, const KvWords& kv, bf16* 
 
 void fwd_bf16(const AttnParams& p, const bf16* q, const bf16* k, const bf16* v, bf16* out,
               float* lse) {
-  const int nblk = (max_seqlen_q(p) + BQ - 1) / BQ;
-  const int64_t units = static_cast<int64_t>(p.batch) * p.heads_q * nblk;
   const int64_t nkv = static_cast<int64_t>(p.batch) * p.heads_kv;
   const int d = p.head_dim;
   KvWords kv;
@@ -207,17 +225,9 @@ void fwd_bf16(const AttnParams& p, const bf16* q, const bf16* k, const bf16* v, 
     load_words_t(p, k, p.k, b, hk, s.k0, s.sk, kv.data.get() + kv.kt_at[u]);
     load_words_vnni(p, v, p.v, b, hk, s.k0, s.sk, kv.data.get() + kv.v_at[u]);
   }
-#pragma omp parallel
-  {
-    FwdScratchBf16 w(d);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t u = 0; u < units; ++u) {
-      const int blk = static_cast<int>(u % nblk);
-      const int h = static_cast<int>((u / nblk) % p.heads_q);
-      const int b = static_cast<int>(u / (static_cast<int64_t>(nblk) * p.heads_q));
-      if (blk * BQ < sequence(p, b).sq) fwd_tile_bf16(p, q, kv, out, lse, b, h, blk * BQ, w);
-    }
-  }
+  for_query_tiles<FwdScratchBf16>(p, [&](int b, int h, int i0, FwdScratchBf16& w) {
+    fwd_tile_bf16(p, q, kv, out, lse, b, h, i0, w);
+  });
 }
 #endif
 
@@ -226,8 +236,6 @@ void fwd(const AttnParams& p, const T* q, const T* k, const T* v, T* out, float*
 #if defined(FASTLM_DPBF16)
   if constexpr (std::is_same_v<T, bf16>) return fwd_bf16(p, q, k, v, out, lse);
 #endif
-  const int nblk = (max_seqlen_q(p) + BQ - 1) / BQ;
-  const int64_t units = static_cast<int64_t>(p.batch) * p.heads_q * nblk;
   KvCache kv;
   const int64_t nkv = static_cast<int64_t>(p.batch) * p.heads_kv;
   kv.offset.resize(nkv + 1, 0);
@@ -241,18 +249,9 @@ void fwd(const AttnParams& p, const T* q, const T* k, const T* v, T* out, float*
     load_head_t(p, k, p.k, b, hk, s.k0, s.sk, kv.kt(u));
     load_head(p, v, p.v, b, hk, s.k0, s.sk, kv.v(u));
   }
-#pragma omp parallel
-  {
-    FwdScratch w(p.head_dim);
-    // Dynamic: causal tiles near the diagonal's end cost up to Sk/BQ times more than early ones.
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t u = 0; u < units; ++u) {
-      const int blk = static_cast<int>(u % nblk);
-      const int h = static_cast<int>((u / nblk) % p.heads_q);
-      const int b = static_cast<int>(u / (static_cast<int64_t>(nblk) * p.heads_q));
-      if (blk * BQ < sequence(p, b).sq) fwd_tile(p, q, kv, out, lse, b, h, blk * BQ, w);
-    }
-  }
+  for_query_tiles<FwdScratch>(p, [&](int b, int h, int i0, FwdScratch& w) {
+    fwd_tile(p, q, kv, out, lse, b, h, i0, w);
+  });
 }
 
 }  // namespace

@@ -16,6 +16,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "common/cpu_gemm.h"
+
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512F__)
 #include <immintrin.h>
 #define FASTLM_DPBF16 1
@@ -67,16 +69,9 @@ inline void rows(int i, int n, int k2, const uint32_t* a, int lda, int a_k, cons
 // C (m x n, fp32) (+)= A (m x 2 k2, bf16) B (2 k2 x n, bf16); acc = false overwrites C.
 inline void gemm(int m, int n, int k2, const uint32_t* a, int lda, int a_k, const uint32_t* b,
                  int ldb, float* c, int ldc, bool acc) {
-  int i = 0;
-  for (; i + 6 <= m; i += 6) rows<6>(i, n, k2, a, lda, a_k, b, ldb, c, ldc, acc);
-  switch (m - i) {
-    case 5: return rows<5>(i, n, k2, a, lda, a_k, b, ldb, c, ldc, acc);
-    case 4: return rows<4>(i, n, k2, a, lda, a_k, b, ldb, c, ldc, acc);
-    case 3: return rows<3>(i, n, k2, a, lda, a_k, b, ldb, c, ldc, acc);
-    case 2: return rows<2>(i, n, k2, a, lda, a_k, b, ldb, c, ldc, acc);
-    case 1: return rows<1>(i, n, k2, a, lda, a_k, b, ldb, c, ldc, acc);
-    default: return;
-  }
+  row_blocks6(0, m, [&](auto block, int i) {
+    rows<decltype(block)::value>(i, n, k2, a, lda, a_k, b, ldb, c, ldc, acc);
+  });
 }
 
 // fp32 row -> bf16 words (round to nearest even): n floats to (n + 1) / 2 words, the odd last

@@ -96,4 +96,5 @@ def _fold_fp32_clip(engine, opt) -> bool:
         opt._global_grad_norm = opt.clip_grad_norm_(self.gradient_clipping())
 
     engine.clip_fp32_gradients = types.MethodType(clip_fp32_gradients, engine)
+    engine.fastlm_clip_reports_norm = True  # see fastlm.train.trainer: no norm of its own
     return True

@@ -144,7 +144,8 @@ def _loop(cfg, engine, scheduler, loader, val_loader, state, log, signals, *, ck
     # plain fp32 and no ZeRO the norm comes from FusedAdamW's folded clip (which computes it
     # anyway, fastlm.integrations.deepspeed), or else the trainer measures it on logging steps
     own_norm = (cfg.train.zero_stage == 0 and cfg.train.precision == "fp32"
-                and not (cfg.train.grad_clip > 0 and cfg.optim.name == "fused_adamw"))
+                and not (cfg.train.grad_clip > 0
+                         and getattr(engine, "fastlm_clip_reports_norm", False)))
     grad_norm = None
     while state.step < cfg.train.max_steps:
         loss_sum = 0.0
