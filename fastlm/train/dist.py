@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
+import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -28,6 +31,7 @@ def init() -> tuple[int, int, int]:
 
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=None, verbose=False)
+        atexit.register(_shutdown)
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
@@ -35,24 +39,49 @@ def init() -> tuple[int, int, int]:
     return rank, local_rank, world
 
 
+def _shutdown() -> None:
+    """Destroy the process groups before interpreter exit rather than during it (torch warns
+    about NCCL groups left to exit)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def device(local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """all_reduce that returns only once the collective has let go of `t`.
+
+    gloo finishes a collective on its worker thread, wakes the caller, and only then drops its
+    own reference to the tensor. Dropping the last C++ reference to a tensor that Python has
+    seen decrefs its PyObject, which takes the GIL. Right before exit that drop can land after
+    interpreter finalization began: the worker is killed while taking the GIL and the process
+    aborts ("terminate called without an active exception", exit -6) after a successful run.
+    The tensor's Python refcount carries the C++ side's hold (torch increfs the PyObject while
+    C++ references exist), so waiting, GIL released, until it is back to what it was before the
+    call means gloo is done with it. Bounded: a stuck worker costs one second, not a hang."""
+    base = sys.getrefcount(t)
+    dist.all_reduce(t, op=op)
+    deadline = time.monotonic() + 1.0
+    while sys.getrefcount(t) > base and time.monotonic() < deadline:
+        time.sleep(0)  # releases the GIL for the worker's decref
+    return t
 
 
 def mean(value: float, dev: torch.device) -> float:
     """Mean of a Python float over all ranks."""
     if dist.get_world_size() == 1:
         return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64, device=dev)
-    dist.all_reduce(t)
+    t = _all_reduce(torch.tensor([float(value)], dtype=torch.float64, device=dev))
     return float(t.item()) / dist.get_world_size()
 
 
 def any_true(flag: bool, dev: torch.device) -> bool:
     if dist.get_world_size() == 1:
         return bool(flag)
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=dev)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = _all_reduce(torch.tensor([1 if flag else 0], dtype=torch.int32, device=dev),
+                    op=dist.ReduceOp.MAX)
     return bool(t.item())
 
 
