@@ -230,7 +230,21 @@ class FusedAdamW(torch.optim.Optimizer):
             )
 
     def load_state_dict(self, state_dict: dict) -> None:
+        # torch casts every floating state tensor to its parameter's dtype: for bf16/fp16
+        # parameters that rounds the fp32 masters and moments to 8 bits of mantissa (a resumed
+        # run would silently diverge). Keep those as saved, in the dtypes the step uses.
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        kept = {}
+        for pid, p in zip(saved_ids, params):
+            st = state_dict["state"].get(pid, {})
+            kept[p] = {k: st[k] for k in ("master", "exp_avg", "exp_avg_sq")
+                       if torch.is_tensor(st.get(k))}
         super().load_state_dict(state_dict)
+        for p, tensors in kept.items():
+            for key, value in tensors.items():
+                dtype = torch.float32 if key == "master" else self.state_dtype
+                self.state[p][key] = value.to(device=p.device, dtype=dtype, copy=True)
         # torch.optim.AdamW's state has no fp32 masters: rebuild them from the parameters.
         for group in self.param_groups:
             for p in group["params"]:

@@ -114,6 +114,14 @@ def resolve(path: str | Path) -> tuple[Path, str]:
         f"checkpoints directory, or a checkpoint directory holding {COMPLETE})")
 
 
+def saved_config(ckpt_dir: Path, tag: str) -> dict:
+    """The run config a checkpoint was saved with ({} when its state file has none)."""
+    path = ckpt_dir / tag / "fastlm_state.json"
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text()).get("config", {})
+
+
 def load(engine, ckpt_dir: Path, tag: str, rank: int) -> dict:
     """Restore engine state and this rank's RNG; returns the saved fastlm state."""
     engine.load_checkpoint(str(ckpt_dir), tag=tag)

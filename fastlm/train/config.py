@@ -47,7 +47,10 @@ class TrainConfig:
     grad_accum: int | None = 1
     global_batch_size: int | None = None  # micro * accum * world; any two given -> the third
     max_steps: int = 1000
-    precision: str = "fp32"  # "fp32", "bf16" or "fp16" (dynamic loss scaling)
+    # "fp32", "bf16", "fp16" (dynamic loss scaling), or "auto": bf16 where the hardware has bf16
+    # matrix instructions (a GPU that supports it; a CPU with AVX-512 BF16 or AMX), else fp16 on
+    # a GPU and fp32 on a CPU; the run logs and saves what it resolved to
+    precision: str = "fp32"
     zero_stage: int = 0
     offload_optimizer: bool = False
     grad_clip: float = 1.0  # 0 = off
@@ -120,7 +123,7 @@ class RunConfig:
 _CHOICES = {
     "model.attn_implementation": ("fastlm", "sdpa", "eager"),
     "data.mode": ("random", "sequential"),
-    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.precision": ("fp32", "bf16", "fp16", "auto"),
     "train.zero_stage": (0, 1, 2, 3),
     "optim.name": ("fused_adamw", "adamw"),
 }

@@ -4,9 +4,10 @@ validation loss.
 Runs, one after the other on the same machine, (1) nanoGPT's own ``train.py`` from a local
 checkout the user provides (its ``data/shakespeare_char`` prepared with its ``prepare.py``) with
 the recipe's arguments, and (2) ``fastlm train configs/shakespeare_char.yaml`` on the same text
-prepared by ``fastlm prepare`` (nanoGPT's character vocabulary, validation = the last 10%). Each run's
-validation losses are read from its log with the wall-clock time since launch; the report gives
-the time at which each first reached the target loss, and the ratio.
+prepared by ``fastlm prepare`` (nanoGPT's character vocabulary, validation = the last 10%), in the
+precision the config's ``auto`` picks here, then (3) where that was not fp32, the same in fp32.
+Each run's validation losses are read from its log with the wall-clock time since launch; the
+report gives the time at which each first reached the target loss, and the ratio.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -47,6 +49,16 @@ def _timed_run(cmd, cwd, pattern, log_path: Path) -> tuple[float, list]:
     return time.perf_counter() - t0, evals
 
 
+def _run_precision(run_dir: Path) -> str | None:
+    """The precision a fastlm run trained in (its saved config holds "auto" resolved)."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None
+    return (yaml.safe_load(path.read_text()).get("train") or {}).get("precision")
+
+
 def time_to(evals, target):
     return next((t for t, _, loss in evals if loss <= target), None)
 
@@ -76,19 +88,26 @@ def run(args, report) -> None:
     runs = {}
     nano_cmd = [sys.executable, "train.py", *NANOGPT_ARGS, f"--out_dir={work / 'nanogpt-out'}"]
     runs["nanogpt"] = _timed_run(nano_cmd, nano, _NANO_EVAL, work / "nanogpt.log")
-    fl_cmd = [sys.executable, "-m", "fastlm.cli", "train", "configs/shakespeare_char.yaml",
-              "--set", f"data.path={data}", "--set", f"out_dir={work / 'fastlm-run'}",
-              "--set", "log.progress=false", "--set", "sample.tokens=0",
-              *(a for kv in getattr(args, "fastlm_set", []) for a in ("--set", kv))]
-    import shutil
-
-    shutil.rmtree(work / "fastlm-run", ignore_errors=True)
-    runs["fastlm"] = _timed_run(fl_cmd, Path.cwd(), _FASTLM_EVAL, work / "fastlm.log")
+    user_sets = list(getattr(args, "fastlm_set", []))
+    precisions = {"nanogpt": "fp32"}  # nanoGPT's train.py has no mixed precision on a CPU
+    # the recipe's config says train.precision=auto: bf16 on a CPU with bf16 dot products.
+    # Such a run is followed by the same recipe in fp32, so both sit beside nanoGPT's fp32
+    for name, extra in (("fastlm", []), ("fastlm-fp32", ["train.precision=fp32"])):
+        if extra and precisions.get("fastlm") in (None, "fp32"):
+            break
+        run_dir = work / f"{name}-run"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        cmd = [sys.executable, "-m", "fastlm.cli", "train", "configs/shakespeare_char.yaml",
+               "--set", f"data.path={data}", "--set", f"out_dir={run_dir}",
+               "--set", "log.progress=false", "--set", "sample.tokens=0",
+               *(a for kv in [*user_sets, *extra] for a in ("--set", kv))]
+        runs[name] = _timed_run(cmd, Path.cwd(), _FASTLM_EVAL, work / f"{name}.log")
+        precisions[name] = _run_precision(run_dir)
     target = args.target_loss
     base = time_to(runs["nanogpt"][1], target)
     for name, (wall, evals) in runs.items():
         t = time_to(evals, target)
-        report.add(impl=name, wall_s=round(wall, 1), final_val_loss=evals[-1][2] if evals else None,
+        report.add(impl=name, precision=precisions.get(name), wall_s=round(wall, 1), final_val_loss=evals[-1][2] if evals else None,
                    target=target, s_to_target=None if t is None else round(t, 1),
                    step_at_target=next((s for tt, s, v in evals if v <= target), None),
                    vs_nanogpt=(t / base) if (t and base) else None)

@@ -8,6 +8,7 @@ loader's position is the step; same dropout: every rank's RNG state is saved).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -23,7 +24,7 @@ from fastlm.data.loader import IGNORE_INDEX, Batch, BlockLoader
 from fastlm.train import checkpoint as ckpt
 from fastlm.train import dist as fdist
 from fastlm.train.config import ConfigError, RunConfig, resolve_batch
-from fastlm.train.engine import deepspeed_config, initialize
+from fastlm.train.engine import deepspeed_config, initialize, resolve_precision
 from fastlm.train.metrics import MetricsLog
 from fastlm.train.model import build_model, flops_per_token, param_groups
 
@@ -72,6 +73,11 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> RunState:
     (continue from the latest checkpoint if any) or a checkpoint path."""
     rank, local_rank, world = fdist.init()
     dev = fdist.device(local_rank)
+    precision, why = resolve_precision(cfg.train.precision, dev)
+    resolved_note = None
+    if precision != cfg.train.precision:  # "auto": the run (and its saved config) says which
+        resolved_note = f"train.precision=auto -> {precision} ({why})"
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
     if cfg.train.precision == "fp16" and dev.type != "cuda":
         raise ConfigError("train.precision=fp16 needs a GPU (DeepSpeed has no fp16 on the CPU); "
                           "use train.precision=bf16 or fp32 here")
@@ -102,10 +108,12 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> RunState:
 
     state = RunState()
     if resume is not None:
-        state = _resume(engine, resume, ckpt_dir, rank, train_loader)
+        state = _resume(engine, resume, ckpt_dir, rank, train_loader, cfg.train.precision)
 
     log = MetricsLog(out_dir, rank, total=cfg.train.max_steps, start=state.step,
                      tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
+    if resolved_note:
+        log.write(resolved_note)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         _save_run_files(cfg, out_dir, data_dir)
@@ -140,10 +148,11 @@ def _loop(cfg, engine, scheduler, loader, val_loader, state, log, signals, *, ck
     window_t0, window_steps, window_loss = time.perf_counter(), 0, 0.0
     kill_at = os.environ.get("FASTLM_TEST_KILL_AT_STEP")
     overflow_at = os.environ.get("FASTLM_TEST_OVERFLOW_AT_STEP")
-    # DeepSpeed records the global gradient norm in its ZeRO/fp16/bf16 optimizers only; with
-    # plain fp32 and no ZeRO the norm comes from FusedAdamW's folded clip (which computes it
+    # DeepSpeed records the global gradient norm in its ZeRO/fp16/bf16 optimizers only; without
+    # those (fp32, or bf16 with FusedAdamW's masters) and no ZeRO the norm comes from FusedAdamW's folded clip (which computes it
     # anyway, fastlm.integrations.deepspeed), or else the trainer measures it on logging steps
-    own_norm = (cfg.train.zero_stage == 0 and cfg.train.precision == "fp32"
+    own_norm = (not engine.zero_optimization()
+                and not (engine.bfloat16_enabled() or engine.fp16_enabled())
                 and not (cfg.train.grad_clip > 0
                          and getattr(engine, "fastlm_clip_reports_norm", False)))
     grad_norm = None
@@ -280,7 +289,8 @@ def _save(engine, cfg, ckpt_dir, state, loader, rank) -> None:
               best_tag=state.best_tag)
 
 
-def _resume(engine, resume: str, ckpt_dir: Path, rank: int, loader: BlockLoader) -> RunState:
+def _resume(engine, resume: str, ckpt_dir: Path, rank: int, loader: BlockLoader,
+            precision: str) -> RunState:
     if resume == "auto":
         tag = ckpt.latest_tag(ckpt_dir) if ckpt_dir.is_dir() else None
         if tag is None:
@@ -288,6 +298,10 @@ def _resume(engine, resume: str, ckpt_dir: Path, rank: int, loader: BlockLoader)
         where = ckpt_dir
     else:
         where, tag = ckpt.resolve(resume)
+    was = ckpt.saved_config(where, tag).get("train", {}).get("precision", precision)
+    if was != precision:  # DeepSpeed's optimizer state differs in kind between precisions
+        raise ConfigError(f"train.precision: the checkpoint {where / tag} was trained in {was}, "
+                          f"this run is {precision}; resume with --set train.precision={was}")
     saved = ckpt.load(engine, where, tag, rank)
     loader.load_state_dict(saved["loader"])
     return RunState(step=saved["step"], best_val=saved["best_val"],
@@ -373,7 +387,10 @@ def _peak_flops(dev: torch.device, cfg: RunConfig) -> float | None:
         return None
     from fastlm.bench.harness import matmul_peak_tflops
 
-    return matmul_peak_tflops("cpu", torch.float32, n=512) * 1e12
+    # MFU against the matmul rate of the precision the run multiplies in (bf16 ~4x fp32 on a
+    # CPU with bf16 dot products)
+    dtype = torch.bfloat16 if cfg is not None and cfg.train.precision == "bf16" else torch.float32
+    return matmul_peak_tflops("cpu", dtype, n=512) * 1e12
 
 
 def _sample(cfg: RunConfig, model, data_dir: Path, dev) -> str:

@@ -158,6 +158,32 @@ def test_loaded_step_counters_of_any_form_continue(as_saved):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_bf16_params_resume_exactly_with_fp32_masters_and_moments(state_dtype):
+    """torch's Optimizer.load_state_dict casts state to the parameter's dtype; for bf16
+    parameters the fp32 masters and moments must come back as saved, and the resumed steps
+    equal the uninterrupted ones bit for bit."""
+    ps = [torch.nn.Parameter(t.bfloat16()) for t in _params()]
+    opt = FusedAdamW(ps, lr=1e-2, state_dtype=state_dtype)
+    for _ in range(3):
+        _set_grads(ps)
+        opt.step()
+    again = FusedAdamW([torch.nn.Parameter(p.detach().clone()) for p in ps], lr=1e-2,
+                       state_dtype=state_dtype)
+    again.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for st, st2 in zip(opt.state.values(), again.state.values()):
+        assert st2["master"].dtype == torch.float32 and st2["exp_avg"].dtype == state_dtype
+        for key in ("master", "exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(st2[key], st[key], rtol=0, atol=0)
+    resumed = list(again.param_groups[0]["params"])
+    for _ in range(3):
+        _set_grads(ps, resumed)
+        opt.step()
+        again.step()
+    for a, b in zip(ps, resumed):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
 def _tiny_model():
     torch.manual_seed(1)
     return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))

@@ -46,7 +46,10 @@ def test_recipe_side_by_side_times_both_runs_to_the_target(tmp_path):
     argv = ["bench", "train", "--vs-nanogpt", str(nano), "--text", str(text), "--work-dir",
             str(tmp_path / "work"), "--target-loss", "3.2", "--out", str(out),
             "--fastlm-set", "train.max_steps=20", "--fastlm-set", "eval.every=10",
-            "--fastlm-set", "eval.batches=2", "--fastlm-set", "model.overrides.n_layer=1"]
+            "--fastlm-set", "eval.batches=2", "--fastlm-set", "model.overrides.n_layer=1",
+            # bf16 whatever this CPU has (the config's auto would pick per machine): then the
+            # recipe runs again in fp32 beside it
+            "--fastlm-set", "train.precision=bf16"]
     assert cli.main(argv) == 0
     rows = {r["impl"]: r for r in json.loads((out / "train_shakespeare_cpu.json")
                                               .read_text())["rows"]}
@@ -54,12 +57,15 @@ def test_recipe_side_by_side_times_both_runs_to_the_target(tmp_path):
     assert nano_row["step_at_target"] == 500 and nano_row["final_val_loss"] == 0.0
     fl = rows["fastlm"]
     assert fl["wall_s"] > 0 and fl["final_val_loss"] > 0
+    assert [(r["impl"], r["precision"]) for r in rows.values()] == [
+        ("nanogpt", "fp32"), ("fastlm", "bf16"), ("fastlm-fp32", "fp32")]
+    assert rows["fastlm-fp32"]["final_val_loss"] != fl["final_val_loss"]
     curves = json.loads((out / "train_shakespeare_cpu_curves.json").read_text())
     if fl["s_to_target"] is not None:  # the ratio of the unrounded times since launch
         ratio = recipe_bench.time_to(curves["fastlm"], 3.2) / recipe_bench.time_to(
             curves["nanogpt"], 3.2)
         assert fl["vs_nanogpt"] == pytest.approx(ratio)
-    assert [s for _, s, _ in curves["fastlm"]] == [10, 20]
+    assert [s for _, s, _ in curves["fastlm"]] == [s for _, s, _ in curves["fastlm-fp32"]] == [10, 20]
     assert (out / "train_shakespeare_cpu.png").exists()
     meta = json.loads((tmp_path / "work" / "shakespeare_char" / "meta.json").read_text())
     assert meta["config"]["tokenizer"] == "char"  # nanoGPT's character vocabulary
