@@ -35,7 +35,7 @@ inline void act_and_grad(vf x, vf& f, vf& df) {
   }
 }
 
-// Runs body(offset, lanes) over [0, n) in 8-lane steps, blocks of 4096 elements per task.
+// Runs body(offset, lanes) over [0, n) in W-lane steps, blocks of 4096 elements per task.
 template <typename Body>
 void for_lanes(int64_t n, Body&& body) {
   constexpr int64_t kBlock = 4096;

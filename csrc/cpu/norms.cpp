@@ -18,7 +18,7 @@ inline int lanes(int64_t hidden, int64_t j) {
   return static_cast<int>(std::min<int64_t>(hidden - j, W));
 }
 
-// (weight + offset) for 8 features; no weight means 1 (the offset only shifts a real weight).
+// (weight + offset) for W features; no weight means 1 (the offset only shifts a real weight).
 inline vf gain(const float* w, int64_t j, int n, float offset) {
   return w ? simd::load_n(w + j, n) + offset : simd::splat(1.0f);
 }
@@ -64,7 +64,7 @@ void rms_fwd_rows(const T* x, const float* w, T* y, float* rstd, int64_t r0, int
     vf a0{}, a1{};  // two accumulators: the adds are latency-bound otherwise
     int64_t j = 0;
     for (; j + 2 * W <= h; j += 2 * W) {
-      const vf u = simd::load8(xr + j), v = simd::load8(xr + j + W);
+      const vf u = simd::loadw(xr + j), v = simd::loadw(xr + j + W);
       a0 += u * u;
       a1 += v * v;
     }
