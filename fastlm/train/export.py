@@ -1,7 +1,8 @@
 """``fastlm export CKPT OUT``: a training checkpoint -> a Hugging Face model directory.
 
 ZeRO-sharded checkpoints (stages 1-3) are consolidated into fp32 weights with DeepSpeed's own
-converter; stage 0 checkpoints hold the module's state dict directly. The directory is written
+converter; stage 0 checkpoints hold the module's state dict directly (and, in bf16, FusedAdamW's
+fp32 master weights, which are exported instead of the bf16 parameters). The directory is written
 to a temporary sibling and renamed into place, so OUT is either complete or absent.
 """
 
@@ -39,7 +40,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
     conf = hf_config(mcfg, state["vocab_size"], run["data"]["block_size"], state["eos_id"])
     model = AutoModelForCausalLM.from_config(conf, dtype=torch.float32,
                                              attn_implementation="sdpa")
-    weights = _consolidated_state_dict(ckpt_dir, tag)
+    weights = _consolidated_state_dict(ckpt_dir, tag, model, run)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     # Tied heads are stored once; anything else missing means a mismatched checkpoint.
     tied = {k for k in missing if "lm_head" in k} if conf.tie_word_embeddings else set()
@@ -52,7 +53,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
     return model.to(dtype).eval(), run, ckpt_dir.parent
 
 
-def _consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict:
+def _consolidated_state_dict(ckpt_dir: Path, tag: str, model, run: dict) -> dict:
     tag_dir = ckpt_dir / tag
     if any(tag_dir.glob("*zero_pp_rank_*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -61,8 +62,43 @@ def _consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict:
     files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
     if not files:
         raise ExportError(f"{tag_dir}: no model states found; is this a fastlm checkpoint?")
-    sd = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
-    return {k: v.float() for k, v in sd.items()}
+    saved = torch.load(files[0], map_location="cpu", weights_only=False)
+    weights = {k: v.float() for k, v in saved["module"].items()}
+    # bf16 without ZeRO: FusedAdamW held fp32 masters of the bf16 parameters; export those
+    # (what ZeRO's converter gives for stages 1-3), not the parameters rounded to bf16
+    masters = _optimizer_masters(saved.get("optimizer"), model, run)
+    # a tied weight is saved under each of its names, as one tensor: every name gets the master
+    where = {k: (v.data_ptr(), tuple(v.shape)) for k, v in saved["module"].items()}
+    for name, master in masters.items():
+        for alias, at in where.items():
+            if at == where.get(name):
+                weights[alias] = master
+    return weights
+
+
+def _optimizer_masters(opt, model, run: dict) -> dict:
+    """{parameter name: fp32 master} from a stage-0 optimizer state that kept masters. Its
+    parameters are numbered in the order of the trainer's groups (fastlm.train.model
+    .param_groups), which the same model config rebuilds."""
+    from fastlm.train.model import param_groups
+
+    if not isinstance(opt, dict) or not any("master" in st for st in opt.get("state", {}).values()):
+        return {}
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = param_groups(model, float(run.get("optim", {}).get("weight_decay", 0.0)))
+    if [len(g["params"]) for g in groups] != [len(g["params"]) for g in opt["param_groups"]]:
+        raise ExportError("the checkpoint's optimizer groups do not match the model's; is "
+                          "this a fastlm checkpoint of this run's model?")
+    masters = {}
+    for group, saved in zip(groups, opt["param_groups"]):
+        for p, pid in zip(group["params"], saved["params"]):
+            master = opt["state"].get(pid, {}).get("master")
+            if torch.is_tensor(master):
+                if master.shape != p.shape:
+                    raise ExportError(f"the checkpoint's master weight of {names[id(p)]} has "
+                                      f"shape {tuple(master.shape)}, the model's {tuple(p.shape)}")
+                masters[names[id(p)]] = master.float()
+    return masters
 
 
 def export(path: str | Path, out: str | Path, *, overwrite: bool = False,

@@ -193,6 +193,13 @@ def test_bf16_without_zero_keeps_the_masters_in_fused_adamw_and_resumes_exactly(
     assert not engine.bfloat16_enabled() and dtypes == {torch.bfloat16}
     assert isinstance(opt, FusedAdamW)
     assert {st["master"].dtype for st in opt.state.values()} == {torch.float32}
+    # the export carries the fp32 masters, not the bf16 parameters
+    from fastlm.train.export import load_model
+
+    exported = dict(load_model(tmp_path / "full" / "run")[0].named_parameters())
+    for name, p in engine.module.named_parameters():
+        torch.testing.assert_close(exported[name], opt.state[p]["master"], rtol=0, atol=0)
+    assert any((exported[n] != exported[n].bfloat16().float()).any() for n in exported)
     run(config(tmp_path / "split", tiny_data, *common, "train.max_steps=3"))
     rest = run(config(tmp_path / "split", tiny_data, *common, "train.max_steps=6"), resume="auto")
     assert losses(rest)[-3:] == losses(full)[3:]
