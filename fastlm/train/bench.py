@@ -133,7 +133,7 @@ def _worker(impl: str, args) -> dict:
     fpt = flops_per_token(model, args.block_size)
     from fastlm.train.trainer import _peak_flops
 
-    peak = _peak_flops(dev, None)
+    peak = _peak_flops(dev, args.precision)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     seconds = (_time_fastlm if impl == "fastlm" else _time_hf_trainer)(model, vocab, args, dev)

@@ -103,7 +103,7 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> RunState:
     fpt = flops_per_token(model, cfg.data.block_size)
     engine, _, scheduler = initialize(cfg, model, param_groups(model, cfg.optim.weight_decay),
                                       deepspeed_config(cfg, micro, accum, glob))
-    peak = _peak_flops(dev, cfg)  # before any RNG state is restored: it draws random inputs
+    peak = _peak_flops(dev, cfg.train.precision)  # before any RNG state is restored: it draws random inputs
     torch.manual_seed(cfg.train.seed + 1 + rank)  # dropout streams differ across ranks
 
     state = RunState()
@@ -378,7 +378,7 @@ def _grad_norm(engine):
     return float(norm.item() if torch.is_tensor(norm) else norm)
 
 
-def _peak_flops(dev: torch.device, cfg: RunConfig) -> float | None:
+def _peak_flops(dev: torch.device, precision: str = "fp32") -> float | None:
     if dev.type == "cuda":
         name = torch.cuda.get_device_name(dev)
         for key, tflops in GPU_PEAK_TFLOPS.items():
@@ -389,7 +389,7 @@ def _peak_flops(dev: torch.device, cfg: RunConfig) -> float | None:
 
     # MFU against the matmul rate of the precision the run multiplies in (bf16 ~4x fp32 on a
     # CPU with bf16 dot products)
-    dtype = torch.bfloat16 if cfg is not None and cfg.train.precision == "bf16" else torch.float32
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     return matmul_peak_tflops("cpu", dtype, n=512) * 1e12
 
 
