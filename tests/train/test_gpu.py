@@ -1,4 +1,5 @@
-"""Trainer paths that need a GPU: fp16 dynamic loss scaling (DeepSpeed has no fp16 on CPU)."""
+"""Trainer paths that need a GPU: fp16 dynamic loss scaling (DeepSpeed has no fp16 on CPU), and
+bf16 with the CUDA FusedAdamW holding the masters."""
 
 import json
 
@@ -46,3 +47,23 @@ def test_consecutive_overflows_abort_with_a_clear_message(tmp_path, tiny_data, m
     monkeypatch.setattr(tr, "_loss", lambda *a: real(*a) * float("inf"))
     with pytest.raises(TrainingAborted, match="3 optimizer steps in a row were skipped"):
         train(cfg)
+
+
+def test_bf16_on_the_gpu_keeps_fp32_masters_in_fused_adamw_and_follows_fp32(tmp_path, tiny_data):
+    """bf16 + ZeRO-0 on CUDA: the CUDA FusedAdamW steps bf16 parameters from fp32 masters (not
+    DeepSpeed's bf16 wrapper); the curve follows the fp32 run's to bf16's resolution, and
+    `auto` picks bf16 on a GPU that has it."""
+    import yaml
+
+    from fastlm.train.trainer import train
+
+    def run(name, *extra):
+        cfg = load_config(None, [*TINY, "train.max_steps=6", f"data.path={tiny_data}",
+                                 f"out_dir={tmp_path / name}", *extra])
+        return [loss for _, loss in train(cfg).history]
+
+    bf16 = run("auto", "train.precision=auto")
+    saved = yaml.safe_load((tmp_path / "auto" / "config.yaml").read_text())
+    assert saved["train"]["precision"] == "bf16"
+    fp32 = run("fp32", "train.precision=fp32")
+    assert bf16 == pytest.approx(fp32, rel=5e-3) and bf16 != fp32
