@@ -20,23 +20,25 @@
 
 namespace fastlm::simd {
 
+// Vector types of N float lanes (8: one ymm register, 16: one zmm register).
+template <int N>
+struct Lanes {
+  typedef float f __attribute__((vector_size(4 * N)));
+  typedef int32_t i __attribute__((vector_size(4 * N)));
+  typedef uint32_t u __attribute__((vector_size(4 * N)));
+  typedef uint16_t h __attribute__((vector_size(2 * N)));
+};
 #if defined(__AVX512F__)
 constexpr int W = 16;  // lanes
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef uint32_t vu __attribute__((vector_size(64)));
-typedef uint16_t vu16 __attribute__((vector_size(32)));
 #else
 constexpr int W = 8;
-typedef float vf __attribute__((vector_size(32)));
-typedef int32_t vi __attribute__((vector_size(32)));
-typedef uint32_t vu __attribute__((vector_size(32)));
-typedef uint16_t vu16 __attribute__((vector_size(16)));
 #endif
+typedef Lanes<W>::f vf;
+typedef Lanes<W>::i vi;
+typedef Lanes<W>::u vu;
+typedef Lanes<W>::h vu16;
 // 8 lanes whatever W is, for code written around ymm registers (the attention tiles' transposes)
-typedef float vf8 __attribute__((vector_size(32)));
-typedef uint32_t vu8 __attribute__((vector_size(32)));
-typedef uint16_t vh8 __attribute__((vector_size(16)));
+typedef Lanes<8>::f vf8;
 
 inline vf splat(float x) { return vf{} + x; }
 inline float hsum(vf v) {
@@ -137,28 +139,38 @@ inline F erfc_any(F x) {
   return pick(x >= 0.0f, r, (F{} + 2.0f) - r);
 }
 
-// -- loads and stores of W lanes ---------------------------------------------------------------
-inline vf loadw(const float* p) {
-  vf v;
+// -- loads of N lanes (loadw: W lanes; load8: 8, the attention tiles' loads) and stores of W -----
+template <int N>
+inline typename Lanes<N>::f load_lanes(const float* p) {
+  typename Lanes<N>::f v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-inline vf loadw(const bf16* p) {
-  vu16 h;
+template <int N>
+inline typename Lanes<N>::f load_lanes(const bf16* p) {
+  typename Lanes<N>::h h;
   std::memcpy(&h, p, sizeof(h));
-  return (vf)(__builtin_convertvector(h, vu) << 16);
+  return (typename Lanes<N>::f)(__builtin_convertvector(h, typename Lanes<N>::u) << 16);
 }
-inline vf loadw(const fp16* p) {
+template <int N>
+inline typename Lanes<N>::f load_lanes(const fp16* p) {
+  using F = typename Lanes<N>::f;
 #if defined(__AVX512F__)
-  return (vf)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-#elif defined(__F16C__)
-  return (vf)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-#else
-  vf v;
-  for (int i = 0; i < W; ++i) v[i] = to_float(p[i]);
-  return v;
+  if constexpr (N == 16)
+    return (F)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 #endif
+#if defined(__F16C__)
+  if constexpr (N == 8)
+    return (F)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#endif
+  F v;
+  for (int i = 0; i < N; ++i) v[i] = to_float(p[i]);
+  return v;
 }
+template <typename T>
+inline vf loadw(const T* p) { return load_lanes<W>(p); }
+template <typename T>
+inline vf8 load8(const T* p) { return load_lanes<8>(p); }
 
 inline void storew(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
 inline void storew(bf16* p, vf v) {
@@ -179,27 +191,6 @@ inline void storew(fp16* p, vf v) {
                    _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT));
 #else
   for (int i = 0; i < W; ++i) p[i] = from_float<fp16>(v[i]);
-#endif
-}
-
-// 8 lanes of fp32 or bf16 (the attention tiles' loads)
-inline vf8 load8(const float* p) {
-  vf8 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline vf8 load8(const bf16* p) {
-  vh8 h;
-  std::memcpy(&h, p, sizeof(h));
-  return (vf8)(__builtin_convertvector(h, vu8) << 16);
-}
-inline vf8 load8(const fp16* p) {
-#if defined(__F16C__)
-  return (vf8)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-#else
-  vf8 v;
-  for (int i = 0; i < 8; ++i) v[i] = to_float(p[i]);
-  return v;
 #endif
 }
 

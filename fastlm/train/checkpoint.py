@@ -114,22 +114,17 @@ def resolve(path: str | Path) -> tuple[Path, str]:
         f"checkpoints directory, or a checkpoint directory holding {COMPLETE})")
 
 
-def saved_config(ckpt_dir: Path, tag: str) -> dict:
-    """The run config a checkpoint was saved with ({} when its state file has none)."""
-    path = ckpt_dir / tag / "fastlm_state.json"
-    if not path.is_file():
-        return {}
-    return json.loads(path.read_text()).get("config", {})
+def saved_state(ckpt_dir: Path, tag: str) -> dict:
+    """The fastlm state a checkpoint was saved with (step, loader position, run config...)."""
+    return json.loads((ckpt_dir / tag / "fastlm_state.json").read_text())
 
 
-def load(engine, ckpt_dir: Path, tag: str, rank: int) -> dict:
-    """Restore engine state and this rank's RNG; returns the saved fastlm state."""
+def load(engine, ckpt_dir: Path, tag: str, rank: int) -> None:
+    """Restore engine state and this rank's RNG (the fastlm state: :func:`saved_state`)."""
     engine.load_checkpoint(str(ckpt_dir), tag=tag)
-    state = json.loads((ckpt_dir / tag / "fastlm_state.json").read_text())
     rng_file = ckpt_dir / tag / f"rng_rank{rank}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
-    return state
 
 
 def _crash_point(var: str, step: int) -> None:

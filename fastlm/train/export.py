@@ -8,7 +8,6 @@ to a temporary sibling and renamed into place, so OUT is either complete or abse
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -34,7 +33,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
         ckpt_dir, tag = ckpt.resolve(path)
     except (FileNotFoundError, RuntimeError) as exc:
         raise ExportError(str(exc)) from exc
-    state = json.loads((ckpt_dir / tag / "fastlm_state.json").read_text())
+    state = ckpt.saved_state(ckpt_dir, tag)
     run = state["config"]
     mcfg = ModelConfig(**run["model"])
     conf = hf_config(mcfg, state["vocab_size"], run["data"]["block_size"], state["eos_id"])

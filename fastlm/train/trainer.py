@@ -298,11 +298,12 @@ def _resume(engine, resume: str, ckpt_dir: Path, rank: int, loader: BlockLoader,
         where = ckpt_dir
     else:
         where, tag = ckpt.resolve(resume)
-    was = ckpt.saved_config(where, tag).get("train", {}).get("precision", precision)
+    saved = ckpt.saved_state(where, tag)
+    was = saved.get("config", {}).get("train", {}).get("precision", precision)
     if was != precision:  # DeepSpeed's optimizer state differs in kind between precisions
         raise ConfigError(f"train.precision: the checkpoint {where / tag} was trained in {was}, "
                           f"this run is {precision}; resume with --set train.precision={was}")
-    saved = ckpt.load(engine, where, tag, rank)
+    ckpt.load(engine, where, tag, rank)
     loader.load_state_dict(saved["loader"])
     return RunState(step=saved["step"], best_val=saved["best_val"],
                     best_tag=saved.get("best_tag"),
