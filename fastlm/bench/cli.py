@@ -12,6 +12,7 @@ BENCHMARKS = {
     "data": ("fastlm.data.bench", "MB/s of raw text through the whole data pipeline"),
     "train": ("fastlm.train.bench", "training tokens/s, MFU and memory vs a Hugging Face Trainer"),
     "model": ("fastlm.bench.model", "a transformers model with and without fastlm.patch"),
+    "fused": ("fastlm.bench.fused", "RMSNorm, LayerNorm, GELU and SwiGLU kernels vs PyTorch"),
 }
 
 

@@ -1,0 +1,103 @@
+"""``fastlm bench fused``: the fused row/elementwise kernels around attention vs PyTorch.
+
+RMSNorm, LayerNorm, GELU (tanh, GPT-2's) and SwiGLU on (tokens, hidden) activations, forward
+and forward+backward, fastlm's op (its automatic backend) side by side with the PyTorch
+functions a transformers model calls. The two are timed in alternation call by call
+(``harness.time_interleaved``), and ``vs_torch`` is the median of the per-round ratios.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from fastlm.bench import harness
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32,bf16,fp16")
+    parser.add_argument("--tokens", default="768,4096", help="comma list of rows (batch x seq)")
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--ops", default="rms_norm,layer_norm,gelu_tanh,swiglu")
+    parser.add_argument("--modes", default="fwd,fwd_bwd", help="comma list of fwd,fwd_bwd")
+    parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--out", default=None, help="directory for JSON, markdown and PNG")
+    parser.add_argument("--name", default=None, help="file stem (default fused_<device>)")
+
+
+def _ops():
+    """op -> (number of (tokens, hidden) inputs, has a (hidden,) weight, fastlm fn, torch fn)."""
+    import fastlm.ops as fo
+
+    return {
+        "rms_norm": (1, True, lambda x, w: fo.rms_norm(x, w, 1e-6),
+                     lambda x, w: F.rms_norm(x, (x.shape[-1],), w, 1e-6)),
+        "layer_norm": (1, True, lambda x, w: fo.layer_norm(x, w, w, 1e-5),
+                       lambda x, w: F.layer_norm(x, (x.shape[-1],), w, w, 1e-5)),
+        "gelu_tanh": (1, False, lambda x: fo.gelu(x, approximate="tanh"),
+                      lambda x: F.gelu(x, approximate="tanh")),
+        "swiglu": (2, False, fo.swiglu, lambda g, u: F.silu(g) * u),
+    }
+
+
+def _steps(op, dtype, tokens, hidden, mode, device):
+    """{"fastlm": step(i), "torch": step(i)} on the same inputs."""
+    n_in, weighted, ours, theirs = _ops()[op]
+    grad = mode == "fwd_bwd"
+    xs = [torch.randn(tokens, hidden, device=device, dtype=dtype, requires_grad=grad)
+          for _ in range(n_in)]
+    args = xs + ([torch.randn(hidden, device=device, dtype=dtype, requires_grad=grad)]
+                 if weighted else [])
+    dy = torch.randn(tokens, hidden, device=device, dtype=dtype)
+
+    def step(fn):
+        def call(_i):
+            y = fn(*args)
+            if grad:
+                torch.autograd.grad(y, args, dy)
+        return call
+
+    return {"fastlm": step(ours), "torch": step(theirs)}
+
+
+def run(args) -> int:
+    from fastlm.cli import UserError
+
+    device = args.device
+    unknown = sorted(set(args.ops.split(",")) - set(_ops()))
+    if unknown:
+        raise UserError(f"--ops: unknown {', '.join(unknown)} (choose from {', '.join(_ops())})")
+    bad = sorted(set(args.dtypes.split(",")) - set(DTYPES))
+    if bad:
+        raise UserError(f"--dtypes: unknown {', '.join(bad)} (choose from fp32, bf16, fp16)")
+    command = "fastlm bench fused " + " ".join(shlex.quote(a) for a in sys.argv[3:])
+    report = harness.Report("fused", command, device, env=harness.environment(device))
+    cases = [(op, d, t, m) for op in args.ops.split(",") for d in args.dtypes.split(",")
+             for t in (int(x) for x in args.tokens.split(",")) for m in args.modes.split(",")]
+    for op, dname, tokens, mode in tqdm(cases, desc="fused"):
+        fns = _steps(op, DTYPES[dname], tokens, args.hidden, mode, device)
+        timings, _ = harness.time_interleaved(fns, device=device, warmup=3, repeat=args.repeat)
+        paired = harness.paired_speedup(timings, "fastlm", ["torch"])
+        for impl, t in timings.items():
+            report.add(op=op, impl=impl, case=f"{dname} {mode}", dtype=dname, mode=mode,
+                       tokens=tokens, hidden=args.hidden, ms=t.median_ms, p20_ms=t.p20_ms,
+                       p80_ms=t.p80_ms, vs_torch=paired if impl == "fastlm" else 1.0)
+    print(harness.format_table(report.rows))
+    if args.out:
+        stem = args.name or f"fused_{device}"
+        paths = report.write(args.out, stem)
+        ours = harness.Report(report.name, report.command, device, env=report.env,
+                              rows=[dict(r, series=f"{r['op']}") for r in report.rows
+                                    if r["impl"] == "fastlm"])
+        paths.append(harness.plot(ours, f"{args.out}/{stem}.png", x="tokens", y="vs_torch",
+                                  series="series", facet="case",
+                                  ylabel="fastlm speedup vs torch (paired)"))
+        print("wrote " + ", ".join(str(p) for p in paths))
+    return 0

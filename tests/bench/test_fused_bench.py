@@ -1,0 +1,29 @@
+"""``fastlm bench fused``: every op and mode timed beside PyTorch, written with its command and
+plot; unknown ops or dtypes are refused by name."""
+
+import json
+
+from fastlm import cli
+
+
+def test_fused_bench_times_each_op_beside_torch(tmp_path):
+    argv = ["bench", "fused", "--device", "cpu", "--dtypes", "fp32", "--tokens", "7",
+            "--hidden", "24", "--repeat", "3", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    report = json.loads((tmp_path / "fused_cpu.json").read_text())
+    rows = report["rows"]
+    ops = ["rms_norm", "layer_norm", "gelu_tanh", "swiglu"]
+    assert [(r["op"], r["mode"], r["impl"]) for r in rows] == [
+        (op, mode, impl) for op in ops for mode in ("fwd", "fwd_bwd") for impl in ("fastlm", "torch")]
+    assert all(r["ms"] > 0 and r["tokens"] == 7 and r["hidden"] == 24 for r in rows)
+    assert all(r["vs_torch"] > 0 for r in rows if r["impl"] == "fastlm")
+    assert "fastlm bench fused" in report["command"]
+    assert (tmp_path / "fused_cpu.png").stat().st_size > 0
+    assert "| op" in (tmp_path / "fused_cpu.md").read_text()
+
+
+def test_fused_bench_refuses_unknown_ops_and_dtypes(capsys):
+    assert cli.main(["bench", "fused", "--ops", "rms_norm,softmax"]) == 2
+    assert "--ops: unknown softmax" in capsys.readouterr().err
+    assert cli.main(["bench", "fused", "--dtypes", "fp8"]) == 2
+    assert "--dtypes: unknown fp8" in capsys.readouterr().err
