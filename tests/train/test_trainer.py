@@ -350,3 +350,28 @@ def test_fused_loss_follows_the_plain_loss(tmp_path, tiny_data):
     for a, b in zip(losses(fused), losses(plain)):
         assert abs(a - b) <= 1e-5 * abs(b), (losses(fused), losses(plain))
     assert abs(fused.best_val - plain.best_val) <= 1e-5 * plain.best_val
+
+
+def test_export_refuses_optimizer_masters_that_do_not_fit_the_model():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from fastlm.train.export import ExportError, _optimizer_masters
+    from fastlm.train.model import param_groups
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32,
+                                       n_positions=8))
+    run = {"optim": {"weight_decay": 0.1}}
+    groups = param_groups(model, 0.1)
+    ids, state = [], {}
+    for g in groups:
+        ids.append([len(state) + i for i in range(len(g["params"]))])
+        for i, p in zip(ids[-1], g["params"]):
+            state[i] = {"master": p.detach().float() + 1}
+    opt = {"state": state, "param_groups": [{"params": i} for i in ids]}
+    masters = _optimizer_masters(opt, model, run)
+    assert len(masters) == sum(len(g["params"]) for g in groups)
+    with pytest.raises(ExportError, match="optimizer groups do not match the model"):
+        _optimizer_masters(dict(opt, param_groups=opt["param_groups"][:1]), model, run)
+    state[ids[0][0]] = {"master": torch.zeros(3)}
+    with pytest.raises(ExportError, match="master weight of .* has shape \\(3,\\)"):
+        _optimizer_masters(opt, model, run)
