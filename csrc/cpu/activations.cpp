@@ -37,19 +37,22 @@ inline void act_and_grad(vf x, vf& f, vf& df) {
 
 // Runs body(offset, lanes) over [0, n) in W-lane steps, blocks of 4096 elements per task.
 template <typename Body>
-void for_lanes(int64_t n, Body&& body) {
+void for_lanes(int64_t n, const Body& body) {
   constexpr int64_t kBlock = 4096;
   const int64_t blocks = (n + kBlock - 1) / kBlock;
 #pragma omp parallel for schedule(static) if (n >= kParallelMin)
   for (int64_t blk = 0; blk < blocks; ++blk) {
+    // A private copy of the closure: the kernels' 16-bit stores may alias anything, so with the
+    // shared one GCC reloads every captured pointer after each store.
+    Body local = body;
     const int64_t end = std::min(n, (blk + 1) * kBlock);
-    for (int64_t i = blk * kBlock; i < end; i += W) body(i, static_cast<int>(std::min<int64_t>(end - i, W)));
+    for (int64_t i = blk * kBlock; i < end; i += W) local(i, static_cast<int>(std::min<int64_t>(end - i, W)));
   }
 }
 
 template <Act A, typename T>
 void glu_fwd(const T* gate, const T* up, T* out, int64_t n) {
-  for_lanes(n, [&](int64_t i, int m) {
+  for_lanes(n, [=](int64_t i, int m) {
     vf f, df;
     act_and_grad<A>(simd::load_n(gate + i, m), f, df);
     simd::store_n(out + i, f * simd::load_n(up + i, m), m);
@@ -58,7 +61,7 @@ void glu_fwd(const T* gate, const T* up, T* out, int64_t n) {
 
 template <Act A, typename T>
 void glu_bwd(const T* dout, const T* gate, const T* up, T* dgate, T* dup, int64_t n) {
-  for_lanes(n, [&](int64_t i, int m) {
+  for_lanes(n, [=](int64_t i, int m) {
     vf f, df;
     act_and_grad<A>(simd::load_n(gate + i, m), f, df);
     const vf d = simd::load_n(dout + i, m);
@@ -69,7 +72,7 @@ void glu_bwd(const T* dout, const T* gate, const T* up, T* dgate, T* dup, int64_
 
 template <Act A, typename T>
 void act_fwd(const T* x, T* y, int64_t n) {
-  for_lanes(n, [&](int64_t i, int m) {
+  for_lanes(n, [=](int64_t i, int m) {
     vf f, df;
     act_and_grad<A>(simd::load_n(x + i, m), f, df);
     simd::store_n(y + i, f, m);
@@ -78,7 +81,7 @@ void act_fwd(const T* x, T* y, int64_t n) {
 
 template <Act A, typename T>
 void act_bwd(const T* dy, const T* x, T* dx, int64_t n) {
-  for_lanes(n, [&](int64_t i, int m) {
+  for_lanes(n, [=](int64_t i, int m) {
     vf f, df;
     act_and_grad<A>(simd::load_n(x + i, m), f, df);
     simd::store_n(dx + i, simd::load_n(dy + i, m) * df, m);

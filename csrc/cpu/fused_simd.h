@@ -148,6 +148,13 @@ inline typename Lanes<N>::f load_lanes(const float* p) {
 }
 template <int N>
 inline typename Lanes<N>::f load_lanes(const bf16* p) {
+#if defined(__AVX2__)
+  // GCC lowers the generic widening below to two 4-lane widens and an insert on AVX2; one
+  // vpmovzxwd from memory does it (the loads of every bf16 kernel go through here).
+  if constexpr (N == 8)
+    return (typename Lanes<N>::f)_mm256_slli_epi32(
+        _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
+#endif
   typename Lanes<N>::h h;
   std::memcpy(&h, p, sizeof(h));
   return (typename Lanes<N>::f)(__builtin_convertvector(h, typename Lanes<N>::u) << 16);
@@ -179,8 +186,16 @@ inline void storew(bf16* p, vf v) {
   vu u = (vu)v;
   vu r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   r = (v != v) ? ((u >> 16) | 0x40u) : r;
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  // r < 2^16, so the saturating pack is exact; it spares the mask GCC puts before its own
+  // narrowing (AVX2 has no truncating 32->16 move). The pack works within 128-bit halves,
+  // hence the permute.
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32((__m256i)r, (__m256i)r), 0xd8);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+#else
   vu16 h = __builtin_convertvector(r, vu16);
   std::memcpy(p, &h, sizeof(h));
+#endif
 }
 inline void storew(fp16* p, vf v) {
 #if defined(__AVX512F__)

@@ -8,6 +8,12 @@
 
 #include <vector>
 
+// No fused multiply-add contraction: the backward relies on g = dy * w being rounded the same
+// way in the pass that sums it and in the pass that subtracts the mean (g - mean(g) is exactly 0
+// for a constant row, e.g. hidden 1, and rstd ~ 1/sqrt(eps) then multiplies any mismatch by 300).
+// Which products GCC fuses depends on inlining, so it is off for the whole file.
+#pragma GCC optimize("fp-contract=off")
+
 namespace fastlm::fused {
 namespace {
 
@@ -23,6 +29,43 @@ inline vf gain(const float* w, int64_t j, int n, float offset) {
   return w ? simd::load_n(w + j, n) + offset : simd::splat(1.0f);
 }
 inline vf shift(const float* b, int64_t j, int n) { return b ? simd::load_n(b + j, n) : vf{}; }
+
+// Sums f(j, n) (a vector for the n <= W features from j) over a row, with two accumulators: one
+// chain of dependent adds would be bound by the add latency. Full chunks pass n = W as a
+// constant, so their loads compile without the tail's masking.
+template <typename F>
+inline float row_sum(int64_t h, F&& f) {
+  vf a0{}, a1{};
+  int64_t j = 0;
+  for (; j + 2 * W <= h; j += 2 * W) {
+    a0 += f(j, W);
+    a1 += f(j + W, W);
+  }
+  for (; j < h; j += W) a0 += f(j, lanes(h, j));
+  return simd::hsum(a0 + a1);
+}
+
+// row_sum for two sums over the same loads: f(j, n, a, b) adds its terms to a and b.
+template <typename F>
+inline void row_sum2(int64_t h, float& sa, float& sb, F&& f) {
+  vf a0{}, a1{}, b0{}, b1{};
+  int64_t j = 0;
+  for (; j + 2 * W <= h; j += 2 * W) {
+    f(j, W, a0, b0);
+    f(j + W, W, a1, b1);
+  }
+  for (; j < h; j += W) f(j, lanes(h, j), a0, b0);
+  sa = simd::hsum(a0 + a1);
+  sb = simd::hsum(b0 + b1);
+}
+
+// Calls body(j, n) for each chunk of a row, full chunks with the constant n = W.
+template <typename F>
+inline void row_chunks(int64_t h, F&& body) {
+  int64_t j = 0;
+  for (; j + W <= h; j += W) body(j, W);
+  if (j < h) body(j, lanes(h, j));
+}
 
 // Runs body(t, nt, row_begin, row_end) on each thread; tiny problems stay on one thread.
 template <typename Body>
@@ -61,23 +104,15 @@ void rms_fwd_rows(const T* x, const float* w, T* y, float* rstd, int64_t r0, int
   for (int64_t r = r0; r < r1; ++r) {
     const T* xr = x + r * h;
     T* yr = y + r * h;
-    vf a0{}, a1{};  // two accumulators: the adds are latency-bound otherwise
-    int64_t j = 0;
-    for (; j + 2 * W <= h; j += 2 * W) {
-      const vf u = simd::loadw(xr + j), v = simd::loadw(xr + j + W);
-      a0 += u * u;
-      a1 += v * v;
-    }
-    for (; j < h; j += W) {
-      const vf u = simd::load_n(xr + j, lanes(h, j));
-      a0 += u * u;
-    }
-    const float rs = 1.0f / std::sqrt(simd::hsum(a0 + a1) / static_cast<float>(h) + eps);
+    const float ss = row_sum(h, [&](int64_t j, int n) {
+      const vf u = simd::load_n(xr + j, n);
+      return u * u;
+    });
+    const float rs = 1.0f / std::sqrt(ss / static_cast<float>(h) + eps);
     rstd[r] = rs;
-    for (j = 0; j < h; j += W) {
-      const int n = lanes(h, j);
+    row_chunks(h, [&](int64_t j, int n) {
       simd::store_n(yr + j, simd::load_n(xr + j, n) * rs * gain(w, j, n, offset), n);
-    }
+    });
   }
 }
 
@@ -88,19 +123,16 @@ void rms_bwd_rows(const T* dy, const T* x, const float* w, const float* rstd, T*
     const T *dyr = dy + r * h, *xr = x + r * h;
     T* dxr = dx + r * h;
     const float rs = rstd[r];
-    vf acc{};
-    for (int64_t j = 0; j < h; j += W) {
-      const int n = lanes(h, j);
-      acc += simd::load_n(dyr + j, n) * gain(w, j, n, offset) * simd::load_n(xr + j, n);
-    }
+    const float dot = row_sum(h, [&](int64_t j, int n) {
+      return simd::load_n(dyr + j, n) * gain(w, j, n, offset) * simd::load_n(xr + j, n);
+    });
     // d/dx of x * rs: rs * (g - xhat * mean(g * xhat)), g = dy * (w + offset)
-    const float c = simd::hsum(acc) * rs / static_cast<float>(h);
-    for (int64_t j = 0; j < h; j += W) {
-      const int n = lanes(h, j);
+    const float c = dot * rs / static_cast<float>(h);
+    row_chunks(h, [&](int64_t j, int n) {
       const vf d = simd::load_n(dyr + j, n), xh = simd::load_n(xr + j, n) * rs;
       simd::store_n(dxr + j, (d * gain(w, j, n, offset) - xh * c) * rs, n);
       if (pw) simd::store_n(pw + j, simd::load_n(pw + j, n) + d * xh, n);
-    }
+    });
   }
 }
 
@@ -111,25 +143,20 @@ void ln_fwd_rows(const T* x, const float* w, const float* b, T* y, float* mean, 
   for (int64_t r = r0; r < r1; ++r) {
     const T* xr = x + r * h;
     T* yr = y + r * h;
-    vf s{};
-    for (int64_t j = 0; j < h; j += W) s += simd::load_n(xr + j, lanes(h, j));
-    const float mu = simd::hsum(s) * inv_h;
+    const float mu = row_sum(h, [&](int64_t j, int n) { return simd::load_n(xr + j, n); }) * inv_h;
     // Two-pass variance (sum of squared deviations), not E[x^2] - mean^2, which cancels
     // catastrophically for rows with a large mean.
-    vf q{};
-    for (int64_t j = 0; j < h; j += W) {
-      const int n = lanes(h, j);
+    const float var = row_sum(h, [&](int64_t j, int n) {
       const vf d = simd::load_n(xr + j, n) - mu;
-      q += simd::lanes_below(n) ? d * d : vf{};
-    }
-    const float rs = 1.0f / std::sqrt(simd::hsum(q) * inv_h + eps);
+      return simd::lanes_below(n) ? d * d : vf{};  // the tail's zero padding is not x - mu
+    }) * inv_h;
+    const float rs = 1.0f / std::sqrt(var + eps);
     mean[r] = mu;
     rstd[r] = rs;
-    for (int64_t j = 0; j < h; j += W) {
-      const int n = lanes(h, j);
+    row_chunks(h, [&](int64_t j, int n) {
       const vf xh = (simd::load_n(xr + j, n) - mu) * rs;
       simd::store_n(yr + j, xh * gain(w, j, n, 0.0f) + shift(b, j, n), n);
-    }
+    });
   }
 }
 
@@ -141,21 +168,19 @@ void ln_bwd_rows(const T* dy, const T* x, const float* w, const float* mean, con
     const T *dyr = dy + r * h, *xr = x + r * h;
     T* dxr = dx + r * h;
     const float mu = mean[r], rs = rstd[r];
-    vf sg{}, sgx{};
-    for (int64_t j = 0; j < h; j += W) {
-      const int n = lanes(h, j);
+    float sg, sgx;
+    row_sum2(h, sg, sgx, [&](int64_t j, int n, vf& a, vf& b) {
       const vf g = simd::load_n(dyr + j, n) * gain(w, j, n, 0.0f);  // 0 in padding lanes
-      sg += g;
-      sgx += g * ((simd::load_n(xr + j, n) - mu) * rs);
-    }
-    const float c1 = simd::hsum(sg) * inv_h, c2 = simd::hsum(sgx) * inv_h;
-    for (int64_t j = 0; j < h; j += W) {
-      const int n = lanes(h, j);
+      a += g;
+      b += g * ((simd::load_n(xr + j, n) - mu) * rs);
+    });
+    const float c1 = sg * inv_h, c2 = sgx * inv_h;
+    row_chunks(h, [&](int64_t j, int n) {
       const vf d = simd::load_n(dyr + j, n), xh = (simd::load_n(xr + j, n) - mu) * rs;
       simd::store_n(dxr + j, (d * gain(w, j, n, 0.0f) - c1 - xh * c2) * rs, n);
       if (pw) simd::store_n(pw + j, simd::load_n(pw + j, n) + d * xh, n);
       if (pb) simd::store_n(pb + j, simd::load_n(pb + j, n) + d, n);
-    }
+    });
   }
 }
 

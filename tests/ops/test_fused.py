@@ -113,6 +113,31 @@ def test_gated_units(backend, dtype, shape, kind):
     _compare(fused, ref, [gate, up], dy)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_low_precision_stores_round_like_torch(dtype):
+    """The CPU kernels' bf16/fp16 stores: round to nearest even, overflow to inf, NaN kept.
+
+    For gate >= 20, silu(gate) is exactly gate in fp32 (sigmoid rounds to 1), and the product
+    of two 8- or 11-bit mantissas is exact in fp32, so swiglu's output is the single rounding
+    of gate * up: it must equal torch's rounding of the same fp32 product bit for bit, ties
+    included (products of short mantissas hit ties often). Sizes cover the vector body and
+    the tail of every SIMD width.
+    """
+    g = torch.Generator().manual_seed(0)
+    n = 16 * 37 + 5
+    gate = (torch.rand(n, generator=g) * 80 + 20).to(dtype)
+    up = torch.randn(n, generator=g).to(dtype)
+    big = torch.finfo(dtype).max
+    up[:4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0])
+    gate[4], up[4] = 99.0, big  # 99 * max overflows to inf
+    out = swiglu(gate, up, backend="cpu")
+    want = (gate.float() * up.float()).to(dtype)
+    assert torch.equal(out.isnan(), want.isnan()) and bool(out[0].isnan())
+    finite = ~want.isnan()
+    assert torch.equal(out[finite], want[finite])
+    assert out[4] == float("inf")
+
+
 def test_bad_inputs_name_the_argument():
     x = torch.randn(4, 8)
     with pytest.raises(ValueError, match=r"weight must have shape \(8,\)"):
