@@ -60,14 +60,21 @@ class _Eager(torch.autograd.Function):
 EAGER_FAST_PATH = True
 
 
-def _traced(args) -> bool:
+def _classify(args) -> int:
+    """_TRACED, _GRAD (eager, some input needs a gradient) or _PLAIN_CALL; one pass over args."""
     if not EAGER_FAST_PATH or torch.compiler.is_compiling():
-        return True
+        return _TRACED
+    grad = False
     for a in args:
-        if isinstance(a, torch.Tensor) and (a.is_meta or type(a) is not torch.Tensor
-                                            and not isinstance(a, torch.nn.Parameter)):
-            return True  # fake/functional tensors: let the dispatcher handle them
-    return False
+        if isinstance(a, torch.Tensor):
+            if (type(a) is not torch.Tensor and not isinstance(a, torch.nn.Parameter)
+                    or a.is_meta):
+                return _TRACED  # fake/functional tensors: let the dispatcher handle them
+            grad = grad or a.requires_grad
+    return _GRAD if grad and torch.is_grad_enabled() else _PLAIN_CALL
+
+
+_TRACED, _GRAD, _PLAIN_CALL = range(3)
 
 
 class FastOp:
@@ -98,14 +105,12 @@ class FastOp:
             bound = self._sig.bind(*args, **kwargs)
             bound.apply_defaults()
             args = bound.args
-        if _traced(args):
-            return self._op(*args)
-        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad
-                                           for a in args):
-            if self._backward is None:  # no formula: let torch.library say so
-                return self._op(*args)
+        kind = _classify(args)
+        if kind == _PLAIN_CALL:
+            return self._fn(*args)
+        if kind == _GRAD and self._backward is not None:  # else torch.library says why not
             return _Eager.apply(self, *args)
-        return self._fn(*args)
+        return self._op(*args)
 
 
 def custom_op(name: str):
