@@ -103,3 +103,25 @@ def test_repeated_backward_and_accumulation_are_not_corrupted(bias):
     again = torch.autograd.grad(fused_linear_cross_entropy(h, w, y, b), leaves)
     for g1, g2 in zip(once, again):
         torch.testing.assert_close(g1, g2, rtol=0, atol=0)
+
+
+def test_unit_seeded_last_backward_hands_out_the_saved_gradients(monkeypatch):
+    """loss.backward() (seed 1, graph freed) skips rescaling the saved gradients; a retained
+    graph or another seed rescales copies. Both give the reference gradients."""
+    from fastlm.ops import cross_entropy as ce
+
+    decisions = []
+    real = ce._hand_out_saved
+    monkeypatch.setattr(ce, "_hand_out_saved", lambda d: decisions.append(real(d)) or decisions[-1])
+    h = torch.randn(5, 8, requires_grad=True)
+    w = torch.randn(11, 8, requires_grad=True)
+    y = torch.randint(0, 11, (5,))
+    ref = torch.autograd.grad(torch.nn.functional.cross_entropy(h @ w.T, y), (h, w))
+    fused_linear_cross_entropy(h, w, y).backward()
+    for got, want in zip((h.grad, w.grad), ref):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    h.grad = w.grad = None
+    (2 * fused_linear_cross_entropy(h, w, y)).backward()
+    torch.testing.assert_close(w.grad, 2 * ref[1], rtol=1e-5, atol=1e-6)
+    torch.autograd.grad(fused_linear_cross_entropy(h, w, y), (h, w), retain_graph=True)
+    assert decisions == [True, False, False]

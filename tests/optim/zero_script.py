@@ -124,6 +124,11 @@ def main():
     if torch.distributed.get_rank() == 0:
         with open(sys.argv[-1], "w") as f:  # the launcher puts --local_rank first
             json.dump(out, f)
+    # Join gloo's worker threads now, not during interpreter exit: a worker dropping its last
+    # reference to a tensor after finalization began aborts the process (seen with the trainer,
+    # which fastlm.train.dist guards the same way).
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
