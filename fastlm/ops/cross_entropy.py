@@ -128,34 +128,38 @@ def _setup(ctx, inputs, output):
     ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
 
 
-def _hand_out_saved(dloss: torch.Tensor) -> bool:
-    """Whether the backward may return its saved gradients themselves, unscaled.
+def _last_use(dloss: torch.Tensor) -> bool:
+    """Whether this backward may scale its saved gradients in place and return them.
 
-    Only when the upstream gradient is exactly 1 (what ``loss.backward()`` seeds) and this is
-    the saved tensors' last use (no ``retain_graph``): autograd may adopt a returned tensor as
-    ``.grad`` and accumulate into it later, which must not reach a buffer a second backward
-    reads. It saves a pass over the vocab x hidden weight gradient into a fresh buffer: 3 ms of
-    a 100 ms step on a 2-core CPU, mostly the page faults of 8 MB. CPU only: on a GPU the
-    check costs a sync and the pass is nearly free. Traced (fake) tensors take the general path.
+    Only on the saved tensors' last use (no ``retain_graph``): autograd may adopt a returned
+    tensor as ``.grad`` and accumulate into it later, which must not reach a buffer a second
+    backward reads. It spares a fresh vocab x hidden buffer for the weight gradient: ~3 ms of a
+    100 ms small-model step on a 2-core CPU, mostly the page faults of 8 MB, and the scaling
+    pass itself when the seed is exactly 1 (``loss.backward()``). CPU only: on a GPU the seed
+    check would cost a sync and fresh buffers come from the caching allocator. Traced (fake)
+    tensors take the general path.
     """
     if type(dloss) is not torch.Tensor or dloss.device.type != "cpu":
         return False
     keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
     try:
-        last_use = keep_graph is not None and not keep_graph()
+        return keep_graph is not None and not keep_graph()
     except RuntimeError:  # not inside the autograd engine
         return False
-    return last_use and bool(dloss == 1.0)
 
 
 def _backward(ctx, dloss, _dh, _dw, _db):
     dh, dw, db = ctx.saved_tensors
     w_dtype, b_dtype = ctx.dtypes
     want_b = b_dtype is not None and db.numel() > 0
-    if _hand_out_saved(dloss):
+    g = dloss.to(torch.float32)
+    if _last_use(dloss):
+        if not bool(g == 1.0):  # gradient accumulation and loss scaling seed other values
+            dh.mul_(g.to(dh.dtype))
+            dw.mul_(g)
+            db.mul_(g)
         return (dh, dw.to(w_dtype), None, db.to(b_dtype) if want_b else None, None, None, None,
                 None, None, None, None)
-    g = dloss.to(torch.float32)
     grad_b = (db * g).to(b_dtype) if want_b else None
     return ((dh * g.to(dh.dtype)), (dw * g).to(w_dtype), None, grad_b, None, None, None, None,
             None, None, None)

@@ -105,23 +105,31 @@ def test_repeated_backward_and_accumulation_are_not_corrupted(bias):
         torch.testing.assert_close(g1, g2, rtol=0, atol=0)
 
 
-def test_unit_seeded_last_backward_hands_out_the_saved_gradients(monkeypatch):
-    """loss.backward() (seed 1, graph freed) skips rescaling the saved gradients; a retained
-    graph or another seed rescales copies. Both give the reference gradients."""
+def test_last_backward_scales_the_saved_gradients_in_place(monkeypatch):
+    """Without retain_graph the backward scales its saved gradients in place and returns them
+    (seed 1: not even scaled); a retained graph gets scaled copies. All give the reference
+    gradients, and a retained graph's second backward is not affected by the first."""
     from fastlm.ops import cross_entropy as ce
 
     decisions = []
-    real = ce._hand_out_saved
-    monkeypatch.setattr(ce, "_hand_out_saved", lambda d: decisions.append(real(d)) or decisions[-1])
+    real = ce._last_use
+    monkeypatch.setattr(ce, "_last_use", lambda d: decisions.append(real(d)) or decisions[-1])
     h = torch.randn(5, 8, requires_grad=True)
     w = torch.randn(11, 8, requires_grad=True)
+    b = torch.randn(11, requires_grad=True)
     y = torch.randint(0, 11, (5,))
-    ref = torch.autograd.grad(torch.nn.functional.cross_entropy(h @ w.T, y), (h, w))
-    fused_linear_cross_entropy(h, w, y).backward()
-    for got, want in zip((h.grad, w.grad), ref):
+    ref = torch.autograd.grad(torch.nn.functional.cross_entropy(h @ w.T + b, y), (h, w, b))
+    fused_linear_cross_entropy(h, w, y, b).backward()
+    for got, want in zip((h.grad, w.grad, b.grad), ref):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    h.grad = w.grad = None
-    (2 * fused_linear_cross_entropy(h, w, y)).backward()
-    torch.testing.assert_close(w.grad, 2 * ref[1], rtol=1e-5, atol=1e-6)
-    torch.autograd.grad(fused_linear_cross_entropy(h, w, y), (h, w), retain_graph=True)
-    assert decisions == [True, False, False]
+    h.grad = w.grad = b.grad = None
+    (0.25 * fused_linear_cross_entropy(h, w, y, b)).backward()  # as gradient accumulation seeds
+    for got, want in zip((h.grad, w.grad, b.grad), ref):
+        torch.testing.assert_close(got, 0.25 * want, rtol=1e-5, atol=1e-6)
+    loss = 3 * fused_linear_cross_entropy(h, w, y, b)
+    first = torch.autograd.grad(loss, (h, w, b), retain_graph=True)
+    second = torch.autograd.grad(loss, (h, w, b))
+    for g1, g2, want in zip(first, second, ref):
+        torch.testing.assert_close(g1, 3 * want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g2, 3 * want, rtol=1e-5, atol=1e-6)
+    assert decisions == [True, True, False, True]
