@@ -53,3 +53,32 @@ def zero_runs(tmp_path_factory):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())
+
+
+@pytest.fixture
+def emulated_cuda(monkeypatch):
+    """The ``cuda`` backend of attention and FusedAdamW, run by the CUDA emulator on CPU tensors.
+
+    The emulator builds csrc/cuda and its bindings for the host (fastlm/_cuda_emu.py); this
+    points the two ops' ``cuda`` backend at that build, keeping the backends' own dtype and
+    feature checks but not their device check, so ``backend="cuda"`` runs the CUDA kernels
+    through the same Python and binding code a GPU run takes. Returns the emulated ops.
+    """
+    import fastlm.optim  # noqa: F401  (defines the adamw op)
+    from fastlm import _cuda_emu
+    from fastlm._dispatch import OPS, Backend, all_of, needs_dtypes
+    from fastlm.ops.attention import _cuda_features
+
+    try:
+        ops = _cuda_emu.load()
+    except _cuda_emu.ExtensionBuildError as err:
+        pytest.skip(f"CUDA emulator unavailable: {str(err).splitlines()[0]}")
+    checks = {
+        "attention": all_of(needs_dtypes(torch.float16, torch.bfloat16), _cuda_features),
+        "adamw": needs_dtypes(torch.float32, torch.bfloat16, torch.float16),
+    }
+    for name, check in checks.items():
+        op = OPS[name]
+        monkeypatch.setitem(op.backends, "cuda", Backend("cuda", check, lambda: ops))
+        monkeypatch.setattr(op, "_auto", {})
+    return ops

@@ -1,19 +1,19 @@
 // torch binding of the CUDA multi-tensor AdamW: checks the lists, then one call that packs the
 // tensors into as few launches as the kernel's parameter table allows.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <vector>
 
+#include "bindings/cuda_platform.h"
 #include "cuda/adamw.h"
 
 namespace {
 
 using at::Tensor;
 using fastlm::cuda::AdamDType;
+namespace fb = fastlm::binding;
 
 AdamDType dtype_of(const Tensor& t, const char* what) {
   switch (t.scalar_type()) {
@@ -36,7 +36,7 @@ void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
   TORCH_CHECK(masters.empty() || masters.size() == n,
               "fastlm_cuda adamw: masters must be empty or one per param");
   TORCH_CHECK(step >= 1, "fastlm_cuda adamw: step must be >= 1, got ", step);
-  const c10::cuda::CUDAGuard guard(params[0].device());
+  const fb::CudaGuard guard(params[0].device());
   const AdamDType pdt = dtype_of(params[0], "params[0]");
   const AdamDType sdt = dtype_of(exp_avgs[0], "exp_avgs[0]");
   TORCH_CHECK(sdt != AdamDType::f16, "fastlm_cuda adamw: states must be float32 or bfloat16");
@@ -44,7 +44,7 @@ void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
   for (size_t i = 0; i < n; ++i) {
     const Tensor& p = params[i];
     for (const Tensor* t : {&p, &grads[i], &exp_avgs[i], &exp_avg_sqs[i]}) {
-      TORCH_CHECK(t->is_cuda() && t->device() == p.device() && t->is_contiguous() &&
+      TORCH_CHECK(t->device().type() == fb::kCudaDevice && t->device() == p.device() && t->is_contiguous() &&
                       t->numel() == p.numel(),
                   "fastlm_cuda adamw: tensor ", i, " and its grad/states must be contiguous, on ",
                   p.device(), ", with ", p.numel(), " elements");
@@ -57,7 +57,7 @@ void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
                 "fastlm_cuda adamw: states of one call must share a dtype");
     float* master = nullptr;
     if (!masters.empty()) {
-      TORCH_CHECK(masters[i].scalar_type() == at::kFloat && masters[i].is_cuda() &&
+      TORCH_CHECK(masters[i].scalar_type() == at::kFloat && masters[i].device().type() == fb::kCudaDevice &&
                       masters[i].is_contiguous() && masters[i].numel() == p.numel(),
                   "fastlm_cuda adamw: masters[", i, "] must be a contiguous float32 CUDA tensor");
       master = masters[i].data_ptr<float>();
@@ -80,16 +80,16 @@ void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
   h.inv_grad_scale = static_cast<float>(inv_grad_scale);
   const cudaError_t err = fastlm::cuda::adamw_step_cuda(
       tensors.data(), static_cast<int>(n), pdt, sdt, h, nullptr, nullptr,
-      c10::cuda::getCurrentCUDAStream().stream());
+      fb::current_stream());
   TORCH_CHECK(err == cudaSuccess, "fastlm_cuda adamw: launch failed: ", cudaGetErrorString(err));
 }
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(fastlm_cuda, m) {
+TORCH_LIBRARY_FRAGMENT(FASTLM_CUDA_LIBRARY, m) {
   m.def("adamw_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
         "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] masters, float lr, float beta1, float beta2, "
         "float eps, float weight_decay, int step, float inv_grad_scale) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(fastlm_cuda, CUDA, m) { m.impl("adamw_step_", &adamw_step); }
+TORCH_LIBRARY_IMPL(FASTLM_CUDA_LIBRARY, FASTLM_CUDA_DISPATCH_KEY, m) { m.impl("adamw_step_", &adamw_step); }

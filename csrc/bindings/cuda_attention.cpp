@@ -2,13 +2,12 @@
 // and checks as the CPU binding (attention_args.h), plus what tensor cores need: fp16/bf16,
 // head dim 64 or 128.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <tuple>
 
 #include "bindings/attention_args.h"
+#include "bindings/cuda_platform.h"
 #include "cuda/attention.h"
 
 namespace {
@@ -17,7 +16,7 @@ using at::Tensor;
 using fastlm::AttnParams;
 namespace fb = fastlm::binding;
 
-const fb::Ctx kCuda{"fastlm_cuda", at::kCUDA};
+const fb::Ctx kCuda{"fastlm_cuda", fb::kCudaDevice};
 
 fastlm::DType kernel_dtype(const Tensor& q) {
   const fastlm::DType dt = fb::dtype_of(kCuda, q);
@@ -46,13 +45,13 @@ std::tuple<Tensor, Tensor> fwd(const Tensor& q, const Tensor& k, const Tensor& v
                                int64_t wl, int64_t wr, double softcap) {
   AttnParams p = fb::dense_params(kCuda, q, k, v, mask, causal, scale, wl, wr, softcap);
   const fastlm::DType dt = kernel_dtype(q);
-  const c10::cuda::CUDAGuard guard(q.device());
+  const fb::CudaGuard guard(q.device());
   Tensor out = at::empty_like(q);
   Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   p.lse = fb::dense_lse(lse);
   check_launch(fastlm::cuda::attention_fwd_cuda(
                    p, dt, p.seqlen_q, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
-                   lse.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()),
+                   lse.data_ptr<float>(), fb::current_stream()),
                "forward");
   return {out, lse};
 }
@@ -61,14 +60,14 @@ std::tuple<Tensor, Tensor, Tensor> run_bwd(AttnParams p, fastlm::DType dt, int m
                                            const Tensor& dout, const Tensor& q, const Tensor& k,
                                            const Tensor& v, const Tensor& out,
                                            const Tensor& lse) {
-  const c10::cuda::CUDAGuard guard(q.device());
+  const fb::CudaGuard guard(q.device());
   Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   Tensor delta = at::empty_like(lse);
   check_launch(fastlm::cuda::attention_bwd_cuda(
                    p, dt, max_q, max_k, dout.data_ptr(), q.data_ptr(), k.data_ptr(),
                    v.data_ptr(), out.data_ptr(), lse.data_ptr<float>(),
                    delta.data_ptr<float>(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
-                   p.k, p.v, c10::cuda::getCurrentCUDAStream()),
+                   p.k, p.v, fb::current_stream()),
                "backward");
   return {dq, dk, dv};
 }
@@ -91,13 +90,13 @@ std::tuple<Tensor, Tensor> varlen_fwd(const Tensor& q, const Tensor& k, const Te
   AttnParams p = fb::varlen_params(kCuda, q, k, v, cu_q, cu_k, scale, wl, wr, causal, softcap);
   const fastlm::DType dt = kernel_dtype(q);
   (void)max_k;
-  const c10::cuda::CUDAGuard guard(q.device());
+  const fb::CudaGuard guard(q.device());
   Tensor out = at::empty_like(q);
   Tensor lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat));  // (H, T)
   p.lse = fb::varlen_lse(lse);
   check_launch(fastlm::cuda::attention_fwd_cuda(
                    p, dt, max_len(max_q), q.data_ptr(), k.data_ptr(), v.data_ptr(),
-                   out.data_ptr(), lse.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()),
+                   out.data_ptr(), lse.data_ptr<float>(), fb::current_stream()),
                "varlen forward");
   return {out, lse};
 }
@@ -116,9 +115,9 @@ std::tuple<Tensor, Tensor, Tensor> varlen_bwd(
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(fastlm_cuda, m) { fastlm::binding::define_attention_ops(m); }
+TORCH_LIBRARY_FRAGMENT(FASTLM_CUDA_LIBRARY, m) { fastlm::binding::define_attention_ops(m); }
 
-TORCH_LIBRARY_IMPL(fastlm_cuda, CUDA, m) {
+TORCH_LIBRARY_IMPL(FASTLM_CUDA_LIBRARY, FASTLM_CUDA_DISPATCH_KEY, m) {
   m.impl("attention_fwd", &fwd);
   m.impl("attention_bwd", &bwd);
   m.impl("attention_varlen_fwd", &varlen_fwd);

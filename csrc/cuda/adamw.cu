@@ -73,7 +73,7 @@ cudaError_t run(const AdamWTensor* tensors, int n, const AdamWHyper& h, const fl
     if (tensors[i].numel == 0) continue;
     const int64_t chunks = (tensors[i].numel + kChunk - 1) / kChunk;
     for (int64_t c = 0; c < chunks; ++c) {
-      if (c == 0 || nt == 0) {
+      if (c == 0 || nt == 0) {  // its first chunk, or the rest of it after a flush
         if (nt == kMaxTensors) {
           cudaError_t e = flush();
           if (e != cudaSuccess) return e;
@@ -86,7 +86,6 @@ cudaError_t run(const AdamWTensor* tensors, int n, const AdamWHyper& h, const fl
       if (++nb == kMaxBlocks) {
         cudaError_t e = flush();
         if (e != cudaSuccess) return e;
-        if (c + 1 < chunks) l.t[nt++] = tensors[i];  // the rest of this tensor continues
       }
     }
   }

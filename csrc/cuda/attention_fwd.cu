@@ -48,6 +48,9 @@ attention_fwd_kernel(const AttnParams p, const T* __restrict__ q, const T* __res
 
   load_tile<T, D>(qs, q, p.q, b, h, seq.q0, i0, seq.sq, vec);
   for (int idx = lane; idx < 16 * ldf; idx += 32) os[idx] = 0.0f;
+  // Lanes read rows other lanes zeroed; with no key tile (rows that see no key) nothing else
+  // orders these writes before the epilogue's reads.
+  __syncwarp();
 
   // Lane pair (2r, 2r+1) owns row r of the warp's 16: columns [32 * half, 32 * half + 32).
   const int rr = lane / 2, half = lane % 2;

@@ -150,10 +150,11 @@ def _kernel_layout(q, k, v, backend: str | None):
     order (``empty_like``), so transposing it back to (B, S, H, D) is a view too. k and v must
     share strides (the Triton kernels read both with one set), and Triton (tests only, on CPU
     tensors) only dense ones, whose ``empty_like`` keeps their strides. Anything else, and
-    every tensor on a GPU (the CUDA kernels assume contiguous rows), is made contiguous."""
-    if (q.device.type == "cpu" and all(_unit_rows(t) for t in (q, k, v))
-            and _like(v, k) is v and (_op.requested(backend)[0] != "triton"
-                                      or all(_dense(t) for t in (q, k, v)))):
+    every tensor on a GPU or for the CUDA kernels (which assume contiguous rows; on CPU
+    tensors only in the CUDA emulator's tests), is made contiguous."""
+    requested = _op.requested(backend)[0]
+    if (q.device.type == "cpu" and requested != "cuda" and all(_unit_rows(t) for t in (q, k, v))
+            and _like(v, k) is v and (requested != "triton" or all(_dense(t) for t in (q, k, v)))):
         return q, k, v
     return q.contiguous(), k.contiguous(), v.contiguous()
 

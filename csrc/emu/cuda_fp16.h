@@ -1,0 +1,3 @@
+// CUDA emulation: see types.h.
+#pragma once
+#include "emu/types.h"
