@@ -231,8 +231,148 @@ void fwd_bf16(const AttnParams& p, const bf16* q, const bf16* k, const bf16* v, 
 }
 #endif
 
+// Few query rows per sequence (decoding: new tokens against a KV cache): a converted K/V tile
+// would serve too few rows to pay for converting the whole cache first (at one row per head
+// that conversion was most of a decode step's attention time, and it grows with the cache),
+// so each query row reads the rows of K and V in place (from cache for a head's later rows),
+// converted in registers when they are not fp32.
+constexpr int kDirectMaxRows = 8;
+constexpr int kChunk = kSub * BK;  // keys per online-softmax step
+
+struct DirectScratch {
+  std::vector<float> q, s, acc, m, l;
+  explicit DirectScratch(int d)
+      : q(kDirectMaxRows * d), s(kDirectMaxRows * kChunk), acc(kDirectMaxRows * d),
+        m(kDirectMaxRows), l(kDirectMaxRows) {}
+};
+
+template <typename T>
+inline float dot_row(const float* a, const T* b, int d) {
+  using simd::W;
+  simd::vf s0 = simd::splat(0.0f), s1 = simd::splat(0.0f);
+  int c = 0;
+  for (; c + 2 * W <= d; c += 2 * W) {
+    s0 += simd::loadw(a + c) * simd::loadw(b + c);
+    s1 += simd::loadw(a + c + W) * simd::loadw(b + c + W);
+  }
+  if (c + W <= d) {
+    s0 += simd::loadw(a + c) * simd::loadw(b + c);
+    c += W;
+  }
+  float sum = simd::hsum(s0 + s1);
+  for (; c < d; ++c) sum += a[c] * to_float(b[c]);
+  return sum;
+}
+
+template <typename T>
+inline void axpy_row(float* acc, float x, const T* v, int d) {
+  using simd::W;
+  const simd::vf xv = simd::splat(x);
+  int c = 0;
+  for (; c + W <= d; c += W) simd::storew(acc + c, simd::loadw(acc + c) + xv * simd::loadw(v + c));
+  for (; c < d; ++c) acc[c] += x * to_float(v[c]);
+}
+
+// s[j] = a . row j of K, for the nk key rows at k (row stride ks): on AVX2 eight keys at a
+// time, their eight accumulators reduced together by a horizontal-add transpose (a reduction
+// per dot product cost more than the dot product's FMAs at head dim 64).
+template <typename T>
+void scores_row(const float* a, const T* k, int64_t ks, int nk, int d, float* s) {
+  int j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  if (d % 8 == 0) {
+    for (; j + 8 <= nk; j += 8) {
+      __m256 acc[8];
+      for (int t = 0; t < 8; ++t) acc[t] = _mm256_setzero_ps();
+      for (int c = 0; c < d; c += 8) {
+        const __m256 av = _mm256_loadu_ps(a + c);
+        for (int t = 0; t < 8; ++t)
+          acc[t] = _mm256_fmadd_ps(av, (__m256)simd::load8(k + (j + t) * ks + c), acc[t]);
+      }
+      const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+      const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+      _mm256_storeu_ps(s + j, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
+                                            _mm256_permute2f128_ps(u0, u1, 0x31)));
+    }
+  }
+#endif
+  for (; j < nk; ++j) s[j] = dot_row(a, k + j * ks, d);
+}
+
+// acc (d floats) += sum_j p[j] * row j of V: on AVX2 the accumulator stays in registers, 64
+// columns at a time, across the keys.
+template <typename T>
+void pv_row(const float* p, const T* v, int64_t vs, int nk, int d, float* acc) {
+#if defined(__AVX2__) && defined(__FMA__)
+  if (d % 8 == 0) {
+    for (int c0 = 0; c0 < d; c0 += 64) {
+      const int nr = std::min(64, d - c0) / 8;
+      __m256 r[8];
+      for (int t = 0; t < nr; ++t) r[t] = _mm256_loadu_ps(acc + c0 + 8 * t);
+      for (int j = 0; j < nk; ++j) {
+        if (p[j] == 0.0f) continue;  // masked keys
+        const __m256 pj = _mm256_set1_ps(p[j]);
+        const T* vj = v + j * vs + c0;
+        for (int t = 0; t < nr; ++t) r[t] = _mm256_fmadd_ps(pj, (__m256)simd::load8(vj + 8 * t), r[t]);
+      }
+      for (int t = 0; t < nr; ++t) _mm256_storeu_ps(acc + c0 + 8 * t, r[t]);
+    }
+    return;
+  }
+#endif
+  for (int j = 0; j < nk; ++j)
+    if (p[j] != 0.0f) axpy_row(acc, p[j], v + j * vs, d);
+}
+
+template <typename T>
+void fwd_direct(const AttnParams& p, const T* q, const T* k, const T* v, T* out, float* lse) {
+  const int d = p.head_dim;
+  const int64_t units = static_cast<int64_t>(p.batch) * p.heads_q;
+#pragma omp parallel
+  {
+    DirectScratch w(d);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t u = 0; u < units; ++u) {
+      const int b = static_cast<int>(u / p.heads_q), h = static_cast<int>(u % p.heads_q);
+      const Seq s = sequence(p, b);
+      const int n = s.sq;
+      if (n == 0) continue;
+      const int hk = h / (p.heads_q / p.heads_kv);
+      const bool* kpm = p.key_padding_mask
+                            ? p.key_padding_mask + static_cast<int64_t>(b) * p.seqlen_k
+                            : nullptr;
+      load_rows(q, p.q, b, h, s.q0, n, d, w.q.data(), p.scale);  // scale folded into q
+      std::fill(w.acc.begin(), w.acc.begin() + n * d, 0.0f);
+      std::fill(w.m.begin(), w.m.begin() + n, kNegInf);
+      std::fill(w.l.begin(), w.l.begin() + n, 0.0f);
+      bool seen[kDirectMaxRows];
+      const int jlo = key_range(p, s, 0).lo, jhi = key_range(p, s, n - 1).hi;
+      for (int j0 = jlo; j0 < jhi; j0 += kChunk) {
+        const int nk = std::min(kChunk, jhi - j0);
+        const T* kr = row(k, p.k, b, hk, s.k0 + j0);  // the chunk's keys, read in place
+        for (int i = 0; i < n; ++i) scores_row(&w.q[i * d], kr, p.k.t, nk, d, &w.s[i * kChunk]);
+        for (int i = 0; i < n; ++i) {
+          float* sr = &w.s[i * kChunk];
+          const Range r = key_range(p, s, i);
+          for (int t = 0; t * BK < nk; ++t)
+            mask_row(p, sr + t * BK, j0 + t * BK, std::min(BK, nk - t * BK), r, kpm, nullptr);
+          seen[i] = softmax_row(sr, nk, w.m[i], w.l[i], &w.acc[i * d], d);
+        }
+        const T* vr = row(v, p.v, b, hk, s.k0 + j0);
+        for (int i = 0; i < n; ++i)  // acc += P V
+          if (seen[i]) pv_row(&w.s[i * kChunk], vr, p.v.t, nk, d, &w.acc[i * d]);
+      }
+      finish_rows(p, out, lse, b, h, s.q0, n, w.acc.data(), w.m.data(), w.l.data());
+    }
+  }
+}
+
 template <typename T>
 void fwd(const AttnParams& p, const T* q, const T* k, const T* v, T* out, float* lse) {
+  // Up to where the in-place path wins (12 heads, head dim 64, 80-1000 keys, AVX2): 8 fp32 rows
+  // (the tiles' transposing conversion is their costly part), 4 rows of 16-bit inputs.
+  if (max_seqlen_q(p) <= (std::is_same_v<T, float> ? kDirectMaxRows : 4))
+    return fwd_direct(p, q, k, v, out, lse);
 #if defined(FASTLM_DPBF16)
   if constexpr (std::is_same_v<T, bf16>) return fwd_bf16(p, q, k, v, out, lse);
 #endif

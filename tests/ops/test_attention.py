@@ -21,7 +21,8 @@ HAS_CUDA = torch.cuda.is_available()
 
 # (B, Hq, Hkv, Sq, Sk, D): lengths 1, odd, not a multiple of any block, Sq != Sk both ways,
 # GQA and MQA, a head dim that is not a power of two; 600 keys span several of the CPU
-# forward's 256-key softmax steps and end in a partial one.
+# forward's 256-key softmax steps and end in a partial one. Sq of 1 and 3 take the CPU
+# forward's in-place path for few query rows.
 SHAPES = [
     (1, 1, 1, 1, 1, 16),
     (2, 2, 2, 7, 7, 32),
@@ -30,6 +31,7 @@ SHAPES = [
     (1, 2, 2, 130, 63, 64),
     (1, 4, 1, 1, 129, 64),
     (1, 2, 1, 70, 600, 32),
+    (2, 4, 2, 3, 600, 24),  # decoding-sized: the CPU kernel reads K/V in place (<= 4 rows)
 ]
 SMALL_SHAPES = [(1, 1, 1, 1, 1, 16), (2, 2, 1, 7, 19, 24), (1, 4, 2, 33, 33, 32), (1, 2, 2, 40, 17, 16)]
 FEATURES = [
