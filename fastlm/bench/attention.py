@@ -29,6 +29,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--query-len", type=int, default=None,
+                        help="query tokens against each --seqlens keys (decoding: 1); "
+                             "default: as many as keys. Causal is then bottom-right aligned")
     parser.add_argument("--modes", default="fwd,fwd_bwd", help="comma list of fwd,fwd_bwd")
     parser.add_argument("--impls", default="", help="comma list to restrict the implementations")
     parser.add_argument("--repeat", type=int, default=10)
@@ -38,8 +41,10 @@ def add_arguments(parser) -> None:
 
 def flops(b, h, sq, sk, d, causal, mode) -> float:
     f = 4.0 * b * h * sq * sk * d
-    if causal:
-        f /= 2
+    if causal and sq == sk:
+        f /= 2  # FlashAttention's convention
+    elif causal:  # the visible fraction of a bottom-right causal (sq x sk) score matrix
+        f *= 1 - (sq - 1) / (2 * sk) if sq < sk else (sk + 1) / (2 * sq)
     return f * (3.5 if mode == "fwd_bwd" else 1.0)
 
 
@@ -59,6 +64,15 @@ def _sdpa_variants(device: str) -> dict[str, contextlib.AbstractContextManager]:
     return {name: (lambda b=b: sdpa_kernel([b])) for name, b in names.items()}
 
 
+def _sdpa(q, k, v, causal):
+    sq, sk = q.shape[2], k.shape[2]
+    if causal and sq != sk:  # SDPA's is_causal aligns top-left; fastlm's (and HF's) bottom-right
+        from torch.nn.attention.bias import causal_lower_right
+
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(sq, sk))
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
 def implementations(device: str) -> dict:
     """name -> (fn(q, k, v, causal) -> out, context factory)."""
     from fastlm.ops import attention
@@ -72,8 +86,7 @@ def implementations(device: str) -> dict:
             contextlib.nullcontext,
         )
     for name, ctx in _sdpa_variants(device).items():
-        impls[name] = (lambda q, k, v, causal: F.scaled_dot_product_attention(
-            q, k, v, is_causal=causal), ctx)
+        impls[name] = (_sdpa, ctx)
     impls["eager_math"] = (
         lambda q, k, v, causal: attention_ref(q, k, v, causal=causal, upcast=False),
         contextlib.nullcontext,
@@ -81,15 +94,16 @@ def implementations(device: str) -> dict:
     return impls
 
 
-def _bench_one(fn, ctx, shape, dtype, device, causal, mode, repeat) -> harness.Timing | str:
+def _bench_one(fn, ctx, shape, dtype, device, causal, mode, repeat, sq=None) -> harness.Timing | str:
     b, h, s, d = shape
+    sq = s if sq is None else sq
     copies = 3
     inputs = [
-        [torch.randn(b, h, s, d, device=device, dtype=dtype, requires_grad=mode == "fwd_bwd")
-         for _ in range(3)]
+        [torch.randn(b, h, n, d, device=device, dtype=dtype, requires_grad=mode == "fwd_bwd")
+         for n in (sq, s, s)]
         for _ in range(copies)
     ]
-    dout = torch.randn(b, h, s, d, device=device, dtype=dtype)
+    dout = torch.randn(b, h, sq, d, device=device, dtype=dtype)
 
     def step(i):
         q, k, v = inputs[i % copies]
@@ -130,14 +144,17 @@ def run(args) -> int:
     for dtype, s, mode, name in (tqdm(cases, desc="attention") if tqdm else cases):
         fn, ctx = impls[name]
         shape = (args.batch, args.heads, s, args.head_dim)
-        t = _bench_one(fn, ctx, shape, dtype, device, args.causal, mode, args.repeat)
+        sq = s if args.query_len is None else args.query_len
+        t = _bench_one(fn, ctx, shape, dtype, device, args.causal, mode, args.repeat, sq)
         dname = str(dtype).removeprefix("torch.")
         row = dict(impl=name, case=f"{dname} {mode}", dtype=dname, mode=mode, seqlen=s, batch=args.batch, heads=args.heads,
                    head_dim=args.head_dim, causal=args.causal)
+        if args.query_len is not None:
+            row["query_len"] = sq
         if isinstance(t, str):
             row.update(ms=None, tflops=None, pct_peak=None, error=t)
         else:
-            tf = flops(args.batch, args.heads, s, s, args.head_dim, args.causal, mode) / (
+            tf = flops(args.batch, args.heads, sq, s, args.head_dim, args.causal, mode) / (
                 t.median_ms * 1e-3) / 1e12
             peak = report.ceilings[f"matmul_tflops_{dname}"]
             row.update(ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, tflops=tf,

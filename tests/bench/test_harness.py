@@ -53,6 +53,20 @@ def test_bench_commands_write_results(argv, tmp_path, capsys):
     assert (tmp_path / f"{name}_cpu.png").exists()
 
 
+def test_bench_attention_decoding_counts_the_visible_scores(tmp_path, capsys):
+    from fastlm.bench.attention import flops
+
+    argv = ["bench", "attention", "--query-len", "1", "--seqlens", "40", "--dtypes", "fp32",
+            "--modes", "fwd", "--repeat", "2", "--impls", "fastlm_cpu,sdpa_flash,eager_math"]
+    assert cli.main([*argv, "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "attention_cpu.json").read_text())["rows"]
+    assert {r["query_len"] for r in rows} == {1} and all(r.get("ms") for r in rows), rows
+    # bottom-right causal: one query sees every key; sq == sk keeps FlashAttention's halving
+    assert flops(1, 1, 1, 40, 64, True, "fwd") == flops(1, 1, 1, 40, 64, False, "fwd")
+    assert flops(1, 1, 40, 40, 64, True, "fwd") == flops(1, 1, 40, 40, 64, False, "fwd") / 2
+    assert flops(1, 1, 3, 10, 1, True, "fwd") == 4 * (8 + 9 + 10)
+
+
 def test_paired_speedup_uses_each_rounds_fastest_peer():
     T = harness.Timing
     timings = {  # round 2 is slow for everyone (drift): a paired ratio does not mind
