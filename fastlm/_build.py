@@ -146,6 +146,13 @@ class ExtensionBuilder:
     def ldflags(self) -> list[str]:
         return []
 
+    def include_paths(self) -> list[str]:
+        return [str(self.source_root())]
+
+    def build_sources(self, build_dir: Path) -> list[str]:
+        """The files handed to the compiler (called under the build lock)."""
+        return [str(p) for p in self.sources()]
+
     # -- shared machinery -----------------------------------------------------------------------
     def source_root(self) -> Path:
         return self.root if self.root is not None else csrc_dir()
@@ -231,11 +238,11 @@ class ExtensionBuilder:
             try:
                 load(
                     name=f"fastlm_{self.name}_{self.cache_key()}",
-                    sources=[str(p) for p in self.sources()],
+                    sources=self.build_sources(build_dir),
                     extra_cflags=self.cflags(),
                     extra_cuda_cflags=self.cuda_cflags(),
                     extra_ldflags=self.ldflags(),
-                    extra_include_paths=[str(self.source_root())],
+                    extra_include_paths=self.include_paths(),
                     build_directory=str(build_dir),
                     is_python_module=False,
                     verbose=os.environ.get("FASTLM_BUILD_VERBOSE") == "1",

@@ -78,39 +78,26 @@ class CudaEmuBuilder(ExtensionBuilder):
         root = self.source_root()
         return sorted({p for pattern in self.source_globs for p in root.glob(pattern)})
 
-    def _jit_build(self) -> None:
-        from filelock import FileLock
-        from torch.utils.cpp_extension import load
-
+    def include_paths(self) -> list[str]:
         root = self.source_root()
-        build_dir = self.build_dir()
+        return [str(root / "emu"), str(root)]  # emu/ first: its cuda_runtime.h, mma.h, ...
+
+    def build_sources(self, build_dir: Path) -> list[str]:
+        root = self.source_root()
         gen = build_dir / "translated"
         gen.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(build_dir) + ".lock", timeout=1200):
-            sources = []
-            for path in self.sources():
-                if path.suffix == ".cu":
-                    out = gen / f"{path.stem}_cu.cpp"
-                    text = translate(path.read_text(), str(path.relative_to(root)))
-                    if not out.exists() or out.read_text() != text:
-                        tmp = out.with_suffix(".tmp")
-                        tmp.write_text(text)
-                        tmp.replace(out)
-                    path = out
-                sources.append(str(path))
-            try:
-                load(
-                    name=f"fastlm_cuda_emu_{self.cache_key()}",
-                    sources=sources,
-                    extra_cflags=self.cflags(),
-                    extra_include_paths=[str(root / "emu"), str(root)],
-                    build_directory=str(build_dir),
-                    is_python_module=False,
-                    verbose=False,
-                )
-            except Exception as exc:
-                raise ExtensionBuildError(self._explain_failure(exc, build_dir)) from exc
-        self._state["how"] = f"JIT-built in {build_dir}"
+        sources = []
+        for path in self.sources():
+            if path.suffix == ".cu":
+                out = gen / f"{path.stem}_cu.cpp"
+                text = translate(path.read_text(), str(path.relative_to(root)))
+                if not out.exists() or out.read_text() != text:
+                    tmp = out.with_suffix(".tmp")
+                    tmp.write_text(text)
+                    tmp.replace(out)
+                path = out
+            sources.append(str(path))
+        return sources
 
 
 _BUILDER = CudaEmuBuilder()

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "emu/device.h"
 
@@ -55,21 +56,11 @@ void fill_fragment(fragment<Use, 16, 16, 16, T, L>& f, float v) {
   for (float& e : f.x) e = v;
 }
 
-template <typename T>
-void load_matrix_sync(fragment<matrix_a, 16, 16, 16, T, row_major>& f, const T* p, unsigned ldm) {
-  detail::load(f.x, p, ldm, true);
-}
-template <typename T>
-void load_matrix_sync(fragment<matrix_a, 16, 16, 16, T, col_major>& f, const T* p, unsigned ldm) {
-  detail::load(f.x, p, ldm, false);
-}
-template <typename T>
-void load_matrix_sync(fragment<matrix_b, 16, 16, 16, T, row_major>& f, const T* p, unsigned ldm) {
-  detail::load(f.x, p, ldm, true);
-}
-template <typename T>
-void load_matrix_sync(fragment<matrix_b, 16, 16, 16, T, col_major>& f, const T* p, unsigned ldm) {
-  detail::load(f.x, p, ldm, false);
+// matrix_a / matrix_b fragments, row- or column-major in memory as the fragment type says
+template <typename Use, typename T, typename L>
+void load_matrix_sync(fragment<Use, 16, 16, 16, T, L>& f, const T* p, unsigned ldm) {
+  static_assert(std::is_same_v<L, row_major> || std::is_same_v<L, col_major>, "a layout");
+  detail::load(f.x, p, ldm, std::is_same_v<L, row_major>);
 }
 inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p,
                              unsigned ldm, layout_t layout) {
