@@ -2,6 +2,7 @@
 // softmax, so the (Sq, Sk) score matrix never exists; O(BQ * BK) scratch per thread.
 #include <omp.h>
 
+#include <cstring>
 #include <memory>
 #include <type_traits>
 #include <vector>
@@ -239,11 +240,18 @@ void fwd_bf16(const AttnParams& p, const bf16* q, const bf16* k, const bf16* v, 
 constexpr int kDirectMaxRows = 8;
 constexpr int kChunk = kSub * BK;  // keys per online-softmax step
 
+#if defined(FASTLM_DPBF16)
+constexpr bool kDirectDpbf16 = true;
+#else
+constexpr bool kDirectDpbf16 = false;
+#endif
+
 struct DirectScratch {
   std::vector<float> q, s, acc, m, l;
+  std::vector<bf16> qb;  // raw bf16 q rows (vdpbf16ps scores)
   explicit DirectScratch(int d)
       : q(kDirectMaxRows * d), s(kDirectMaxRows * kChunk), acc(kDirectMaxRows * d),
-        m(kDirectMaxRows), l(kDirectMaxRows) {}
+        m(kDirectMaxRows), l(kDirectMaxRows), qb(kDirectMaxRows * d) {}
 };
 
 template <typename T>
@@ -273,13 +281,40 @@ inline void axpy_row(float* acc, float x, const T* v, int d) {
   for (; c < d; ++c) acc[c] += x * to_float(v[c]);
 }
 
-// s[j] = a . row j of K, for the nk key rows at k (row stride ks): on AVX2 eight keys at a
-// time, their eight accumulators reduced together by a horizontal-add transpose (a reduction
-// per dot product cost more than the dot product's FMAs at head dim 64).
+#if defined(__AVX512F__)
+// The eight 16-lane accumulators of eight keys' dot products -> their eight sums (halves added,
+// then the 8-lane horizontal-add transpose).
+inline __m256 sum8x16(const __m512* acc) {
+  __m256 h[8];
+  for (int t = 0; t < 8; ++t)
+    h[t] = _mm256_add_ps(_mm512_castps512_ps256(acc[t]),
+                         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[t]), 1)));
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(h[4], h[5]), _mm256_hadd_ps(h[6], h[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+#endif
+
+// s[j] = a . row j of K, for the nk key rows at k (row stride ks): eight keys at a time, their
+// eight accumulators reduced together by a horizontal-add transpose (a reduction per dot
+// product cost more than the dot product's FMAs at head dim 64). 16 lanes on AVX-512.
 template <typename T>
 void scores_row(const float* a, const T* k, int64_t ks, int nk, int d, float* s) {
   int j = 0;
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX512F__)
+  if (d % 16 == 0) {
+    for (; j + 8 <= nk; j += 8) {
+      __m512 acc[8];
+      for (int t = 0; t < 8; ++t) acc[t] = _mm512_setzero_ps();
+      for (int c = 0; c < d; c += 16) {
+        const __m512 av = _mm512_loadu_ps(a + c);
+        for (int t = 0; t < 8; ++t)
+          acc[t] = _mm512_fmadd_ps(av, (__m512)simd::load_lanes<16>(k + (j + t) * ks + c), acc[t]);
+      }
+      _mm256_storeu_ps(s + j, sum8x16(acc));
+    }
+  }
+#elif defined(__AVX2__) && defined(__FMA__)
   if (d % 8 == 0) {
     for (; j + 8 <= nk; j += 8) {
       __m256 acc[8];
@@ -299,11 +334,100 @@ void scores_row(const float* a, const T* k, int64_t ks, int nk, int d, float* s)
   for (; j < nk; ++j) s[j] = dot_row(a, k + j * ks, d);
 }
 
-// acc (d floats) += sum_j p[j] * row j of V: on AVX2 the accumulator stays in registers, 64
-// columns at a time, across the keys.
+#if defined(FASTLM_DPBF16)
+// bf16 q against bf16 keys on vdpbf16ps: q stays bf16 (unscaled: the caller's softmax applies
+// the scale to the fp32 scores), products are exact and sums fp32, as in the tiles' GEMMs. One
+// instruction covers 32 elements of a dot product (head dim 64: two per key, against eight
+// converts and FMAs on the fp32 path). Any head dim: the last block is masked.
+inline void scores_row_bf16(const bf16* a, const bf16* k, int64_t ks, int nk, int d, float* s) {
+  using bf16dot::as_bh;
+  const int nb = (d + 31) / 32;
+  const __mmask32 tail = d % 32 == 0 ? ~__mmask32{0} : (__mmask32{1} << (d % 32)) - 1;
+  __m512i av[8];  // head dims up to 256 in registers; longer rows reload q per key block
+  const int held = std::min(nb, 8);
+  for (int b = 0; b < held; ++b)
+    av[b] = _mm512_maskz_loadu_epi16(b + 1 == nb ? tail : ~__mmask32{0}, a + 32 * b);
+  auto qblock = [&](int b) {
+    return b < held ? av[b] : _mm512_maskz_loadu_epi16(b + 1 == nb ? tail : ~__mmask32{0}, a + 32 * b);
+  };
+  int j = 0;
+  for (; j + 8 <= nk; j += 8) {
+    __m512 acc[8];
+    for (int t = 0; t < 8; ++t) acc[t] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; ++b) {
+      const __mmask32 m = b + 1 == nb ? tail : ~__mmask32{0};
+      const __m512bh qb = as_bh(qblock(b));
+      for (int t = 0; t < 8; ++t)
+        acc[t] = _mm512_dpbf16_ps(acc[t], qb, as_bh(_mm512_maskz_loadu_epi16(m, k + (j + t) * ks + 32 * b)));
+    }
+    _mm256_storeu_ps(s + j, sum8x16(acc));
+  }
+  for (; j < nk; ++j) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int b = 0; b < nb; ++b) {
+      const __mmask32 m = b + 1 == nb ? tail : ~__mmask32{0};
+      acc = _mm512_dpbf16_ps(acc, as_bh(qblock(b)), as_bh(_mm512_maskz_loadu_epi16(m, k + j * ks + 32 * b)));
+    }
+    s[j] = _mm512_reduce_add_ps(acc);
+  }
+}
+#endif
+
+// acc (d floats) += sum_j p[j] * row j of V: the accumulator stays in registers across the
+// keys (64 columns at a time on AVX2; 128 on AVX-512, as two register sets, for even and odd
+// keys, to keep enough FMA chains in flight). Keys with p = 0 (masked) are skipped.
+#if defined(__AVX512F__)
+template <int NR, typename T>
+inline void pv_cols(const float* p, const T* v, int64_t vs, int nk, float* acc) {
+  __m512 r0[NR], r1[NR];
+  for (int t = 0; t < NR; ++t) {
+    r0[t] = _mm512_loadu_ps(acc + 16 * t);
+    r1[t] = _mm512_setzero_ps();
+  }
+  int j = 0;
+  for (; j + 2 <= nk; j += 2) {
+    const T* v0 = v + j * vs;
+    if (p[j] != 0.0f) {
+      const __m512 pj = _mm512_set1_ps(p[j]);
+      for (int t = 0; t < NR; ++t)
+        r0[t] = _mm512_fmadd_ps(pj, (__m512)simd::load_lanes<16>(v0 + 16 * t), r0[t]);
+    }
+    if (p[j + 1] != 0.0f) {
+      const __m512 pj = _mm512_set1_ps(p[j + 1]);
+      for (int t = 0; t < NR; ++t)
+        r1[t] = _mm512_fmadd_ps(pj, (__m512)simd::load_lanes<16>(v0 + vs + 16 * t), r1[t]);
+    }
+  }
+  if (j < nk && p[j] != 0.0f) {
+    const __m512 pj = _mm512_set1_ps(p[j]);
+    for (int t = 0; t < NR; ++t)
+      r0[t] = _mm512_fmadd_ps(pj, (__m512)simd::load_lanes<16>(v + j * vs + 16 * t), r0[t]);
+  }
+  for (int t = 0; t < NR; ++t) _mm512_storeu_ps(acc + 16 * t, _mm512_add_ps(r0[t], r1[t]));
+}
+#endif
+
 template <typename T>
 void pv_row(const float* p, const T* v, int64_t vs, int nk, int d, float* acc) {
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX512F__)
+  if (d % 16 == 0) {
+    for (int c0 = 0; c0 < d; c0 += 128) {
+      float* a = acc + c0;
+      const T* vc = v + c0;
+      switch (std::min(128, d - c0) / 16) {  // registers per set: a compile-time count
+        case 1: pv_cols<1>(p, vc, vs, nk, a); break;
+        case 2: pv_cols<2>(p, vc, vs, nk, a); break;
+        case 3: pv_cols<3>(p, vc, vs, nk, a); break;
+        case 4: pv_cols<4>(p, vc, vs, nk, a); break;
+        case 5: pv_cols<5>(p, vc, vs, nk, a); break;
+        case 6: pv_cols<6>(p, vc, vs, nk, a); break;
+        case 7: pv_cols<7>(p, vc, vs, nk, a); break;
+        default: pv_cols<8>(p, vc, vs, nk, a); break;
+      }
+    }
+    return;
+  }
+#elif defined(__AVX2__) && defined(__FMA__)
   if (d % 8 == 0) {
     for (int c0 = 0; c0 < d; c0 += 64) {
       const int nr = std::min(64, d - c0) / 8;
@@ -341,7 +465,15 @@ void fwd_direct(const AttnParams& p, const T* q, const T* k, const T* v, T* out,
       const bool* kpm = p.key_padding_mask
                             ? p.key_padding_mask + static_cast<int64_t>(b) * p.seqlen_k
                             : nullptr;
-      load_rows(q, p.q, b, h, s.q0, n, d, w.q.data(), p.scale);  // scale folded into q
+      // bf16 on vdpbf16ps: q rows as they are, the scale applied to the fp32 scores
+      constexpr bool raw_q = kDirectDpbf16 && std::is_same_v<T, bf16>;
+      if constexpr (raw_q)
+        for (int i = 0; i < n; ++i)
+          std::memcpy(&w.qb[i * d], row(q, p.q, b, h, s.q0 + i), sizeof(bf16) * d);
+      else
+        load_rows(q, p.q, b, h, s.q0, n, d, w.q.data(), p.scale);  // scale folded into q
+      // without soft-capping the scale goes into the softmax's max and exp (as in the tiles)
+      const bool fold = raw_q && p.softcap <= 0.0f && p.scale > 0.0f;
       std::fill(w.acc.begin(), w.acc.begin() + n * d, 0.0f);
       std::fill(w.m.begin(), w.m.begin() + n, kNegInf);
       std::fill(w.l.begin(), w.l.begin() + n, 0.0f);
@@ -350,13 +482,23 @@ void fwd_direct(const AttnParams& p, const T* q, const T* k, const T* v, T* out,
       for (int j0 = jlo; j0 < jhi; j0 += kChunk) {
         const int nk = std::min(kChunk, jhi - j0);
         const T* kr = row(k, p.k, b, hk, s.k0 + j0);  // the chunk's keys, read in place
-        for (int i = 0; i < n; ++i) scores_row(&w.q[i * d], kr, p.k.t, nk, d, &w.s[i * kChunk]);
+        for (int i = 0; i < n; ++i) {
+#if defined(FASTLM_DPBF16)
+          if constexpr (raw_q) {
+            scores_row_bf16(&w.qb[i * d], kr, p.k.t, nk, d, &w.s[i * kChunk]);
+            continue;
+          }
+#endif
+          scores_row(&w.q[i * d], kr, p.k.t, nk, d, &w.s[i * kChunk]);
+        }
         for (int i = 0; i < n; ++i) {
           float* sr = &w.s[i * kChunk];
+          if (raw_q && !fold)
+            for (int j = 0; j < nk; ++j) sr[j] *= p.scale;
           const Range r = key_range(p, s, i);
           for (int t = 0; t * BK < nk; ++t)
             mask_row(p, sr + t * BK, j0 + t * BK, std::min(BK, nk - t * BK), r, kpm, nullptr);
-          seen[i] = softmax_row(sr, nk, w.m[i], w.l[i], &w.acc[i * d], d);
+          seen[i] = softmax_row(sr, nk, w.m[i], w.l[i], &w.acc[i * d], d, fold ? p.scale : 1.0f);
         }
         const T* vr = row(v, p.v, b, hk, s.k0 + j0);
         for (int i = 0; i < n; ++i)  // acc += P V

@@ -155,6 +155,11 @@ inline typename Lanes<N>::f load_lanes(const bf16* p) {
     return (typename Lanes<N>::f)_mm256_slli_epi32(
         _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
 #endif
+#if defined(__AVX512F__)
+  if constexpr (N == 16)  // likewise: GCC widened 16 lanes as two 8-lane halves
+    return (typename Lanes<N>::f)_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+#endif
   typename Lanes<N>::h h;
   std::memcpy(&h, p, sizeof(h));
   return (typename Lanes<N>::f)(__builtin_convertvector(h, typename Lanes<N>::u) << 16);

@@ -32,6 +32,7 @@ SHAPES = [
     (1, 4, 1, 1, 129, 64),
     (1, 2, 1, 70, 600, 32),
     (2, 4, 2, 3, 600, 24),  # decoding-sized: the CPU kernel reads K/V in place (<= 4 rows)
+    (1, 2, 2, 2, 77, 128),  # decoding at head dim 128 (AVX-512: one register set per row)
 ]
 SMALL_SHAPES = [(1, 1, 1, 1, 1, 16), (2, 2, 1, 7, 19, 24), (1, 4, 2, 33, 33, 32), (1, 2, 2, 40, 17, 16)]
 FEATURES = [
@@ -91,6 +92,33 @@ def check_against_reference(backend, shape, dtype, device="cpu", padding=False, 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 def test_cpu_backends_match_reference(backend, dtype, shape, features):
     check_against_reference(backend, shape, dtype, **features)
+
+
+@pytest.mark.parametrize("softcap", [0.0, 5.0])
+@pytest.mark.parametrize("scale", [0.3, -0.2])
+@pytest.mark.parametrize("shape", [(1, 4, 1, 1, 129, 64), (2, 2, 1, 65, 130, 40)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_explicit_scale(dtype, shape, scale, softcap):
+    """A given scale, negative included: the bf16 kernels apply it to the fp32 scores, inside
+    the softmax's max and exp when nothing comes between (no soft-capping) and only when it is
+    positive (max(s) * scale is the max of the scaled scores only then)."""
+    check_against_reference("cpu", shape, dtype, causal=True, scale=scale, softcap=softcap)
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 1, 1, 129, 64), (2, 2, 1, 65, 130, 40)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_large_negative_scale_forward(dtype, shape):
+    """scale -6: scaled scores spread over hundreds, so a softmax max taken from the unscaled
+    scores (wrong for a negative scale) overflows exp. Forward only: at such scores every
+    flash-style backward loses digits recomputing P from the logsumexp (fp32 rounding of
+    scores ~300), more than torch's direct softmax does, whatever the kernel."""
+    q, k, v, _ = _inputs(shape, dtype)
+    kw = dict(causal=True, scale=-6.0)
+    out = attention(q, k, v, backend="cpu", **kw)
+    out64 = attention_ref(q.double(), k.double(), v.double(), upcast=False, **kw)
+    base = attention_ref(q, k, v, upcast=False, **kw)
+    assert torch.isfinite(out).all()
+    assert_within(out, out64, base, name="out")
 
 
 @pytest.mark.parametrize("features", FEATURES, ids=lambda f: "-".join(f) or "plain")
