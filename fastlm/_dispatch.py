@@ -28,6 +28,22 @@ import torch
 logger = logging.getLogger("fastlm")
 
 BACKEND_NAMES = ("cuda", "triton", "cpu", "torch")
+
+# os.environ.get costs ~0.7 us for an unset variable (it raises and catches KeyError inside),
+# and every op call reads two variables: ~100 op calls per decoded token. On POSIX os.environ
+# keeps its contents in a dict of encoded names, which every change made through os.environ
+# (monkeypatch.setenv included) updates, so reading that dict gives the same answer for ~0.1 us.
+_ENV_DATA = getattr(os.environ, "_data", None) if os.name == "posix" else None
+if not isinstance(_ENV_DATA, dict):
+    _ENV_DATA = None
+
+
+def getenv(name: str, encoded: bytes | None = None) -> str | None:
+    """``os.environ.get(name)``, cheaper (see above); ``encoded``: ``os.fsencode(name)``."""
+    if _ENV_DATA is None:
+        return os.environ.get(name)
+    value = _ENV_DATA.get(encoded if encoded is not None else os.fsencode(name))
+    return None if value is None else os.fsdecode(value)
 DEFAULT_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 
 
@@ -66,6 +82,10 @@ class Op:
     # auto selections by (device, dtype, features): the checks are pure functions of those
     # (availability is computed once per process), and a model calls each op ~100x a step
     _auto: dict = field(default_factory=dict, repr=False)
+    _env: tuple = field(init=False, repr=False)  # (name, encoded name) of its two variables
+
+    def __post_init__(self):
+        self._env = tuple((var, os.fsencode(var)) for var in self.env_vars())
 
     def register(self, name: str, check: Callable[[Call], str | None], impl: Callable[[], Any]):
         if name not in BACKEND_NAMES:
@@ -80,11 +100,40 @@ class Op:
         """(name, where it came from) of the requested backend; name may be "auto"."""
         if backend is not None:
             return backend, "the backend= argument"
-        for var in self.env_vars():
-            value = os.environ.get(var, "").strip()
+        for var, encoded in self._env:
+            value = (getenv(var, encoded) or "").strip()
             if value:
                 return value, f"${var}"
         return "auto", "default"
+
+    def launchers(self, call: Call, backend: str | None = None) -> Any:
+        """``select(call, backend).impl()``: the object holding the chosen backend's launchers,
+        kept with an auto selection (impl() imports or loads on each call: ~1 us)."""
+        if backend is None and self._env_unset():
+            key = self._key(call)
+            hit = self._auto.get(key) if key is not None else None
+            if hit is not None and len(hit) == 3:
+                self._warn_fallback(hit[0], hit[1])
+                return hit[2]
+            impl = self.select(call).impl()
+            if key is not None and key in self._auto:
+                self._auto[key] = (*self._auto[key][:2], impl)
+            return impl
+        return self.select(call, backend).impl()
+
+    def _env_unset(self) -> bool:
+        return all(not (getenv(var, encoded) or "").strip() for var, encoded in self._env)
+
+    @staticmethod
+    def _key(call: Call):
+        features = call.features
+        key = (call.device, call.dtype,
+               tuple(sorted(features.items())) if len(features) > 1 else tuple(features.items()))
+        try:
+            hash(key)
+        except TypeError:
+            return None
+        return key
 
     def reason_unavailable(self, name: str, call: Call) -> str | None:
         backend = self.backends.get(name)
@@ -111,13 +160,9 @@ class Op:
                     f"automatically, or another backend."
                 )
             return self.backends[name]
-        try:
-            key = (call.device, call.dtype, tuple(sorted(call.features.items())))
-            hash(key)
-        except TypeError:
-            key = None
+        key = self._key(call)
         if key is not None and key in self._auto:
-            chosen, skipped = self._auto[key]
+            chosen, skipped = self._auto[key][:2]
             self._warn_fallback(chosen, skipped)  # once per reason, even after a clear()
             return self.backends[chosen]
         skipped = []

@@ -72,3 +72,34 @@ def test_broken_check_is_a_reason_not_a_crash():
     assert op.select(Call("cpu", torch.float32)).name == "torch"
     rows = dict(op.describe(Call("cpu", torch.float32)))
     assert "ZeroDivisionError" in rows["cpu"] and rows["torch"] == "selected"
+
+
+def test_launchers_keeps_auto_choice_but_follows_env_and_argument(monkeypatch):
+    """launchers() keeps the launcher object of an auto selection (impl() is not called
+    again), yet an environment variable set later, or a backend= argument, still decides."""
+    calls = []
+    op = _op()
+    op.register("cpu", lambda c: None, lambda: calls.append("cpu") or "CPU")
+    cpu = Call("cpu", torch.float32, {"hidden": 8})
+    assert [op.launchers(cpu) for _ in range(3)] == ["CPU"] * 3
+    assert calls == ["cpu"]  # looked up once
+    monkeypatch.setenv("FASTLM_BACKEND_DEMO", "torch")
+    assert op.launchers(cpu) == "TORCH"
+    monkeypatch.delenv("FASTLM_BACKEND_DEMO")
+    assert op.launchers(cpu) == "CPU"
+    assert op.launchers(cpu, "torch") == "TORCH"
+    assert op.launchers(Call("cpu", torch.float32, {"hidden": 16})) == "CPU"  # another key
+    op.register("cpu", lambda c: "gone", lambda: "CPU")  # a new registration forgets choices
+    assert op.launchers(cpu) == "TORCH"
+
+
+def test_getenv_matches_os_environ(monkeypatch):
+    import os
+
+    from fastlm._dispatch import getenv
+
+    monkeypatch.setenv("FASTLM_TEST_GETENV", "välue")
+    assert getenv("FASTLM_TEST_GETENV") == os.environ["FASTLM_TEST_GETENV"] == "välue"
+    assert getenv("FASTLM_TEST_GETENV", os.fsencode("FASTLM_TEST_GETENV")) == "välue"
+    monkeypatch.delenv("FASTLM_TEST_GETENV")
+    assert getenv("FASTLM_TEST_GETENV") is None

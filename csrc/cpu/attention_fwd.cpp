@@ -239,6 +239,7 @@ void fwd_bf16(const AttnParams& p, const bf16* q, const bf16* k, const bf16* v, 
 // converted in registers when they are not fp32.
 constexpr int kDirectMaxRows = 8;
 constexpr int kChunk = kSub * BK;  // keys per online-softmax step
+constexpr int64_t kDirectParallelMin = 1 << 15;  // rows x keys x head dim (measured crossover, 2 cores)
 
 #if defined(FASTLM_DPBF16)
 constexpr bool kDirectDpbf16 = true;
@@ -452,9 +453,17 @@ template <typename T>
 void fwd_direct(const AttnParams& p, const T* q, const T* k, const T* v, T* out, float* lse) {
   const int d = p.head_dim;
   const int64_t units = static_cast<int64_t>(p.batch) * p.heads_q;
-#pragma omp parallel
+  // Small calls (a decode step of a small model: 8 heads x 65 keys) run on the calling thread:
+  // starting and joining the team took longer than the work (~40% of such a call in libgomp).
+  const int64_t work = units * max_seqlen_q(p) * static_cast<int64_t>(p.seqlen_k) * d;
+#pragma omp parallel if (work >= kDirectParallelMin)
   {
-    DirectScratch w(d);
+    // per thread, kept across calls: a decode step calls this once per layer with tiny
+    // inputs, where allocating and zeroing the scratch was a sizeable part of the call
+    static thread_local std::unique_ptr<DirectScratch> kept;
+    if (!kept || static_cast<int>(kept->acc.size()) < kDirectMaxRows * d)
+      kept = std::make_unique<DirectScratch>(d);
+    DirectScratch& w = *kept;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t u = 0; u < units; ++u) {
       const int b = static_cast<int>(u / p.heads_q), h = static_cast<int>(u % p.heads_q);

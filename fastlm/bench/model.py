@@ -15,6 +15,12 @@ its model is built and timed after every other measurement of the run.
 A step is the model's forward with labels, and the backward: next-token labels for causal
 LMs, and for BERT masked-LM labels on ~15% of the positions, as its pretraining has them.
 
+``--generate N`` times inference instead: greedy ``generate`` of N new tokens with the KV cache
+after a prompt of each ``--seqlens`` length (the prompt's prefill included), reported as ms per
+generated token; each row says whether its tokens equal the first implementation's
+(``same_tokens``: with fp32 weights they must; in 16-bit, near-ties may legitimately flip).
+Masked LMs (BERT) do not generate and are left out.
+
 ``peak_gb`` (GPU) is the model's own weights plus what one forward+backward allocates on top
 (activations, gradients, the logits and temporaries; no optimizer state): the peak that model
 would reach alone, whatever else the bench holds."""
@@ -74,6 +80,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--min-seconds", type=float, default=3.0,
                         help="time each implementation for at least this long per length: "
                              "short steps get more rounds (this VM drifts by a few %%)")
+    parser.add_argument("--generate", type=int, default=None, metavar="N",
+                        help="time greedy generation of N tokens with the KV cache after a "
+                             "prompt of each --seqlens length (inference), not training steps")
     parser.add_argument("--out", default=None)
     parser.add_argument("--name", default=None)
 
@@ -193,12 +202,21 @@ def run(args) -> int:
         args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
     kinds = _kinds(args.model_type, args.preset)
     impls = _impls(args.impls, args.device)
+    generate = getattr(args, "generate", None)
+    if generate is not None:
+        from fastlm.cli import UserError
+
+        if generate < 1:
+            raise UserError(f"--generate {generate}: the number of new tokens must be >= 1")
+        kinds = [k for k in kinds if k not in MASKED_LM]
+        if not kinds:
+            raise UserError("--generate: masked LMs (bert) do not generate; choose a causal LM")
     if args.preset is not None:
         tag = args.preset.rsplit("/", 1)[-1].removesuffix(".yaml")
     else:
         tag = kinds[0] if len(kinds) == 1 else "all" if len(kinds) == len(SIZES) else "_".join(kinds)
     report = harness.Report(
-        name=args.name or f"model_{tag}_{args.device}",
+        name=args.name or f"model_{tag}_{'generate_' if generate else ''}{args.device}",
         command="fastlm bench model " + shlex.join(sys.argv[3:]), device=args.device,
         env=harness.environment(args.device))
     seqlens = [int(x) for x in args.seqlens.split(",")]
@@ -209,7 +227,10 @@ def run(args) -> int:
         conf = _config(kind, args.preset, max(seqlens))
         models = {impl: _model(conf, impl, args.device, dtype) for impl in together}
         for s in seqlens:
-            _time_lengths(args, report, kind, s, models, dtype)
+            if generate:
+                _time_generation(args, report, kind, s, models, dtype)
+            else:
+                _time_lengths(args, report, kind, s, models, dtype)
         del models
     for kind, impl in later:  # after everything else: Liger patches module-level functions
         if impl == "liger" and kind not in liger_types:
@@ -217,7 +238,8 @@ def run(args) -> int:
             continue
         model = _model(_config(kind, args.preset, max(seqlens)), impl, args.device, dtype)
         for s in seqlens:
-            _time_lengths(args, report, kind, s, {impl: model}, dtype)
+            (_time_generation if generate else _time_lengths)(args, report, kind, s,
+                                                              {impl: model}, dtype)
         del model
     harness.add_speedup(report, "vs_best_peer", ["model", "seqlen"],
                         lambda r: r["impl"] != "fastlm")
@@ -227,12 +249,14 @@ def run(args) -> int:
         png = f"{args.out}/{report.name}.png"
         if len(kinds) == 1:
             paths.append(harness.plot(report, png, x="seqlen", y="tokens_per_s", series="impl",
-                                      ylabel="training tokens/s"))
+                                      ylabel="generated tokens/s" if generate
+                                      else "training tokens/s"))
         else:  # one line per model: the patched model's speed over the best unpatched one
             ours = dataclasses.replace(report, rows=[r for r in report.rows
                                                      if r["impl"] == "fastlm"])
             paths.append(harness.plot(ours, png, x="seqlen", y="vs_best_peer", series="model",
-                                      ylabel="fastlm.patch speed / best of eager, sdpa"))
+                                      ylabel="fastlm.patch speed / best of eager, sdpa"
+                                      + (" (generation)" if generate else "")))
         print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
@@ -266,3 +290,36 @@ def _time_lengths(args, report, kind: str, s: int, models: dict, dtype) -> None:
                    paired_vs_best_peer=paired if impl == "fastlm" else None)
     for m in models.values():
         m.zero_grad(set_to_none=True)
+
+
+def _time_generation(args, report, kind: str, s: int, models: dict, dtype) -> None:
+    """Times greedy generation of --generate tokens after an s-token prompt, alternating."""
+    n = args.generate
+    vocab = next(iter(models.values())).config.vocab_size
+    ids = torch.randint(0, vocab, (args.batch, s), device=args.device)
+    tokens = {}
+
+    def gen(i, impl, m):
+        with torch.no_grad():  # min_new_tokens: an end-of-sequence token must not stop it
+            tokens[impl] = m.generate(ids, attention_mask=torch.ones_like(ids),
+                                      max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                      pad_token_id=0)
+
+    for m in models.values():
+        m.eval()
+    steps = {impl: (lambda i, impl=impl, m=m: gen(i, impl, m)) for impl, m in models.items()}
+    probe, _ = harness.time_interleaved(steps, device=args.device, warmup=1, repeat=1)
+    slowest = max(t.median_ms for t in probe.values()) * 1e-3
+    repeat = max(args.repeat, math.ceil(args.min_seconds / max(slowest, 1e-6)))
+    timings, peaks = harness.time_interleaved(steps, device=args.device, warmup=0, repeat=repeat)
+    paired = harness.paired_speedup(timings, "fastlm", [i for i in models if i != "fastlm"])
+    first = tokens[next(iter(models))]
+    for impl, t in timings.items():
+        report.add(model=kind, impl=impl, dtype=str(dtype).split(".")[-1], seqlen=s,
+                   batch=args.batch, new_tokens=n, rounds=t.n, ms=t.median_ms,
+                   ms_per_token=t.median_ms / n, tokens_per_s=args.batch * n / (t.median_ms * 1e-3),
+                   same_tokens=bool(torch.equal(tokens[impl], first)),
+                   peak_gb=None if peaks[impl] is None else peaks[impl] + _params_gb(models[impl]),
+                   paired_vs_best_peer=paired if impl == "fastlm" else None)
+    for m in models.values():
+        m.train()

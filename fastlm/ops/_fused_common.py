@@ -68,7 +68,7 @@ def select(op: Op, backend: str, tensor: torch.Tensor, **features):
     Called inside the custom ops, so under ``torch.compile`` the choice is made when the op
     runs, never traced.
     """
-    return op.select(Call.of(tensor, **features), backend or None).impl()
+    return op.launchers(Call(tensor.device.type, tensor.dtype, features), backend or None)
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:

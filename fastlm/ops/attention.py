@@ -123,14 +123,16 @@ _op.register("torch", lambda call: None, lambda: _TorchBackend)
 def _like(t: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
     """t's values in layout's memory layout (every backend returns out like q, grads like
     their inputs, and reads dout like out: what the fake implementations promise)."""
-    if all(a == b for a, b, n in zip(t.stride(), layout.stride(), t.shape) if n != 1):
+    st, sl = t.stride(), layout.stride()
+    if st == sl or all(a == b for a, b, n in zip(st, sl, t.shape) if n != 1):
         return t  # (a size-1 dim's stride is never used)
     return torch.empty_like(layout).copy_(t)
 
 
 def _unit_rows(t: torch.Tensor) -> bool:
-    """A contiguous last (head) dim and no negative strides: rows the kernels can read."""
-    return (t.shape[-1] == 1 or t.stride(-1) == 1) and min(t.stride()) >= 0
+    """A contiguous last (head) dim: rows the kernels can read (torch has no negative
+    strides)."""
+    return t.stride(-1) == 1 or t.shape[-1] == 1
 
 
 def _dense(t: torch.Tensor) -> bool:
@@ -167,7 +169,7 @@ def _impl(backend: str, q: torch.Tensor):
     dispatch code is never traced). ``backend`` is the caller's request, "" for none.
     """
     call = Call.of(q, head_dim=q.shape[-1], varlen=q.dim() == 3)
-    return _op.select(call, backend or None).impl()
+    return _op.launchers(call, backend or None)
 
 
 # -- dense custom ops ---------------------------------------------------------------------------

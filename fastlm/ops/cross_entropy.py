@@ -80,7 +80,7 @@ def _fused(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
            bias: torch.Tensor | None, ignore_index: int, smoothing: float, softcap: float,
            sum_reduction: bool, chunk_size: int, want_grads: bool, backend: str
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    impl = _op.select(Call.of(hidden), backend or None).impl()
+    impl = _op.launchers(Call.of(hidden), backend or None)
     n, vocab = hidden.shape[0], weight.shape[0]
     n_valid = int((labels != ignore_index).sum())
     scale = 1.0 if sum_reduction else 1.0 / max(n_valid, 1)

@@ -91,3 +91,34 @@ def test_liger_is_timed_after_every_other_model(tmp_path, monkeypatch, capsys):
     assert [r["model"] for r in liger] == ["llama"] and liger[0]["ms"] > 0
     fastlm_llama = next(r for r in rows if r["impl"] == "fastlm" and r["model"] == "llama")
     assert fastlm_llama["vs_best_peer"] > 0  # liger's row counts among the peers
+
+
+def test_generation_is_timed_and_tokens_compared(tmp_path, monkeypatch):
+    """--generate: greedy generation with the cache per implementation, ms per new token, and
+    whether each produced the first implementation's tokens (fp32: all must). BERT cannot
+    generate and is left out; alone it is an error, as is a count below 1."""
+    tiny = {k: dict(bm.SIZES[k], vocab_size=64) for k in ("llama", "gpt2", "bert")}
+    tiny["llama"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+    tiny["gpt2"].update(n_embd=32, n_layer=2)
+    tiny["bert"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    monkeypatch.setattr(bm, "SIZES", tiny)
+    assert cli.main(["bench", "model", "--model-type", "llama,gpt2,bert", "--generate", "5",
+                     *FAST, "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "model_llama_gpt2_generate_cpu.json").read_text())["rows"]
+    assert {(r["model"], r["impl"]) for r in rows} == {(k, i) for k in ("llama", "gpt2")
+                                                       for i in bm.IMPLS}
+    assert all(r["same_tokens"] and r["new_tokens"] == 5 for r in rows)
+    assert all(r["ms_per_token"] == pytest.approx(r["ms"] / 5) for r in rows)
+    assert (tmp_path / "model_llama_gpt2_generate_cpu.png").exists()
+    with pytest.raises(UserError, match="do not generate"):
+        bm.run(_args("bert", 3))
+    with pytest.raises(UserError, match=">= 1"):
+        bm.run(_args("llama", 0))
+
+
+def _args(kind, n):
+    import argparse
+
+    p = argparse.ArgumentParser()
+    bm.add_arguments(p)
+    return p.parse_args(["--model-type", kind, "--generate", str(n), *FAST])
