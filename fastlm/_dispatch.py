@@ -33,17 +33,21 @@ BACKEND_NAMES = ("cuda", "triton", "cpu", "torch")
 # and every op call reads two variables: ~100 op calls per decoded token. On POSIX os.environ
 # keeps its contents in a dict of encoded names, which every change made through os.environ
 # (monkeypatch.setenv included) updates, so reading that dict gives the same answer for ~0.1 us.
-_ENV_DATA = getattr(os.environ, "_data", None) if os.name == "posix" else None
-if not isinstance(_ENV_DATA, dict):
-    _ENV_DATA = None
+# It is looked up on each call: libraries replace os.environ itself (datasets' map() with
+# num_proc puts back a deep copy), and the copy has its own dict.
+_POSIX = os.name == "posix"
 
 
 def getenv(name: str, encoded: bytes | None = None) -> str | None:
     """``os.environ.get(name)``, cheaper (see above); ``encoded``: ``os.fsencode(name)``."""
-    if _ENV_DATA is None:
-        return os.environ.get(name)
-    value = _ENV_DATA.get(encoded if encoded is not None else os.fsencode(name))
+    env = os.environ
+    data = getattr(env, "_data", None) if _POSIX else None
+    if type(data) is not dict:
+        return env.get(name)
+    value = data.get(encoded if encoded is not None else os.fsencode(name))
     return None if value is None else os.fsdecode(value)
+
+
 DEFAULT_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 
 

@@ -103,3 +103,12 @@ def test_getenv_matches_os_environ(monkeypatch):
     assert getenv("FASTLM_TEST_GETENV", os.fsencode("FASTLM_TEST_GETENV")) == "välue"
     monkeypatch.delenv("FASTLM_TEST_GETENV")
     assert getenv("FASTLM_TEST_GETENV") is None
+    # os.environ replaced by a copy (datasets' map(num_proc=...) does this): the copy counts
+    import copy
+
+    monkeypatch.setattr(os, "environ", copy.deepcopy(os.environ))
+    os.environ["FASTLM_TEST_GETENV"] = "copy"
+    assert getenv("FASTLM_TEST_GETENV") == "copy"
+    del os.environ["FASTLM_TEST_GETENV"]
+    monkeypatch.setattr(os, "environ", {"FASTLM_TEST_GETENV": "plain dict"})
+    assert getenv("FASTLM_TEST_GETENV") == "plain dict"
