@@ -77,6 +77,7 @@ _SIMD_FLAGS = (
     (("f16c",), ("-mf16c",)),
     (("avx512f", "avx512bw", "avx512vl", "avx512dq"), ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq")),
     (("avx512_bf16",), ("-mavx512bf16",)),
+    (("amx_tile", "amx_bf16"), ("-mamx-tile", "-mamx-bf16")),
 )
 
 
@@ -88,8 +89,11 @@ def cpu_simd_flags(features: frozenset[str] | None = None) -> list[str]:
     features = cpu_features() if features is None else features
     flags: list[str] = []
     for needed, add in _SIMD_FLAGS:
-        # AVX-512 BF16 instructions are only usable on top of AVX-512F.
-        if all(f in features for f in needed) and (add[0] != "-mavx512bf16" or "-mavx512f" in flags):
+        # AVX-512 BF16 instructions are only usable on top of AVX-512F, and fastlm's AMX
+        # path sits inside its AVX-512 BF16 kernels.
+        if all(f in features for f in needed) and (
+                (add[0] != "-mavx512bf16" or "-mavx512f" in flags)
+                and (add[0] != "-mamx-tile" or "-mavx512bf16" in flags)):
             flags.extend(add)
     return flags
 

@@ -120,6 +120,11 @@ def test_cpu_flags_follow_features(monkeypatch):
     assert "-mavx512bf16" in _build.cpu_simd_flags(full)
     # bf16 instructions without AVX-512F would not compile: not enabled
     assert "-mavx512bf16" not in _build.cpu_simd_flags(frozenset({"avx512_bf16"}))
+    amx = {"amx_tile", "amx_bf16"}
+    assert _build.cpu_simd_flags(full | amx)[-2:] == ["-mamx-tile", "-mamx-bf16"]
+    assert "-mamx-tile" not in _build.cpu_simd_flags(full)
+    # the tile path lives in the AVX-512 BF16 kernels: not without them
+    assert "-mamx-tile" not in _build.cpu_simd_flags(full - {"avx512_bf16"} | amx)
     monkeypatch.setenv("FASTLM_CPU_FLAGS", "-mavx2")
     assert _build.cpu_simd_flags() == ["-mavx2"]
 

@@ -121,6 +121,27 @@ def test_cpu_large_negative_scale_forward(dtype, shape):
     assert_within(out, out64, base, name="out")
 
 
+def test_cpu_bf16_vector_path_where_amx_runs():
+    """On a CPU with AMX the bf16 kernels run their full tiles on it (csrc/cpu/bf16_gemm.h);
+    FASTLM_CPU_AMX=0 (read once per process, hence a subprocess) runs the AVX-512 BF16 vector
+    path instead, which must pass the same bf16 cases."""
+    import os
+    import subprocess
+    import sys
+
+    from fastlm._build import cpu_features
+
+    if not {"amx_tile", "amx_bf16", "avx512_bf16"} <= cpu_features():
+        pytest.skip("no AMX here: the bf16 cases above already ran the vector path")
+    env = dict(os.environ, FASTLM_CPU_AMX="0")
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+         "test_cpu_backends_match_reference and cpu-torch.bfloat16"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout
+
+
 @pytest.mark.parametrize("features", FEATURES, ids=lambda f: "-".join(f) or "plain")
 @pytest.mark.parametrize("shape", SMALL_SHAPES, ids=str)
 def test_triton_interpreter_fp32(shape, features):
