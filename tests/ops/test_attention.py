@@ -33,6 +33,8 @@ SHAPES = [
     (1, 2, 1, 70, 600, 32),
     (2, 4, 2, 3, 600, 24),  # decoding-sized: the CPU kernel reads K/V in place (<= 4 rows)
     (1, 2, 2, 2, 77, 128),  # decoding at head dim 128 (AVX-512: one register set per row)
+    (1, 2, 1, 70, 100, 128),  # head dims 128 and 96 in the tiles: with AMX, 2 column groups
+    (1, 1, 1, 96, 80, 96),    # of tiles / a group of 2 tiles and k in 3 blocks of 32
 ]
 SMALL_SHAPES = [(1, 1, 1, 1, 1, 16), (2, 2, 1, 7, 19, 24), (1, 4, 2, 33, 33, 32), (1, 2, 2, 40, 17, 16)]
 FEATURES = [
