@@ -43,6 +43,24 @@ inline void row_blocks6(int i0, int m, Block&& block) {
   }
 }
 
+// The same with blocks of M = 8 rows (AVX-512: 32 registers hold 8 x 32 of C, and the
+// attention tiles' 32 and 64 rows split into whole blocks instead of 6s and a 2-row remainder)
+template <typename Block>
+inline void row_blocks8(int i0, int m, Block&& block) {
+  int i = i0;
+  for (; i + 8 <= m; i += 8) block(std::integral_constant<int, 8>{}, i);
+  switch (m - i) {
+    case 7: return block(std::integral_constant<int, 7>{}, i);
+    case 6: return block(std::integral_constant<int, 6>{}, i);
+    case 5: return block(std::integral_constant<int, 5>{}, i);
+    case 4: return block(std::integral_constant<int, 4>{}, i);
+    case 3: return block(std::integral_constant<int, 3>{}, i);
+    case 2: return block(std::integral_constant<int, 2>{}, i);
+    case 1: return block(std::integral_constant<int, 1>{}, i);
+    default: return;
+  }
+}
+
 #if defined(__AVX2__) && defined(__FMA__)
 // C block rows [i, i + M), columns [j, j + 16), held in 2M registers across the whole k loop:
 // per k, 2 loads of B and M broadcasts of A feed 2M FMAs. M = 6 uses 12 accumulators + 2 B +
@@ -78,16 +96,17 @@ inline void gemm_rows_x16(int i, int j, int k, const float* a, int a_m, int a_k,
 }
 
 #if defined(__AVX512F__)
-// The same with 32 columns in zmm registers: on CPUs with two 512-bit FMA units (Intel Xeon
-// since Skylake-SP) a ymm kernel runs at half the FMA rate (fp32 attention measured 0.7x SDPA
-// on a Sapphire-Rapids-class VM with the ymm kernel alone); on EPYC (Zen 4 splits a zmm op in
-// two) it is no slower. Each C element sums its k terms in the same order either way.
+// 32 columns in zmm registers, blocks of up to 8 rows (row_blocks8): on CPUs with two 512-bit
+// FMA units (Intel Xeon since Skylake-SP) a ymm kernel runs at half the FMA rate (fp32
+// attention measured 0.7x SDPA on a Sapphire-Rapids-class VM with the ymm kernel alone); on
+// EPYC (Zen 4 splits a zmm op in two) it is no slower. Each C element sums its k terms in the
+// same order either way.
 template <int M>
 inline void gemm_rows_x32(int i, int j, int k, const float* a, int a_m, int a_k, const float* b,
                           int ldb, float* c, int ldc, bool acc) {
   __m512 c0[M], c1[M];
   const float* ar[M];
-#pragma GCC unroll 6
+#pragma GCC unroll 8
   for (int r = 0; r < M; ++r) {
     c0[r] = acc ? _mm512_loadu_ps(c + (i + r) * ldc + j) : _mm512_setzero_ps();
     c1[r] = acc ? _mm512_loadu_ps(c + (i + r) * ldc + j + 16) : _mm512_setzero_ps();
@@ -97,14 +116,14 @@ inline void gemm_rows_x32(int i, int j, int k, const float* a, int a_m, int a_k,
     const float* bk = b + kk * ldb + j;
     const __m512 b0 = _mm512_loadu_ps(bk), b1 = _mm512_loadu_ps(bk + 16);
     const int o = kk * a_k;
-#pragma GCC unroll 6
+#pragma GCC unroll 8
     for (int r = 0; r < M; ++r) {
       const __m512 x = _mm512_set1_ps(ar[r][o]);
       c0[r] = _mm512_fmadd_ps(x, b0, c0[r]);
       c1[r] = _mm512_fmadd_ps(x, b1, c1[r]);
     }
   }
-#pragma GCC unroll 6
+#pragma GCC unroll 8
   for (int r = 0; r < M; ++r) {
     _mm512_storeu_ps(c + (i + r) * ldc + j, c0[r]);
     _mm512_storeu_ps(c + (i + r) * ldc + j + 16, c1[r]);
@@ -129,7 +148,7 @@ inline void gemm(int m, int n, int k, const float* a, int a_m, int a_k, const fl
   int j0 = 0;
 #if defined(__AVX512F__)
   for (; j0 + 32 <= n; j0 += 32)
-    row_blocks6(0, m, [&](auto rows, int i) {
+    row_blocks8(0, m, [&](auto rows, int i) {
       gemm_rows_x32<decltype(rows)::value>(i, j0, k, a, a_m, a_k, b, ldb, c, ldc, acc);
     });
 #endif
