@@ -170,6 +170,9 @@ inline void ds_words(const float* pr, const float* dpr, float delta, int n, uint
 void bwd_tile_bf16(const AttnParams& p, const Seq& s, int i0, int n, int j0, int nk,
                    const bool* kpm, const float* lse, BwdScratchBf16& w) {
   const int d = p.head_dim, d2 = (d + 1) / 2, n2 = (n + 1) / 2;
+#if defined(FASTLM_AMX)
+  const bf16dot::amx::Session tiles;  // configured once for this tile's GEMMs
+#endif
   const size_t tile = static_cast<size_t>(j0 / BK) * d2 * BK;
   float* sm = w.s.data();
   float* dp = w.dp.data();

@@ -163,6 +163,9 @@ struct FwdScratchBf16 {
 void fwd_tile_bf16(const AttnParams& p, const bf16* q, const KvWords& kv, bf16* out, float* lse,
                    int b, int h, int i0, FwdScratchBf16& w) {
   const int d = p.head_dim, d2 = (d + 1) / 2;
+#if defined(FASTLM_AMX)
+  const bf16dot::amx::Session tiles;  // configured once for this tile's GEMMs
+#endif
   const Seq s = sequence(p, b);
   const int n = std::min(BQ, s.sq - i0);
   const int hk = h / (p.heads_q / p.heads_kv);
