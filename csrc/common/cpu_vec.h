@@ -153,11 +153,16 @@ inline float row_max(const float* x, int n, float init) {
 // (the same polynomial, so both paths agree). Written out because GCC would not vectorise the
 // scalar loop inside the attention tile code. mul = 1 is exact (x - sub); a mul folds the
 // softmax scale into the exponent instead of a pass over the scores.
-inline void exp_neg_sub(float* x, int n, float sub, float mul = 1.0f) {
+// Returns the sum of the results when kSum (the softmax's row sum, accumulated in the same
+// pass: a separate loop over the row did not vectorise and cost a tenth of a forward).
+template <bool kSum>
+inline float exp_neg_sub_impl(float* x, int n, float sub, float mul) {
   int i = 0;
+  float total = 0.0f;
 #if defined(__AVX512F__)
   {  // 16 lanes, the same operations lane for lane as the 8-lane loop below
     const __m512 vsub = _mm512_set1_ps(sub), vmul = _mm512_set1_ps(mul), lo = _mm512_set1_ps(-87.0f);
+    __m512 acc = _mm512_setzero_ps();
     const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
     const __m512 ln2hi = _mm512_set1_ps(0.693359375f), ln2lo = _mm512_set1_ps(-2.12194440e-4f);
     const float coef[] = {1.0f / 720.0f, 1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f};
@@ -170,12 +175,16 @@ inline void exp_neg_sub(float* x, int n, float sub, float mul = 1.0f) {
       __m512 q = _mm512_set1_ps(coef[0]);
       for (int c = 1; c < 7; ++c) q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(coef[c]));
       // q * 2^k in one instruction (exact, as the multiply by the built power of two is)
-      const __m512 y = _mm512_scalef_ps(q, k);
-      _mm512_storeu_ps(x + i, _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, lo, _CMP_NLT_UQ), y));
+      const __m512 y = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, lo, _CMP_NLT_UQ),
+                                           _mm512_scalef_ps(q, k));
+      _mm512_storeu_ps(x + i, y);
+      if constexpr (kSum) acc = _mm512_add_ps(acc, y);
     }
+    if constexpr (kSum) total = _mm512_reduce_add_ps(acc);
   }
 #endif
 #if defined(__AVX2__) && defined(__FMA__)
+  __m256 acc8 = _mm256_setzero_ps();
   const __m256 vsub = _mm256_set1_ps(sub), vmul = _mm256_set1_ps(mul), lo = _mm256_set1_ps(-87.0f);
   const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
   const __m256 ln2hi = _mm256_set1_ps(0.693359375f), ln2lo = _mm256_set1_ps(-2.12194440e-4f);
@@ -190,10 +199,30 @@ inline void exp_neg_sub(float* x, int n, float sub, float mul = 1.0f) {
     for (int c = 1; c < 7; ++c) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(coef[c]));
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
     const __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-    _mm256_storeu_ps(x + i, _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(v, lo, _CMP_LT_OQ)));
+    const __m256 z = _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(v, lo, _CMP_LT_OQ));
+    _mm256_storeu_ps(x + i, z);
+    if constexpr (kSum) acc8 = _mm256_add_ps(acc8, z);
+  }
+  if constexpr (kSum) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc8), _mm256_extractf128_ps(acc8, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    total += _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
   }
 #endif
-  for (; i < n; ++i) x[i] = exp_neg(std::fma(x[i], mul, -sub));
+  for (; i < n; ++i) {
+    x[i] = exp_neg(std::fma(x[i], mul, -sub));
+    if constexpr (kSum) total += x[i];
+  }
+  return total;
+}
+
+inline void exp_neg_sub(float* x, int n, float sub, float mul = 1.0f) {
+  exp_neg_sub_impl<false>(x, n, sub, mul);
+}
+
+// exp_neg_sub, returning the sum of the results.
+inline float exp_neg_sub_sum(float* x, int n, float sub, float mul = 1.0f) {
+  return exp_neg_sub_impl<true>(x, n, sub, mul);
 }
 
 }  // namespace fastlm

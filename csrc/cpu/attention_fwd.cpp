@@ -51,10 +51,7 @@ __attribute__((noinline)) bool softmax_row(float* __restrict sr, int width, floa
     return false;
   }
   const float alpha = exp_neg(m - m_new);  // 0 on the first visible tile (m = -inf)
-  exp_neg_sub(sr, width, m_new, mul);
-  float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (int j = 0; j < width; ++j) sum += sr[j];
+  const float sum = exp_neg_sub_sum(sr, width, m_new, mul);
   l = l * alpha + sum;
   m = m_new;
   if (alpha != 1.0f)
