@@ -67,6 +67,8 @@ def test_recipe_side_by_side_times_both_runs_to_the_target(tmp_path):
         assert fl["vs_nanogpt"] == pytest.approx(ratio)
     assert [s for _, s, _ in curves["fastlm"]] == [s for _, s, _ in curves["fastlm-fp32"]] == [10, 20]
     assert (out / "train_shakespeare_cpu.png").exists()
+    # one untimed step ran first (one-time builds stay out of the timed runs)
+    assert (tmp_path / "work" / "warmup-run" / "metrics.jsonl").exists()
     meta = json.loads((tmp_path / "work" / "shakespeare_char" / "meta.json").read_text())
     assert meta["config"]["tokenizer"] == "char"  # nanoGPT's character vocabulary
     assert meta["vocab_size"] == len(set("".join(lines))) + 2  # paragraphs are the documents
