@@ -2,6 +2,8 @@
 // head's K or V as 32-bit words of bf16 pairs, in the two layouts the GEMMs read.
 #pragma once
 
+#include <cstring>
+
 #include "cpu/attention_tile.h"
 #include "cpu/bf16_gemm.h"
 
@@ -68,6 +70,10 @@ inline void load_words_rows(const AttnParams& p, const bf16* x, const AttnStride
   const int d = p.head_dim, d2 = (d + 1) / 2;
   for (int i = 0; i < n; ++i) {
     const auto* r = reinterpret_cast<const uint16_t*>(row(x, st, b, h, t0 + i));
+    if (d % 2 == 0) {  // an even row already is its words (element 2c in the low half)
+      std::memcpy(dst + static_cast<size_t>(i) * d2, r, sizeof(uint16_t) * d);
+      continue;
+    }
     for (int c2 = 0; c2 < d2; ++c2) dst[static_cast<size_t>(i) * d2 + c2] = pair_word(r, 2 * c2, d);
   }
 }
