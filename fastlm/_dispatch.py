@@ -83,7 +83,8 @@ class Op:
     order: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_ORDER))
     backends: dict[str, Backend] = field(default_factory=dict)
     _warned: set = field(default_factory=set, repr=False)
-    # auto selections by (device, dtype, features): the checks are pure functions of those
+    # auto selections by (device, dtype, features) -> [backend name, skipped backends with
+    # reasons, launcher object once launchers() asked]: the checks are pure functions of those
     # (availability is computed once per process), and a model calls each op ~100x a step
     _auto: dict = field(default_factory=dict, repr=False)
     _env: tuple = field(init=False, repr=False)  # (name, encoded name) of its two variables
@@ -113,20 +114,18 @@ class Op:
     def launchers(self, call: Call, backend: str | None = None) -> Any:
         """``select(call, backend).impl()``: the object holding the chosen backend's launchers,
         kept with an auto selection (impl() imports or loads on each call: ~1 us)."""
-        if backend is None and self._env_unset():
-            key = self._key(call)
-            hit = self._auto.get(key) if key is not None else None
-            if hit is not None and len(hit) == 3:
-                self._warn_fallback(hit[0], hit[1])
-                return hit[2]
-            impl = self.select(call).impl()
-            if key is not None and key in self._auto:
-                self._auto[key] = (*self._auto[key][:2], impl)
+        if self.requested(backend)[0] != "auto":
+            return self.select(call, backend).impl()
+        key = self._key(call)
+        entry = self._auto.get(key) if key is not None else None
+        if entry is None or entry[2] is None:
+            impl = self.select(call, backend).impl()
+            entry = self._auto.get(key) if key is not None else None
+            if entry is not None:
+                entry[2] = impl
             return impl
-        return self.select(call, backend).impl()
-
-    def _env_unset(self) -> bool:
-        return all(not (getenv(var, encoded) or "").strip() for var, encoded in self._env)
+        self._warn_fallback(entry[0], entry[1])
+        return entry[2]
 
     @staticmethod
     def _key(call: Call):
@@ -166,7 +165,7 @@ class Op:
             return self.backends[name]
         key = self._key(call)
         if key is not None and key in self._auto:
-            chosen, skipped = self._auto[key][:2]
+            chosen, skipped, _ = self._auto[key]
             self._warn_fallback(chosen, skipped)  # once per reason, even after a clear()
             return self.backends[chosen]
         skipped = []
@@ -175,7 +174,7 @@ class Op:
             if reason is None:
                 self._warn_fallback(candidate, skipped)
                 if key is not None:
-                    self._auto[key] = (candidate, skipped)
+                    self._auto[key] = [candidate, skipped, None]  # None: launchers()
                 return self.backends[candidate]
             skipped.append((candidate, reason))
         # Unreachable in practice: the torch reference accepts every call.

@@ -62,80 +62,72 @@ inline void row_blocks8(int i0, int m, Block&& block) {
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
-// C block rows [i, i + M), columns [j, j + 16), held in 2M registers across the whole k loop:
-// per k, 2 loads of B and M broadcasts of A feed 2M FMAs. M = 6 uses 12 accumulators + 2 B +
-// 1 broadcast of the 16 ymm registers (the FMA units stay busy: 12 FMAs per 8 loads, where a
-// 4-row block gave 8 per 6); smaller M serve the last rows of a tile.
-template <int M>
-inline void gemm_rows_x16(int i, int j, int k, const float* a, int a_m, int a_k, const float* b,
-                          int ldb, float* c, int ldc, bool acc) {
-  __m256 c0[M], c1[M];
-  const float* ar[M];
-#pragma GCC unroll 6
-  for (int r = 0; r < M; ++r) {
-    c0[r] = acc ? _mm256_loadu_ps(c + (i + r) * ldc + j) : _mm256_setzero_ps();
-    c1[r] = acc ? _mm256_loadu_ps(c + (i + r) * ldc + j + 8) : _mm256_setzero_ps();
-    ar[r] = a + (i + r) * a_m;
-  }
-  for (int kk = 0; kk < k; ++kk) {
-    const float* bk = b + kk * ldb + j;
-    const __m256 b0 = _mm256_loadu_ps(bk), b1 = _mm256_loadu_ps(bk + 8);
-    const int o = kk * a_k;
-#pragma GCC unroll 6
-    for (int r = 0; r < M; ++r) {
-      const __m256 x = _mm256_broadcast_ss(ar[r] + o);
-      c0[r] = _mm256_fmadd_ps(x, b0, c0[r]);
-      c1[r] = _mm256_fmadd_ps(x, b1, c1[r]);
-    }
-  }
-#pragma GCC unroll 6
-  for (int r = 0; r < M; ++r) {
-    _mm256_storeu_ps(c + (i + r) * ldc + j, c0[r]);
-    _mm256_storeu_ps(c + (i + r) * ldc + j + 8, c1[r]);
-  }
-}
-
-#if defined(__AVX512F__)
-// 32 columns in zmm registers, blocks of up to 8 rows (row_blocks8): on CPUs with two 512-bit
-// FMA units (Intel Xeon since Skylake-SP) a ymm kernel runs at half the FMA rate (fp32
-// attention measured 0.7x SDPA on a Sapphire-Rapids-class VM with the ymm kernel alone); on
-// EPYC (Zen 4 splits a zmm op in two) it is no slower. Each C element sums its k terms in the
+// The register width a block kernel runs in: ymm (8 floats) or, with AVX-512, zmm (16). On CPUs
+// with two 512-bit FMA units (Intel Xeon since Skylake-SP) the ymm kernel runs at half the FMA
+// rate (fp32 attention measured 0.7x SDPA on a Sapphire-Rapids-class VM with it alone); on
+// EPYC (Zen 4 splits a zmm op in two) zmm is no slower. Each C element sums its k terms in the
 // same order either way.
-template <int M>
-inline void gemm_rows_x32(int i, int j, int k, const float* a, int a_m, int a_k, const float* b,
-                          int ldb, float* c, int ldc, bool acc) {
-  __m512 c0[M], c1[M];
+struct Ymm {
+  using V = __m256;
+  static constexpr int kLanes = 8;
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static V zero() { return _mm256_setzero_ps(); }
+  static V splat(const float* p) { return _mm256_broadcast_ss(p); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+};
+#if defined(__AVX512F__)
+struct Zmm {
+  using V = __m512;
+  static constexpr int kLanes = 16;
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static V zero() { return _mm512_setzero_ps(); }
+  static V splat(const float* p) { return _mm512_set1_ps(*p); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+};
+#endif
+
+// C block rows [i, i + M), columns [j, j + 2 lanes), held in 2M registers across the whole k
+// loop: per k, 2 loads of B and M broadcasts of A feed 2M FMAs. In ymm, M = 6 uses 12
+// accumulators + 2 B + 1 broadcast of the 16 registers (12 FMAs per 8 loads, where a 4-row
+// block gave 8 per 6); in zmm M = 8 (16 accumulators of 32 registers). Smaller M serve the
+// last rows of a tile.
+template <typename R, int M>
+inline void gemm_rows(int i, int j, int k, const float* a, int a_m, int a_k, const float* b,
+                      int ldb, float* c, int ldc, bool acc) {
+  constexpr int L = R::kLanes;
+  typename R::V c0[M], c1[M];
   const float* ar[M];
 #pragma GCC unroll 8
   for (int r = 0; r < M; ++r) {
-    c0[r] = acc ? _mm512_loadu_ps(c + (i + r) * ldc + j) : _mm512_setzero_ps();
-    c1[r] = acc ? _mm512_loadu_ps(c + (i + r) * ldc + j + 16) : _mm512_setzero_ps();
+    c0[r] = acc ? R::load(c + (i + r) * ldc + j) : R::zero();
+    c1[r] = acc ? R::load(c + (i + r) * ldc + j + L) : R::zero();
     ar[r] = a + (i + r) * a_m;
   }
   for (int kk = 0; kk < k; ++kk) {
     const float* bk = b + kk * ldb + j;
-    const __m512 b0 = _mm512_loadu_ps(bk), b1 = _mm512_loadu_ps(bk + 16);
+    const typename R::V b0 = R::load(bk), b1 = R::load(bk + L);
     const int o = kk * a_k;
 #pragma GCC unroll 8
     for (int r = 0; r < M; ++r) {
-      const __m512 x = _mm512_set1_ps(ar[r][o]);
-      c0[r] = _mm512_fmadd_ps(x, b0, c0[r]);
-      c1[r] = _mm512_fmadd_ps(x, b1, c1[r]);
+      const typename R::V x = R::splat(ar[r] + o);
+      c0[r] = R::fma(x, b0, c0[r]);
+      c1[r] = R::fma(x, b1, c1[r]);
     }
   }
 #pragma GCC unroll 8
   for (int r = 0; r < M; ++r) {
-    _mm512_storeu_ps(c + (i + r) * ldc + j, c0[r]);
-    _mm512_storeu_ps(c + (i + r) * ldc + j + 16, c1[r]);
+    R::store(c + (i + r) * ldc + j, c0[r]);
+    R::store(c + (i + r) * ldc + j + L, c1[r]);
   }
 }
-#endif
 
 // Rows [i0, m) of the 16-wide column block j, in blocks of 6 then one smaller block.
 inline void gemm_col_block(int i0, int m, int j, int k, const float* a, int a_m, int a_k,
                            const float* b, int ldb, float* c, int ldc, bool acc) {
   row_blocks6(i0, m, [&](auto rows, int i) {
-    gemm_rows_x16<decltype(rows)::value>(i, j, k, a, a_m, a_k, b, ldb, c, ldc, acc);
+    gemm_rows<Ymm, decltype(rows)::value>(i, j, k, a, a_m, a_k, b, ldb, c, ldc, acc);
   });
 }
 #endif
@@ -149,7 +141,7 @@ inline void gemm(int m, int n, int k, const float* a, int a_m, int a_k, const fl
 #if defined(__AVX512F__)
   for (; j0 + 32 <= n; j0 += 32)
     row_blocks8(0, m, [&](auto rows, int i) {
-      gemm_rows_x32<decltype(rows)::value>(i, j0, k, a, a_m, a_k, b, ldb, c, ldc, acc);
+      gemm_rows<Zmm, decltype(rows)::value>(i, j0, k, a, a_m, a_k, b, ldb, c, ldc, acc);
     });
 #endif
   for (int j = j0; j < n16; j += 16) gemm_col_block(0, m, j, k, a, a_m, a_k, b, ldb, c, ldc, acc);

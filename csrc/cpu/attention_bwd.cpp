@@ -202,40 +202,38 @@ void bwd_tile_bf16(const AttnParams& p, const Seq& s, int i0, int n, int j0, int
       ds_words(sr, dr, delta, 2 * vis2, &w.dsw[i * (BK / 2)]);
     }
   }
-  const size_t kr = static_cast<size_t>(j0) * d;
-  const size_t qr = static_cast<size_t>(i0 / 2) * d;
+  // P^T and dS^T as the A operands of dV and dK: pairs of query rows interleaved, word (i2, j)
+  // at [i2 * BK + j], read with lda = 1, a_k = BK; on the tiles key-major instead, word (j, i2)
+  // at [j * kBwdRows / 2 + i2] (a tile load reads each key's query pairs contiguously)
+  int lda = 1, a_k = BK;
 #if defined(FASTLM_AMX)
-  // On the tiles P^T and dS^T are A operands with rows of words: word (j, i2) at
-  // [j * kBwdRows / 2 + i2] (a tile load reads each key's query pairs contiguously)
   if (vis >= 16 && n % 32 == 0 && d % 16 == 0 && bf16dot::amx::ready()) {
-    constexpr int ldt = kBwdRows / 2;
+    lda = kBwdRows / 2, a_k = 1;
     const auto* pw = reinterpret_cast<const uint16_t*>(w.pw.data());
     const auto* dw = reinterpret_cast<const uint16_t*>(w.dsw.data());
     for (int j = 0; j < vis; ++j) {
-      uint32_t* pt = &w.pt[static_cast<size_t>(j) * ldt];
-      uint32_t* dt = &w.dst[static_cast<size_t>(j) * ldt];
+      uint32_t* pt = &w.pt[static_cast<size_t>(j) * lda];
+      uint32_t* dt = &w.dst[static_cast<size_t>(j) * lda];
       for (int i2 = 0; i2 < n2; ++i2) {  // n even: both rows of every pair exist
         pt[i2] = pw[(2 * i2) * BK + j] | static_cast<uint32_t>(pw[(2 * i2 + 1) * BK + j]) << 16;
         dt[i2] = dw[(2 * i2) * BK + j] | static_cast<uint32_t>(dw[(2 * i2 + 1) * BK + j]) << 16;
       }
     }
-    bf16dot::gemm(vis, d, n2, w.pt.data(), ldt, 1, &w.doutv[qr], d, &w.dv[kr], d, true);  // dV
-    bf16dot::gemm(vis, d, n2, w.dst.data(), ldt, 1, &w.qv[qr], d, &w.dk[kr], d, true);  // dK
-    bf16dot::gemm(n, d, vis2, w.dsw.data(), BK / 2, 1, &w.kv[static_cast<size_t>(j0 / 2) * d],
-                  d, &w.dq[static_cast<size_t>(i0) * d], d, true);  // dQ / scale
-    return;
   }
 #endif
-  // P^T and dS^T: pairs of query rows interleaved, word (i2, j); read as A with lda = 1
-  for (int i2 = 0; i2 < n2; ++i2) {
-    const bool two = 2 * i2 + 1 < n;
-    const auto* p0 = reinterpret_cast<const uint16_t*>(&w.pw[(2 * i2) * (BK / 2)]);
-    const auto* d0 = reinterpret_cast<const uint16_t*>(&w.dsw[(2 * i2) * (BK / 2)]);
-    bf16dot::interleave(p0, two ? p0 + BK : nullptr, vis, &w.pt[i2 * BK]);
-    bf16dot::interleave(d0, two ? d0 + BK : nullptr, vis, &w.dst[i2 * BK]);
+  if (a_k != 1) {
+    for (int i2 = 0; i2 < n2; ++i2) {
+      const bool two = 2 * i2 + 1 < n;
+      const auto* p0 = reinterpret_cast<const uint16_t*>(&w.pw[(2 * i2) * (BK / 2)]);
+      const auto* d0 = reinterpret_cast<const uint16_t*>(&w.dsw[(2 * i2) * (BK / 2)]);
+      bf16dot::interleave(p0, two ? p0 + BK : nullptr, vis, &w.pt[i2 * BK]);
+      bf16dot::interleave(d0, two ? d0 + BK : nullptr, vis, &w.dst[i2 * BK]);
+    }
   }
-  bf16dot::gemm(vis, d, n2, w.pt.data(), 1, BK, &w.doutv[qr], d, &w.dv[kr], d, true);  // dV
-  bf16dot::gemm(vis, d, n2, w.dst.data(), 1, BK, &w.qv[qr], d, &w.dk[kr], d, true);  // dK/scale
+  const size_t kr = static_cast<size_t>(j0) * d;
+  const size_t qr = static_cast<size_t>(i0 / 2) * d;
+  bf16dot::gemm(vis, d, n2, w.pt.data(), lda, a_k, &w.doutv[qr], d, &w.dv[kr], d, true);  // dV
+  bf16dot::gemm(vis, d, n2, w.dst.data(), lda, a_k, &w.qv[qr], d, &w.dk[kr], d, true);  // dK/scale
   bf16dot::gemm(n, d, vis2, w.dsw.data(), BK / 2, 1, &w.kv[static_cast<size_t>(j0 / 2) * d], d,
                 &w.dq[static_cast<size_t>(i0) * d], d, true);  // dQ / scale
 }

@@ -282,17 +282,24 @@ inline void axpy_row(float* acc, float x, const T* v, int d) {
   for (; c < d; ++c) acc[c] += x * to_float(v[c]);
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+// Eight 8-lane accumulators of eight keys' dot products -> their eight sums (a horizontal-add
+// transpose).
+inline __m256 sum8x8(const __m256* acc) {
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+#endif
+
 #if defined(__AVX512F__)
-// The eight 16-lane accumulators of eight keys' dot products -> their eight sums (halves added,
-// then the 8-lane horizontal-add transpose).
+// The same from 16-lane accumulators: their halves added first.
 inline __m256 sum8x16(const __m512* acc) {
   __m256 h[8];
   for (int t = 0; t < 8; ++t)
     h[t] = _mm256_add_ps(_mm512_castps512_ps256(acc[t]),
                          _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[t]), 1)));
-  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
-  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(h[4], h[5]), _mm256_hadd_ps(h[6], h[7]));
-  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+  return sum8x8(h);
 }
 #endif
 
@@ -325,10 +332,7 @@ void scores_row(const float* a, const T* k, int64_t ks, int nk, int d, float* s)
         for (int t = 0; t < 8; ++t)
           acc[t] = _mm256_fmadd_ps(av, (__m256)simd::load8(k + (j + t) * ks + c), acc[t]);
       }
-      const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
-      const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
-      _mm256_storeu_ps(s + j, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
-                                            _mm256_permute2f128_ps(u0, u1, 0x31)));
+      _mm256_storeu_ps(s + j, sum8x8(acc));
     }
   }
 #endif

@@ -220,6 +220,7 @@ def run(args) -> int:
         command="fastlm bench model " + shlex.join(sys.argv[3:]), device=args.device,
         env=harness.environment(args.device))
     seqlens = [int(x) for x in args.seqlens.split(",")]
+    time_fn = _time_generation if generate else _time_lengths
     together = [i for i in impls if i not in OPTIONAL_IMPLS]
     later = [(k, i) for k in kinds for i in impls if i in OPTIONAL_IMPLS]
     liger_types = _liger_types() if later else None
@@ -227,10 +228,7 @@ def run(args) -> int:
         conf = _config(kind, args.preset, max(seqlens))
         models = {impl: _model(conf, impl, args.device, dtype) for impl in together}
         for s in seqlens:
-            if generate:
-                _time_generation(args, report, kind, s, models, dtype)
-            else:
-                _time_lengths(args, report, kind, s, models, dtype)
+            time_fn(args, report, kind, s, models, dtype)
         del models
     for kind, impl in later:  # after everything else: Liger patches module-level functions
         if impl == "liger" and kind not in liger_types:
@@ -238,8 +236,7 @@ def run(args) -> int:
             continue
         model = _model(_config(kind, args.preset, max(seqlens)), impl, args.device, dtype)
         for s in seqlens:
-            (_time_generation if generate else _time_lengths)(args, report, kind, s,
-                                                              {impl: model}, dtype)
+            time_fn(args, report, kind, s, {impl: model}, dtype)
         del model
     harness.add_speedup(report, "vs_best_peer", ["model", "seqlen"],
                         lambda r: r["impl"] != "fastlm")
