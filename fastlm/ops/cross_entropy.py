@@ -68,11 +68,12 @@ _op.register("cpu", all_of(needs_device("cpu"), needs_dtypes(*fc.FLOATS),
 _op.register("torch", lambda call: None, lambda: _Torch)
 
 
-def _chunk_rows(n: int, vocab: int, chunk_size: int | None) -> int:
+def _chunk_rows(n: int, vocab: int, chunk_size: int | None, itemsize: int = 4) -> int:
     if chunk_size:
         return chunk_size
-    # ~2^22 logits per chunk (16 MB in fp32): large enough for efficient matmuls
-    return max(1, min(n, (1 << 22) // max(1, vocab)))
+    # ~16 MB of logits per chunk (2^22 in fp32, 2^23 in bf16/fp16): large enough for
+    # efficient matmuls
+    return max(1, min(n, (1 << 24) // itemsize // max(1, vocab)))
 
 
 @custom_op("fastlm::linear_cross_entropy")
@@ -87,11 +88,18 @@ def _fused(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
     # float64 across chunks: the per-chunk sums are fp32, the running total should not drift
     total = torch.zeros((), dtype=torch.float64, device=hidden.device)
     dh = torch.empty_like(hidden) if want_grads else hidden.new_empty(0)
+    step = _chunk_rows(n, vocab, chunk_size, hidden.element_size())
+    # One chunk of bf16/fp16 logits: the weight gradient is computed as the unfused LM head's
+    # backward computes it, one GEMM in the inputs' dtype (fp32 accumulation inside, rounded
+    # once), on the CPU's bf16 units (AMX: ~4x the fp32 rate; the fp32 GEMM and the fp32
+    # copies of the logits it needed made OPT's patched bf16 step 9% slower than unpatched).
+    # Several chunks accumulate their products in fp32: rounding each chunk's would add up.
+    low_single = hidden.dtype in (torch.bfloat16, torch.float16) and n <= step
     # written by the first chunk's matmul, accumulated in place after (no zero fill, no temp)
-    dw = torch.empty_like(weight, dtype=torch.float32) if want_grads else hidden.new_empty(0)
+    dw = (torch.empty_like(weight, dtype=torch.float32) if want_grads and not low_single
+          else hidden.new_empty(0))
     db = (torch.zeros(vocab, dtype=torch.float32, device=hidden.device)
           if want_grads and bias is not None else hidden.new_empty(0))
-    step = _chunk_rows(n, vocab, chunk_size)
     row_scale = torch.full((min(step, n),), scale, dtype=torch.float32, device=hidden.device)
     for s in range(0, n, step):
         h = hidden[s:s + step]
@@ -103,13 +111,17 @@ def _fused(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
         total += loss.sum(dtype=torch.float64)
         if want_grads:  # logits now hold row_scale * dloss/dlogits
             torch.mm(logits, weight, out=dh[s:s + step])
-            g, hf = (logits, h) if logits.dtype == torch.float32 else (logits.float(), h.float())
-            if s == 0:
-                torch.mm(g.T, hf, out=dw)
+            if low_single:
+                dw = torch.mm(logits.T, h).float()
             else:
-                dw.addmm_(g.T, hf)
+                g, hf = ((logits, h) if logits.dtype == torch.float32
+                         else (logits.float(), h.float()))
+                if s == 0:
+                    torch.mm(g.T, hf, out=dw)
+                else:
+                    dw.addmm_(g.T, hf)
             if bias is not None:
-                db += logits.float().sum(0)
+                db += logits.sum(0, dtype=torch.float32)
     return (total * scale).float().reshape(()), dh, dw, db
 
 
@@ -189,7 +201,7 @@ def fused_linear_cross_entropy(
         labels: (N,) int64 targets in [0, V) or ``ignore_index``.
         label_smoothing, softcap: as torch's cross_entropy and Gemma's final-logit soft-cap.
         reduction: "mean" (over non-ignored labels) or "sum".
-        chunk_size: rows per chunk (default: about 4M logits per chunk).
+        chunk_size: rows per chunk (default: about 16 MB of logits per chunk, 4M in fp32).
     Returns:
         the fp32 scalar loss; differentiable in hidden, weight and bias.
     """
