@@ -65,8 +65,14 @@ def time_to(evals, target):
     return next((t for t, _, loss in evals if loss <= target), None)
 
 
+def artifact_dir(args) -> Path:
+    """Where the curves JSON and the plot go: --out, else the work directory (a run without
+    --out must not overwrite the committed results in benchmarks/results)."""
+    return Path(args.out) if args.out else Path(args.work_dir)
+
+
 def run(args, report) -> None:
-    out = Path(args.out or "benchmarks/results")
+    out = artifact_dir(args)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@ side by side (against a stand-in for nanoGPT's train.py that prints its log form
 itself is never part of the project)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -72,6 +73,15 @@ def test_recipe_side_by_side_times_both_runs_to_the_target(tmp_path):
     meta = json.loads((tmp_path / "work" / "shakespeare_char" / "meta.json").read_text())
     assert meta["config"]["tokenizer"] == "char"  # nanoGPT's character vocabulary
     assert meta["vocab_size"] == len(set("".join(lines))) + 2  # paragraphs are the documents
+
+
+def test_recipe_without_out_keeps_its_curves_and_plot_in_the_work_dir():
+    """(a run without --out once overwrote the committed curves in benchmarks/results)"""
+    parser = cli.build_parser()[0]
+    args = parser.parse_args(["bench", "train", "--vs-nanogpt", "n", "--work-dir", "/tmp/w"])
+    assert recipe_bench.artifact_dir(args) == Path("/tmp/w")
+    args = parser.parse_args(["bench", "train", "--vs-nanogpt", "n", "--out", "r"])
+    assert recipe_bench.artifact_dir(args) == Path("r")
 
 
 def test_recipe_needs_a_prepared_nanogpt_checkout(tmp_path, capsys):
