@@ -196,6 +196,16 @@ def _patch_attention(model, h: PatchHandle) -> None:
 
 # -- norms ----------------------------------------------------------------------------------
 
+# bf16 LayerNorm on the CPU from this many elements: fastlm's kernel (fp32 math on the bf16
+# rows) beats aten's there, fwd + bwd 1.25-1.47x at 768-4096 x 1024 (fused_cpu,
+# fused_cpu_xeon_amx), and its wrapper's ~0.1 ms no longer decides; at 1024 x 256 they were
+# at parity. (fp32: parity at every size measured; fp16 on CPU: not measured.)
+_CPU_LN_MIN_ELEMENTS = 1 << 19
+
+
+def _cpu_ln_pays(x: torch.Tensor) -> bool:
+    return x.dtype == torch.bfloat16 and x.numel() >= _CPU_LN_MIN_ELEMENTS
+
 
 def _norm_forward(m):
     from fastlm.ops import layer_norm, rms_norm
@@ -214,11 +224,11 @@ def _norm_forward(m):
     if isinstance(m, torch.nn.LayerNorm) and len(m.normalized_shape) == 1:
 
         def ln_forward(self, x):
-            if x.device.type == "cpu":
-                # torch's CPU LayerNorm is already one fused pass each way: fastlm's kernel
-                # runs at parity with it (tests/bench: ~38 vs 31 us fwd, 256 x 256), so on
-                # CPU the custom-op wrapper would only add time (GPT-2/NeoX/BERT steps 5%
-                # slower). Where fastlm's kernel wins (GPUs, Triton) it runs.
+            if x.device.type == "cpu" and not _cpu_ln_pays(x):
+                # torch's CPU LayerNorm is already one fused pass each way: in fp32, and on
+                # small bf16 inputs, fastlm's kernel runs at parity with it and the custom-op
+                # wrapper only adds time (GPT-2/NeoX/BERT steps 5% slower). Where fastlm's
+                # kernel wins (GPUs, Triton, large bf16 inputs on CPU) it runs.
                 return torch.nn.functional.layer_norm(x, self.normalized_shape, self.weight,
                                                       self.bias, self.eps)
             return layer_norm(x, self.weight, self.bias, self.eps)

@@ -239,6 +239,28 @@ def test_layer_norm_on_cpu_runs_torch_kernel_and_standalone_gelu_is_left_alone(m
     assert gpt2.swapped["mlp"] == 2 and "mlp" not in gpt2.skipped
 
 
+def test_large_bf16_layer_norm_on_cpu_runs_fastlm_kernel(monkeypatch):
+    """From 2^19 bf16 elements fastlm's CPU LayerNorm beats aten's (fused_cpu results), so
+    the patched module calls it there, and torch's below; both match torch's LayerNorm."""
+    from fastlm.integrations import patch as patch_mod
+
+    calls = _spy_on_layer_norm(monkeypatch)
+    model = build("gpt_neox").to(torch.bfloat16)
+    fastlm.patch(model)
+    ln = model.gpt_neox.final_layer_norm
+    hidden = ln.normalized_shape[0]
+    for rows, fused in [(8, False), (patch_mod._CPU_LN_MIN_ELEMENTS // hidden, True)]:
+        calls.clear()
+        x = torch.randn(rows, hidden, dtype=torch.bfloat16, requires_grad=True)
+        out = ln(x)
+        out.float().square().sum().backward()
+        assert calls == (["cpu"] if fused else [])
+        want = torch.nn.functional.layer_norm(x.float(), (hidden,), ln.weight.float(),
+                                              ln.bias.float(), ln.eps)
+        torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=2e-2)
+        assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "gpt_neox"])
 def test_patched_model_on_gpu_matches_eager(kind, monkeypatch):
