@@ -4,6 +4,10 @@ RMSNorm, LayerNorm, GELU (tanh, GPT-2's) and SwiGLU on (tokens, hidden) activati
 and forward+backward, fastlm's op (its automatic backend) side by side with the PyTorch
 functions a transformers model calls. The two are timed in alternation call by call
 (``harness.time_interleaved``), and ``vs_torch`` is the median of the per-round ratios.
+
+``--ops linear_cross_entropy`` (not in the default list: it takes a vocabulary, ``--vocab``)
+times the fused LM head + loss against the unfused ``F.cross_entropy((h @ W.T).float(), y)``
+that transformers' causal-LM loss computes, the peak memory of each recorded too.
 """
 
 from __future__ import annotations
@@ -25,7 +29,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32,bf16,fp16")
     parser.add_argument("--tokens", default="768,4096", help="comma list of rows (batch x seq)")
     parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--ops", default="rms_norm,layer_norm,gelu_tanh,swiglu")
+    parser.add_argument("--ops", default="rms_norm,layer_norm,gelu_tanh,swiglu",
+                        help="comma list; also linear_cross_entropy (LM head + loss, --vocab)")
+    parser.add_argument("--vocab", type=int, default=32000,
+                        help="vocabulary of linear_cross_entropy's LM head")
     parser.add_argument("--modes", default="fwd,fwd_bwd", help="comma list of fwd,fwd_bwd")
     parser.add_argument("--repeat", type=int, default=30)
     parser.add_argument("--out", default=None, help="directory for JSON, markdown and PNG")
@@ -44,11 +51,35 @@ def _ops():
         "gelu_tanh": (1, False, lambda x: fo.gelu(x, approximate="tanh"),
                       lambda x: F.gelu(x, approximate="tanh")),
         "swiglu": (2, False, fo.swiglu, lambda g, u: F.silu(g) * u),
+        "linear_cross_entropy": None,  # see _loss_steps
     }
 
 
-def _steps(op, dtype, tokens, hidden, mode, device):
+def _loss_steps(dtype, tokens, hidden, vocab, mode, device):
+    """The fused LM head + cross-entropy and the unfused one (logits in the inputs' dtype,
+    the loss in fp32, as transformers computes it), on the same inputs."""
+    import fastlm.ops as fo
+
+    grad = mode == "fwd_bwd"
+    h = torch.randn(tokens, hidden, device=device, dtype=dtype, requires_grad=grad)
+    w = (torch.randn(vocab, hidden, device=device) / hidden**0.5).to(dtype).requires_grad_(grad)
+    y = torch.randint(0, vocab, (tokens,), device=device)
+
+    def step(fn):
+        def call(_i):
+            loss = fn()
+            if grad:
+                torch.autograd.grad(loss, (h, w))
+        return call
+
+    return {"fastlm": step(lambda: fo.fused_linear_cross_entropy(h, w, y)),
+            "torch": step(lambda: F.cross_entropy((h @ w.T).float(), y))}
+
+
+def _steps(op, dtype, tokens, hidden, mode, device, vocab=32000):
     """{"fastlm": step(i), "torch": step(i)} on the same inputs."""
+    if op == "linear_cross_entropy":
+        return _loss_steps(dtype, tokens, hidden, vocab, mode, device)
     n_in, weighted, ours, theirs = _ops()[op]
     grad = mode == "fwd_bwd"
     xs = [torch.randn(tokens, hidden, device=device, dtype=dtype, requires_grad=grad)
@@ -82,13 +113,16 @@ def run(args) -> int:
     cases = [(op, d, t, m) for op in args.ops.split(",") for d in args.dtypes.split(",")
              for t in (int(x) for x in args.tokens.split(",")) for m in args.modes.split(",")]
     for op, dname, tokens, mode in tqdm(cases, desc="fused"):
-        fns = _steps(op, DTYPES[dname], tokens, args.hidden, mode, device)
-        timings, _ = harness.time_interleaved(fns, device=device, warmup=3, repeat=args.repeat)
+        fns = _steps(op, DTYPES[dname], tokens, args.hidden, mode, device, args.vocab)
+        timings, peaks = harness.time_interleaved(fns, device=device, warmup=3,
+                                                  repeat=args.repeat)
         paired = harness.paired_speedup(timings, "fastlm", ["torch"])
         for impl, t in timings.items():
+            extra = ({"vocab": args.vocab, "peak_gb": peaks[impl]}
+                     if op == "linear_cross_entropy" else {})
             report.add(op=op, impl=impl, case=f"{dname} {mode}", dtype=dname, mode=mode,
                        tokens=tokens, hidden=args.hidden, ms=t.median_ms, p20_ms=t.p20_ms,
-                       p80_ms=t.p80_ms, vs_torch=paired if impl == "fastlm" else 1.0)
+                       p80_ms=t.p80_ms, vs_torch=paired if impl == "fastlm" else 1.0, **extra)
     print(harness.format_table(report.rows))
     if args.out:
         stem = args.name or f"fused_{device}"
