@@ -87,14 +87,20 @@ def _amx_matmul(impl) -> bool:
 _MIN_CHUNK_ROWS = 256
 
 
-def _chunk_rows(n: int, vocab: int, chunk_size: int | None, itemsize: int = 4) -> int:
+def _chunk_rows(n: int, vocab: int, chunk_size: int | None, itemsize: int = 4,
+                hidden: int = 0) -> int:
     if chunk_size:
         return chunk_size
-    # ~16 MB of logits per chunk (2^22 in fp32, 2^23 in bf16/fp16), and at least 256 rows: the
-    # LM-head matmul runs at ~70% of its rate at 83 rows (GPT-2's 50k vocabulary in fp32;
-    # ~80% at 166 in bf16) and at full rate from ~256-332 (measured on the CPU); a large
-    # vocabulary's chunk then exceeds 16 MB (50 MB at 50k in fp32), still far from N x V.
-    return max(1, min(n, max(_MIN_CHUNK_ROWS, (1 << 24) // itemsize // max(1, vocab))))
+    # ~16 MB of logits per chunk (2^22 in fp32, 2^23 in bf16/fp16). From hidden 512 at least
+    # 256 rows: there the matmuls dominate, and the LM-head matmul runs at ~70% of its rate
+    # at 83 rows (hidden 768, GPT-2's 50k vocabulary in fp32; ~80% at 166 in bf16) and at
+    # full rate from ~256-332 (measured on the CPU); such a chunk exceeds 16 MB (50 MB at
+    # 50k in fp32), still far from N x V. Below, passes over the logits dominate and smaller
+    # chunks are faster (hidden 128, 50k, bf16: 191 / 209 / 233 ms at 128 / 166 / 256 rows).
+    rows = (1 << 24) // itemsize // max(1, vocab)
+    if hidden >= 512:
+        rows = max(rows, _MIN_CHUNK_ROWS)
+    return max(1, min(n, rows))
 
 
 @custom_op("fastlm::linear_cross_entropy")
@@ -109,7 +115,7 @@ def _fused(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
     # float64 across chunks: the per-chunk sums are fp32, the running total should not drift
     total = torch.zeros((), dtype=torch.float64, device=hidden.device)
     dh = torch.empty_like(hidden) if want_grads else hidden.new_empty(0)
-    step = _chunk_rows(n, vocab, chunk_size, hidden.element_size())
+    step = _chunk_rows(n, vocab, chunk_size, hidden.element_size(), hidden.shape[1])
     # One chunk of bf16/fp16 logits: the weight gradient is computed as the unfused LM head's
     # backward computes it, one GEMM in the inputs' dtype (fp32 accumulation inside, rounded
     # once), on the CPU's bf16 units (AMX: ~4x the fp32 rate; the fp32 GEMM and the fp32
@@ -230,7 +236,7 @@ def fused_linear_cross_entropy(
         label_smoothing, softcap: as torch's cross_entropy and Gemma's final-logit soft-cap.
         reduction: "mean" (over non-ignored labels) or "sum".
         chunk_size: rows per chunk (default: about 16 MB of logits per chunk, 4M in fp32,
-            and at least 256 rows).
+            and at least 256 rows from hidden size 512).
     Returns:
         the fp32 scalar loss; differentiable in hidden, weight and bias.
     """
