@@ -23,6 +23,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <cctype>
 #include <cstdlib>
 #include <string>
 #define FASTLM_DPBF16 1
@@ -81,12 +82,19 @@ inline void rows(int i, int n, int k2, const uint32_t* a, int lda, int a_k, cons
 #define FASTLM_AMX 1
 namespace amx {
 
+// FASTLM_CPU_AMX set to 0, false, off or no (any case) turns the tiles off.
+inline bool env_says_off(const char* env) {
+  if (env == nullptr) return false;
+  std::string v(env);
+  for (char& ch : v) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  return v == "0" || v == "false" || v == "off" || v == "no";
+}
+
 // Linux hands a process the tile state only on request; FASTLM_CPU_AMX=0 turns the tiles off
 // (the vector path then runs, as on CPUs without them).
 inline bool ready() {
   static const bool ok = [] {
-    const char* env = std::getenv("FASTLM_CPU_AMX");
-    if (env != nullptr && std::string(env) == "0") return false;
+    if (env_says_off(std::getenv("FASTLM_CPU_AMX"))) return false;
     constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
     return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
   }();

@@ -88,3 +88,14 @@ def test_vector_path_where_amx_runs():
                             "print(load_extension('cpu').bf16_matmul_amx())"],
                            env=env, capture_output=True, text=True, timeout=300)
     assert probe.stdout.strip().endswith("False"), probe.stdout + probe.stderr
+
+
+@pytest.mark.skipif(not (HAS_OP and _EXT.bf16_matmul_amx()), reason="the CPU has no AMX tiles")
+@pytest.mark.parametrize("value, on", [("off", False), ("False", False), ("no", False),
+                                       ("1", True)])
+def test_amx_switch_reads_the_usual_spellings(value, on):
+    probe = subprocess.run([sys.executable, "-c", "from fastlm._build import load_extension; "
+                            "print(load_extension('cpu').bf16_matmul_amx())"],
+                           env=dict(os.environ, FASTLM_CPU_AMX=value), capture_output=True,
+                           text=True, timeout=300)
+    assert probe.stdout.strip().endswith(str(on)), probe.stdout + probe.stderr
