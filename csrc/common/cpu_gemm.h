@@ -27,38 +27,24 @@ inline void gemm_scalar(int m0, int m1, int n0, int n1, int k, const float* a, i
   }
 }
 
-// Calls block(std::integral_constant<int, M>{}, i) over rows [i0, m): blocks of M = 6 rows,
-// then one block of the 1-5 left; the register-blocked GEMM tiles instantiate per M.
-template <typename Block>
-inline void row_blocks6(int i0, int m, Block&& block) {
-  int i = i0;
-  for (; i + 6 <= m; i += 6) block(std::integral_constant<int, 6>{}, i);
-  switch (m - i) {
-    case 5: return block(std::integral_constant<int, 5>{}, i);
-    case 4: return block(std::integral_constant<int, 4>{}, i);
-    case 3: return block(std::integral_constant<int, 3>{}, i);
-    case 2: return block(std::integral_constant<int, 2>{}, i);
-    case 1: return block(std::integral_constant<int, 1>{}, i);
-    default: return;
+// block(std::integral_constant<int, R>{}, i) for the one remainder size R = rem (1 <= R < N).
+template <int R, typename Block>
+inline void row_remainder(int rem, int i, Block& block) {
+  if constexpr (R > 0) {
+    if (rem == R) return block(std::integral_constant<int, R>{}, i);
+    row_remainder<R - 1>(rem, i, block);
   }
 }
 
-// The same with blocks of M = 8 rows (AVX-512: 32 registers hold 8 x 32 of C, and the
-// attention tiles' 32 and 64 rows split into whole blocks instead of 6s and a 2-row remainder)
-template <typename Block>
-inline void row_blocks8(int i0, int m, Block&& block) {
+// Calls block(std::integral_constant<int, M>{}, i) over rows [i0, m): blocks of M = N rows,
+// then one block of the 1..N-1 left; the register-blocked GEMM tiles instantiate per M.
+// N = 6 for ymm kernels; N = 8 for zmm ones (32 registers hold 8 x 32 of C, and the attention
+// tiles' 32 and 64 rows split into whole blocks instead of 6s and a 2-row remainder).
+template <int N, typename Block>
+inline void row_blocks(int i0, int m, Block&& block) {
   int i = i0;
-  for (; i + 8 <= m; i += 8) block(std::integral_constant<int, 8>{}, i);
-  switch (m - i) {
-    case 7: return block(std::integral_constant<int, 7>{}, i);
-    case 6: return block(std::integral_constant<int, 6>{}, i);
-    case 5: return block(std::integral_constant<int, 5>{}, i);
-    case 4: return block(std::integral_constant<int, 4>{}, i);
-    case 3: return block(std::integral_constant<int, 3>{}, i);
-    case 2: return block(std::integral_constant<int, 2>{}, i);
-    case 1: return block(std::integral_constant<int, 1>{}, i);
-    default: return;
-  }
+  for (; i + N <= m; i += N) block(std::integral_constant<int, N>{}, i);
+  row_remainder<N - 1>(m - i, i, block);
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -126,7 +112,7 @@ inline void gemm_rows(int i, int j, int k, const float* a, int a_m, int a_k, con
 // Rows [i0, m) of the 16-wide column block j, in blocks of 6 then one smaller block.
 inline void gemm_col_block(int i0, int m, int j, int k, const float* a, int a_m, int a_k,
                            const float* b, int ldb, float* c, int ldc, bool acc) {
-  row_blocks6(i0, m, [&](auto rows, int i) {
+  row_blocks<6>(i0, m, [&](auto rows, int i) {
     gemm_rows<Ymm, decltype(rows)::value>(i, j, k, a, a_m, a_k, b, ldb, c, ldc, acc);
   });
 }
@@ -140,7 +126,7 @@ inline void gemm(int m, int n, int k, const float* a, int a_m, int a_k, const fl
   int j0 = 0;
 #if defined(__AVX512F__)
   for (; j0 + 32 <= n; j0 += 32)
-    row_blocks8(0, m, [&](auto rows, int i) {
+    row_blocks<8>(0, m, [&](auto rows, int i) {
       gemm_rows<Zmm, decltype(rows)::value>(i, j0, k, a, a_m, a_k, b, ldb, c, ldc, acc);
     });
 #endif

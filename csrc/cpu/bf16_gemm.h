@@ -107,12 +107,13 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// Every tile 16 rows x 64 bytes: C in tiles 0-3 (64 columns), A in 4, B in 5. Loaded for each
-// call, or once for a Session's span: another library on this thread (oneDNN, under torch's
-// matmuls) may have configured the tiles its own way since fastlm last ran.
+// All eight tiles 16 rows x 64 bytes (the attention GEMMs below use 0-3 for C, 4 for A, 5 for
+// B; bf16_matmul.cpp all eight). Loaded for each call, or once for a Session's span: another
+// library on this thread (oneDNN, under torch's matmuls) may have configured the tiles its own
+// way since fastlm last ran.
 inline void configure() {
   TileConfig cfg;
-  for (int t = 0; t < 6; ++t) {
+  for (int t = 0; t < 8; ++t) {
     cfg.colsb[t] = 64;
     cfg.rows[t] = 16;
   }
@@ -194,7 +195,7 @@ inline void gemm(int m, int n, int k2, const uint32_t* a, int lda, int a_k, cons
     amx::gemm(i0, n, k2, a, lda, b, ldb, c, ldc, acc);
   }
 #endif
-  row_blocks6(i0, m, [&](auto block, int i) {
+  row_blocks<6>(i0, m, [&](auto block, int i) {
     rows<decltype(block)::value>(i, n, k2, a, lda, a_k, b, ldb, c, ldc, acc);
   });
 }
@@ -216,19 +217,21 @@ inline void pack_f32(const float* src, int n, uint32_t* dst) {
   }
 }
 
+// Word x = a[x] | b[x] << 16 for 16 bf16 of each: the pair-interleave of two rows, in registers.
+inline __m512i interleave16(__m256i a, __m256i b) {
+  const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24,
+                                       8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  return _mm512_permutexvar_epi16(idx, _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1));
+}
+
 // Two rows of bf16 (r1 may be null: zeros) interleaved into n VNNI words.
 inline void interleave(const uint16_t* r0, const uint16_t* r1, int n, uint32_t* dst) {
   int c = 0;
   if (r1 != nullptr) {
-    // word c = r0[c] | r1[c] << 16: 16 columns of both rows, permuted into 16 words
-    const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
-                                         24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
-                                         16, 0);
     for (; c + 16 <= n; c += 16) {
       const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + c));
       const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r1 + c));
-      const __m512i ab = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
-      _mm512_storeu_si512(dst + c, _mm512_permutexvar_epi16(idx, ab));
+      _mm512_storeu_si512(dst + c, interleave16(a, b));
     }
   }
   for (; c < n; ++c)

@@ -53,12 +53,7 @@ inline void transpose16(__m512i r[16]) {
   }
 }
 
-// Word x of the result = a[x] | b[x] << 16 for 16 bf16 of each (the pair-interleave of two lines).
-inline __m512i interleave16(__m256i a, __m256i b) {
-  const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24,
-                                       8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  return _mm512_permutexvar_epi16(idx, _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1));
-}
+using bf16dot::interleave16;
 
 // Packed operands: 16 x 16-word tiles (1 KB, rows of 64 bytes), the unit a tile load reads,
 // each contiguous (a strided tile load of a row-major matrix touched 16 lines a page apart,
@@ -160,15 +155,6 @@ void block_amx(const ASpan& a, const uint32_t* b0, const uint32_t* b1, int64_t k
   _tile_stored(3, c + 16 * 32 + 16, 128);
 }
 
-// Tiles 0-3 C, 4-5 A, 6-7 B; all 16 rows x 64 bytes.
-void configure_tiles() {
-  bf16dot::amx::TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.colsb[t] = 64;
-    cfg.rows[t] = 16;
-  }
-  _tile_loadconfig(&cfg);
-}
 #endif
 
 // The same block on vdpbf16ps (CPUs without AMX, or FASTLM_CPU_AMX=0): what a tile multiply
@@ -257,7 +243,7 @@ void bf16_matmul_acc_cpu(int64_t m, int64_t n, int64_t k, MatView a, MatView b, 
     }
 #if defined(FASTLM_AMX)
     // oneDNN shares these threads and configures the tiles its own way: set ours per call
-    if (amx) configure_tiles();
+    if (amx) bf16dot::amx::configure();  // tiles 0-3 C, 4-5 A, 6-7 B
 #endif
     alignas(64) float acc[32 * 32];
     std::unique_ptr<uint32_t[]> tail;  // a partial last row block of an in-place A, packed

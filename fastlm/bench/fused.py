@@ -7,7 +7,7 @@ functions a transformers model calls. The two are timed in alternation call by c
 
 ``--ops linear_cross_entropy`` (not in the default list: it takes a vocabulary, ``--vocab``)
 times the fused LM head + loss against the unfused ``F.cross_entropy((h @ W.T).float(), y)``
-that transformers' causal-LM loss computes, the peak memory of each recorded too.
+that transformers' causal-LM loss computes (and, on a GPU, records the peak memory of each).
 """
 
 from __future__ import annotations
