@@ -108,6 +108,8 @@ def run(args) -> int:
     bad = sorted(set(args.dtypes.split(",")) - set(DTYPES))
     if bad:
         raise UserError(f"--dtypes: unknown {', '.join(bad)} (choose from fp32, bf16, fp16)")
+    if args.vocab < 1:
+        raise UserError(f"--vocab must be a positive vocabulary size, got {args.vocab}")
     command = "fastlm bench fused " + " ".join(shlex.quote(a) for a in sys.argv[3:])
     report = harness.Report("fused", command, device, env=harness.environment(device))
     cases = [(op, d, t, m) for op in args.ops.split(",") for d in args.dtypes.split(",")

@@ -27,6 +27,8 @@ def test_fused_bench_refuses_unknown_ops_and_dtypes(capsys):
     assert "--ops: unknown softmax" in capsys.readouterr().err
     assert cli.main(["bench", "fused", "--dtypes", "fp8"]) == 2
     assert "--dtypes: unknown fp8" in capsys.readouterr().err
+    assert cli.main(["bench", "fused", "--ops", "linear_cross_entropy", "--vocab", "0"]) == 2
+    assert "--vocab must be a positive vocabulary size, got 0" in capsys.readouterr().err
 
 
 def test_fused_bench_times_the_fused_loss_beside_the_unfused_head(tmp_path):
