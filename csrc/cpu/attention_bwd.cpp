@@ -192,7 +192,7 @@ void bwd_tile_bf16(const AttnParams& p, const Seq& s, int i0, int n, int j0, int
     float* th = p.softcap > 0.0f ? &w.th[i * BK] : nullptr;
     mask_row(p, sr, j0, nk, key_range(p, s, i0 + i), kpm, th);
     const float delta = w.delta[i0 + i];
-    exp_neg_sub(sr, cols, lse[i0 + i], fold ? p.scale : 1.0f);
+    exp_p_bf16<false>(sr, cols, lse[i0 + i], fold ? p.scale : 1.0f, sr, nullptr);  // as the forward's P
     bf16dot::pack_f32(sr, 2 * vis2, &w.pw[i * (BK / 2)]);
     if (th != nullptr) {
       for (int j = 0; j < cols; ++j) dr[j] = sr[j] * (dr[j] - delta);

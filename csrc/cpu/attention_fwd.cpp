@@ -157,6 +157,24 @@ struct FwdScratchBf16 {
         l(BQ) {}
 };
 
+// softmax_row for the bf16 tiles: the same online update with the bf16-grade exponential
+// (exp_p_bf16), P written straight to bf16 words (the P V GEMM's A operand) in that pass.
+__attribute__((noinline)) bool softmax_row_bf16(const float* __restrict sr, int width, float& m,
+                                                float& l, float* __restrict acc, int d, float mul,
+                                                uint32_t* __restrict pw) {
+  const float m_new = std::max(m, row_max(sr, width, kNegInf) * mul);
+  if (m_new == kNegInf) {
+    std::memset(pw, 0, sizeof(uint16_t) * width);
+    return false;
+  }
+  const float alpha = exp_neg(m - m_new);  // 0 on the first visible tile (m = -inf)
+  l = l * alpha + exp_p_bf16<true>(sr, width, m_new, mul, nullptr, pw);
+  m = m_new;
+  if (alpha != 1.0f)
+    for (int c = 0; c < d; ++c) acc[c] *= alpha;
+  return true;
+}
+
 void fwd_tile_bf16(const AttnParams& p, const bf16* q, const KvWords& kv, bf16* out, float* lse,
                    int b, int h, int i0, FwdScratchBf16& w) {
   const int d = p.head_dim, d2 = (d + 1) / 2;
@@ -195,8 +213,9 @@ void fwd_tile_bf16(const AttnParams& p, const bf16* q, const KvWords& kv, bf16* 
       const Range r = key_range(p, s, i0 + i);
       for (int t = 0; t < nsub; ++t)
         mask_row(p, sr + t * BK, j0 + t * BK, std::min(BK, s.sk - j0 - t * BK), r, kpm, nullptr);
-      softmax_row(sr, cols, w.m[i], w.l[i], &w.acc[i * d], d, fold ? p.scale : 1.0f);
-      bf16dot::pack_f32(sr, 2 * vis2, &w.pw[i * (width / 2)]);  // P in bf16 (a column past vis is 0)
+      // P in bf16 (columns past vis are 0; cols >= 2 * vis2: a multiple of 16 >= vis)
+      softmax_row_bf16(sr, cols, w.m[i], w.l[i], &w.acc[i * d], d, fold ? p.scale : 1.0f,
+                       &w.pw[i * (width / 2)]);
     }
     bf16dot::gemm(n, d, vis2, w.pw.data(), width / 2, 1, vw + static_cast<size_t>(j0 / 2) * d, d,
                   w.acc.data(), d, true);  // acc += P V

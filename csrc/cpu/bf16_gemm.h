@@ -107,8 +107,8 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// All eight tiles 16 rows x 64 bytes (the attention GEMMs below use 0-3 for C, 4 for A, 5 for
-// B; bf16_matmul.cpp all eight). Loaded for each call, or once for a Session's span: another
+// All eight tiles 16 rows x 64 bytes (the attention GEMMs below use 0-3 for C, 4-5 for A, 6-7
+// for B; bf16_matmul.cpp all eight). Loaded for each call, or once for a Session's span: another
 // library on this thread (oneDNN, under torch's matmuls) may have configured the tiles its own
 // way since fastlm last ran.
 inline void configure() {
@@ -149,33 +149,53 @@ struct Session {
   Session& operator=(const Session&) = delete;
 };
 
+// One block of C: rows i.. (R = 1 or 2 tiles of 16) x columns j.. (Cn = 1 or 2 tiles of 16),
+// over all k2. C tiles 0-3 (row r, column t at 2 r + t), A tiles 4-5, B tiles 6-7: every tile
+// loaded is used Cn or R times, and consecutive loads go to different tiles. (One A tile with
+// one B tile register reloaded for each of four C tiles made every load wait for the multiply
+// before it, tiles having no renaming: the tile multiplies then ran at ~half their rate.)
+template <int R, int Cn>
+inline void block(int i, int j, int k2, const uint32_t* a, int lda, const uint32_t* b, int ldb,
+                  float* c, int ldc, bool acc) {
+  float* c0 = c + static_cast<size_t>(i) * ldc + j;
+  float* c1 = c0 + static_cast<size_t>(16) * ldc;
+  FASTLM_AMX_C_TILE(0, acc, c0, ldc);
+  if (Cn > 1) FASTLM_AMX_C_TILE(1, acc, c0 + 16, ldc);
+  if (R > 1) FASTLM_AMX_C_TILE(2, acc, c1, ldc);
+  if (R > 1 && Cn > 1) FASTLM_AMX_C_TILE(3, acc, c1 + 16, ldc);
+  const uint32_t* a0 = a + static_cast<size_t>(i) * lda;
+  for (int t = 0; t < k2; t += 16) {
+    const uint32_t* bt = b + static_cast<size_t>(t) * ldb + j;
+    _tile_loadd(4, a0 + t, lda * 4);
+    _tile_loadd(6, bt, ldb * 4);
+    if (Cn > 1) _tile_loadd(7, bt + 16, ldb * 4);
+    if (R > 1) _tile_loadd(5, a0 + static_cast<size_t>(16) * lda + t, lda * 4);
+    _tile_dpbf16ps(0, 4, 6);
+    if (Cn > 1) _tile_dpbf16ps(1, 4, 7);
+    if (R > 1) _tile_dpbf16ps(2, 5, 6);
+    if (R > 1 && Cn > 1) _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, c0, ldc * 4);
+  if (Cn > 1) _tile_stored(1, c0 + 16, ldc * 4);
+  if (R > 1) _tile_stored(2, c1, ldc * 4);
+  if (R > 1 && Cn > 1) _tile_stored(3, c1 + 16, ldc * 4);
+}
+
 // Rows [0, m16) (a multiple of 16), k2 and n multiples of 16, A row-major (a_k = 1).
 inline void gemm(int m16, int n, int k2, const uint32_t* a, int lda, const uint32_t* b, int ldb,
                  float* c, int ldc, bool acc) {
   const bool own = !t_session;
   if (own) configure();
-  for (int i = 0; i < m16; i += 16) {
-    for (int jg = 0; jg < n; jg += 64) {
-      const int nt = std::min(4, (n - jg) / 16);
-      float* cg = c + static_cast<size_t>(i) * ldc + jg;
-      FASTLM_AMX_C_TILE(0, acc, cg, ldc);
-      if (nt > 1) FASTLM_AMX_C_TILE(1, acc, cg + 16, ldc);
-      if (nt > 2) FASTLM_AMX_C_TILE(2, acc, cg + 32, ldc);
-      if (nt > 3) FASTLM_AMX_C_TILE(3, acc, cg + 48, ldc);
-      for (int t = 0; t < k2; t += 16) {
-        _tile_loadd(4, a + static_cast<size_t>(i) * lda + t, lda * 4);
-        const uint32_t* bt = b + static_cast<size_t>(t) * ldb + jg;
-        _tile_loadd(5, bt, ldb * 4);
-        _tile_dpbf16ps(0, 4, 5);
-        if (nt > 1) { _tile_loadd(5, bt + 16, ldb * 4); _tile_dpbf16ps(1, 4, 5); }
-        if (nt > 2) { _tile_loadd(5, bt + 32, ldb * 4); _tile_dpbf16ps(2, 4, 5); }
-        if (nt > 3) { _tile_loadd(5, bt + 48, ldb * 4); _tile_dpbf16ps(3, 4, 5); }
-      }
-      _tile_stored(0, cg, ldc * 4);
-      if (nt > 1) _tile_stored(1, cg + 16, ldc * 4);
-      if (nt > 2) _tile_stored(2, cg + 32, ldc * 4);
-      if (nt > 3) _tile_stored(3, cg + 48, ldc * 4);
-    }
+  int i = 0;
+  for (; i + 32 <= m16; i += 32) {
+    int j = 0;
+    for (; j + 32 <= n; j += 32) block<2, 2>(i, j, k2, a, lda, b, ldb, c, ldc, acc);
+    if (j < n) block<2, 1>(i, j, k2, a, lda, b, ldb, c, ldc, acc);
+  }
+  if (i < m16) {
+    int j = 0;
+    for (; j + 32 <= n; j += 32) block<1, 2>(i, j, k2, a, lda, b, ldb, c, ldc, acc);
+    if (j < n) block<1, 1>(i, j, k2, a, lda, b, ldb, c, ldc, acc);
   }
   if (own) _tile_release();
 }

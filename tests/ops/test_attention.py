@@ -281,6 +281,25 @@ def test_forward_and_backward_are_deterministic(backend):
     assert all(torch.equal(a, b) for a, b in zip(g1, g2))
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_bf16_logsumexp_is_fp32_grade(causal):
+    """The bf16 tiles compute P with an exponential fitted to bf16's precision (relative error
+    ~1e-5 with its range reduction, far below the 2^-9 rounding of P that follows), which the
+    output's bf16 tolerance could not see until it was ~1% off. The softmax statistics are fp32
+    and the backward rebuilds P from them, so they are held to fp32-grade accuracy against
+    float64 from the same bf16 inputs: 1e-4 absolute on the logsumexp."""
+    from fastlm.ops.attention import _attention_fwd
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 300, 64, dtype=torch.bfloat16) * 2 for _ in range(3))
+    scale = 1 / math.sqrt(64)
+    _, lse = _attention_fwd(q, k, v, None, causal, scale, -1, 0 if causal else -1, 0.0, False, "cpu")
+    s = (q.double() @ k.double().transpose(-1, -2)) * scale
+    if causal:
+        s = s.masked_fill(torch.ones(300, 300, dtype=torch.bool).triu(1), float("-inf"))
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), atol=1e-4, rtol=0)
+
+
 def test_torch_compile_composes():
     def block(q, k, v):
         return attention(q, k, v, causal=True).sum(dim=-1)
