@@ -209,16 +209,13 @@ void bwd_tile_bf16(const AttnParams& p, const Seq& s, int i0, int n, int j0, int
 #if defined(FASTLM_AMX)
   if (vis >= 16 && n % 32 == 0 && d % 16 == 0 && bf16dot::amx::ready()) {
     lda = kBwdRows / 2, a_k = 1;
-    const auto* pw = reinterpret_cast<const uint16_t*>(w.pw.data());
-    const auto* dw = reinterpret_cast<const uint16_t*>(w.dsw.data());
-    for (int j = 0; j < vis; ++j) {
-      uint32_t* pt = &w.pt[static_cast<size_t>(j) * lda];
-      uint32_t* dt = &w.dst[static_cast<size_t>(j) * lda];
-      for (int i2 = 0; i2 < n2; ++i2) {  // n even: both rows of every pair exist
-        pt[i2] = pw[(2 * i2) * BK + j] | static_cast<uint32_t>(pw[(2 * i2 + 1) * BK + j]) << 16;
-        dt[i2] = dw[(2 * i2) * BK + j] | static_cast<uint32_t>(dw[(2 * i2 + 1) * BK + j]) << 16;
-      }
-    }
+    // keys up to vis rounded to 16 (rows past vis are never read; a byte-wise loop here was
+    // a tenth of the backward)
+    const int c16 = (vis + 15) / 16;
+    bf16dot::pair_words_t(reinterpret_cast<const uint16_t*>(w.pw.data()), BK, n / 32, c16,
+                          w.pt.data(), lda);
+    bf16dot::pair_words_t(reinterpret_cast<const uint16_t*>(w.dsw.data()), BK, n / 32, c16,
+                          w.dst.data(), lda);
   }
 #endif
   if (a_k != 1) {

@@ -244,6 +244,52 @@ inline __m512i interleave16(__m256i a, __m256i b) {
   return _mm512_permutexvar_epi16(idx, _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1));
 }
 
+// r[i][j] <- r[j][i] for a 16 x 16 block of 32-bit words: pairs, then quads within 128-bit lanes,
+// then the lanes themselves (64 shuffles).
+inline void transpose16x16(__m512i r[16]) {
+  __m512i a[16];
+  for (int i = 0; i < 8; ++i) {
+    a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // r[4 i + c], lane l: column 4 l + c of rows 4 i .. 4 i + 3
+    r[4 * i] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {  // row 4 l + c of the result: lane l of r[c], r[4 + c], ...
+    const __m512i x0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x88);
+    const __m512i x1 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xDD);
+    const __m512i y0 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x88);
+    const __m512i y1 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xDD);
+    a[c] = _mm512_shuffle_i32x4(x0, y0, 0x88);
+    a[8 + c] = _mm512_shuffle_i32x4(x0, y0, 0xDD);
+    a[4 + c] = _mm512_shuffle_i32x4(x1, y1, 0x88);
+    a[12 + c] = _mm512_shuffle_i32x4(x1, y1, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = a[i];
+}
+
+// Key-major pair words of a bf16 matrix: for rows [0, 32 n16) of x (row stride ldx elements)
+// and columns [0, 16 c16), dst[j * ldd + i2] = x[2 i2][j] | x[2 i2 + 1][j] << 16 (the tiles'
+// A operand for a product over x's rows, e.g. P^T dO). 16 row pairs x 16 columns at a time:
+// interleaved in registers, then transposed as 32-bit words.
+inline void pair_words_t(const uint16_t* x, int ldx, int n16, int c16, uint32_t* dst, int ldd) {
+  for (int ib = 0; ib < n16; ++ib)
+    for (int jb = 0; jb < c16; ++jb) {
+      __m512i r[16];
+      for (int t = 0; t < 16; ++t) {
+        const uint16_t* r0 = x + static_cast<size_t>(32 * ib + 2 * t) * ldx + 16 * jb;
+        r[t] = interleave16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0)),
+                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + ldx)));
+      }
+      transpose16x16(r);
+      for (int t = 0; t < 16; ++t)
+        _mm512_storeu_si512(dst + static_cast<size_t>(16 * jb + t) * ldd + 16 * ib, r[t]);
+    }
+}
+
 // Two rows of bf16 (r1 may be null: zeros) interleaved into n VNNI words.
 inline void interleave(const uint16_t* r0, const uint16_t* r1, int n, uint32_t* dst) {
   int c = 0;
