@@ -28,9 +28,13 @@ void row_terms(const AttnParams& p, const T* dout, const T* out, const float* ls
   for (int i = 0; i < s.sq; ++i) {
     const T* oi = row(out, p.o, b, h, s.q0 + i);
     const T* gi = row(dout, p.o, b, h, s.q0 + i);
-    float acc = 0.0f;
-    for (int c = 0; c < p.head_dim; ++c) acc += to_float(gi[c]) * to_float(oi[c]);
-    delta[i] = acc;
+    // by vectors (the scalar loop was one dependent chain of adds, with a conversion each)
+    simd::vf acc = simd::splat(0.0f);
+    for (int c = 0; c < p.head_dim; c += simd::W) {
+      const int m = p.head_dim - c;
+      acc += simd::load_n(gi + c, m) * simd::load_n(oi + c, m);
+    }
+    delta[i] = simd::hsum(acc);
     lrow[i] = lse[b * p.lse.b + h * p.lse.h + (s.q0 + i) * p.lse.t];
   }
 }
@@ -52,7 +56,9 @@ void store_rows(const AttnParams& p, T* dst, const AttnStrides& st, int b, int h
   const int d = p.head_dim;
   for (int i = 0; i < n; ++i) {
     T* r = row(dst, st, b, h, t0 + i);
-    for (int c = 0; c < d; ++c) r[c] = from_float<T>(acc[static_cast<size_t>(i) * d + c] * mul);
+    const float* a = &acc[static_cast<size_t>(i) * d];
+    for (int c = 0; c < d; c += simd::W)
+      simd::store_n(r + c, simd::load_n(a + c, d - c) * mul, d - c);
   }
 }
 
