@@ -157,22 +157,31 @@ struct FwdScratchBf16 {
         l(BQ) {}
 };
 
-// softmax_row for the bf16 tiles: the same online update with the bf16-grade exponential
-// (exp_p_bf16), P written straight to bf16 words (the P V GEMM's A operand) in that pass.
-__attribute__((noinline)) bool softmax_row_bf16(const float* __restrict sr, int width, float& m,
-                                                float& l, float* __restrict acc, int d, float mul,
-                                                uint32_t* __restrict pw) {
-  const float m_new = std::max(m, row_max(sr, width, kNegInf) * mul);
-  if (m_new == kNegInf) {
-    std::memset(pw, 0, sizeof(uint16_t) * width);
-    return false;
+// The online-softmax update of a block's n rows for the bf16 tiles (row i's masked scores at
+// s + i * width, cols of them), with the bf16-grade exponential (exp_p_bf16) and P written
+// straight to bf16 words (the P V GEMM's A operand, row stride width / 2 words) in that pass.
+// A block at a time rather than a row: all maxima first, then the exponentials, so the rows'
+// short dependent chains (a reduction, then the exponentials that wait for it, then another
+// reduction) overlap; row by row, at 64 keys a row, they did not, and this was a third of the
+// forward at S = 64.
+__attribute__((noinline)) void softmax_rows_bf16(const float* __restrict s, int n, int width,
+                                                 int cols, float* __restrict m,
+                                                 float* __restrict l, float* __restrict acc,
+                                                 int d, float mul, uint32_t* __restrict pw) {
+  float mx[BQ];
+  for (int i = 0; i < n; ++i) mx[i] = std::max(m[i], row_max(s + i * width, cols, kNegInf) * mul);
+  for (int i = 0; i < n; ++i) {
+    uint32_t* pr = pw + static_cast<size_t>(i) * (width / 2);
+    if (mx[i] == kNegInf) {  // nothing visible yet: P = 0, statistics unchanged
+      std::memset(pr, 0, sizeof(uint16_t) * cols);
+      continue;
+    }
+    const float alpha = exp_neg(m[i] - mx[i]);  // 0 on the first visible tile (m = -inf)
+    l[i] = l[i] * alpha + exp_p_bf16<true>(s + i * width, cols, mx[i], mul, nullptr, pr);
+    m[i] = mx[i];
+    if (alpha != 1.0f)
+      for (int c = 0; c < d; ++c) acc[i * d + c] *= alpha;
   }
-  const float alpha = exp_neg(m - m_new);  // 0 on the first visible tile (m = -inf)
-  l = l * alpha + exp_p_bf16<true>(sr, width, m_new, mul, nullptr, pw);
-  m = m_new;
-  if (alpha != 1.0f)
-    for (int c = 0; c < d; ++c) acc[c] *= alpha;
-  return true;
 }
 
 void fwd_tile_bf16(const AttnParams& p, const bf16* q, const KvWords& kv, bf16* out, float* lse,
@@ -213,10 +222,10 @@ void fwd_tile_bf16(const AttnParams& p, const bf16* q, const KvWords& kv, bf16* 
       const Range r = key_range(p, s, i0 + i);
       for (int t = 0; t < nsub; ++t)
         mask_row(p, sr + t * BK, j0 + t * BK, std::min(BK, s.sk - j0 - t * BK), r, kpm, nullptr);
-      // P in bf16 (columns past vis are 0; cols >= 2 * vis2: a multiple of 16 >= vis)
-      softmax_row_bf16(sr, cols, w.m[i], w.l[i], &w.acc[i * d], d, fold ? p.scale : 1.0f,
-                       &w.pw[i * (width / 2)]);
     }
+    // P in bf16 (columns past vis are 0; cols >= 2 * vis2: a multiple of 16 >= vis)
+    softmax_rows_bf16(w.s.data(), n, width, cols, w.m.data(), w.l.data(), w.acc.data(), d,
+                      fold ? p.scale : 1.0f, w.pw.data());
     bf16dot::gemm(n, d, vis2, w.pw.data(), width / 2, 1, vw + static_cast<size_t>(j0 / 2) * d, d,
                   w.acc.data(), d, true);  // acc += P V
   }
