@@ -59,6 +59,27 @@ __attribute__((noinline)) bool softmax_row(float* __restrict sr, int width, floa
   return true;
 }
 
+// softmax_row over a block's n rows (row i at s + i * width, `cols` scores): all maxima first,
+// then the exponentials, so that the rows' dependent chains overlap (see softmax_rows_bf16).
+__attribute__((noinline)) void softmax_rows(float* __restrict s, int n, int width, int cols,
+                                            float* __restrict m, float* __restrict l,
+                                            float* __restrict acc, int d) {
+  float mx[BQ];
+  for (int i = 0; i < n; ++i) mx[i] = std::max(m[i], row_max(s + i * width, cols, kNegInf));
+  for (int i = 0; i < n; ++i) {
+    float* sr = s + i * width;
+    if (mx[i] == kNegInf) {
+      for (int j = 0; j < cols; ++j) sr[j] = 0.0f;
+      continue;
+    }
+    const float alpha = exp_neg(m[i] - mx[i]);
+    l[i] = l[i] * alpha + exp_neg_sub_sum(sr, cols, mx[i]);
+    m[i] = mx[i];
+    if (alpha != 1.0f)
+      for (int c = 0; c < d; ++c) acc[i * d + c] *= alpha;
+  }
+}
+
 // tile(b, h, i0, scratch) for every block of BQ query rows of every (sequence, head), over
 // threads each with its own Scratch(head_dim). Dynamic: causal tiles near the diagonal's end
 // cost up to Sk/BQ times more than early ones.
@@ -131,8 +152,8 @@ void fwd_tile(const AttnParams& p, const T* q, const KvCache& kv, T* out, float*
       const Range r = key_range(p, s, i0 + i);
       for (int t = 0; t < nsub; ++t)
         mask_row(p, sr + t * BK, j0 + t * BK, std::min(BK, s.sk - j0 - t * BK), r, kpm, nullptr);
-      softmax_row(sr, cols, w.m[i], w.l[i], &w.acc[i * d], d);
     }
+    softmax_rows(w.s.data(), n, width, cols, w.m.data(), w.l.data(), w.acc.data(), d);
     const float* vtile = vv + static_cast<size_t>(j0) * d;
     gemm(n, d, vis, w.s.data(), width, 1, vtile, d, w.acc.data(), d, true);  // acc += P V
   }
