@@ -149,6 +149,9 @@ void bwd_unit(const AttnParams& p, const T* dout, const T* q, const T* k, const 
 constexpr int kBwdRows = 64;
 
 struct BwdScratchBf16 {
+#if defined(FASTLM_AMX)
+  bf16dot::amx::Session tiles;  // configured once per thread (see FwdScratchBf16)
+#endif
   std::vector<uint32_t> kt, vt, kv, q, qv, dout, doutv;  // see bwd_unit_bf16
   std::vector<uint32_t> pw, dsw, pt, dst;                // one tile's P / dS as words
   std::vector<float> delta, dq, dk, dv, s, dp, th;

@@ -171,6 +171,12 @@ struct KvWords {
 };
 
 struct FwdScratchBf16 {
+#if defined(FASTLM_AMX)
+  // the tiles configured once per thread for all its query tiles (the Session in
+  // fwd_tile_bf16 then owns nothing): loading the configuration for each tile was ~1.5% of
+  // a short sequence's forward
+  bf16dot::amx::Session tiles;
+#endif
   std::vector<uint32_t> q, pw;
   std::vector<float> s, acc, m, l;
   explicit FwdScratchBf16(int d)
