@@ -59,25 +59,38 @@ __attribute__((noinline)) bool softmax_row(float* __restrict sr, int width, floa
   return true;
 }
 
-// softmax_row over a block's n rows (row i at s + i * width, `cols` scores): all maxima first,
-// then the exponentials, so that the rows' dependent chains overlap (see softmax_rows_bf16).
-__attribute__((noinline)) void softmax_rows(float* __restrict s, int n, int width, int cols,
-                                            float* __restrict m, float* __restrict l,
-                                            float* __restrict acc, int d) {
+// The online-softmax update of a block's n rows (row i's masked scores at s + i * width, cols
+// of them): all row maxima first, then the exponentials. Row by row, the rows' short dependent
+// chains (a reduction, the exponentials that wait for it, another reduction) did not overlap:
+// at 64 keys a row that was a third of the forward at S = 64. exp_row(i, max, mul) turns row i
+// into P and returns its sum; zero_row(i) writes P = 0 for a row with nothing visible yet (its
+// statistics stay as they are).
+template <typename ExpRow, typename ZeroRow>
+inline void softmax_block(const float* s, int n, int width, int cols, float* __restrict m,
+                          float* __restrict l, float* __restrict acc, int d, float mul,
+                          ExpRow&& exp_row, ZeroRow&& zero_row) {
   float mx[BQ];
-  for (int i = 0; i < n; ++i) mx[i] = std::max(m[i], row_max(s + i * width, cols, kNegInf));
+  for (int i = 0; i < n; ++i) mx[i] = std::max(m[i], row_max(s + i * width, cols, kNegInf) * mul);
   for (int i = 0; i < n; ++i) {
-    float* sr = s + i * width;
     if (mx[i] == kNegInf) {
-      for (int j = 0; j < cols; ++j) sr[j] = 0.0f;
+      zero_row(i);
       continue;
     }
-    const float alpha = exp_neg(m[i] - mx[i]);
-    l[i] = l[i] * alpha + exp_neg_sub_sum(sr, cols, mx[i]);
+    const float alpha = exp_neg(m[i] - mx[i]);  // 0 on the first visible tile (m = -inf)
+    l[i] = l[i] * alpha + exp_row(i, mx[i]);
     m[i] = mx[i];
     if (alpha != 1.0f)
       for (int c = 0; c < d; ++c) acc[i * d + c] *= alpha;
   }
+}
+
+// softmax_block for the fp32 tiles: P replaces the scores.
+__attribute__((noinline)) void softmax_rows(float* __restrict s, int n, int width, int cols,
+                                            float* __restrict m, float* __restrict l,
+                                            float* __restrict acc, int d) {
+  softmax_block(s, n, width, cols, m, l, acc, d, 1.0f,
+                [&](int i, float mx) { return exp_neg_sub_sum(s + i * width, cols, mx); },
+                [&](int i) { std::fill(s + i * width, s + i * width + cols, 0.0f); });
 }
 
 // tile(b, h, i0, scratch) for every block of BQ query rows of every (sequence, head), over
@@ -184,31 +197,18 @@ struct FwdScratchBf16 {
         l(BQ) {}
 };
 
-// The online-softmax update of a block's n rows for the bf16 tiles (row i's masked scores at
-// s + i * width, cols of them), with the bf16-grade exponential (exp_p_bf16) and P written
+// softmax_block for the bf16 tiles, with the bf16-grade exponential (exp_p_bf16): P goes
 // straight to bf16 words (the P V GEMM's A operand, row stride width / 2 words) in that pass.
-// A block at a time rather than a row: all maxima first, then the exponentials, so the rows'
-// short dependent chains (a reduction, then the exponentials that wait for it, then another
-// reduction) overlap; row by row, at 64 keys a row, they did not, and this was a third of the
-// forward at S = 64.
 __attribute__((noinline)) void softmax_rows_bf16(const float* __restrict s, int n, int width,
                                                  int cols, float* __restrict m,
                                                  float* __restrict l, float* __restrict acc,
                                                  int d, float mul, uint32_t* __restrict pw) {
-  float mx[BQ];
-  for (int i = 0; i < n; ++i) mx[i] = std::max(m[i], row_max(s + i * width, cols, kNegInf) * mul);
-  for (int i = 0; i < n; ++i) {
-    uint32_t* pr = pw + static_cast<size_t>(i) * (width / 2);
-    if (mx[i] == kNegInf) {  // nothing visible yet: P = 0, statistics unchanged
-      std::memset(pr, 0, sizeof(uint16_t) * cols);
-      continue;
-    }
-    const float alpha = exp_neg(m[i] - mx[i]);  // 0 on the first visible tile (m = -inf)
-    l[i] = l[i] * alpha + exp_p_bf16<true>(s + i * width, cols, mx[i], mul, nullptr, pr);
-    m[i] = mx[i];
-    if (alpha != 1.0f)
-      for (int c = 0; c < d; ++c) acc[i * d + c] *= alpha;
-  }
+  auto prow = [&](int i) { return pw + static_cast<size_t>(i) * (width / 2); };
+  softmax_block(s, n, width, cols, m, l, acc, d, mul,
+                [&](int i, float mx) {
+                  return exp_p_bf16<true>(s + i * width, cols, mx, mul, nullptr, prow(i));
+                },
+                [&](int i) { std::memset(prow(i), 0, sizeof(uint16_t) * cols); });
 }
 
 void fwd_tile_bf16(const AttnParams& p, const bf16* q, const KvWords& kv, bf16* out, float* lse,

@@ -27,33 +27,8 @@ inline __mmask32 first_n32(int64_t n) {
   return n >= 32 ? ~static_cast<__mmask32>(0) : n <= 0 ? 0 : (static_cast<__mmask32>(1) << n) - 1;
 }
 
-// 16 x 16 transpose of 32-bit words in registers: r[i] lane j -> r[j] lane i.
-inline void transpose16(__m512i r[16]) {
-  __m512i t[16];
-  for (int i = 0; i < 16; i += 2) {  // 32-bit interleave within 128-bit lanes
-    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  __m512i u[16];
-  for (int g = 0; g < 16; g += 4) {  // u[g + c], lane L: rows g..g+3 at column 4 L + c
-    u[g] = _mm512_unpacklo_epi64(t[g], t[g + 2]);
-    u[g + 1] = _mm512_unpackhi_epi64(t[g], t[g + 2]);
-    u[g + 2] = _mm512_unpacklo_epi64(t[g + 1], t[g + 3]);
-    u[g + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
-  }
-  for (int c = 0; c < 4; ++c) {  // column 4 L + c gathers lane L of u[c], u[4+c], u[8+c], u[12+c]
-    const __m512i x0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x44);
-    const __m512i x1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xee);
-    const __m512i y0 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x44);
-    const __m512i y1 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xee);
-    r[c] = _mm512_shuffle_i32x4(x0, y0, 0x88);
-    r[4 + c] = _mm512_shuffle_i32x4(x0, y0, 0xdd);
-    r[8 + c] = _mm512_shuffle_i32x4(x1, y1, 0x88);
-    r[12 + c] = _mm512_shuffle_i32x4(x1, y1, 0xdd);
-  }
-}
-
 using bf16dot::interleave16;
+using bf16dot::transpose16x16;
 
 // Packed operands: 16 x 16-word tiles (1 KB, rows of 64 bytes), the unit a tile load reads,
 // each contiguous (a strided tile load of a row-major matrix touched 16 lines a page apart,
@@ -102,7 +77,7 @@ void pack_pairs_t(const Lines& in, int64_t p0, const Tiles& dst, int64_t rows) {
   for (int64_t x0 = 0; x0 < rows; x0 += 16) {
     for (int p = 0; p < 16; ++p)
       r[p] = interleave16(in.load16(2 * (p0 + p), x0), in.load16(2 * (p0 + p) + 1, x0));
-    transpose16(r);
+    transpose16x16(r);
     for (int x = 0; x < 16; ++x) _mm512_storeu_si512(dst.at(x0 + x, p0), r[x]);
   }
 }
@@ -118,7 +93,7 @@ void pack_words_t(const Lines& in, int64_t l0, const Tiles& dst, int64_t rows) {
   __m512i r[16];
   for (int64_t p0 = 0; p0 < rows; p0 += 16) {
     for (int l = 0; l < 16; ++l) r[l] = in.load_words(l0 + l, p0);
-    transpose16(r);
+    transpose16x16(r);
     for (int p = 0; p < 16; ++p) _mm512_storeu_si512(dst.at(p0 + p, l0), r[p]);
   }
 }
