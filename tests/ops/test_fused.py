@@ -73,6 +73,21 @@ def test_layer_norm(backend, dtype, shape):
     _compare(lambda x, w, b: layer_norm(x, w, b, 1e-5, backend=backend), ref, [x, w, b], dy)
 
 
+# (131, 257): above the CPU kernels' threading threshold (2^15 elements), so the rows are split
+# between threads, each summing its own weight/bias-gradient slice; 131 rows leave remainders
+# after the kernels' groups of 4 rows, and 257 a partial vector.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_norms_threaded(dtype):
+    x = (torch.randn(131, 257) * 2 + 1).to(dtype)
+    w, b = torch.randn(257), torch.randn(257)
+    dy = torch.randn_like(x)
+    _compare(lambda x, w: rms_norm(x, w, 1e-6, backend="cpu"),
+             lambda x, w: R.rms_norm_ref(x, w, 1e-6, upcast=False), [x, w], dy)
+    _compare(lambda x, w, b: layer_norm(x, w, b, 1e-5, backend="cpu"),
+             lambda x, w, b: torch.nn.functional.layer_norm(
+                 x, (257,), w.to(x.dtype), b.to(x.dtype), 1e-5), [x, w, b], dy)
+
+
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 def test_norms_without_weight(backend):
     x = torch.randn(3, 33)
