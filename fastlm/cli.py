@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from fastlm import _gc
+
 # name -> (module providing add_arguments/run, one-line help)
 SUBCOMMANDS = {
     "env": ("fastlm.cli_env", "report versions, compilers, CPU/GPU features and op backends"),
@@ -61,8 +63,18 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _gc.pause()  # the imports create ~1M objects and no garbage; resumed below / by the trainer
+    try:
+        return _main(argv)
+    finally:
+        _gc.resume()
+
+
+def _main(argv: list[str] | None) -> int:
     parser, modules = build_parser()
     args = parser.parse_args(argv)
+    if args.command != "train":  # the trainer resumes collection when its loop starts
+        _gc.resume()
     if args.command is None:
         parser.print_help()
         return 2

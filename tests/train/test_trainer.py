@@ -352,6 +352,47 @@ def test_fused_loss_follows_the_plain_loss(tmp_path, tiny_data):
     assert abs(fused.best_val - plain.best_val) <= 1e-5 * plain.best_val
 
 
+def test_grouped_evaluation_equals_batch_by_batch(tmp_path, tiny_data, monkeypatch):
+    """Evaluation runs small batches through the model several at a time (fused loss): the
+    validation loss equals running them one by one, an uneven last group included."""
+    import fastlm.train.trainer as trainer
+
+    calls = []
+    real = trainer._loss
+    monkeypatch.setattr(trainer, "_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    common = ["train.micro_batch_size=2", "train.max_steps=1", "eval.every=1",
+              "eval.batches=5", "train.fused_loss=true"]
+    monkeypatch.setattr(trainer, "_EVAL_GROUP_TOKENS", 2 * 2 * 32)  # groups of 2, 2 and 1
+    grouped = run(config(tmp_path / "g", tiny_data, *common))
+    assert len(calls) == 2  # the training step and the last group's single batch
+    calls.clear()
+    monkeypatch.setattr(trainer, "_EVAL_GROUP_TOKENS", 1)
+    single = run(config(tmp_path / "s", tiny_data, *common))
+    assert len(calls) == 6
+    assert abs(grouped.best_val - single.best_val) <= 1e-6 * single.best_val
+
+
+def test_the_loop_runs_collecting_with_the_startup_frozen(tmp_path, tiny_data, monkeypatch):
+    """The CLI pauses the collector while it starts; the trainer resumes it for its loop with
+    what exists then frozen, and unfreezes after (fastlm/_gc.py)."""
+    import gc
+
+    import fastlm.train.trainer as trainer
+    from fastlm import _gc
+
+    seen = []
+    real = trainer._loop
+    monkeypatch.setattr(trainer, "_loop", lambda *a, **k: seen.append(
+        (gc.isenabled(), gc.get_freeze_count() > 0)) or real(*a, **k))
+    _gc.pause()
+    try:
+        run(config(tmp_path, tiny_data, "train.max_steps=1", "eval.every=0"))
+    finally:
+        _gc.resume()
+    assert seen == [(True, True)]
+    assert gc.get_freeze_count() == 0 and gc.isenabled()
+
+
 def test_export_refuses_optimizer_masters_that_do_not_fit_the_model():
     from transformers import GPT2Config, GPT2LMHeadModel
 
