@@ -137,8 +137,11 @@ inline void check_saved(const Ctx& c, const Tensor& dout, const Tensor& out, con
   check_tensor(c, out, "out", q.dim(), q);
   TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), c.ext,
               " attention: dout and out must have q's shape ", q.sizes());
-  TORCH_CHECK(dout.strides() == out.strides(), c.ext, " attention: dout must have out's "
-              "strides ", out.strides(), ", got ", dout.strides());
+  // (a size-1 dim's stride is never used: Python passes such a dout as it is)
+  bool same = true;
+  for (int64_t d = 0; d < dout.dim(); ++d) same = same && (dout.size(d) == 1 || dout.stride(d) == out.stride(d));
+  TORCH_CHECK(same, c.ext, " attention: dout must have out's strides ", out.strides(), ", got ",
+              dout.strides());
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == lse_dim && lse.is_contiguous() &&
                   lse.device().type() == c.device,
               c.ext, " attention: lse must be a contiguous float32 tensor from the forward");

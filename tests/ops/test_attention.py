@@ -217,14 +217,19 @@ def _layouts(b, hq, hkv, s, d):
     fused = torch.randn(b, s, (hq + 2 * hkv) * d)
     q_, k_, v_ = fused.split([hq * d, hkv * d, hkv * d], dim=-1)
     sliced = [t.view(b, s, -1, d).transpose(1, 2) for t in (q_, k_, v_)]
+    packed_q = torch.randn(b, s, 3, hq, d).select(2, 0).transpose(1, 2)
+    packed_kv = [t.transpose(1, 2) for t in torch.randn(b, s, 2, hkv, d).unbind(2)]
     return {
         "bshd": (bshd(hq), bshd(hkv), bshd(hkv)),
+        # q/k/v unbound from one (B, S, 3, H, D) tensor: with single-size dims it is dense with
+        # strides that a contiguous tensor's differ from in those dims only
+        "unbind_qkv": (packed_q, *packed_kv),
         "fused_qkv": tuple(sliced),
         "mixed": (bshd(hq), torch.randn(b, hkv, s, d), bshd(hkv)),
     }
 
 
-@pytest.mark.parametrize("layout", ["bshd", "fused_qkv", "mixed"])
+@pytest.mark.parametrize("layout", ["bshd", "fused_qkv", "mixed", "unbind_qkv"])
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1, 16), (2, 4, 2, 33, 32), (1, 2, 1, 70, 24)],
                          ids=str)
 @pytest.mark.parametrize("backend", ["cpu", "torch", TRITON_ON_CPU])
