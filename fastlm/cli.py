@@ -75,6 +75,10 @@ def _main(argv: list[str] | None) -> int:
     args = parser.parse_args(argv)
     if args.command != "train":  # the trainer resumes collection when its loop starts
         _gc.resume()
+    else:
+        from fastlm import _malloc
+
+        _malloc.keep_freed_memory()  # no page faults for each step's tensors
     if args.command is None:
         parser.print_help()
         return 2
