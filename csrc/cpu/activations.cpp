@@ -11,12 +11,14 @@ namespace {
 using simd::vf;
 using simd::W;
 
-// act(x) and act'(x), both from one evaluation of the transcendental part.
-template <Act A>
+// act(x) and act'(x), both from one evaluation of the transcendental part. Lowp: the results
+// are stored in 16 bits, so the sigmoid's exponential needs only ~3e-6 relative accuracy
+// (simd::exp_neg_16bit; bf16 GELU-tanh forward 1.2x faster here).
+template <Act A, bool Lowp = false>
 inline void act_and_grad(vf x, vf& f, vf& df) {
   if constexpr (A == Act::silu) {
     vf s, oms;
-    simd::sigmoid2(x, s, oms);
+    simd::sigmoid2<Lowp>(x, s, oms);
     f = x * s;
     df = s * (x * oms + 1.0f);
   } else if constexpr (A == Act::gelu) {
@@ -29,7 +31,7 @@ inline void act_and_grad(vf x, vf& f, vf& df) {
     const float k0 = 0.79788456080286536f, k1 = 0.044715f;  // sqrt(2/pi)
     const vf x2 = x * x;
     vf s, oms;
-    simd::sigmoid2((x + x * x2 * k1) * (2.0f * k0), s, oms);
+    simd::sigmoid2<Lowp>((x + x * x2 * k1) * (2.0f * k0), s, oms);
     f = x * s;
     df = s + x * s * oms * (x2 * (3.0f * k1) + 1.0f) * (2.0f * k0);
   }
@@ -54,7 +56,7 @@ template <Act A, typename T>
 void glu_fwd(const T* gate, const T* up, T* out, int64_t n) {
   for_lanes(n, [=](int64_t i, int m) {
     vf f, df;
-    act_and_grad<A>(simd::load_n(gate + i, m), f, df);
+    act_and_grad<A, sizeof(T) == 2>(simd::load_n(gate + i, m), f, df);
     simd::store_n(out + i, f * simd::load_n(up + i, m), m);
   });
 }
@@ -63,7 +65,7 @@ template <Act A, typename T>
 void glu_bwd(const T* dout, const T* gate, const T* up, T* dgate, T* dup, int64_t n) {
   for_lanes(n, [=](int64_t i, int m) {
     vf f, df;
-    act_and_grad<A>(simd::load_n(gate + i, m), f, df);
+    act_and_grad<A, sizeof(T) == 2>(simd::load_n(gate + i, m), f, df);
     const vf d = simd::load_n(dout + i, m);
     simd::store_n(dgate + i, d * simd::load_n(up + i, m) * df, m);
     simd::store_n(dup + i, d * f, m);
@@ -74,7 +76,7 @@ template <Act A, typename T>
 void act_fwd(const T* x, T* y, int64_t n) {
   for_lanes(n, [=](int64_t i, int m) {
     vf f, df;
-    act_and_grad<A>(simd::load_n(x + i, m), f, df);
+    act_and_grad<A, sizeof(T) == 2>(simd::load_n(x + i, m), f, df);
     simd::store_n(y + i, f, m);
   });
 }
@@ -83,7 +85,7 @@ template <Act A, typename T>
 void act_bwd(const T* dy, const T* x, T* dx, int64_t n) {
   for_lanes(n, [=](int64_t i, int m) {
     vf f, df;
-    act_and_grad<A>(simd::load_n(x + i, m), f, df);
+    act_and_grad<A, sizeof(T) == 2>(simd::load_n(x + i, m), f, df);
     simd::store_n(dx + i, simd::load_n(dy + i, m) * df, m);
   });
 }
