@@ -26,9 +26,17 @@ import torch
 
 from fastlm.ops import fused_linear_cross_entropy
 
-# Causal LMs whose forward was read to be head(hidden) -> loss_function with nothing between.
+# Causal LMs whose forward was read to be head(hidden) -> loss_function with nothing between
+# (the mixtures of experts add their router loss after it). Not listed on purpose: Cohere
+# (logit_scale) and Granite (logits_scaling) scale the logits in between.
 LOSS_MODEL_TYPES = {"gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt_neox",
-                    "opt"}
+                    "opt", "phi", "gptj", "falcon", "stablelm", "starcoder2", "olmo", "olmo2",
+                    "glm", "mixtral", "qwen2_moe", "qwen3_moe"}
+# ... and those whose one step in between is soft-capping by config.final_logit_softcapping
+# (cap * tanh(logits / cap)), which the fused loss computes itself: the patched forward runs
+# HF's with the setting off and hands the cap to the kernel (Gemma's 256k vocabulary is where
+# never materialising the logits saves the most).
+SOFTCAP_MODEL_TYPES = {"gemma2", "gemma3_text"}
 
 
 # Masked LMs whose forward was read to be cls(sequence_output) -> CrossEntropyLoss(logits,
@@ -50,9 +58,9 @@ def loss_unsupported(model) -> str | None:
     if mtype in MLM_MODEL_TYPES:
         return None if mlm_head(model) is not None else (
             f"{type(model).__name__} has no masked-LM head (cls.predictions.decoder)")
-    if mtype not in LOSS_MODEL_TYPES:
+    if mtype not in LOSS_MODEL_TYPES | SOFTCAP_MODEL_TYPES:
         return f"model type {mtype!r} is not one whose LM-head path was verified"
-    if getattr(cfg, "final_logit_softcapping", None):
+    if getattr(cfg, "final_logit_softcapping", None) and mtype not in SOFTCAP_MODEL_TYPES:
         return "final-logit soft-capping sits between the head and the loss in HF's forward"
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, torch.nn.Linear):
@@ -64,7 +72,8 @@ def head_forward(self, x, labels=None, num_items_in_batch=None, ignore_index=-10
     if labels is not None:
         loss = fused_linear_cross_entropy(
             x, self.weight, labels, self.bias, ignore_index=ignore_index,
-            reduction="mean" if num_items_in_batch is None else "sum")
+            reduction="mean" if num_items_in_batch is None else "sum",
+            softcap=self.__dict__.get("_fastlm_softcap") or 0.0)
         if num_items_in_batch is not None:
             loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
         return loss
@@ -101,11 +110,20 @@ def model_forward(model, head):
                  and not kwargs.get("logits_to_keep"))
         if not fused:
             return cls_forward(self, *args, **kwargs)
+        cfg = self.config
+        cap = (getattr(cfg, "final_logit_softcapping", None)
+               if getattr(cfg, "model_type", None) in SOFTCAP_MODEL_TYPES else None)
         head.__dict__["_fastlm_defer"] = True
+        if cap:  # HF's forward would soft-cap the deferred hidden states: the kernel does it
+            head.__dict__["_fastlm_softcap"] = float(cap)
+            cfg.final_logit_softcapping = None
         try:
             out = cls_forward(self, *args, **kwargs)
         finally:
             deferred = head.__dict__.pop("_fastlm_defer", False)
+            if cap:
+                cfg.final_logit_softcapping = cap
+                head.__dict__.pop("_fastlm_softcap", None)
         if deferred:  # the forward never reached loss_function: its result would be wrong
             raise RuntimeError(
                 f"fastlm.patch(loss=True): {type(self).__name__}.forward did not pass the head's "

@@ -7,6 +7,10 @@ file: it calls the fused op only while a *patched* attention module is running (
 variable its instance forward sets) and the original function otherwise. Unpatched models,
 including other instances of the same class, keep HF's code path exactly; ``undo()`` removes
 the instance forward, after which the dispatcher only passes calls through.
+
+Not every ``apply_rotary_pos_emb`` is the rotate-half form the kernel computes (Cohere and GLM
+rotate interleaved pairs; GPT-J's takes other arguments), so each is run once on random inputs
+against the fused op before its first swap, and left alone, with the reason, where they differ.
 """
 
 from __future__ import annotations
@@ -23,13 +27,72 @@ _NAME = "apply_rotary_pos_emb"
 
 
 def rope_target(module: torch.nn.Module):
-    """The modeling file whose ``apply_rotary_pos_emb`` this attention module calls, or None."""
+    """(modeling file, None) when this attention module calls its modeling file's
+    ``apply_rotary_pos_emb`` and that function is the rotate-half RoPE the fused op computes;
+    (None, why) when it calls one that is not; (None, None) when it calls none."""
     forward = inspect.unwrap(type(module).forward)
     code = getattr(forward, "__code__", None)
     if code is None or _NAME not in code.co_names:
-        return None
+        return None, None
     modeling = sys.modules.get(type(module).__module__)
-    return modeling if callable(getattr(modeling, _NAME, None)) else None
+    fn = getattr(modeling, _NAME, None)
+    if not callable(fn):
+        return None, None
+    why = _refusal(getattr(fn, "_fastlm_original", fn))
+    if why is not None:
+        return None, f"{modeling.__name__.rsplit('.', 1)[-1]}.{_NAME}: {why}"
+    return modeling, None
+
+
+_VERDICTS: dict = {}  # an original apply_rotary_pos_emb -> None (fusable) or why not
+
+
+def _refusal(original) -> str | None:
+    """Why ``original`` cannot be replaced by the fused op, or None. Checked once per function:
+    HF's (q, k, cos, sin, ...) signature, then its result on random q, k and tables against
+    the fused op's in float64. Cohere and GLM rotate interleaved pairs (x0, x1), GPT-J takes
+    (x, sin, cos): both are left alone instead of being rotated the wrong way."""
+    if original not in _VERDICTS:
+        _VERDICTS[original] = _probe(original)
+    return _VERDICTS[original]
+
+
+def _probe(original) -> str | None:
+    try:
+        params = list(inspect.signature(original).parameters.values())
+    except (TypeError, ValueError):
+        params = []  # unreadable: the probe decides
+    names = [p.name for p in params[:4]]
+    # a hub-kernel wrapper shows (*args, **kwargs): the probe decides
+    explicit = all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params[:4])
+    if params and explicit and names != ["q", "k", "cos", "sin"]:
+        return f"it takes ({', '.join(p.name for p in params)}), not HF's (q, k, cos, sin, ...)"
+    from fastlm.ops.rotary import rotary  # the op itself, whatever fastlm.ops.rotary is now
+
+    gen = torch.Generator().manual_seed(0)  # the caller's random stream stays untouched
+    q, k = (torch.randn(1, 2, 3, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    cos, sin = (torch.randn(1, 3, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    try:
+        want = original(q, k, cos, sin)
+    except Exception as exc:  # noqa: BLE001 - reported, and the model keeps its own RoPE
+        return f"a probe of it failed ({type(exc).__name__}: {exc})"
+    if not _same(rotary(q, k, cos, sin, backend="torch"), want):  # float64: the reference
+        return "it is not the rotate-half form the fused op computes (interleaved pairs?)"
+    # tables narrower than the head (partial rotary: Phi-3, GPT-NeoX): the fused op rotates
+    # the first dims and passes the rest; a function that cannot take such tables is never
+    # called with them
+    try:
+        want = original(q, k, cos[..., :4], sin[..., :4])
+    except Exception:  # noqa: BLE001
+        return None
+    if not _same(rotary(q, k, cos[..., :4], sin[..., :4], backend="torch"), want):
+        return "its partial rotary (tables narrower than the head) is not the fused op's"
+    return None
+
+
+def _same(got, want) -> bool:
+    return (isinstance(want, tuple) and len(want) == 2
+            and all(torch.allclose(g, w, rtol=1e-9, atol=1e-12) for g, w in zip(got, want)))
 
 
 def _install(modeling) -> None:
@@ -48,6 +111,7 @@ def _install(modeling) -> None:
         return original(q, k, cos, sin, *args, **kwargs)
 
     dispatch._fastlm_dispatch = True
+    dispatch._fastlm_original = original
     setattr(modeling, _NAME, dispatch)
 
 

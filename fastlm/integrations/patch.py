@@ -31,6 +31,7 @@ from fastlm.integrations._patch_loss import (
     mlm_head,
     model_forward,
 )
+from fastlm.integrations._patch_probe import disagrees as _disagrees
 from fastlm.integrations._patch_rope import rope_forward, rope_target
 
 logger = logging.getLogger("fastlm")
@@ -57,6 +58,35 @@ PATCH_TABLE = {
             "rope": "none (learned)", "loss": "fused"},
     "bert": {"norm": "LayerNorm", "mlp": "GELU: left alone (one torch kernel already)",
              "rope": "none (learned)", "loss": "fused masked-LM head (labelled positions only)"},
+    # the same mechanism on more architectures (tests/integrations/test_patch.py)
+    "gemma2": {"norm": "RMSNorm (1 + weight), pre and post", "mlp": "GeGLU tanh (gate/up/down)",
+               "rope": "fused", "loss": "fused, with its final-logit soft-capping"},
+    "gemma3_text": {"norm": "RMSNorm (1 + weight), pre and post (+ q/k norms)",
+                    "mlp": "GeGLU tanh (gate/up/down)", "rope": "fused",
+                    "loss": "fused, with its final-logit soft-capping"},
+    "starcoder2": {"norm": "LayerNorm", "mlp": "GELU: left alone (one torch kernel already)",
+                   "rope": "fused", "loss": "fused"},
+    "olmo2": {"norm": "RMSNorm (+ q/k norms)", "mlp": "SwiGLU (gate/up/down)", "rope": "fused",
+              "loss": "fused"},
+    "phi": {"norm": "LayerNorm", "mlp": "GELU (tanh) activation", "rope": "fused (partial)",
+            "loss": "fused"},
+    "stablelm": {"norm": "LayerNorm", "mlp": "SwiGLU (gate/up/down)", "rope": "fused (partial)",
+                 "loss": "fused"},
+    "falcon": {"norm": "LayerNorm", "mlp": "GELU: left alone (one torch kernel already)",
+               "rope": "fused", "loss": "fused"},
+    "granite": {"norm": "RMSNorm", "mlp": "SwiGLU (gate/up/down)", "rope": "fused",
+                "loss": "left alone (logits_scaling)"},
+    "mixtral": {"norm": "RMSNorm", "mlp": "experts left alone (stacked expert weights)",
+                "rope": "fused", "loss": "fused (+ HF's router loss)"},
+    "qwen3_moe": {"norm": "RMSNorm (+ q/k norms)",
+                  "mlp": "experts left alone (stacked expert weights)", "rope": "fused",
+                  "loss": "fused (+ HF's router loss)"},
+    "cohere": {"norm": "left alone (CohereLayerNorm)", "mlp": "SwiGLU (gate/up/down)",
+               "rope": "left alone (interleaved pairs)", "loss": "left alone (logit_scale)"},
+    "glm": {"norm": "RMSNorm", "mlp": "SwiGLU (fused gate_up_proj)",
+            "rope": "left alone (interleaved pairs)", "loss": "fused"},
+    "gptj": {"norm": "LayerNorm", "mlp": "GELU (tanh) activation",
+             "rope": "left alone (GPT-J's own function)", "loss": "fused"},
 }
 
 _GELU_TANH = {"NewGELUActivation", "GELUTanh", "PytorchGELUTanh", "GELUPytorchTanh"}
@@ -112,6 +142,7 @@ def patch(model: torch.nn.Module, *, attention: bool = True, norms: bool = True,
     if attention:
         _patch_attention(model, h)
     inside_gated = set()  # activation modules a fused gated MLP no longer calls
+    rope_refused = None  # why a modeling file's rotary function was left alone
     for _name, module in model.named_modules():
         if getattr(module, "_fastlm_patched", False) or id(module) in inside_gated:
             continue
@@ -123,8 +154,14 @@ def patch(model: torch.nn.Module, *, attention: bool = True, norms: bool = True,
             if fwd is None and _act_kind(module) is not None and not list(module.children()):
                 h.skipped["mlp"] = (f"{type(module).__name__} is one torch kernel already "
                                     "(a standalone activation has nothing to fuse)")
-        if fwd is None and rope and (modeling := rope_target(module)) is not None:
-            fwd, kind = rope_forward(module, modeling), "rope"
+        if fwd is not None and (why := _disagrees(module, fwd)) is not None:
+            h.skipped[f"{kind}: {type(module).__name__}"] = why
+            continue
+        if fwd is None and rope:
+            modeling, why = rope_target(module)
+            if modeling is not None:
+                fwd, kind = rope_forward(module, modeling), "rope"
+            rope_refused = rope_refused or why
         if fwd is None:
             continue
         if kind == "mlp":
@@ -132,7 +169,8 @@ def patch(model: torch.nn.Module, *, attention: bool = True, norms: bool = True,
         _set_forward(h, module, fwd)
         h.swapped[kind] = h.swapped.get(kind, 0) + 1
     if rope and "rope" not in h.swapped:
-        h.skipped["rope"] = "no attention module applies rotary embeddings (learned positions?)"
+        h.skipped["rope"] = rope_refused or ("no attention module applies rotary embeddings "
+                                             "(learned positions?)")
     if loss:
         _patch_loss(model, h)
     model.__dict__["_fastlm_patch"] = h
@@ -189,6 +227,11 @@ def _patch_attention(model, h: PatchHandle) -> None:
         model.set_attn_implementation(hf.NAME)
     except Exception as exc:  # an architecture without the attention interface
         h.skipped["attention"] = f"{type(model).__name__} refused it ({exc})"
+        return
+    if getattr(model.config, "_attn_implementation", None) != hf.NAME:
+        # some models (GPT-Neo) only log that they cannot switch, and keep their own attention
+        h.skipped["attention"] = (f"{type(model).__name__} kept attn_implementation={before!r} "
+                                  "(it does not use transformers' attention interface)")
         return
     h._attn_before = before
     h.swapped["attention"] = 1
@@ -257,14 +300,19 @@ def _mlp_forward(m):
     act = getattr(m, "act_fn", None) or getattr(m, "activation_fn", None)
     kind = _act_kind(act) if act is not None else None
     gated = kind in ("silu", "gelu_tanh")
-    if gated and all(hasattr(m, a) for a in ("gate_proj", "up_proj", "down_proj")):
+    # the projections must be modules (Linear, or a LoRA/quantised wrapper) taking x: a
+    # mixture of experts' stacked weights (Mixtral/Qwen-MoE "experts": 3D parameters, a
+    # forward taking the routing too) are not an MLP to fuse here
+    if gated and all(isinstance(getattr(m, a, None), torch.nn.Module)
+                     for a in ("gate_proj", "up_proj", "down_proj")):
         fused = swiglu if kind == "silu" else geglu
 
         def gated_forward(self, x):
             return self.down_proj(fused(self.gate_proj(x), self.up_proj(x)))
 
         return gated_forward
-    if gated and hasattr(m, "gate_up_proj") and hasattr(m, "down_proj"):
+    if gated and all(isinstance(getattr(m, a, None), torch.nn.Module)
+                     for a in ("gate_up_proj", "down_proj")):
         fused = swiglu if kind == "silu" else geglu
 
         def phi3_forward(self, x):

@@ -156,7 +156,9 @@ def _fused(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                     dw.addmm_(g.T, hf)
             if bias is not None:
                 db += logits.sum(0, dtype=torch.float32)
-    return (total * scale).float().reshape(()), dh, dw, db
+    # a tensor of its own, not a view (reshape): callers add to the loss in place (MoE models'
+    # router loss), which autograd refuses on a view made inside a custom Function
+    return (total * scale).float(), dh, dw, db
 
 
 @_fused.register_fake

@@ -1,6 +1,8 @@
-"""fastlm.patch on tiny random models of ten architectures: same logits, loss and gradients
-as the eager model (fp32), the fused training loss equals HF's, same greedy generation with
-the KV cache, torch.compile, undo() restores eager."""
+"""fastlm.patch on tiny random models of twenty-three architectures: same logits, loss and
+gradients as the eager model (fp32), the fused training loss equals HF's, same greedy
+generation with the KV cache, torch.compile, undo() restores eager. What a model does in a way
+the kernels do not (interleaved RoPE, a mixture of experts' stacked weights, scaled logits) is
+left alone and reported, never swapped."""
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ import fastlm
 from fastlm.integrations.patch import PATCH_TABLE
 
 DEC = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+MOE = dict(DEC, num_key_value_heads=2, num_experts_per_tok=2)
 ARCHS = {
     "gpt2": dict(n_embd=64, n_layer=2, n_head=4),
     "llama": DEC,
@@ -22,12 +25,41 @@ ARCHS = {
     "opt": dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                 word_embed_proj_dim=64),
     "bert": DEC,
+    # the same code serving more: attention soft-capping and sliding windows (Gemma 2, and
+    # Starcoder2's window), q/k norms (OLMo 2), partial rotary with a LayerNorm model (Phi,
+    # StableLM, Falcon), Granite's multipliers, mixtures of experts
+    "gemma2": dict(DEC, num_key_value_heads=2, head_dim=16, sliding_window=4,
+                   query_pre_attn_scalar=16, pad_token_id=0, final_logit_softcapping=2.0),
+    "gemma3_text": dict(DEC, num_key_value_heads=2, head_dim=16, sliding_window=4,
+                        pad_token_id=0, final_logit_softcapping=2.0),
+    "starcoder2": dict(DEC, num_key_value_heads=2, sliding_window=4),
+    "olmo2": dict(DEC, pad_token_id=0),
+    "phi": dict(DEC, partial_rotary_factor=0.5),
+    "stablelm": dict(DEC, num_key_value_heads=4),
+    "falcon": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4),
+    "granite": dict(DEC, logits_scaling=2.0, embedding_multiplier=3.0, residual_multiplier=0.5,
+                    attention_multiplier=0.3),
+    "mixtral": dict(MOE, num_local_experts=4),
+    "qwen3_moe": dict(MOE, head_dim=16, num_experts=4, moe_intermediate_size=32),
+    # RoPE the fused kernel does not compute: interleaved pairs (Cohere, GLM), GPT-J's (x, sin,
+    # cos) function
+    "cohere": dict(DEC, logit_scale=0.5, pad_token_id=0),
+    "glm": dict(DEC, pad_token_id=0),
+    "gptj": dict(n_embd=64, n_layer=2, n_head=4, rotary_dim=8),
 }
 EXPECT = {  # what patch() must swap: (norm modules, mlp modules) for two layers
     "gpt2": (5, 2), "llama": (5, 2), "mistral": (5, 2), "qwen2": (5, 2), "qwen3": (9, 2),
     "gemma": (5, 2), "phi3": (5, 2), "gpt_neox": (5, 0), "opt": (5, 0), "bert": (5, 0),
+    "gemma2": (9, 2), "gemma3_text": (13, 2), "starcoder2": (5, 0), "olmo2": (9, 2), "phi": (3, 2), "stablelm": (5, 2),
+    "falcon": (3, 0), "granite": (5, 2), "mixtral": (5, 0), "qwen3_moe": (9, 0),
+    "cohere": (0, 2), "glm": (5, 2), "gptj": (3, 2),
 }
 LEARNED_POSITIONS = {"gpt2", "opt", "bert"}  # no rotary embedding to fuse
+ROPE_REFUSED = {"cohere": "not the rotate-half form", "glm": "not the rotate-half form",
+                "gptj": "it takes (tensor, sin, cos)"}
+# the head's logits are scaled before HF's loss: fused, that would be wrong (Gemma 2's final
+# soft-capping is fused, the kernel computes it; a cap of 2 makes a wrong one show)
+LOSS_REFUSED = {"granite", "cohere", "bert"}
 CAUSAL = sorted(set(ARCHS) - {"bert"})
 NO_DROPOUT = {"gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
               "opt": dict(dropout=0.0)}
@@ -63,8 +95,11 @@ def test_patched_model_matches_eager(kind):
     norms, mlps = EXPECT[kind]
     assert handle.swapped.get("norms", 0) == norms and handle.swapped.get("mlp", 0) == mlps
     assert handle.swapped.get("attention") == 1
-    assert handle.swapped.get("rope", 0) == (0 if kind in LEARNED_POSITIONS else 2)
-    assert ("loss" in handle.swapped) == (kind != "bert")
+    no_rope = kind in LEARNED_POSITIONS or kind in ROPE_REFUSED
+    assert handle.swapped.get("rope", 0) == (0 if no_rope else 2)
+    if kind in ROPE_REFUSED:
+        assert ROPE_REFUSED[kind] in handle.skipped["rope"]
+    assert ("loss" in handle.swapped) == (kind not in LOSS_REFUSED)
     got = forward_and_grads(model, ids, mask)
     keep = mask.bool()
     torch.testing.assert_close(got[0][keep], ref[0][keep], rtol=1e-4, atol=2e-5)
@@ -78,7 +113,7 @@ def test_patched_model_matches_eager(kind):
     assert torch.equal(again[0], ref[0])  # eager behaviour, bit for bit
 
 
-@pytest.mark.parametrize("kind", CAUSAL)
+@pytest.mark.parametrize("kind", sorted(set(CAUSAL) - LOSS_REFUSED))
 @pytest.mark.parametrize("accumulate", [False, True], ids=["mean", "num_items_in_batch"])
 def test_fused_training_loss_matches_hf(kind, accumulate):
     """In training with labels the patched model's loss (fused LM head + cross-entropy, no
@@ -114,6 +149,29 @@ def test_fused_training_loss_matches_hf(kind, accumulate):
     assert "_loss_function" not in model.__dict__
     assert "forward" not in model.__dict__ and "forward" not in \
         model.get_output_embeddings().__dict__
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+def test_fused_loss_with_the_router_loss_of_a_mixture_of_experts(kind):
+    """With output_router_logits, HF adds the experts' load-balancing loss to the LM loss in
+    place (``loss += coef * aux_loss``) after the fused loss returned: same loss and gradients."""
+    model = build(kind, output_router_logits=True).train()
+    ids = torch.randint(1, 96, (2, 9))
+
+    def step():
+        model.zero_grad()
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref, ref_grads = step()
+    handle = fastlm.patch(model)
+    out, grads = step()
+    assert out.logits is None and out.aux_loss is not None
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-3, atol=2e-5, msg=name)
+    handle.undo()
 
 
 @pytest.mark.parametrize("return_dict", [True, False])
@@ -203,7 +261,8 @@ def test_torch_compile_of_a_patched_model():
         torch.testing.assert_close(p.grad, want[name], rtol=1e-3, atol=2e-5, msg=name)
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "gemma", "phi3", "gpt_neox"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "gemma", "phi3", "gpt_neox", "gemma2",
+                                  "starcoder2", "qwen3_moe", "cohere"])
 def test_greedy_generation_with_cache_is_unchanged(kind):
     model = build(kind)
     ids = torch.randint(1, 96, (1, 6))
@@ -335,3 +394,74 @@ def test_hf_trainer_step_with_patch(tmp_path):
                              logging_strategy="no", disable_tqdm=True)
     out = Trainer(model=model, args=args, train_dataset=rows).train()
     assert out.global_step == 2 and torch.isfinite(torch.tensor(out.training_loss))
+
+
+def test_a_model_without_the_attention_interface_is_reported_not_counted():
+    """GPT-Neo only logs that it cannot switch attn_implementation: the handle must say the
+    attention was left alone, not count it as swapped."""
+    conf = AutoConfig.for_model("gpt_neo", vocab_size=96, hidden_size=64, num_layers=2,
+                                num_heads=4, attention_types=[[["global", "local"], 1]],
+                                window_size=4)
+    model = AutoModelForCausalLM.from_config(conf, attn_implementation="eager").eval()
+    ids = torch.randint(1, 96, (1, 9))
+    ref = model(ids).logits
+    handle = fastlm.patch(model)
+    assert "attention" not in handle.swapped
+    assert "does not use transformers' attention interface" in handle.skipped["attention"]
+    torch.testing.assert_close(model(ids).logits, ref, rtol=1e-4, atol=2e-5)
+    handle.undo()
+
+
+class _OnePlusRMSNorm(torch.nn.Module):  # scales by 1 + weight, but is not named Gemma...
+    def __init__(self, n):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(n) * 0.1)
+        self.eps = 1e-6
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (1 + self.weight)
+
+
+class PlainRMSNorm(_OnePlusRMSNorm):
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class OddRMSNorm(_OnePlusRMSNorm):
+    pass
+
+
+class _GatedMLP(torch.nn.Module):
+    def __init__(self, n, gate_on_up=False):
+        super().__init__()
+        self.gate_proj, self.up_proj = torch.nn.Linear(n, 2 * n), torch.nn.Linear(n, 2 * n)
+        self.down_proj = torch.nn.Linear(2 * n, n)
+        self.act_fn = torch.nn.SiLU()
+        self.gate_on_up = gate_on_up
+
+    def forward(self, x):
+        g, u = self.gate_proj(x), self.up_proj(x)
+        if self.gate_on_up:  # the activation on the other projection
+            g, u = u, g
+        return self.down_proj(self.act_fn(g) * u)
+
+
+def test_a_swap_that_disagrees_with_the_module_on_a_probe_is_left_alone():
+    """patch() matches modules by name and attributes; each candidate is run once against its
+    own forward, so a convention the match cannot see (1 + weight in a norm not named Gemma,
+    the gate on the other projection) leaves that module alone, reported, instead of making
+    the model silently wrong."""
+    model = torch.nn.Sequential(PlainRMSNorm(16), OddRMSNorm(16), _GatedMLP(16),
+                                _GatedMLP(16, gate_on_up=True))
+    x = torch.randn(2, 5, 16)
+    ref = model(x)
+    state = torch.random.get_rng_state()
+    handle = fastlm.patch(model)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the probes use their own generator
+    assert handle.swapped == {"norms": 1, "mlp": 1}
+    assert "fused forward differs from its own" in handle.skipped["norms: OddRMSNorm"]
+    assert "fused forward differs from its own" in handle.skipped["mlp: _GatedMLP"]
+    assert "forward" in model[0].__dict__ and "forward" not in model[1].__dict__
+    assert "forward" in model[2].__dict__ and "forward" not in model[3].__dict__
+    torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-5)
+    handle.undo()

@@ -65,6 +65,21 @@ def test_all_ignored_gives_zero_loss_and_grads():
     assert loss.item() == 0 and gh.abs().max() == 0 and gw.abs().max() == 0
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_the_loss_can_be_added_to_in_place(backend):
+    """Mixtral and Qwen-MoE add their router loss with ``loss += coef * aux``: the returned
+    loss must be a tensor of its own (a view of the op's output made autograd refuse that)."""
+    hidden, weight, _, labels = _inputs(10, 8, 11, torch.float32, False)
+    h, w = hidden.requires_grad_(), weight.requires_grad_()
+    aux = torch.tensor(0.5, requires_grad=True)
+    loss = fused_linear_cross_entropy(h, w, labels, backend=backend)
+    loss += 2 * aux
+    loss.backward()
+    want = linear_cross_entropy_ref(hidden.detach(), weight.detach(), labels) + 1.0
+    torch.testing.assert_close(loss.detach(), want.float(), rtol=1e-5, atol=1e-6)
+    assert aux.grad.item() == 2.0 and h.grad is not None and w.grad is not None
+
+
 def test_bad_inputs():
     hidden, weight, _, labels = _inputs(6, 8, 11, torch.float32, False)
     with pytest.raises(ValueError, match=r"weight must be \(vocab, 8\)"):
