@@ -41,6 +41,21 @@ def test_user_errors_exit_2_without_traceback(capsys):
     assert "name a benchmark" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["bench", "attention", "--seqlens", "256,abc"], "--seqlens: 'abc' is not a positive int"),
+    (["bench", "attention", "--dtypes", "bf16,fp8"], "--dtypes: 'fp8' is not one of fp32"),
+    (["bench", "fused", "--modes", "fw"], "--modes: 'fw' is not one of fwd, fwd_bwd"),
+    (["bench", "adamw", "--sizes", "0"], "--sizes: '0' is not a positive float"),
+    (["bench", "model", "--seqlens", "-5"], "--seqlens: '-5' is not a positive int"),
+])
+def test_bad_benchmark_lists_are_usage_errors(argv, says, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
+
+
 def test_env_report_without_building(capsys):
     from fastlm.env import report
 

@@ -29,7 +29,8 @@ SCENARIOS = ("step", "clip+step")
 
 def add_arguments(parser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--sizes", default="1,4,16,40", help="millions of parameters (comma list)")
+    parser.add_argument("--sizes", default="1,4,16,40", help="millions of parameters (comma list)",
+                        type=harness.comma_list(float))
     parser.add_argument("--tensors", type=int, default=8, help="tensors the parameters split into")
     parser.add_argument("--impls", default="", help="comma list to restrict the implementations")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS),

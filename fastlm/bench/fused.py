@@ -27,13 +27,15 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def add_arguments(parser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32,bf16,fp16")
-    parser.add_argument("--tokens", default="768,4096", help="comma list of rows (batch x seq)")
+    parser.add_argument("--tokens", default="768,4096", help="comma list of rows (batch x seq)",
+                        type=harness.comma_list(int))
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--ops", default="rms_norm,layer_norm,gelu_tanh,swiglu",
                         help="comma list; also linear_cross_entropy (LM head + loss, --vocab)")
     parser.add_argument("--vocab", type=int, default=32000,
                         help="vocabulary of linear_cross_entropy's LM head")
-    parser.add_argument("--modes", default="fwd,fwd_bwd", help="comma list of fwd,fwd_bwd")
+    parser.add_argument("--modes", default="fwd,fwd_bwd", help="comma list of fwd,fwd_bwd",
+                        type=harness.comma_list(choices=("fwd", "fwd_bwd")))
     parser.add_argument("--repeat", type=int, default=30)
     parser.add_argument("--out", default=None, help="directory for JSON, markdown and PNG")
     parser.add_argument("--name", default=None, help="file stem (default fused_<device>)")

@@ -24,6 +24,31 @@ from pathlib import Path
 import torch
 
 
+def comma_list(kind=None, choices=None):
+    """An argparse ``type`` for a comma list: checks each item (positive ``kind`` numbers, or
+    one of ``choices``) so a typo is a usage error naming the option, not a traceback; returns
+    the text unchanged for the command to split."""
+    import argparse
+
+    def check(text: str) -> str:
+        items = [x.strip() for x in text.split(",")]
+        for x in items:
+            if choices is not None and x not in choices:
+                raise argparse.ArgumentTypeError(
+                    f"{x!r} is not one of {', '.join(choices)} (give a comma list of them)")
+            if kind is not None:
+                try:
+                    ok = kind(x) > 0
+                except ValueError:
+                    ok = False
+                if not ok:
+                    raise argparse.ArgumentTypeError(
+                        f"{x!r} is not a positive {kind.__name__} (give a comma list, e.g. 256,512)")
+        return ",".join(items)
+
+    return check
+
+
 @dataclass
 class Timing:
     median_ms: float

@@ -73,7 +73,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                         help="default: bf16 on GPU, fp32 on CPU")
-    parser.add_argument("--seqlens", default="256,512,1024")
+    parser.add_argument("--seqlens", default="256,512,1024", type=harness.comma_list(int))
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=5,
                         help="timed rounds at least (more when --min-seconds asks for them)")
