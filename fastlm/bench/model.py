@@ -51,6 +51,24 @@ SIZES = {  # small enough for a CPU run, shaped like the real thing (head dim 32
     "opt": dict(hidden_size=256, ffn_dim=1024, num_hidden_layers=4, num_attention_heads=8,
                 word_embed_proj_dim=256, vocab_size=8192, max_position_embeddings=4096),
     "bert": dict(_DEC, intermediate_size=1024, max_position_embeddings=4096),
+    # the architectures fastlm.patch serves beyond those (sliding windows of 256 so the
+    # 512-token runs use them)
+    "gemma2": dict(_DEC, num_key_value_heads=4, head_dim=32, sliding_window=256,
+                   query_pre_attn_scalar=32, pad_token_id=0),
+    "gemma3_text": dict(_DEC, num_key_value_heads=4, head_dim=32, sliding_window=256,
+                        pad_token_id=0),
+    "starcoder2": dict(_DEC, num_key_value_heads=4, intermediate_size=1024, sliding_window=256),
+    "olmo2": dict(_DEC, num_key_value_heads=4, pad_token_id=0),
+    "phi": dict(_DEC, intermediate_size=1024, partial_rotary_factor=0.5),
+    "stablelm": dict(_DEC, num_key_value_heads=8),
+    "falcon": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, vocab_size=8192),
+    "granite": dict(_DEC, num_key_value_heads=4),
+    "mixtral": dict(_DEC, num_key_value_heads=4, num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(_DEC, num_key_value_heads=4, head_dim=32, num_experts=4,
+                      num_experts_per_tok=2, moe_intermediate_size=344),
+    "cohere": dict(_DEC, num_key_value_heads=4, pad_token_id=0),
+    "glm": dict(_DEC, num_key_value_heads=4, pad_token_id=0),
+    "gptj": dict(n_embd=256, n_layer=4, n_head=8, rotary_dim=16, vocab_size=8192),
 }
 NO_DROPOUT = {"gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
               "opt": dict(dropout=0.0), "bert": dict(hidden_dropout_prob=0.0,
@@ -127,7 +145,14 @@ def _model(conf, impl: str, device: str, dtype: torch.dtype):
     torch.manual_seed(0)
     attn = impl if impl in ("eager", "sdpa") else "sdpa"
     auto = AutoModelForMaskedLM if conf.model_type in MASKED_LM else AutoModelForCausalLM
-    model = auto.from_config(conf, attn_implementation=attn).to(device, dtype)
+    try:
+        model = auto.from_config(conf, attn_implementation=attn)
+    except ValueError:  # a model without SDPA (Gemma 2): the patched ones start from eager
+        if impl == "sdpa":
+            raise
+        torch.manual_seed(0)
+        model = auto.from_config(conf, attn_implementation="eager")
+    model = model.to(device, dtype)
     if impl == "fastlm":
         fastlm.patch(model)  # attention + norms + MLP activations + fused loss
     elif impl == "liger":
@@ -226,7 +251,14 @@ def run(args) -> int:
     liger_types = _liger_types() if later else None
     for kind in tqdm(kinds, desc="bench model", disable=None):
         conf = _config(kind, args.preset, max(seqlens))
-        models = {impl: _model(conf, impl, args.device, dtype) for impl in together}
+        models = {}
+        for impl in together:
+            try:
+                models[impl] = _model(conf, impl, args.device, dtype)
+            except ValueError as exc:  # Gemma 2 refuses SDPA (its soft-capping)
+                if impl != "sdpa":
+                    raise
+                print(f"sdpa: {kind} refuses it ({str(exc).split('. ')[0]}); no row")
         for s in seqlens:
             time_fn(args, report, kind, s, models, dtype)
         del models
