@@ -81,7 +81,7 @@ PATCH_TABLE = {
     "qwen3_moe": {"norm": "RMSNorm (+ q/k norms)",
                   "mlp": "experts left alone (stacked expert weights)", "rope": "fused",
                   "loss": "fused (+ HF's router loss)"},
-    "cohere": {"norm": "left alone (CohereLayerNorm)", "mlp": "SwiGLU (gate/up/down)",
+    "cohere": {"norm": "LayerNorm (its own class, no bias)", "mlp": "SwiGLU (gate/up/down)",
                "rope": "left alone (interleaved pairs)", "loss": "left alone (logit_scale)"},
     "glm": {"norm": "RMSNorm", "mlp": "SwiGLU (fused gate_up_proj)",
             "rope": "left alone (interleaved pairs)", "loss": "fused"},
@@ -251,7 +251,7 @@ def _cpu_ln_pays(x: torch.Tensor) -> bool:
 
 
 def _norm_forward(m):
-    from fastlm.ops import layer_norm, rms_norm
+    from fastlm.ops import rms_norm
 
     cls = type(m).__name__
     if cls.endswith("RMSNorm") and isinstance(getattr(m, "weight", None), torch.nn.Parameter):
@@ -265,19 +265,34 @@ def _norm_forward(m):
 
         return rms_forward
     if isinstance(m, torch.nn.LayerNorm) and len(m.normalized_shape) == 1:
-
-        def ln_forward(self, x):
-            if x.device.type == "cpu" and not _cpu_ln_pays(x):
-                # torch's CPU LayerNorm is already one fused pass each way: in fp32, and on
-                # small bf16 inputs, fastlm's kernel runs at parity with it and the custom-op
-                # wrapper only adds time (GPT-2/NeoX/BERT steps 5% slower). Where fastlm's
-                # kernel wins (GPUs, Triton, large bf16 inputs on CPU) it runs.
-                return torch.nn.functional.layer_norm(x, self.normalized_shape, self.weight,
-                                                      self.bias, self.eps)
-            return layer_norm(x, self.weight, self.bias, self.eps)
-
-        return ln_forward
+        return _ln_forward(m.normalized_shape, lambda self: self.weight,
+                           lambda self: self.bias, lambda self: self.eps)
+    # a model's own LayerNorm class written as a chain of ops (Cohere's: mean, variance,
+    # rsqrt, product in fp32, no bias): the probe in patch() confirms it is a LayerNorm
+    weight = getattr(m, "weight", None)
+    eps = getattr(m, "variance_epsilon", getattr(m, "eps", None))
+    if (cls.endswith("LayerNorm") and isinstance(weight, torch.nn.Parameter)
+            and weight.dim() == 1 and isinstance(eps, float)):
+        bias = getattr(m, "bias", None)
+        has_bias = isinstance(bias, torch.nn.Parameter) and bias.shape == weight.shape
+        return _ln_forward((weight.shape[0],), lambda self: self.weight,
+                           lambda self: self.bias if has_bias else None, lambda self: eps)
     return None
+
+
+def _ln_forward(shape, weight, bias, eps):
+    from fastlm.ops import layer_norm
+
+    def ln_forward(self, x):
+        if x.device.type == "cpu" and not _cpu_ln_pays(x):
+            # torch's CPU LayerNorm is already one fused pass each way: in fp32, and on small
+            # bf16 inputs, fastlm's kernel runs at parity with it and the custom-op wrapper
+            # only adds time (GPT-2/NeoX/BERT steps 5% slower). Where fastlm's kernel wins
+            # (GPUs, Triton, large bf16 inputs on CPU) it runs.
+            return torch.nn.functional.layer_norm(x, shape, weight(self), bias(self), eps(self))
+        return layer_norm(x, weight(self), bias(self), eps(self))
+
+    return ln_forward
 
 
 # -- MLP ------------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ EXPECT = {  # what patch() must swap: (norm modules, mlp modules) for two layers
     "gemma": (5, 2), "phi3": (5, 2), "gpt_neox": (5, 0), "opt": (5, 0), "bert": (5, 0),
     "gemma2": (9, 2), "gemma3_text": (13, 2), "starcoder2": (5, 0), "olmo2": (9, 2), "phi": (3, 2), "stablelm": (5, 2),
     "falcon": (3, 0), "granite": (5, 2), "mixtral": (5, 0), "qwen3_moe": (9, 0),
-    "cohere": (0, 2), "glm": (5, 2), "gptj": (3, 2),
+    "cohere": (3, 2), "glm": (5, 2), "gptj": (3, 2),
 }
 LEARNED_POSITIONS = {"gpt2", "opt", "bert"}  # no rotary embedding to fuse
 ROPE_REFUSED = {"cohere": "not the rotate-half form", "glm": "not the rotate-half form",
@@ -431,6 +431,17 @@ class OddRMSNorm(_OnePlusRMSNorm):
     pass
 
 
+class ChainLayerNorm(_OnePlusRMSNorm):  # a LayerNorm as a chain of ops, no bias (Cohere's)
+    def forward(self, x):
+        mean = x.mean(-1, keepdim=True)
+        var = (x - mean).pow(2).mean(-1, keepdim=True)
+        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight
+
+
+class RmsInDisguiseLayerNorm(PlainRMSNorm):  # named LayerNorm, computes RMSNorm
+    pass
+
+
 class _GatedMLP(torch.nn.Module):
     def __init__(self, n, gate_on_up=False):
         super().__init__()
@@ -452,16 +463,19 @@ def test_a_swap_that_disagrees_with_the_module_on_a_probe_is_left_alone():
     the gate on the other projection) leaves that module alone, reported, instead of making
     the model silently wrong."""
     model = torch.nn.Sequential(PlainRMSNorm(16), OddRMSNorm(16), _GatedMLP(16),
-                                _GatedMLP(16, gate_on_up=True))
+                                _GatedMLP(16, gate_on_up=True), ChainLayerNorm(16),
+                                RmsInDisguiseLayerNorm(16))
     x = torch.randn(2, 5, 16)
     ref = model(x)
     state = torch.random.get_rng_state()
     handle = fastlm.patch(model)
     assert torch.equal(torch.random.get_rng_state(), state)  # the probes use their own generator
-    assert handle.swapped == {"norms": 1, "mlp": 1}
+    assert handle.swapped == {"norms": 2, "mlp": 1}
     assert "fused forward differs from its own" in handle.skipped["norms: OddRMSNorm"]
+    assert "fused forward differs" in handle.skipped["norms: RmsInDisguiseLayerNorm"]
     assert "fused forward differs from its own" in handle.skipped["mlp: _GatedMLP"]
     assert "forward" in model[0].__dict__ and "forward" not in model[1].__dict__
     assert "forward" in model[2].__dict__ and "forward" not in model[3].__dict__
+    assert "forward" in model[4].__dict__ and "forward" not in model[5].__dict__
     torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-5)
     handle.undo()
