@@ -8,7 +8,8 @@ candidate runs once on a small random input, through the class's forward and the
 where they disagree the module is left alone and the handle says why.
 
 Not probed (the class match stands): weights on the meta device or partitioned by DeepSpeed
-ZeRO-3 (nothing to compute with), and modules whose input width cannot be read.
+ZeRO-3 (nothing to compute with), and modules whose input width cannot be read. ``patch``
+probes one module per class, parameter layout and plain attributes, and reuses the verdict.
 """
 
 from __future__ import annotations

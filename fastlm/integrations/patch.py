@@ -143,6 +143,7 @@ def patch(model: torch.nn.Module, *, attention: bool = True, norms: bool = True,
         _patch_attention(model, h)
     inside_gated = set()  # activation modules a fused gated MLP no longer calls
     rope_refused = None  # why a modeling file's rotary function was left alone
+    probed = {}  # (class, kind, parameter layout, plain attributes) -> the probe's verdict
     for _name, module in model.named_modules():
         if getattr(module, "_fastlm_patched", False) or id(module) in inside_gated:
             continue
@@ -154,9 +155,18 @@ def patch(model: torch.nn.Module, *, attention: bool = True, norms: bool = True,
             if fwd is None and _act_kind(module) is not None and not list(module.children()):
                 h.skipped["mlp"] = (f"{type(module).__name__} is one torch kernel already "
                                     "(a standalone activation has nothing to fuse)")
-        if fwd is not None and (why := _disagrees(module, fwd)) is not None:
-            h.skipped[f"{kind}: {type(module).__name__}"] = why
-            continue
+        if fwd is not None:
+            # a class's forward is one piece of code: probed once per parameter layout and
+            # plain attributes (flags, eps), not for each of a 7B model's 32 identical MLPs
+            # (each probe runs the module twice, on the CPU a second or so for all of them)
+            key = (type(module), kind, tuple((p.shape, p.dtype) for p in module.parameters()),
+                   tuple(sorted((k, v) for k, v in vars(module).items()
+                                if isinstance(v, (bool, int, float, str)))))
+            if key not in probed:
+                probed[key] = _disagrees(module, fwd)
+            if probed[key] is not None:
+                h.skipped[f"{kind}: {type(module).__name__}"] = probed[key]
+                continue
         if fwd is None and rope:
             modeling, why = rope_target(module)
             if modeling is not None:

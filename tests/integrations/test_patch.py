@@ -479,3 +479,17 @@ def test_a_swap_that_disagrees_with_the_module_on_a_probe_is_left_alone():
     assert "forward" in model[4].__dict__ and "forward" not in model[5].__dict__
     torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-5)
     handle.undo()
+
+
+def test_each_kind_of_module_is_probed_once(monkeypatch):
+    """Probes run per class, parameter layout and plain attributes: Llama's five RMSNorms and
+    two MLPs take two probes (the per-instance flag of the test above takes its own)."""
+    from fastlm.integrations import patch as patch_mod
+
+    calls = []
+    real = patch_mod._disagrees
+    monkeypatch.setattr(patch_mod, "_disagrees",
+                        lambda m, f: calls.append(type(m).__name__) or real(m, f))
+    handle = fastlm.patch(build("llama"))
+    assert handle.swapped["norms"] == 5 and handle.swapped["mlp"] == 2
+    assert sorted(calls) == ["LlamaMLP", "LlamaRMSNorm"]
