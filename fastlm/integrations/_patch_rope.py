@@ -102,9 +102,12 @@ def _install(modeling) -> None:
 
     @functools.wraps(original)
     def dispatch(q, k, cos, sin, *args, **kwargs):
-        # Only HF's standard form: (B, H, S, D) q/k, (B, S, R) tables unsqueezed at dim 1.
+        # Only HF's standard form: (B, H, S, D) q/k, (B, S, R) tables unsqueezed at dim 1,
+        # R even and <= D (a tiny StableLM's rotary dim of 1 gets tables of 2, which HF's
+        # code broadcasts: its own result, not an error from the kernel)
         if (_ACTIVE.get() and not args and kwargs.get("unsqueeze_dim", 1) == 1
-                and cos.dim() == 3 and q.dim() == 4 and k.dim() == 4):
+                and cos.dim() == 3 and q.dim() == 4 and k.dim() == 4
+                and cos.shape[-1] % 2 == 0 and cos.shape[-1] <= q.shape[-1]):
             from fastlm.ops import rotary
 
             return rotary(q, k, cos, sin)

@@ -493,3 +493,15 @@ def test_each_kind_of_module_is_probed_once(monkeypatch):
     handle = fastlm.patch(build("llama"))
     assert handle.swapped["norms"] == 5 and handle.swapped["mlp"] == 2
     assert sorted(calls) == ["LlamaMLP", "LlamaRMSNorm"]
+
+
+def test_rotary_tables_the_kernel_cannot_take_stay_with_hf():
+    """StableLM with 4-dim heads and partial_rotary_factor 0.25 rotates 1 dim with tables of
+    2 (HF's code broadcasts them): the dispatcher hands such calls to HF's function, which the
+    kernel's argument check would otherwise turn into an error mid-forward."""
+    model = build("stablelm", hidden_size=32, num_attention_heads=8, num_key_value_heads=8)
+    ids = torch.randint(1, 96, (1, 7))
+    ref = model(ids).logits
+    handle = fastlm.patch(model)
+    torch.testing.assert_close(model(ids).logits, ref, rtol=1e-4, atol=2e-5)
+    handle.undo()
