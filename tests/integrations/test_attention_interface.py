@@ -14,6 +14,12 @@ CONFIGS = {
     "gpt2": dict(n_embd=64, n_layer=2, n_head=4),
     "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2),
+    # sliding windows shorter than the sequence, Gemma 2's attention soft-capping
+    "gemma2": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=4,
+                   query_pre_attn_scalar=16, pad_token_id=0, attn_logit_softcapping=0.5),
+    "starcoder2": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, sliding_window=4),
 }
 
 
