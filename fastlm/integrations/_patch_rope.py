@@ -50,7 +50,7 @@ _VERDICTS: dict = {}  # an original apply_rotary_pos_emb -> None (fusable) or wh
 def _refusal(original) -> str | None:
     """Why ``original`` cannot be replaced by the fused op, or None. Checked once per function:
     HF's (q, k, cos, sin, ...) signature, then its result on random q, k and tables against
-    the fused op's in float64. Cohere and GLM rotate interleaved pairs (x0, x1), GPT-J takes
+    the fused op's. Cohere and GLM rotate interleaved pairs (x0, x1), GPT-J takes
     (x, sin, cos): both are left alone instead of being rotated the wrong way."""
     if original not in _VERDICTS:
         _VERDICTS[original] = _probe(original)
@@ -70,13 +70,15 @@ def _probe(original) -> str | None:
     from fastlm.ops.rotary import rotary  # the op itself, whatever fastlm.ops.rotary is now
 
     gen = torch.Generator().manual_seed(0)  # the caller's random stream stays untouched
-    q, k = (torch.randn(1, 2, 3, 8, generator=gen, dtype=torch.float64) for _ in range(2))
-    cos, sin = (torch.randn(1, 3, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    # float32 (ModernBERT's computes in q.float() whatever q is): a form that differs is off
+    # by O(1), rounding by ~1e-7
+    q, k = (torch.randn(1, 2, 3, 8, generator=gen) for _ in range(2))
+    cos, sin = (torch.randn(1, 3, 8, generator=gen) for _ in range(2))
     try:
         want = original(q, k, cos, sin)
     except Exception as exc:  # noqa: BLE001 - reported, and the model keeps its own RoPE
         return f"a probe of it failed ({type(exc).__name__}: {exc})"
-    if not _same(rotary(q, k, cos, sin, backend="torch"), want):  # float64: the reference
+    if not _same(rotary(q, k, cos, sin, backend="torch"), want):  # the reference backend
         return "it is not the rotate-half form the fused op computes (interleaved pairs?)"
     # tables narrower than the head (partial rotary: Phi-3, GPT-NeoX): the fused op rotates
     # the first dims and passes the rest; a function that cannot take such tables is never
@@ -92,7 +94,8 @@ def _probe(original) -> str | None:
 
 def _same(got, want) -> bool:
     return (isinstance(want, tuple) and len(want) == 2
-            and all(torch.allclose(g, w, rtol=1e-9, atol=1e-12) for g, w in zip(got, want)))
+            and all(torch.allclose(g.float(), w.float(), rtol=1e-5, atol=1e-5)
+                    for g, w in zip(got, want)))
 
 
 def _install(modeling) -> None:

@@ -85,6 +85,8 @@ PATCH_TABLE = {
                "rope": "left alone (interleaved pairs)", "loss": "left alone (logit_scale)"},
     "glm": {"norm": "RMSNorm", "mlp": "SwiGLU (fused gate_up_proj)",
             "rope": "left alone (interleaved pairs)", "loss": "fused"},
+    "modernbert": {"norm": "LayerNorm", "mlp": "GELU: left alone (one torch kernel already)",
+                   "rope": "fused", "loss": "left alone (not a BERT-style MLM head)"},
     "gptj": {"norm": "LayerNorm", "mlp": "GELU (tanh) activation",
              "rope": "left alone (GPT-J's own function)", "loss": "fused"},
 }

@@ -1,4 +1,4 @@
-"""fastlm.patch on tiny random models of twenty-three architectures: same logits, loss and
+"""fastlm.patch on tiny random models of twenty-four architectures: same logits, loss and
 gradients as the eager model (fp32), the fused training loss equals HF's, same greedy
 generation with the KV cache, torch.compile, undo() restores eager. What a model does in a way
 the kernels do not (interleaved RoPE, a mixture of experts' stacked weights, scaled logits) is
@@ -25,6 +25,8 @@ ARCHS = {
     "opt": dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                 word_embed_proj_dim=64),
     "bert": DEC,
+    # an encoder with rotary embeddings and local (windowed) bidirectional attention
+    "modernbert": dict(DEC, pad_token_id=0, global_attn_every_n_layers=2, local_attention=4),
     # the same code serving more: attention soft-capping and sliding windows (Gemma 2, and
     # Starcoder2's window), q/k norms (OLMo 2), partial rotary with a LayerNorm model (Phi,
     # StableLM, Falcon), Granite's multipliers, mixtures of experts
@@ -50,6 +52,7 @@ ARCHS = {
 EXPECT = {  # what patch() must swap: (norm modules, mlp modules) for two layers
     "gpt2": (5, 2), "llama": (5, 2), "mistral": (5, 2), "qwen2": (5, 2), "qwen3": (9, 2),
     "gemma": (5, 2), "phi3": (5, 2), "gpt_neox": (5, 0), "opt": (5, 0), "bert": (5, 0),
+    "modernbert": (5, 0),
     "gemma2": (9, 2), "gemma3_text": (13, 2), "starcoder2": (5, 0), "olmo2": (9, 2), "phi": (3, 2), "stablelm": (5, 2),
     "falcon": (3, 0), "granite": (5, 2), "mixtral": (5, 0), "qwen3_moe": (9, 0),
     "cohere": (3, 2), "glm": (5, 2), "gptj": (3, 2),
@@ -59,8 +62,9 @@ ROPE_REFUSED = {"cohere": "not the rotate-half form", "glm": "not the rotate-hal
                 "gptj": "it takes (tensor, sin, cos)"}
 # the head's logits are scaled before HF's loss: fused, that would be wrong (Gemma 2's final
 # soft-capping is fused, the kernel computes it; a cap of 2 makes a wrong one show)
-LOSS_REFUSED = {"granite", "cohere", "bert"}
-CAUSAL = sorted(set(ARCHS) - {"bert"})
+ENCODERS = {"bert", "modernbert"}
+LOSS_REFUSED = {"granite", "cohere"} | ENCODERS  # (BERT's masked-LM loss: its own test)
+CAUSAL = sorted(set(ARCHS) - ENCODERS)
 NO_DROPOUT = {"gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
               "opt": dict(dropout=0.0)}
 
@@ -68,7 +72,7 @@ NO_DROPOUT = {"gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
 def build(kind, **overrides):
     conf = AutoConfig.for_model(kind, vocab_size=96, **dict(ARCHS[kind], **overrides))
     torch.manual_seed(0)
-    cls = AutoModel if kind == "bert" else AutoModelForCausalLM
+    cls = AutoModel if kind in ENCODERS else AutoModelForCausalLM
     return cls.from_config(conf, attn_implementation="eager").eval()
 
 
