@@ -37,8 +37,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
     run = state["config"]
     mcfg = ModelConfig(**run["model"])
     conf = hf_config(mcfg, state["vocab_size"], run["data"]["block_size"], state["eos_id"])
-    model = AutoModelForCausalLM.from_config(conf, dtype=torch.float32,
-                                             attn_implementation="sdpa")
+    # transformers' default attention (SDPA where the model has it: Gemma 2 refuses it)
+    model = AutoModelForCausalLM.from_config(conf, dtype=torch.float32)
     weights = _consolidated_state_dict(ckpt_dir, tag, model, run)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     # Tied heads are stored once; anything else missing means a mismatched checkpoint.

@@ -342,6 +342,26 @@ def test_sft_and_continued_pretraining_from_an_export(tmp_path, tiny_data):
 
 
 
+def test_fine_tunes_and_exports_a_gemma2_directory(tmp_path, tiny_data):
+    """A pretrained directory of a model that transformers runs without SDPA (Gemma 2, with
+    final-logit soft-capping: the patch's fused loss applies the cap) fine-tunes, and its export
+    loads (the export asked for SDPA and failed there)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    conf = AutoConfig.for_model(
+        "gemma2", vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=8,
+        final_logit_softcapping=5.0, pad_token_id=0)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(conf).save_pretrained(tmp_path / "g2")
+    state = run(config(tmp_path, tiny_data, f"model.pretrained={tmp_path / 'g2'}",
+                       "model.overrides={}", "train.micro_batch_size=2", "train.max_steps=3",
+                       "eval.every=3", "export=true"))
+    assert len(state.history) == 3 and all(math.isfinite(x) for x in losses(state))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "hf")
+    assert hf.config.model_type == "gemma2" and hf.config.final_logit_softcapping == 5.0
+
+
 def test_fused_loss_follows_the_plain_loss(tmp_path, tiny_data):
     """The chunked LM head + cross-entropy gives the plain path's losses (fp32, 5 steps)."""
     common = ["train.micro_batch_size=4", "train.max_steps=5", "eval.every=5"]
