@@ -326,7 +326,10 @@ def _mlp_forward(m):
 
     act = getattr(m, "act_fn", None) or getattr(m, "activation_fn", None)
     kind = _act_kind(act) if act is not None else None
-    gated = kind in ("silu", "gelu_tanh")
+    # a dropout inside the MLP (T5Gemma's, GTE's) would be skipped by the fused forward in
+    # training, and a probe in eval mode cannot see that
+    gated = kind in ("silu", "gelu_tanh") and not any(
+        isinstance(c, torch.nn.Dropout) and c.p > 0 for c in m.modules())
     # the projections must be modules (Linear, or a LoRA/quantised wrapper) taking x: a
     # mixture of experts' stacked weights (Mixtral/Qwen-MoE "experts": 3D parameters, a
     # forward taking the routing too) are not an MLP to fuse here

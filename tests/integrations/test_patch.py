@@ -461,6 +461,19 @@ class _GatedMLP(torch.nn.Module):
         return self.down_proj(self.act_fn(g) * u)
 
 
+def test_a_gated_mlp_with_dropout_is_left_alone():
+    """The fused gated forward has no dropout: an MLP that drops out inside (T5Gemma's) keeps
+    its own forward, even when patched in eval mode where the probe would agree."""
+    mlp = _GatedMLP(16)
+    mlp.dropout = torch.nn.Dropout(0.1)
+    plain = _GatedMLP(16)
+    model = torch.nn.Sequential(mlp, plain).eval()
+    handle = fastlm.patch(model)
+    assert handle.swapped == {"mlp": 1}
+    assert "forward" not in mlp.__dict__ and "forward" in plain.__dict__
+    handle.undo()
+
+
 def test_a_swap_that_disagrees_with_the_module_on_a_probe_is_left_alone():
     """patch() matches modules by name and attributes; each candidate is run once against its
     own forward, so a convention the match cannot see (1 + weight in a norm not named Gemma,
