@@ -20,6 +20,7 @@ labels ~15% of tokens, so the vocab-wide head runs on those alone.
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import torch
@@ -114,15 +115,19 @@ def model_forward(model, head):
         cap = (getattr(cfg, "final_logit_softcapping", None)
                if getattr(cfg, "model_type", None) in SOFTCAP_MODEL_TYPES else None)
         head.__dict__["_fastlm_defer"] = True
-        if cap:  # HF's forward would soft-cap the deferred hidden states: the kernel does it
+        if cap:  # HF's forward would soft-cap the deferred hidden states: the kernel does it.
+            # This instance reads a copy of its config without the cap for the call; the
+            # config object itself (maybe shared with other models) is not touched.
             head.__dict__["_fastlm_softcap"] = float(cap)
-            cfg.final_logit_softcapping = None
+            uncapped = copy.copy(cfg)
+            uncapped.final_logit_softcapping = None
+            self.config = uncapped
         try:
             out = cls_forward(self, *args, **kwargs)
         finally:
             deferred = head.__dict__.pop("_fastlm_defer", False)
             if cap:
-                cfg.final_logit_softcapping = cap
+                self.config = cfg
                 head.__dict__.pop("_fastlm_softcap", None)
         if deferred:  # the forward never reached loss_function: its result would be wrong
             raise RuntimeError(

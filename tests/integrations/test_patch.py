@@ -155,6 +155,26 @@ def test_fused_training_loss_matches_hf(kind, accumulate):
         model.get_output_embeddings().__dict__
 
 
+def test_gemma2_fused_loss_leaves_a_shared_config_alone():
+    """The fused loss applies Gemma 2's final soft-cap itself, so the patched forward runs
+    HF's without it: on a copy of the config for that call, never on the config object,
+    which another model may share (here one in eval mode, called from inside the forward)."""
+    model = build("gemma2").train()
+    other = build("gemma2").eval()
+    other.config = model.config  # one config object for both
+    ids = torch.randint(1, 96, (1, 9))
+    with torch.no_grad():
+        ref = other(ids).logits
+    seen = []
+    hook = model.model.register_forward_hook(
+        lambda *_: seen.append(torch.equal(other(ids).logits, ref)))
+    fastlm.patch(model)
+    with torch.no_grad():
+        model(input_ids=ids, labels=ids)
+    hook.remove()
+    assert seen == [True] and model.config.final_logit_softcapping == 2.0
+
+
 @pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
 def test_fused_loss_with_the_router_loss_of_a_mixture_of_experts(kind):
     """With output_router_logits, HF adds the experts' load-balancing loss to the LM loss in
