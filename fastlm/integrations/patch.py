@@ -277,32 +277,32 @@ def _norm_forward(m):
 
         return rms_forward
     if isinstance(m, torch.nn.LayerNorm) and len(m.normalized_shape) == 1:
-        return _ln_forward(m.normalized_shape, lambda self: self.weight,
-                           lambda self: self.bias, lambda self: self.eps)
+        return _ln_forward(m.normalized_shape, "eps", has_bias=True)
     # a model's own LayerNorm class written as a chain of ops (Cohere's: mean, variance,
     # rsqrt, product in fp32, no bias): the probe in patch() confirms it is a LayerNorm
     weight = getattr(m, "weight", None)
-    eps = getattr(m, "variance_epsilon", getattr(m, "eps", None))
+    eps_attr = "variance_epsilon" if hasattr(m, "variance_epsilon") else "eps"
     if (cls.endswith("LayerNorm") and isinstance(weight, torch.nn.Parameter)
-            and weight.dim() == 1 and isinstance(eps, float)):
+            and weight.dim() == 1 and isinstance(getattr(m, eps_attr, None), float)):
         bias = getattr(m, "bias", None)
         has_bias = isinstance(bias, torch.nn.Parameter) and bias.shape == weight.shape
-        return _ln_forward((weight.shape[0],), lambda self: self.weight,
-                           lambda self: self.bias if has_bias else None, lambda self: eps)
+        return _ln_forward((weight.shape[0],), eps_attr, has_bias)
     return None
 
 
-def _ln_forward(shape, weight, bias, eps):
+def _ln_forward(shape, eps_attr: str, has_bias: bool):
+    """A LayerNorm forward over the module's weight, bias (if has_bias) and eps attribute."""
     from fastlm.ops import layer_norm
 
     def ln_forward(self, x):
+        bias, eps = self.bias if has_bias else None, getattr(self, eps_attr)
         if x.device.type == "cpu" and not _cpu_ln_pays(x):
             # torch's CPU LayerNorm is already one fused pass each way: in fp32, and on small
             # bf16 inputs, fastlm's kernel runs at parity with it and the custom-op wrapper
             # only adds time (GPT-2/NeoX/BERT steps 5% slower). Where fastlm's kernel wins
             # (GPUs, Triton, large bf16 inputs on CPU) it runs.
-            return torch.nn.functional.layer_norm(x, shape, weight(self), bias(self), eps(self))
-        return layer_norm(x, weight(self), bias(self), eps(self))
+            return torch.nn.functional.layer_norm(x, shape, self.weight, bias, eps)
+        return layer_norm(x, self.weight, bias, eps)
 
     return ln_forward
 
