@@ -15,6 +15,10 @@ its model is built and timed after every other measurement of the run.
 A step is the model's forward with labels, and the backward: next-token labels for causal
 LMs, and for BERT masked-LM labels on ~15% of the positions, as its pretraining has them.
 
+``--packed N`` packs N sequences of random lengths into every row (position ids restarting,
+as transformers' ``DataCollatorWithFlattening`` makes them): transformers builds eager and
+SDPA a block-diagonal (B, 1, S, S) mask, and fastlm's attention gets the sequence ids.
+
 ``--generate N`` times inference instead: greedy ``generate`` of N new tokens with the KV cache
 after a prompt of each ``--seqlens`` length (the prompt's prefill included), reported as ms per
 generated token; each row says whether its tokens equal the first implementation's
@@ -101,6 +105,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--generate", type=int, default=None, metavar="N",
                         help="time greedy generation of N tokens with the KV cache after a "
                              "prompt of each --seqlens length (inference), not training steps")
+    parser.add_argument("--packed", type=int, default=None, metavar="N",
+                        help="training steps on rows that each pack N sequences (position ids "
+                             "restarting, as DataCollatorWithFlattening makes them): eager and "
+                             "sdpa get transformers' block-diagonal mask, fastlm segment ids")
     parser.add_argument("--out", default=None)
     parser.add_argument("--name", default=None)
 
@@ -236,12 +244,26 @@ def run(args) -> int:
         kinds = [k for k in kinds if k not in MASKED_LM]
         if not kinds:
             raise UserError("--generate: masked LMs (bert) do not generate; choose a causal LM")
+    packed = getattr(args, "packed", None)
+    if packed is not None:
+        from fastlm.cli import UserError
+
+        if generate is not None:
+            raise UserError("--packed times training steps; drop it or --generate")
+        if packed < 1 or packed > min(int(x) for x in args.seqlens.split(",")):
+            raise UserError(f"--packed {packed}: the number of sequences a row must be between "
+                            f"1 and the shortest --seqlens length")
+        kinds = [k for k in kinds if k not in MASKED_LM]
+        if not kinds:
+            raise UserError("--packed: masked LMs (bert) take no packing by position ids; "
+                            "choose a causal LM")
     if args.preset is not None:
         tag = args.preset.rsplit("/", 1)[-1].removesuffix(".yaml")
     else:
         tag = kinds[0] if len(kinds) == 1 else "all" if len(kinds) == len(SIZES) else "_".join(kinds)
+    mode = "generate_" if generate else f"packed{packed}_" if packed else ""
     report = harness.Report(
-        name=args.name or f"model_{tag}_{'generate_' if generate else ''}{args.device}",
+        name=args.name or f"model_{tag}_{mode}{args.device}",
         command="fastlm bench model " + shlex.join(sys.argv[3:]), device=args.device,
         env=harness.environment(args.device))
     seqlens = [int(x) for x in args.seqlens.split(",")]
@@ -295,6 +317,9 @@ def _time_lengths(args, report, kind: str, s: int, models: dict, dtype) -> None:
     vocab = next(iter(models.values())).config.vocab_size
     ids = torch.randint(0, vocab, (args.batch, s), device=args.device)
     labels = ids
+    packed = getattr(args, "packed", None)
+    extra = {} if packed is None else {"position_ids": _packed_positions(args.batch, s, packed,
+                                                                         args.device)}
     if kind in MASKED_LM:  # a masked-LM step predicts ~15% of the positions, as BERT trains
         keep = torch.rand(ids.shape, device=args.device) < 0.15
         keep[:, 0] = True  # never none
@@ -302,7 +327,7 @@ def _time_lengths(args, report, kind: str, s: int, models: dict, dtype) -> None:
 
     def step(i, m, x=ids, y=labels):
         m.zero_grad(set_to_none=True)  # gradients are made inside the step: in its peak
-        m(x, labels=y).loss.backward()
+        m(x, labels=y, **extra).loss.backward()
 
     steps = {impl: (lambda i, m=m: step(i, m)) for impl, m in models.items()}
     probe, _ = harness.time_interleaved(steps, device=args.device, warmup=1, repeat=1)
@@ -313,12 +338,24 @@ def _time_lengths(args, report, kind: str, s: int, models: dict, dtype) -> None:
     for impl, t in timings.items():
         peak = peaks[impl]
         report.add(model=kind, impl=impl, dtype=str(dtype).split(".")[-1], seqlen=s,
-                   batch=args.batch, rounds=t.n, ms=t.median_ms,
+                   batch=args.batch, **({} if packed is None else {"packed": packed}),
+                   rounds=t.n, ms=t.median_ms,
                    tokens_per_s=args.batch * s / (t.median_ms * 1e-3),
                    peak_gb=None if peak is None else peak + _params_gb(models[impl]),
                    paired_vs_best_peer=paired if impl == "fastlm" else None)
     for m in models.values():
         m.zero_grad(set_to_none=True)
+
+
+def _packed_positions(batch: int, s: int, n: int, device) -> torch.Tensor:
+    """(batch, s) position ids of n sequences a row, random lengths (>= 1) summing to s."""
+    g = torch.Generator().manual_seed(s * 1000 + n)
+    rows = []
+    for _ in range(batch):
+        cuts = torch.randperm(s - 1, generator=g)[: n - 1].add(1).sort().values.tolist()
+        edges = [0, *cuts, s]
+        rows.append(torch.cat([torch.arange(b - a) for a, b in zip(edges, edges[1:])]))
+    return torch.stack(rows).to(device)
 
 
 def _time_generation(args, report, kind: str, s: int, models: dict, dtype) -> None:

@@ -21,6 +21,7 @@ import torch
 from transformers import masking_utils as mu
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import AttentionInterface
+from transformers.utils import output_capturing as _capturing
 
 from fastlm.integrations import transformers as hf
 from fastlm.integrations._hf_mask import FastlmMask, fastlm_mask, to_additive
@@ -42,17 +43,39 @@ def register_with_transformers() -> None:
 
 
 def _warn_once(reason: str, path: str) -> None:
+    if torch.compiler.is_compiling():
+        _warn_while_tracing(reason, path)
+    else:
+        _emit(reason, path)
+
+
+def _emit(reason: str, path: str) -> bool:
     if reason not in _warned:
         _warned.add(reason)
         _logger.warning(
             "fastlm attention: %s is not supported by the fused kernel; those calls use "
             "transformers' %s attention instead (correct, not fused).", reason, path,
         )
+    return True
+
+
+# Dynamo cannot trace a logger call (the graph breaks); a function whose result it takes as a
+# constant runs for real, once, while the graph is traced.
+_warn_while_tracing = torch._dynamo.assume_constant_result(_emit)
 
 
 def _wants_weights(module, kwargs) -> bool:
     config = getattr(module, "config", None)
-    return bool(kwargs.get("output_attentions", getattr(config, "output_attentions", False)))
+    if kwargs.get("output_attentions", getattr(config, "output_attentions", False)):
+        return True
+    # Models whose forward records outputs with hooks (GPT-2 and most in transformers 5) drop
+    # output_attentions before the layers see it: what they will record says it instead
+    # (transformers' sdpa returns no weights there, and the model silently returns none).
+    collector = getattr(_capturing, "_active_collector", None)
+    if collector is None or torch.compiler.is_compiling():  # a ContextVar breaks the graph
+        return False
+    recording = collector.get()
+    return bool(recording) and "attentions" in recording
 
 
 def _fallback_reason(module, query, key, value, mask, dropout, kwargs) -> str | None:
@@ -65,7 +88,10 @@ def _fallback_reason(module, query, key, value, mask, dropout, kwargs) -> str | 
         if kwargs.get(name) is not None:
             return f"the argument {name!r}"
     if isinstance(mask, torch.Tensor):
-        return "a custom or dense attention mask (4D mask, packed sequences, chunked/blockwise)"
+        if torch.compiler.is_compiling():
+            return ("under torch.compile, a mask transformers builds from closures it cannot "
+                    "read while tracing (packed-sequence checks, sliding windows, overlays)")
+        return "a custom or dense attention mask (4D mask, chunked/blockwise, custom overlays)"
     if mask is not None and not isinstance(mask, FastlmMask):
         return f"an attention mask of type {type(mask).__name__}"
     if key.shape[-1] != value.shape[-1]:
@@ -103,11 +129,13 @@ def attention_forward(
         m = attention_mask
         key, value = key[:, :, : m.kv_used], value[:, :, : m.kv_used]  # static cache tail
         causal, window, padding = m.causal, m.window, m.key_padding_mask
+        segments = m.segment_ids
     else:  # the model built no mask: no padding; causality is the module's
         causal, window, padding = _module_causal(module, kwargs), None, None
+        segments = None
     out = attention(
         query, key, value, causal=causal, scale=scaling, key_padding_mask=padding,
-        window=window, softcap=float(softcap or 0.0),
+        window=window, softcap=float(softcap or 0.0), segment_ids=segments,
     )  # (B, Hq, Sq, D)
     return out.transpose(1, 2), None
 

@@ -3,7 +3,8 @@
 transformers builds one mask per forward (per layer type) by calling the mask function
 registered under ``config._attn_implementation``. Its sdpa/eager functions materialise a
 (B, 1, Sq, Sk) tensor; fastlm's kernels take the pattern instead: causal, a sliding window and
-a (B, Sk) key-padding mask. :func:`fastlm_mask` returns that pattern as a :class:`FastlmMask`
+a (B, Sk) key-padding mask, or (B, S) segment ids for sequences packed into rows (transformers
+detects those from position ids that restart). :func:`fastlm_mask` returns that pattern as a :class:`FastlmMask`
 when the mask transformers asked for is exactly one the kernels compute, and otherwise the
 dense boolean mask (the attention function then runs transformers' own path, with a warning).
 
@@ -28,6 +29,8 @@ UNBOUNDED = -1
 _AND_CODE = mu.and_masks(mu.causal_mask_function).__code__
 _SLIDING_CODE = mu.sliding_window_overlay(1).__code__
 _SLIDING_BIDIR_CODE = mu.sliding_window_bidirectional_overlay(1).__code__
+_REMAP_CODE = mu.remap_positions_for_packed_sequence(mu.causal_mask_function, None).__code__
+_PACKED_CODE = mu.packed_sequence_mask_function(None).__code__
 
 
 @dataclass(eq=False)
@@ -45,6 +48,11 @@ class FastlmMask:
     kv_used: int  # number of leading keys any query can see
     kv_length: int  # number of keys transformers' mask covers
     dense_args: dict = field(repr=False)  # arguments that rebuild the dense mask for fallbacks
+    segment_ids: torch.Tensor | None = None  # (B, S) packed sequences, one id per run
+    # generate() with a static cache builds the mask once per step and hands it back to the
+    # model as its attention_mask, where transformers' mask code reads .ndim (2 would mean a
+    # padding mask to convert); fastlm_mask then rebuilds from the 2D mask this one came from
+    ndim = 4
     _dense: torch.Tensor | None = field(default=None, repr=False)
 
     def dense(self) -> torch.Tensor:
@@ -98,6 +106,40 @@ def _recognise(fn) -> tuple[int, int] | None:
     return None
 
 
+def _packed(fn):
+    """(inner mask function, (B, S) segment ids) if ``fn`` is transformers' packed-sequence
+    form, ``and_masks(remap_positions(inner, position_ids), packed_sequence(ids))``, else None.
+
+    Within one run of ids the position ids step by exactly 1 (a run ends wherever they do not:
+    that is how transformers finds the runs), so ``inner`` on remapped positions is ``inner`` on
+    the run's own indices: the pattern the varlen kernels apply to each sequence.
+    """
+    if getattr(fn, "__code__", None) is not _AND_CODE:
+        return None
+    parts = _cells(fn).get("mask_functions", ())
+    if len(parts) != 2:
+        return None
+    remap, packed = parts
+    if getattr(remap, "__code__", None) is not _REMAP_CODE or \
+            getattr(packed, "__code__", None) is not _PACKED_CODE:
+        return None
+    ids = _cells(packed).get("packed_sequence_mask")
+    return (_cells(remap).get("mask_function"), ids) if isinstance(ids, torch.Tensor) else None
+
+
+def _packed_mask(packed, q_length, kv_length, q_offset, kv_offset, attention_mask, dense_args):
+    inner, ids = packed
+    window = _recognise(inner)
+    offsets = (_as_int(q_offset), _as_int(kv_offset))
+    if (window is None or attention_mask is not None or offsets != (0, 0)
+            or q_length != kv_length or tuple(ids.shape[1:]) != (q_length,)):
+        return _dense_mask(dense_args)
+    return FastlmMask(
+        causal=window[1] == 0, window=window, key_padding_mask=None, kv_used=kv_length,
+        kv_length=kv_length, dense_args=dense_args, segment_ids=ids,
+    )
+
+
 def _tightest(bounds: list[int]) -> int:
     bounded = [b for b in bounds if b != UNBOUNDED]
     return min(bounded) if bounded else UNBOUNDED
@@ -137,13 +179,36 @@ def fastlm_mask(
     **kwargs,
 ) -> FastlmMask | torch.Tensor:
     """transformers' mask-interface signature; returns a FastlmMask or a dense bool mask."""
+    args = dict(
+        batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+        kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+        local_size=local_size, use_vmap=use_vmap, device=device,
+    )
+    code = getattr(mask_function, "__code__", None)
+    if torch.compiler.is_compiling() and code is not None and code.co_freevars:
+        # Dynamo cannot read a closure's cells (a window size, packed sequence ids), and a
+        # compiled training forward always has one: transformers cannot check position ids for
+        # packing while tracing, so it adds the packed form. Reading the cells raised, and the
+        # whole forward fell back to eager; the dense mask traces (the sdpa fallback runs).
+        return _dense_mask(args)
+    return _build(**args)
+
+
+def _build(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
+           local_size, use_vmap, device):
+    if isinstance(attention_mask, FastlmMask):  # pre-built by generate(), see FastlmMask.ndim
+        attention_mask = attention_mask.dense_args["attention_mask"]
     dense_args = dict(
         batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
         kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
         local_size=local_size, use_vmap=use_vmap, device=device,
     )
+    packed = _packed(mask_function)
+    if packed is not None:
+        return _packed_mask(packed, q_length, kv_length, q_offset, kv_offset, attention_mask,
+                            dense_args)
     window = _recognise(mask_function)
-    if window is None:  # packed sequences, chunked or blockwise attention, custom overlays
+    if window is None:  # chunked or blockwise attention, custom overlays
         return _dense_mask(dense_args)
     left, right = window
     kv_used = kv_length
@@ -162,3 +227,4 @@ def fastlm_mask(
         causal=right == 0, window=(left, right), key_padding_mask=padding, kv_used=kv_used,
         kv_length=kv_length, dense_args=dense_args,
     )
+

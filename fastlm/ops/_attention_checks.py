@@ -51,11 +51,13 @@ def _check_heads(hq: int, hkv: int) -> None:
         )
 
 
-def check_dense(q, k, v, key_padding_mask) -> None:
+def check_dense(q, k, v, key_padding_mask, segment_ids=None) -> None:
     _check_common(q, k, v, 4, "(batch, heads, seqlen, head_dim)")
     if q.shape[0] != k.shape[0]:
         _fail(f"batch size of q ({q.shape[0]}) and k ({k.shape[0]}) differ")
     _check_heads(q.shape[1], k.shape[1])
+    if segment_ids is not None:
+        _check_segments(q, k, key_padding_mask, segment_ids)
     if key_padding_mask is None:
         return
     if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
@@ -69,6 +71,27 @@ def check_dense(q, k, v, key_padding_mask) -> None:
         )
     if key_padding_mask.device != q.device:
         _fail(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
+
+
+def _check_segments(q, k, key_padding_mask, segment_ids) -> None:
+    if not isinstance(segment_ids, torch.Tensor):
+        _fail(f"segment_ids must be a tensor of (batch, seqlen) ints, got "
+              f"{type(segment_ids).__name__}")
+    if segment_ids.dtype.is_floating_point or segment_ids.dtype.is_complex \
+            or segment_ids.dtype == torch.bool:
+        _fail(f"segment_ids must hold integers (one id per sequence), got {segment_ids.dtype}")
+    if q.shape[2] != k.shape[2]:
+        _fail(f"segment_ids need as many queries as keys (packed self-attention); got "
+              f"{q.shape[2]} queries and {k.shape[2]} keys")
+    expected = (q.shape[0], q.shape[2])
+    if tuple(segment_ids.shape) != expected:
+        _fail(f"segment_ids must have shape (batch, seqlen) = {expected}, got "
+              f"{tuple(segment_ids.shape)}")
+    if segment_ids.device != q.device:
+        _fail(f"segment_ids is on {segment_ids.device} but q is on {q.device}")
+    if key_padding_mask is not None:
+        _fail("segment_ids and key_padding_mask cannot be combined; give padding its own "
+              "segment id (it then attends only to itself) and ignore its outputs")
 
 
 def check_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int) -> None:

@@ -161,14 +161,14 @@ def _kernel_layout(q, k, v, backend: str | None):
     return q.contiguous(), k.contiguous(), v.contiguous()
 
 
-def _impl(backend: str, q: torch.Tensor):
+def _impl(backend: str, q: torch.Tensor, varlen: bool = False):
     """The launchers of the backend that runs this call.
 
     Selection happens here, inside the custom op, rather than in :func:`attention`: under
     ``torch.compile`` the op is opaque, so the choice is made when it actually runs (and the
     dispatch code is never traced). ``backend`` is the caller's request, "" for none.
     """
-    call = Call.of(q, head_dim=q.shape[-1], varlen=q.dim() == 3)
+    call = Call.of(q, head_dim=q.shape[-1], varlen=varlen or q.dim() == 3)
     return _op.launchers(call, backend or None)
 
 
@@ -181,6 +181,7 @@ def _attention_fwd(
     k: torch.Tensor,
     v: torch.Tensor,
     key_padding_mask: torch.Tensor | None,
+    segment_ids: torch.Tensor | None,
     causal: bool,
     scale: float,
     window_left: int,
@@ -189,6 +190,9 @@ def _attention_fwd(
     deterministic: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    if segment_ids is not None:
+        return _packed_fwd(backend, q, k, v, segment_ids, causal, scale, window_left,
+                           window_right, softcap)
     return tuple(
         _impl(backend, q).attention_fwd(
             q, k, v, key_padding_mask, causal, scale, window_left, window_right, softcap
@@ -197,7 +201,8 @@ def _attention_fwd(
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, key_padding_mask, causal, scale, window_left, window_right, softcap, det, backend):
+def _(q, k, v, key_padding_mask, segment_ids, causal, scale, window_left, window_right, softcap,
+      det, backend):
     b, h, s, _ = q.shape
     return torch.empty_like(q), q.new_empty((b, h, s), dtype=torch.float32)
 
@@ -211,6 +216,7 @@ def _attention_bwd(
     out: torch.Tensor,
     lse: torch.Tensor,
     key_padding_mask: torch.Tensor | None,
+    segment_ids: torch.Tensor | None,
     causal: bool,
     scale: float,
     window_left: int,
@@ -219,6 +225,9 @@ def _attention_bwd(
     deterministic: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if segment_ids is not None:
+        return _packed_bwd(backend, dout, q, k, v, out, lse, segment_ids, causal, scale,
+                           window_left, window_right, softcap, deterministic)
     return tuple(
         _impl(backend, q).attention_bwd(
             _like(dout, out), q, k, v, out, lse, key_padding_mask, causal, scale,
@@ -233,16 +242,63 @@ def _(dout, q, k, v, out, lse, *args):
 
 
 def _setup_dense(ctx, inputs, output):
-    q, k, v, mask, causal, scale, wl, wr, softcap, det, backend = inputs
+    q, k, v, mask, segment_ids, causal, scale, wl, wr, softcap, det, backend = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, mask)
+    ctx.save_for_backward(q, k, v, out, lse, mask, segment_ids)
     ctx.args = (causal, scale, wl, wr, softcap, det, backend)
 
 
 def _backward_dense(ctx, dout, dlse):
-    q, k, v, out, lse, mask = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, mask, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    q, k, v, out, lse, mask, segment_ids = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, mask, segment_ids, *ctx.args)
+    return (dq, dk, dv) + (None,) * 9
+
+
+# -- packed sequences (segment ids) on the varlen kernels -----------------------------------------
+# Inside the custom ops, so the host-side offsets computed from the ids (a device sync on GPU)
+# never enter a torch.compile graph: compiled models pass the (B, S) ids and get static shapes.
+
+
+def _packed_offsets(segment_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """cu_seqlens over the B*S flattened rows (a sequence starts at each row start and where
+    the id changes) and the longest sequence."""
+    b, s = segment_ids.shape
+    starts = torch.ones((b, s), dtype=torch.bool, device=segment_ids.device)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    first = starts.flatten().nonzero().flatten()
+    cu = torch.cat([first, first.new_full((1,), b * s)]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(B, H, S, D) -> (B*S, H, D) contiguous; a view when t is a transposed (B, S, H, D)."""
+    b, h, s, d = t.shape
+    return t.transpose(1, 2).reshape(b * s, h, d).contiguous()
+
+
+def _unrows(t: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
+    b, h, s, d = layout.shape
+    return _like(t.view(b, s, h, d).transpose(1, 2), layout)
+
+
+def _packed_fwd(backend, q, k, v, segment_ids, causal, scale, wl, wr, softcap):
+    cu, longest = _packed_offsets(segment_ids)
+    b, h, s, _ = q.shape
+    out, lse = _impl(backend, q, varlen=True).attention_varlen_fwd(
+        _rows(q), _rows(k), _rows(v), cu, cu, longest, longest, causal, scale, wl, wr, softcap)
+    # varlen's lse is (H, B*S); the dense op's (B, H, S)
+    return _unrows(out, q), lse.view(h, b, s).transpose(0, 1).contiguous()
+
+
+def _packed_bwd(backend, dout, q, k, v, out, lse, segment_ids, causal, scale, wl, wr, softcap,
+                det):
+    cu, longest = _packed_offsets(segment_ids)
+    b, h, s, _ = q.shape
+    grads = _impl(backend, q, varlen=True).attention_varlen_bwd(
+        _rows(dout), _rows(q), _rows(k), _rows(v), _rows(out),
+        lse.transpose(0, 1).reshape(h, b * s).contiguous(), cu, cu, longest, longest, causal,
+        scale, wl, wr, softcap, det)
+    return tuple(_unrows(g, t) for g, t in zip(grads, (q, k, v)))
 
 
 _attention_fwd.register_autograd(_backward_dense, setup_context=_setup_dense)
@@ -354,6 +410,7 @@ def attention(
     softcap: float = 0.0,
     deterministic: bool = False,
     backend: str | None = None,
+    segment_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention without materialising the (Sq, Sk) score matrix.
 
@@ -374,17 +431,27 @@ def attention(
         deterministic: bit-identical gradients from run to run on every backend.
         backend: "cuda", "triton", "cpu", "torch" or "auto" (default: $FASTLM_BACKEND_ATTENTION,
             then $FASTLM_BACKEND, then auto). A named backend that cannot run raises.
+        segment_ids: (B, S) integer ids for sequences packed into batch rows (Sq == Sk == S):
+            each run of equal consecutive ids in a row is one sequence, attending only within
+            itself, with ``causal`` and ``window`` applied inside it (transformers' packing by
+            position ids). Runs on the varlen kernels, offsets computed inside the op (one
+            device sync on GPU); not combinable with ``key_padding_mask``.
 
     Returns:
         (B, Hq, Sq, D) tensor of q's dtype, dense in the dimension order of the q the kernel
         read (``torch.empty_like(q)``).
         Differentiable in q, k and v; accumulation is fp32.
     """
-    checks.check_dense(q, k, v, key_padding_mask)
+    checks.check_dense(q, k, v, key_padding_mask, segment_ids)
     left, right, softcap, scale = _normalise(causal, window, softcap, scale, q.shape[-1])
     mask = None if key_padding_mask is None else key_padding_mask.contiguous()
+    if segment_ids is not None:  # the packed path makes its own (B*S, H, D) rows
+        qkv = (q, k, v)
+        segment_ids = segment_ids.contiguous()
+    else:
+        qkv = _kernel_layout(q, k, v, backend)
     out, _ = _attention_fwd(
-        *_kernel_layout(q, k, v, backend), mask, bool(causal), scale, left, right, softcap,
+        *qkv, mask, segment_ids, bool(causal), scale, left, right, softcap,
         bool(deterministic), backend or "",
     )
     return out

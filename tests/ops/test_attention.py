@@ -269,7 +269,7 @@ def test_opcheck_with_strided_inputs():
     for layout in ("bshd", "fused_qkv"):
         q, k, v = (t.detach().requires_grad_() for t in _layouts(2, 4, 2, 9, 8)[layout])
         torch.library.opcheck(
-            _attention_fwd.op, (q, k, v, None, True, 1 / math.sqrt(8), -1, 0, 0.0, False, "cpu"),
+            _attention_fwd.op, (q, k, v, None, None, True, 1 / math.sqrt(8), -1, 0, 0.0, False, "cpu"),
             test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
         )
 
@@ -298,7 +298,7 @@ def test_cpu_bf16_logsumexp_is_fp32_grade(causal):
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 300, 64, dtype=torch.bfloat16) * 2 for _ in range(3))
     scale = 1 / math.sqrt(64)
-    _, lse = _attention_fwd(q, k, v, None, causal, scale, -1, 0 if causal else -1, 0.0, False, "cpu")
+    _, lse = _attention_fwd(q, k, v, None, None, causal, scale, -1, 0 if causal else -1, 0.0, False, "cpu")
     s = (q.double() @ k.double().transpose(-1, -2)) * scale
     if causal:
         s = s.masked_fill(torch.ones(300, 300, dtype=torch.bool).triu(1), float("-inf"))
@@ -322,7 +322,7 @@ def test_opcheck_fake_and_autograd_registration():
 
     q, k, v = (torch.randn(1, 2, 5, 8, requires_grad=True) for _ in range(3))
     torch.library.opcheck(
-        _attention_fwd.op, (q, k, v, None, True, 1 / math.sqrt(8), -1, 0, 0.0, False, "torch"),
+        _attention_fwd.op, (q, k, v, None, None, True, 1 / math.sqrt(8), -1, 0, 0.0, False, "torch"),
         test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
     )
 

@@ -436,3 +436,23 @@ def test_export_refuses_optimizer_masters_that_do_not_fit_the_model():
     state[ids[0][0]] = {"master": torch.zeros(3)}
     with pytest.raises(ExportError, match="master weight of .* has shape \\(3,\\)"):
         _optimizer_masters(opt, model, run)
+
+
+def test_document_boundaries_train_in_the_packed_kernel(tmp_path, tiny_data, monkeypatch):
+    """data.boundaries restarts positions at each document; transformers then masks attention
+    across documents, which fastlm's attention serves with segment ids on the varlen kernels
+    (no dense-mask fallback): the losses equal eager attention's."""
+    from fastlm.integrations import _hf_attention
+
+    segments, warned = [], set()
+    real = _hf_attention.attention
+    monkeypatch.setattr(_hf_attention, "_warned", warned)
+    monkeypatch.setattr(_hf_attention, "attention", lambda *a, **k: (
+        segments.append(k["segment_ids"]), real(*a, **k))[1])
+    args = ("data.boundaries=true", "train.max_steps=4", "eval.every=0", "model.patch=false")
+    fused = run(config(tmp_path / "f", tiny_data, *args))
+    eager = run(config(tmp_path / "e", tiny_data, *args, "model.attn_implementation=eager"))
+    assert not warned  # (batches without a document start inside a block pack nothing)
+    assert any(s is not None and int(s.max()) > 0 for s in segments)
+    for x, y in zip(losses(fused), losses(eager)):
+        assert abs(x - y) <= 1e-5 * abs(y), (losses(fused), losses(eager))

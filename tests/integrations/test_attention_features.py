@@ -1,0 +1,179 @@
+"""attn_implementation="fastlm" on the paths around plain forwards: sequences packed by position
+ids, torch.compile, generate() with a static cache, and the features the kernels do not take
+(attention weights, dropout, custom 4D masks), which must fall back with one warning naming
+the feature and give what transformers' own path gives.
+"""
+
+import pytest
+import torch
+
+import fastlm  # noqa: F401
+from fastlm.integrations import _hf_attention
+from fastlm.integrations import transformers as hf
+
+hf.register()
+
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2)
+CONFIGS = {
+    "gpt2": dict(n_embd=64, n_layer=2, n_head=4, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0),
+    "llama": SMALL,
+    # sliding windows shorter than the packed sequences, attention soft-capping
+    "gemma2": dict(SMALL, head_dim=16, sliding_window=4, query_pre_attn_scalar=16,
+                   pad_token_id=0, attn_logit_softcapping=0.5),
+    "mistral": dict(SMALL, sliding_window=3),
+}
+# three sequences in row 0 (lengths 5, 1, 7) and two in row 1 (9, 4), positions restarting
+POSITIONS = torch.tensor([[0, 1, 2, 3, 4, 0, 0, 1, 2, 3, 4, 5, 6],
+                          [0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 1, 2, 3]])
+
+
+def model(kind, **overrides):
+    conf = AutoConfig.for_model(kind, vocab_size=128, **{**CONFIGS[kind], **overrides})
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(conf, attn_implementation="eager")
+
+
+@pytest.fixture
+def warnings_seen(monkeypatch):
+    """The fallback reasons warned about during the test (each is warned once a process)."""
+    seen = set()
+    monkeypatch.setattr(_hf_attention, "_warned", seen)
+    return seen
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """The keyword arguments of each call the attention function makes to the fused op."""
+    calls = []
+    real = _hf_attention.attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_hf_attention, "attention", spy)
+    return calls
+
+
+def _step(m, impl, **inputs):
+    m.set_attn_implementation(impl)
+    m.zero_grad()
+    logits = m(**inputs, use_cache=False).logits
+    logits.square().mean().backward()
+    return logits.detach(), [p.grad.clone() for p in m.parameters()]
+
+
+def _assert_same(a, b, tol=1e-5):
+    torch.testing.assert_close(a[0], b[0], rtol=1e-4, atol=tol)
+    for x, y in zip(a[1], b[1]):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=tol)
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_packed_sequences_run_in_the_kernel_and_match_eager(kind, warnings_seen, kernel_calls):
+    """transformers finds sequences packed into a row from position ids that restart (what
+    DataCollatorWithFlattening and fastlm's document boundaries produce) and builds a
+    block-diagonal mask; fastlm hands the kernel the sequence ids instead of a dense mask."""
+    m = model(kind).train()  # training: no cache, so transformers looks for packing
+    ids = torch.randint(1, 128, POSITIONS.shape)
+    eager = _step(m, "eager", input_ids=ids, position_ids=POSITIONS)
+    fused = _step(m, "fastlm", input_ids=ids, position_ids=POSITIONS)
+    _assert_same(fused, eager)
+    assert warnings_seen == set()
+    assert kernel_calls and all(c["segment_ids"] is not None for c in kernel_calls)
+    # the same tokens unpacked (positions 0..12 in each row) give other logits: packing counted
+    unpacked = _step(m, "fastlm", input_ids=ids)
+    assert not torch.allclose(unpacked[0], fused[0], atol=1e-3)
+
+
+@pytest.mark.parametrize("with_mask", [True, False], ids=["attention_mask", "no_mask"])
+def test_compiled_training_forward(with_mask, warnings_seen, kernel_calls):
+    """fullgraph torch.compile of a training forward + backward. Given an attention mask,
+    transformers builds a plain causal mask function and the kernel runs; without one, it
+    adds its packed-sequence check as closures dynamo cannot read, and the call falls back to
+    sdpa with one warning (reading them raised inside the trace, and the whole forward ran
+    eagerly, before)."""
+    m = model("llama").train()
+    ids = torch.randint(1, 128, (2, 13))
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids)) if with_mask else \
+        dict(input_ids=ids)
+    eager = _step(m, "eager", **inputs)
+    m.set_attn_implementation("fastlm")
+    torch._dynamo.reset()
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
+    m.zero_grad()
+    logits = compiled(**inputs, use_cache=False).logits
+    logits.square().mean().backward()
+    _assert_same((logits.detach(), [p.grad for p in m.parameters()]), eager)
+    if with_mask:
+        assert warnings_seen == set() and kernel_calls
+    else:
+        assert len(warnings_seen) == 1 and "torch.compile" in next(iter(warnings_seen))
+        assert not kernel_calls
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "gemma2", "mistral"])
+def test_static_cache_generation_matches_eager(kind, warnings_seen, kernel_calls):
+    """generate() with a static cache builds each step's mask up front and passes it back in
+    as the attention mask (it crashed transformers' mask code before FastlmMask.ndim)."""
+    m = model(kind).eval()
+    ids = torch.randint(1, 128, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # left padding
+    runs = {}
+    for impl in ("eager", "fastlm"):
+        m.set_attn_implementation(impl)
+        runs[impl] = m.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                                pad_token_id=0, cache_implementation="static")
+    assert torch.equal(runs["eager"], runs["fastlm"])
+    assert warnings_seen == set() and kernel_calls
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_output_attentions_falls_back_to_eager_with_one_warning(kind, warnings_seen):
+    """GPT-2's forward drops output_attentions before its layers see it (transformers' own sdpa
+    then silently returns no weights); fastlm reads what the model is recording instead."""
+    m = model(kind).eval()
+    ids = torch.randint(1, 128, (2, 9))
+    out = {}
+    for impl in ("eager", "fastlm"):
+        m.set_attn_implementation(impl)
+        out[impl] = m(ids, output_attentions=True)
+    assert len(out["fastlm"].attentions) == 2
+    for a, b in zip(out["fastlm"].attentions, out["eager"].attentions):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(out["fastlm"].logits, out["eager"].logits)
+    assert warnings_seen == {"output_attentions=True"}
+
+
+def test_attention_dropout_in_training_falls_back_to_sdpa(warnings_seen, kernel_calls):
+    """With the same seed the fallback draws the same dropout masks as attn_implementation=
+    "sdpa"; in eval mode (no dropout) the kernel runs."""
+    m = model("llama", attention_dropout=0.5).train()
+    ids = torch.randint(1, 128, (2, 9))
+    out = {}
+    for impl in ("sdpa", "fastlm"):
+        torch.manual_seed(1)
+        out[impl] = _step(m, impl, input_ids=ids)
+    _assert_same(out["fastlm"], out["sdpa"])
+    assert warnings_seen == {"attention dropout (p > 0, training)"} and not kernel_calls
+    m.eval()
+    m(ids)
+    assert kernel_calls
+
+
+def test_a_custom_4d_mask_falls_back_to_sdpa(warnings_seen):
+    m = model("llama").eval()
+    ids = torch.randint(1, 128, (2, 9))
+    allowed = torch.ones(9, 9, dtype=torch.bool).tril()
+    allowed[4:, :2] = False  # later queries may not see the first two keys
+    additive = torch.zeros(2, 1, 9, 9).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    out = {}
+    for impl in ("eager", "fastlm"):
+        m.set_attn_implementation(impl)
+        out[impl] = m(ids, attention_mask=additive).logits
+    torch.testing.assert_close(out["fastlm"], out["eager"], rtol=1e-4, atol=1e-5)
+    assert len(warnings_seen) == 1 and "4D mask" in next(iter(warnings_seen))
