@@ -122,3 +122,29 @@ def _args(kind, n):
     p = argparse.ArgumentParser()
     bm.add_arguments(p)
     return p.parse_args(["--model-type", kind, "--generate", str(n), *FAST])
+
+
+def test_packed_rows_time_each_implementation_with_restarting_positions(tmp_path):
+    """--packed N: every row packs N sequences (positions restart at each); the rows say so,
+    and bert (no packing by position ids) is left out."""
+    argv = ["bench", "model", "--model-type", "llama,bert", "--packed", "3", "--seqlens", "12",
+            "--batch", "2", "--repeat", "1", "--min-seconds", "0", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    rows = json.loads((tmp_path / "model_llama_packed3_cpu.json").read_text())["rows"]
+    assert {(r["model"], r["impl"], r["packed"]) for r in rows} == {
+        ("llama", i, 3) for i in bm.IMPLS}
+    pos = bm._packed_positions(2, 12, 3, "cpu")
+    assert pos.shape == (2, 12) and ((pos == 0).sum(1) == 3).all()
+    steps = pos[:, 1:] - pos[:, :-1]
+    assert ((steps == 1) | (pos[:, 1:] == 0)).all()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--packed", "0"], "between 1 and the shortest"),
+    (["--packed", "10"], "between 1 and the shortest"),
+    (["--packed", "2", "--generate", "3"], "drop it or --generate"),
+    (["--packed", "2", "--model-type", "bert"], "take no packing"),
+])
+def test_bad_packed_arguments(argv, message, capsys):
+    assert cli.main(["bench", "model", *FAST, *argv]) == 2
+    assert message in capsys.readouterr().err
