@@ -4,9 +4,10 @@ transformers builds one mask per forward (per layer type) by calling the mask fu
 registered under ``config._attn_implementation``. Its sdpa/eager functions materialise a
 (B, 1, Sq, Sk) tensor; fastlm's kernels take the pattern instead: causal, a sliding window and
 a (B, Sk) key-padding mask, or (B, S) segment ids for sequences packed into rows (transformers
-detects those from position ids that restart). :func:`fastlm_mask` returns that pattern as a :class:`FastlmMask`
-when the mask transformers asked for is exactly one the kernels compute, and otherwise the
-dense boolean mask (the attention function then runs transformers' own path, with a warning).
+detects those from position ids that restart). :func:`fastlm_mask` returns that pattern as a
+:class:`FastlmMask` when the mask transformers asked for is exactly one the kernels compute,
+and otherwise the dense boolean mask (the attention function then runs transformers' own path,
+with a warning).
 
 Which pattern transformers asked for is read from its ``mask_function``: the building blocks
 of ``transformers.masking_utils`` are recognised by identity (their code objects), never by
@@ -179,7 +180,9 @@ def fastlm_mask(
     **kwargs,
 ) -> FastlmMask | torch.Tensor:
     """transformers' mask-interface signature; returns a FastlmMask or a dense bool mask."""
-    args = dict(
+    if isinstance(attention_mask, FastlmMask):  # pre-built by generate(), see FastlmMask.ndim
+        attention_mask = attention_mask.dense_args["attention_mask"]
+    dense_args = dict(
         batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
         kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
         local_size=local_size, use_vmap=use_vmap, device=device,
@@ -190,19 +193,7 @@ def fastlm_mask(
         # compiled training forward always has one: transformers cannot check position ids for
         # packing while tracing, so it adds the packed form. Reading the cells raised, and the
         # whole forward fell back to eager; the dense mask traces (the sdpa fallback runs).
-        return _dense_mask(args)
-    return _build(**args)
-
-
-def _build(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
-           local_size, use_vmap, device):
-    if isinstance(attention_mask, FastlmMask):  # pre-built by generate(), see FastlmMask.ndim
-        attention_mask = attention_mask.dense_args["attention_mask"]
-    dense_args = dict(
-        batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-        kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
-        local_size=local_size, use_vmap=use_vmap, device=device,
-    )
+        return _dense_mask(dense_args)
     packed = _packed(mask_function)
     if packed is not None:
         return _packed_mask(packed, q_length, kv_length, q_offset, kv_offset, attention_mask,
@@ -227,4 +218,3 @@ def _build(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, 
         causal=right == 0, window=(left, right), key_padding_mask=padding, kv_used=kv_used,
         kv_length=kv_length, dense_args=dense_args,
     )
-
