@@ -177,3 +177,27 @@ def test_a_custom_4d_mask_falls_back_to_sdpa(warnings_seen):
         out[impl] = m(ids, attention_mask=additive).logits
     torch.testing.assert_close(out["fastlm"], out["eager"], rtol=1e-4, atol=1e-5)
     assert len(warnings_seen) == 1 and "4D mask" in next(iter(warnings_seen))
+
+
+@pytest.mark.parametrize("flash_kwargs", [False, True], ids=["position_ids", "with_cu_seq_lens"])
+def test_data_collator_with_flattening(flash_kwargs, warnings_seen, kernel_calls):
+    """transformers' own packing collator, as an SFT script uses it: one row of several
+    examples, labels -100 at each start; the loss and gradients equal eager's. With
+    return_flash_attn_kwargs the batch also carries cu_seq_lens_* for flash-attention, which
+    the model passes through to the attention function (the ids already say the same)."""
+    from transformers import DataCollatorWithFlattening
+
+    examples = [{"input_ids": torch.randint(1, 128, (n,)).tolist()} for n in (7, 1, 12, 5)]
+    batch = DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs)(examples)
+    assert batch["input_ids"].shape == (1, 25) and (batch["position_ids"] == 0).sum() == 4
+    m = model("llama").train()
+    out = {}
+    for impl in ("eager", "fastlm"):
+        m.set_attn_implementation(impl)
+        m.zero_grad()
+        loss = m(**batch, use_cache=False).loss
+        loss.backward()
+        out[impl] = (loss.detach(), [p.grad.clone() for p in m.parameters()])
+    _assert_same(out["fastlm"], out["eager"])
+    assert warnings_seen == set()
+    assert kernel_calls and all(c["segment_ids"] is not None for c in kernel_calls)
