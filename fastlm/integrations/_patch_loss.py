@@ -22,10 +22,14 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
+import types
 
 import torch
 
 from fastlm.ops import fused_linear_cross_entropy
+
+_logger = logging.getLogger("fastlm")
 
 # Causal LMs whose forward was read to be head(hidden) -> loss_function with nothing between
 # (the mixtures of experts add their router loss after it). Not listed on purpose: Cohere
@@ -83,33 +87,67 @@ def head_forward(self, x, labels=None, num_items_in_batch=None, ignore_index=-10
     return torch.nn.functional.linear(x, self.weight, self.bias)
 
 
-def make_loss_function(head, original):
-    """The instance ``loss_function``: the fused loss for deferred calls, else ``original``."""
+def loss_function(self, logits, labels, vocab_size=None, num_items_in_batch=None,
+                  ignore_index=-100, shift_labels=None, **kwargs):
+    """The instance's ``loss_function`` (bound to the model): the fused loss for deferred
+    calls, else the model's own. Everything is looked up on ``self`` at call time, so a
+    ``copy.deepcopy`` of the model runs on the copy's head, not the original's."""
+    head = self.get_output_embeddings()
+    if not head.__dict__.get("_fastlm_defer"):
+        return self.__dict__["_fastlm_loss_original"](
+            logits, labels, vocab_size=vocab_size, num_items_in_batch=num_items_in_batch,
+            ignore_index=ignore_index, shift_labels=shift_labels, **kwargs)
+    hidden = logits  # the deferred head returned the hidden states
+    if shift_labels is None:
+        hidden, shift_labels = hidden[..., :-1, :], labels[..., 1:]
+    head.__dict__["_fastlm_defer"] = False  # the next call computes the loss
+    return head(hidden, labels=shift_labels.to(hidden.device),
+                num_items_in_batch=num_items_in_batch, ignore_index=ignore_index)
 
-    def loss_function(logits, labels, vocab_size=None, num_items_in_batch=None,
-                      ignore_index=-100, shift_labels=None, **kwargs):
-        if not head.__dict__.get("_fastlm_defer"):
-            return original(logits, labels, vocab_size=vocab_size,
-                            num_items_in_batch=num_items_in_batch, ignore_index=ignore_index,
-                            shift_labels=shift_labels, **kwargs)
-        hidden = logits  # the deferred head returned the hidden states
-        if shift_labels is None:
-            hidden, shift_labels = hidden[..., :-1, :], labels[..., 1:]
-        head.__dict__["_fastlm_defer"] = False  # the next call computes the loss
-        return head(hidden, labels=shift_labels.to(hidden.device),
-                    num_items_in_batch=num_items_in_batch, ignore_index=ignore_index)
 
-    return loss_function
+def set_head_forward(handle, head) -> None:
+    head.forward = types.MethodType(head_forward, head)
+    head._fastlm_patched = True
+    if handle is not None:
+        handle._modules.append(head)
 
 
-def model_forward(model, head):
+def _fused_head(model):
+    """The model's output embedding with the fused forward, or None (HF's path then runs).
+
+    A head replaced after the patch (``resize_token_embeddings`` builds a new Linear for an
+    untied head) gets the fused forward on first use, and ``undo()`` removes it too."""
+    head = model.get_output_embeddings()
+    if head.__dict__.get("_fastlm_patched"):
+        return head
+    if not isinstance(head, torch.nn.Linear):
+        _warn_once(f"{type(model).__name__}'s output embedding was replaced by a "
+                   f"{type(head).__name__} after fastlm.patch: its loss runs unfused")
+        return None
+    set_head_forward(model.__dict__.get("_fastlm_patch"), head)
+    _warn_once(f"{type(model).__name__}'s output embedding was replaced after fastlm.patch "
+               "(resize_token_embeddings?): the fused loss now runs on the new one", info=True)
+    return head
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str, info: bool = False) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        (_logger.info if info else _logger.warning)(message)
+
+
+def model_forward(model):
     cls_forward = type(model).forward
 
     @functools.wraps(cls_forward)
     def forward(self, *args, **kwargs):
         fused = (self.training and kwargs.get("labels") is not None
                  and not kwargs.get("logits_to_keep"))
-        if not fused:
+        head = _fused_head(self) if fused else None
+        if head is None:
             return cls_forward(self, *args, **kwargs)
         cfg = self.config
         cap = (getattr(cfg, "final_logit_softcapping", None)
@@ -142,7 +180,7 @@ def model_forward(model, head):
     return forward
 
 
-def mlm_forward(model, head):
+def mlm_forward(model):
     """The masked-LM model's forward: in training with labels, the fused loss over the
     labelled positions (mean over them, as HF's CrossEntropyLoss with ignore_index -100)."""
     cls_forward = type(model).forward
@@ -150,7 +188,8 @@ def mlm_forward(model, head):
     @functools.wraps(cls_forward)
     def forward(self, *args, **kwargs):
         labels = kwargs.get("labels")
-        if not (self.training and labels is not None):
+        head = mlm_head(self) if self.training and labels is not None else None
+        if head is None or not head.__dict__.get("_fastlm_patched"):
             return cls_forward(self, *args, **kwargs)
         head.__dict__["_fastlm_defer"] = True
         try:

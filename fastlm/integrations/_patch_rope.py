@@ -19,6 +19,7 @@ import contextvars
 import functools
 import inspect
 import sys
+import types
 
 import torch
 
@@ -99,11 +100,25 @@ def _same(got, want) -> bool:
 
 
 def _install(modeling) -> None:
-    original = getattr(modeling, _NAME)
-    if getattr(original, "_fastlm_dispatch", False):
+    current = getattr(modeling, _NAME)
+    if getattr(current, "_fastlm_dispatch", False):
         return
+    if isinstance(current, torch.nn.Module):
+        # With the `kernels` package installed, transformers makes the function a module object
+        # (kernels' Func) that pickles by its name in the modeling file. The object stays and
+        # its forward becomes the dispatcher: putting a function in the name instead broke
+        # pickling every model of that file, patched or not.
+        original = types.MethodType(type(current).forward, current)
+        current.forward = _dispatcher(original)
+    else:
+        original = current
+        setattr(modeling, _NAME, functools.wraps(current)(_dispatcher(current)))
+        current = getattr(modeling, _NAME)
+    current._fastlm_dispatch = True
+    current._fastlm_original = original
 
-    @functools.wraps(original)
+
+def _dispatcher(original):
     def dispatch(q, k, cos, sin, *args, **kwargs):
         # Only HF's standard form: (B, H, S, D) q/k, (B, S, R) tables unsqueezed at dim 1,
         # R even and <= D (a tiny StableLM's rotary dim of 1 gets tables of 2, which HF's
@@ -116,9 +131,7 @@ def _install(modeling) -> None:
             return rotary(q, k, cos, sin)
         return original(q, k, cos, sin, *args, **kwargs)
 
-    dispatch._fastlm_dispatch = True
-    dispatch._fastlm_original = original
-    setattr(modeling, _NAME, dispatch)
+    return dispatch
 
 
 def rope_forward(module: torch.nn.Module, modeling):

@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 import torch
 
 from fastlm.integrations._patch_loss import (
-    head_forward,
+    loss_function,
     loss_unsupported,
-    make_loss_function,
     mlm_forward,
     mlm_head,
     model_forward,
+    set_head_forward,
 )
 from fastlm.integrations._patch_probe import disagrees as _disagrees
 from fastlm.integrations._patch_rope import rope_forward, rope_target
@@ -114,7 +114,7 @@ class PatchHandle:
 
     def undo(self) -> None:
         for restore in reversed(self._restore):
-            restore()
+            restore(self.model)
         self._restore.clear()
         for m in self._modules:
             if "forward" in m.__dict__:
@@ -204,18 +204,21 @@ def _patch_loss(model, h: PatchHandle) -> None:
         return
     mlm = mlm_head(model)
     if mlm is not None:  # masked LM: the loss is computed inline, not by loss_function
-        _set_forward(h, mlm, head_forward)
-        _set_forward(h, model, mlm_forward(model, mlm))
+        set_head_forward(h, mlm)
+        _set_forward(h, model, mlm_forward(model))
         h.swapped["loss"] = 1
         return
-    head = model.get_output_embeddings()
-    _set_forward(h, head, head_forward)
-    _set_forward(h, model, model_forward(model, head))
+    set_head_forward(h, model.get_output_embeddings())
+    _set_forward(h, model, model_forward(model))
+    # bound to the model, and reading the model's own state, so that a deepcopy of the model
+    # (a reference model, an EMA copy) runs on the copy's modules
+    model.__dict__["_fastlm_loss_original"] = model.loss_function
     had_own = "_loss_function" in model.__dict__
     before = model.__dict__.get("_loss_function")
-    model._loss_function = make_loss_function(head, model.loss_function)
+    model._loss_function = types.MethodType(loss_function, model)
 
-    def restore():
+    def restore(model):  # the handle's model: a deepcopy's handle restores the copy
+        model.__dict__.pop("_fastlm_loss_original", None)
         if had_own:
             model._loss_function = before
         else:
