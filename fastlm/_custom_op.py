@@ -21,6 +21,7 @@ cross-entropy's weight gradient alone is a vocab x hidden buffer of them).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 
@@ -77,10 +78,33 @@ def _classify(args) -> int:
 _TRACED, _GRAD, _PLAIN_CALL = range(3)
 
 
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def _without_autocast(fn):
+    """fn with torch.autocast off while it runs. An op's inputs are cast once at its public
+    function (fastlm/ops/_autocast.py); inside, autocast would recast the kernels' own matrix
+    products and buffers (an fp32 ``out=`` buffer given a bf16 product failed). The dispatcher
+    does not switch it off for a custom op (its autocast key falls through)."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        on = [d for d in _AUTOCAST_DEVICES if torch.is_autocast_enabled(d)]
+        if not on:
+            return fn(*args, **kwargs)
+        with contextlib.ExitStack() as stack:
+            for device in on:
+                stack.enter_context(torch.autocast(device, enabled=False))
+            return fn(*args, **kwargs)
+
+    return run
+
+
 class FastOp:
     """What :func:`custom_op` returns: call it like the function it decorates."""
 
     def __init__(self, name: str, fn):
+        fn = _without_autocast(fn)
         self._fn = fn
         self._sig = inspect.signature(fn)
         self._op = torch.library.custom_op(name, mutates_args=())(fn)
@@ -97,6 +121,7 @@ class FastOp:
         return fake
 
     def register_autograd(self, backward, *, setup_context):
+        backward = _without_autocast(backward)
         self._op.register_autograd(backward, setup_context=setup_context)
         self._backward, self._setup = backward, setup_context
 

@@ -14,6 +14,7 @@ import torch
 from fastlm._custom_op import custom_op
 from fastlm.ops import _fused_common as fc
 from fastlm.ops import reference
+from fastlm.ops._autocast import autocast_inputs
 
 __all__ = ["gelu", "silu", "swiglu", "geglu", "ACT_CODES"]
 
@@ -162,6 +163,7 @@ def silu(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None):
     """``silu(gate) * up`` (Llama/Mistral/Qwen MLPs) in one pass; gate and up alike."""
+    gate, up = autocast_inputs("promote", gate, up)
     _check("swiglu", gate=gate, up=up)
     return _glu_fwd(gate.contiguous(), up.contiguous(), ACT_CODES["silu"], backend or "")
 
@@ -169,6 +171,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None):
 def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh", *,
           backend: str | None = None):
     """``gelu(gate) * up`` (Gemma MLPs) in one pass."""
+    gate, up = autocast_inputs("promote", gate, up)
     _check("geglu", gate=gate, up=up)
     return _glu_fwd(gate.contiguous(), up.contiguous(), _code("geglu", approximate),
                     backend or "")

@@ -33,6 +33,7 @@ from fastlm._dispatch import (
 from fastlm.ops import _attention_checks as checks
 from fastlm.ops import reference
 from fastlm.ops._attention_checks import FLOATS as _FLOATS
+from fastlm.ops._autocast import autocast_inputs
 
 __all__ = ["attention", "attention_varlen"]
 
@@ -442,6 +443,7 @@ def attention(
         read (``torch.empty_like(q)``).
         Differentiable in q, k and v; accumulation is fp32.
     """
+    q, k, v = autocast_inputs("lower", q, k, v)
     checks.check_dense(q, k, v, key_padding_mask, segment_ids)
     left, right, softcap, scale = _normalise(causal, window, softcap, scale, q.shape[-1])
     mask = None if key_padding_mask is None else key_padding_mask.contiguous()
@@ -480,6 +482,7 @@ def attention_varlen(
     attend only within themselves. Other arguments and the result as in :func:`attention`;
     returns (total_q, Hq, D).
     """
+    q, k, v = autocast_inputs("lower", q, k, v)
     checks.check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     left, right, softcap, scale = _normalise(causal, window, softcap, scale, q.shape[-1])
     out, _ = _attention_varlen_fwd(

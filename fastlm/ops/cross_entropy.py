@@ -22,6 +22,7 @@ from fastlm._build import load_extension
 from fastlm._custom_op import custom_op
 from fastlm._dispatch import Call, all_of, define_op, extension_check, needs_device, needs_dtypes
 from fastlm.ops import _fused_common as fc
+from fastlm.ops._autocast import autocast_inputs
 
 __all__ = ["fused_linear_cross_entropy"]
 
@@ -243,6 +244,7 @@ def fused_linear_cross_entropy(
         the fp32 scalar loss; differentiable in hidden, weight and bias.
     """
     op = "fused_linear_cross_entropy"
+    hidden, weight, bias = autocast_inputs("lower", hidden, weight, bias)
     fc.check_float_tensor(op, "hidden", hidden)
     fc.check_float_tensor(op, "weight", weight)
     hidden2 = hidden.reshape(-1, hidden.shape[-1])

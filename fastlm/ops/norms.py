@@ -15,6 +15,7 @@ import torch
 from fastlm._custom_op import custom_op
 from fastlm.ops import _fused_common as fc
 from fastlm.ops import reference
+from fastlm.ops._autocast import autocast_inputs
 
 __all__ = ["rms_norm", "layer_norm"]
 
@@ -214,6 +215,7 @@ def rms_norm(
         y of x's shape and dtype; statistics and the product are computed in fp32.
         Differentiable in x and weight.
     """
+    x, weight = autocast_inputs("fp32", x, weight)
     x2 = _rows("rms_norm", x, weight)
     y, _ = _rms_norm_fwd(x2, _param(weight), float(eps), float(offset), backend or "")
     return y.view_as(x)  # (view(x.shape) costs 3x as much: ~2 us, a third of a small call)
@@ -233,6 +235,7 @@ def layer_norm(
     Returns x's shape and dtype; differentiable in x, weight and bias. ``backend`` as in
     :func:`rms_norm` ($FASTLM_BACKEND_LAYER_NORM).
     """
+    x, weight, bias = autocast_inputs("fp32", x, weight, bias)
     x2 = _rows("layer_norm", x, weight, bias)
     y, _, _ = _layer_norm_fwd(x2, _param(weight), _param(bias), float(eps), backend or "")
     return y.view_as(x)  # (view(x.shape) costs 3x as much: ~2 us, a third of a small call)

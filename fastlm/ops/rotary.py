@@ -22,6 +22,7 @@ import torch
 from fastlm._custom_op import custom_op
 from fastlm.ops import _fused_common as fc
 from fastlm.ops import reference
+from fastlm.ops._autocast import autocast_inputs
 
 __all__ = ["rotary"]
 
@@ -134,6 +135,7 @@ def rotary(
     Returns:
         (q_out, k_out) in q's dtype and layout; differentiable in q and k.
     """
+    q, k, cos, sin = autocast_inputs("promote", q, k, cos, sin)
     _check_qk(q, k)
     c, s = _table("cos", cos, q), _table("sin", sin, q)
     if c.shape != s.shape:
