@@ -184,7 +184,7 @@ def patch(model: torch.nn.Module, *, attention: bool = True, norms: bool = True,
         h.skipped["rope"] = rope_refused or ("no attention module applies rotary embeddings "
                                              "(learned positions?)")
     if loss:
-        _patch_loss(model, h)
+        _patch_loss(_loss_owner(model), h)
     model.__dict__["_fastlm_patch"] = h
     if verbose:
         logger.warning(h.summary())
@@ -197,7 +197,17 @@ def _set_forward(h: PatchHandle, module, fwd) -> None:
     h._modules.append(module)
 
 
+def _loss_owner(model):
+    """The model whose forward computes the loss: a PEFT wrapper's base model (its own forward
+    only passes the call on, and the base's calls its own loss_function)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
 def _patch_loss(model, h: PatchHandle) -> None:
+    if model is not h.model and "_fastlm_patch" in model.__dict__:
+        h.skipped["loss"] = "the base model was patched on its own (its handle has the loss)"
+        return
     reason = loss_unsupported(model)
     if reason is not None:
         h.skipped["loss"] = reason
@@ -217,7 +227,13 @@ def _patch_loss(model, h: PatchHandle) -> None:
     before = model.__dict__.get("_loss_function")
     model._loss_function = types.MethodType(loss_function, model)
 
+    if model is not h.model:  # patch(base) then returns this handle too
+        model.__dict__["_fastlm_patch"] = h
+
     def restore(model):  # the handle's model: a deepcopy's handle restores the copy
+        model = _loss_owner(model)
+        if model is not h.model:
+            model.__dict__.pop("_fastlm_patch", None)
         model.__dict__.pop("_fastlm_loss_original", None)
         if had_own:
             model._loss_function = before
