@@ -23,7 +23,33 @@ import types
 
 import torch
 
-_ACTIVE = contextvars.ContextVar("fastlm_rope_active", default=False)
+
+class _Flag:
+    """Whether a patched attention module is running: a context variable in eager code (per
+    thread and task), a plain attribute while dynamo traces, which cannot trace a
+    ContextVar (fullgraph compiles of any model of a patched architecture failed on it)."""
+
+    def __init__(self):
+        self._var = contextvars.ContextVar("fastlm_rope_active", default=False)
+        self._traced = False
+
+    def get(self) -> bool:
+        return self._traced if torch.compiler.is_compiling() else self._var.get()
+
+    def set(self, value: bool):
+        if torch.compiler.is_compiling():
+            before, self._traced = self._traced, value
+            return before
+        return self._var.set(value)
+
+    def reset(self, token) -> None:
+        if torch.compiler.is_compiling():
+            self._traced = token
+        else:
+            self._var.reset(token)
+
+
+_ACTIVE = _Flag()
 _NAME = "apply_rotary_pos_emb"
 
 

@@ -285,6 +285,29 @@ def test_torch_compile_of_a_patched_model():
         torch.testing.assert_close(p.grad, want[name], rtol=1e-3, atol=2e-5, msg=name)
 
 
+def test_fullgraph_compile_of_patched_and_unpatched_models_of_one_class(monkeypatch):
+    """The fused-RoPE dispatcher in modeling_llama is shared by every Llama; it read a
+    ContextVar, which dynamo cannot trace, so after one patch no Llama compiled with
+    fullgraph=True (patched or not). Both compile now; only the patched one runs the kernel."""
+    import fastlm.ops
+
+    calls = []
+    real = fastlm.ops.rotary
+    monkeypatch.setattr(fastlm.ops, "rotary", lambda *a, **k: calls.append(1) or real(*a, **k))
+    patched, plain = build("llama").train(), build("llama").train()
+    ids = torch.randint(1, 96, (2, 11))
+    inputs = dict(attention_mask=torch.ones_like(ids), labels=ids)
+    ref = plain(ids, **inputs).loss
+    fastlm.patch(patched)
+    torch._dynamo.reset()
+    loss = torch.compile(plain, backend="aot_eager", fullgraph=True)(ids, **inputs).loss
+    assert calls == []
+    torch.testing.assert_close(loss, ref)
+    loss = torch.compile(patched, backend="aot_eager", fullgraph=True)(ids, **inputs).loss
+    assert len(calls) == 2  # one per layer, when traced
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "gemma", "phi3", "gpt_neox", "gemma2",
                                   "starcoder2", "qwen3_moe", "cohere"])
 def test_greedy_generation_with_cache_is_unchanged(kind):
