@@ -79,17 +79,17 @@ def test_elementwise_ops_promote(op_path):
     gate, up = torch.randn(9, 40).bfloat16(), torch.randn(9, 40)
     check(swiglu, lambda g, u: F.silu(g) * u, [gate, up])
     q, k = torch.randn(1, 4, 10, 16).bfloat16(), torch.randn(1, 2, 10, 16).bfloat16()
-    cos, sin = torch.randn(1, 10, 16), torch.randn(1, 10, 16)
+    cos, sin = torch.randn(1, 10, 16), torch.randn(1, 10, 16)  # fp32 tables, no grad (HF's)
 
-    def hf_rope(q, k, cos, sin):
+    def hf_rope(q, k):
         def half(x):
             return torch.cat((-x[..., 8:], x[..., :8]), dim=-1)
 
-        c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+        c, s = cos.to(q.dtype if q.dtype == torch.float64 else cos.dtype).unsqueeze(1), \
+            sin.to(q.dtype if q.dtype == torch.float64 else sin.dtype).unsqueeze(1)
         return torch.cat([(q * c + half(q) * s).flatten(), (k * c + half(k) * s).flatten()])
 
-    check(lambda q, k, c, s: torch.cat([t.flatten() for t in rotary(q, k, c, s)]), hf_rope,
-          [q, k, cos, sin])
+    check(lambda q, k: torch.cat([t.flatten() for t in rotary(q, k, cos, sin)]), hf_rope, [q, k])
 
 
 def test_without_autocast_nothing_is_cast():

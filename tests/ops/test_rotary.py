@@ -112,7 +112,11 @@ def test_matches_transformers_llama_rope():
     torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
 
 
-def test_tables_that_need_grad_are_announced_and_differentiated(caplog):
+def test_tables_that_need_grad_are_announced_and_differentiated(caplog, monkeypatch):
+    import sys
+
+    # warned once a process (the name fastlm.ops.rotary is the function; the module's here)
+    monkeypatch.setattr(sys.modules["fastlm.ops.rotary"], "_warned_table_grad", False)
     q = torch.randn(1, 2, 5, 8, requires_grad=True)
     cos, sin = _tables(1, 5, 8, False, torch.float32, "cpu")
     cos.requires_grad_()
