@@ -100,7 +100,10 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> RunState:
     model = build_model(cfg.model, vocab, cfg.data.block_size,
                         eos_id=train_loader.split.eos_id).to(dev)
     if cfg.train.compile:
-        model = torch.compile(model)
+        # in place (nn.Module.compile): parameter names, checkpoint keys and the patch handle
+        # stay the model's own (torch.compile(model) wrapped it: keys under "_orig_mod.", which
+        # export could not load)
+        model.compile()
     fpt = flops_per_token(model, cfg.data.block_size)
     engine, _, scheduler = initialize(cfg, model, param_groups(model, cfg.optim.weight_decay),
                                       deepspeed_config(cfg, micro, accum, glob))
@@ -222,10 +225,20 @@ def _patched_loss(module) -> bool:
     return handle is not None and "loss" in handle.swapped
 
 
+def _inputs(engine, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> dict:
+    kwargs = {"input_ids": input_ids, "use_cache": False}
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
+    elif getattr(engine.module, "_compiled_call_impl", None) is not None:
+        # Without a mask, a traced transformers forward adds its packed-sequence check as
+        # closures dynamo cannot read, and fastlm's attention falls back to SDPA; with one
+        # (all ones: blocks have no padding) its mask is plain causal and the kernel runs.
+        kwargs["attention_mask"] = torch.ones_like(input_ids)
+    return kwargs
+
+
 def _loss(engine, batch: Batch, model_dtype, fused: bool = False) -> torch.Tensor:
-    kwargs = {"input_ids": batch.input_ids, "use_cache": False}
-    if batch.position_ids is not None:
-        kwargs["position_ids"] = batch.position_ids
+    kwargs = _inputs(engine, batch.input_ids, batch.position_ids)
     if fused and engine.module.training and _patched_loss(engine.module):
         # fastlm.patch's fused loss: computed inside the LM head module's call, where ZeRO-3
         # has gathered its weight; the loader's targets are already the next tokens
@@ -280,7 +293,7 @@ def evaluate_loss(engine, val_loader: BlockLoader, batches: int, dev, model_dtyp
             total += _loss(engine, first.to(dev), model_dtype, fused).item()
             continue
         ids = torch.cat([b.input_ids for b in group]).to(dev)
-        out = engine(input_ids=ids, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+        out = engine(**_inputs(engine, ids), output_hidden_states=True, logits_to_keep=1)
         hidden = out.hidden_states[-1].split(first.input_ids.shape[0])
         total += sum(_head_loss(engine, h, b.targets.to(dev)) for h, b in zip(hidden, group)).item()
     engine.train()

@@ -456,3 +456,31 @@ def test_document_boundaries_train_in_the_packed_kernel(tmp_path, tiny_data, mon
     assert any(s is not None and int(s.max()) > 0 for s in segments)
     for x, y in zip(losses(fused), losses(eager)):
         assert abs(x - y) <= 1e-5 * abs(y), (losses(fused), losses(eager))
+
+
+def test_compiled_training_runs_the_kernels_and_exports(tmp_path, tiny_data, monkeypatch):
+    """train.compile: the model is compiled in place, so its checkpoint keys are its own (a
+    torch.compile wrapper put them under "_orig_mod." and the export failed), and the blocks
+    go in with an all-ones mask, so the traced forward's mask is plain causal and fastlm's
+    attention kernel runs (without one it fell back to SDPA). Compiled with aot_eager here
+    (inductor's C++ builds would take minutes); the losses equal the eager run's."""
+    from transformers import AutoModelForCausalLM
+
+    from fastlm.integrations import _hf_attention
+
+    real = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda self, **kw: real(self, **{"backend": "aot_eager", **kw}))
+    warned, calls = set(), []
+    monkeypatch.setattr(_hf_attention, "_warned", warned)
+    attention = _hf_attention.attention
+    monkeypatch.setattr(_hf_attention, "attention",
+                        lambda *a, **k: calls.append(1) or attention(*a, **k))
+    args = ("train.max_steps=3", "eval.every=3", "export=true")
+    compiled = run(config(tmp_path / "c", tiny_data, *args, "train.compile=true"))
+    assert not warned and calls
+    plain = run(config(tmp_path / "p", tiny_data, *args))
+    for a, b in zip(losses(compiled), losses(plain)):
+        assert abs(a - b) <= 1e-5 * abs(b), (losses(compiled), losses(plain))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "c" / "run" / "hf")
+    assert not any(k.startswith("_orig_mod") for k in hf.state_dict())
