@@ -11,8 +11,8 @@ import triton.language as tl
 
 @triton.jit
 def _rotary(X, C, S, Y, seqlen, heads, xb, xh, xs, yb, yh, ys, cb, HALF: tl.constexpr,
-            PASS: tl.constexpr, INVERSE: tl.constexpr, BLOCK_S: tl.constexpr,
-            BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
+            PASS: tl.constexpr, INVERSE: tl.constexpr, INTERLEAVED: tl.constexpr,
+            BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
     bh = tl.program_id(1)
     b, h = bh // heads, bh % heads
     pos = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -21,20 +21,26 @@ def _rotary(X, C, S, Y, seqlen, heads, xb, xh, xs, yb, yh, ys, cb, HALF: tl.cons
     xrow = X + b.to(tl.int64) * xb + h.to(tl.int64) * xh + pos[:, None].to(tl.int64) * xs
     yrow = Y + b.to(tl.int64) * yb + h.to(tl.int64) * yh + pos[:, None].to(tl.int64) * ys
     trow = b.to(tl.int64) * cb + pos[:, None].to(tl.int64) * (2 * HALF)
-    x1 = tl.load(xrow + f[None, :], mask=m, other=0.0).to(tl.float32)
-    x2 = tl.load(xrow + HALF + f[None, :], mask=m, other=0.0).to(tl.float32)
-    c1 = tl.load(C + trow + f[None, :], mask=m, other=0.0)
-    c2 = tl.load(C + trow + HALF + f[None, :], mask=m, other=0.0)
-    s1 = tl.load(S + trow + f[None, :], mask=m, other=0.0)
-    s2 = tl.load(S + trow + HALF + f[None, :], mask=m, other=0.0)
+    if INTERLEAVED:  # pairs (2i, 2i + 1) (Cohere, GLM)
+        i1 = 2 * f[None, :]
+        i2 = i1 + 1
+    else:  # halves (i, i + R/2)
+        i1 = f[None, :]
+        i2 = i1 + HALF
+    x1 = tl.load(xrow + i1, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(xrow + i2, mask=m, other=0.0).to(tl.float32)
+    c1 = tl.load(C + trow + i1, mask=m, other=0.0)
+    c2 = tl.load(C + trow + i2, mask=m, other=0.0)
+    s1 = tl.load(S + trow + i1, mask=m, other=0.0)
+    s2 = tl.load(S + trow + i2, mask=m, other=0.0)
     if INVERSE:
         y1 = x1 * c1 + x2 * s2
         y2 = x2 * c2 - x1 * s1
     else:
         y1 = x1 * c1 - x2 * s1
         y2 = x2 * c2 + x1 * s2
-    tl.store(yrow + f[None, :], y1.to(Y.dtype.element_ty), mask=m)
-    tl.store(yrow + HALF + f[None, :], y2.to(Y.dtype.element_ty), mask=m)
+    tl.store(yrow + i1, y1.to(Y.dtype.element_ty), mask=m)
+    tl.store(yrow + i2, y2.to(Y.dtype.element_ty), mask=m)
     if PASS > 0:  # partial rotary (GPT-NeoX, Phi): features [2 * HALF, D) pass through
         p = tl.arange(0, BLOCK_P)
         mp = (pos[:, None] < seqlen) & (p[None, :] < PASS)
@@ -42,7 +48,8 @@ def _rotary(X, C, S, Y, seqlen, heads, xb, xh, xs, yb, yh, ys, cb, HALF: tl.cons
         tl.store(yrow + 2 * HALF + p[None, :], keep, mask=mp)
 
 
-def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool,
+           interleaved: bool = False) -> torch.Tensor:
     out = torch.empty_like(x)
     if x.numel() == 0:
         return out
@@ -53,6 +60,6 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool)
     grid = (triton.cdiv(seqlen, block_s), batch * heads)
     _rotary[grid](x, cos, sin, out, seqlen, heads, *x.stride()[:3], *out.stride()[:3],
                   0 if cos.shape[0] == 1 else cos.stride(0), HALF=half, PASS=dim - 2 * half,
-                  INVERSE=inverse, BLOCK_S=block_s, BLOCK_H=block_h,
+                  INVERSE=inverse, INTERLEAVED=interleaved, BLOCK_S=block_s, BLOCK_H=block_h,
                   BLOCK_P=triton.next_power_of_2(max(dim - 2 * half, 1)))
     return out

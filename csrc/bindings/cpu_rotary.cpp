@@ -21,7 +21,8 @@ void check_table(const Tensor& t, const char* name, const Tensor& x) {
               " last dim (rot_dim = ", t.size(2), ") must be even and <= head_dim ", x.size(3));
 }
 
-Tensor rotary(const Tensor& x, const Tensor& cos, const Tensor& sin, bool inverse) {
+Tensor rotary(const Tensor& x, const Tensor& cos, const Tensor& sin, bool inverse,
+              bool interleaved) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 4, "fastlm_cpu rotary: x must be a 4-D CPU "
               "tensor (batch, heads, seqlen, head_dim), got ", x.device(), " ", x.sizes());
   TORCH_CHECK(x.stride(3) == 1, "fastlm_cpu rotary: x's last dim must be contiguous");
@@ -37,6 +38,7 @@ Tensor rotary(const Tensor& x, const Tensor& cos, const Tensor& sin, bool invers
   p.ob = out.stride(0), p.oh = out.stride(1), p.os = out.stride(2);
   p.cos_b = cos.size(0) == 1 ? 0 : cos.stride(0);
   p.inverse = inverse;
+  p.interleaved = interleaved;
   if (x.numel() == 0) return out;
   fastlm::fused::rotary_cpu(fastlm::fused::dt_of(x, "rotary", "x"), p, x.data_ptr(),
                             cos.data_ptr<float>(), sin.data_ptr<float>(), out.data_ptr());
@@ -46,7 +48,7 @@ Tensor rotary(const Tensor& x, const Tensor& cos, const Tensor& sin, bool invers
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastlm_cpu, m) {
-  m.def("rotary(Tensor x, Tensor cos, Tensor sin, bool inverse) -> Tensor");
+  m.def("rotary(Tensor x, Tensor cos, Tensor sin, bool inverse, bool interleaved) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastlm_cpu, CPU, m) { m.impl("rotary", &rotary); }

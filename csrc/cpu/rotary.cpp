@@ -28,6 +28,21 @@ void rotate_row(const T* x, T* out, const float* c, const float* s, int64_t half
   }
 }
 
+// Adjacent pairs: scalar in fp32 (the compiler vectorises the even/odd loads); the same
+// matrices as rotate_row with (x1, x2) = (x[2i], x[2i+1]).
+template <typename T>
+void rotate_pairs(const T* x, T* out, const float* c, const float* s, int64_t half,
+                  bool inverse) {
+  for (int64_t i = 0; i < half; ++i) {
+    const float x1 = to_float(x[2 * i]), x2 = to_float(x[2 * i + 1]);
+    const float c1 = c[2 * i], c2 = c[2 * i + 1], s1 = s[2 * i], s2 = s[2 * i + 1];
+    const float y1 = inverse ? x1 * c1 + x2 * s2 : x1 * c1 - x2 * s1;
+    const float y2 = inverse ? x2 * c2 - x1 * s1 : x2 * c2 + x1 * s2;
+    out[2 * i] = from_float<T>(y1);
+    out[2 * i + 1] = from_float<T>(y2);
+  }
+}
+
 template <typename T>
 void rotary_impl(const RotaryParams& p, const T* x, const float* cos, const float* sin, T* out) {
   const int64_t rows = p.batch * p.heads * p.seqlen, half = p.rot_dim / 2;
@@ -38,7 +53,11 @@ void rotary_impl(const RotaryParams& p, const T* x, const float* cos, const floa
     const T* xr = x + b * p.xb + h * p.xh + s * p.xs;
     T* outr = out + b * p.ob + h * p.oh + s * p.os;
     const int64_t cs = b * p.cos_b + s * p.rot_dim;
-    rotate_row(xr, outr, cos + cs, sin + cs, half, p.inverse);
+    if (p.interleaved) {
+      rotate_pairs(xr, outr, cos + cs, sin + cs, half, p.inverse);
+    } else {
+      rotate_row(xr, outr, cos + cs, sin + cs, half, p.inverse);
+    }
     if (pass > 0) std::memcpy(outr + p.rot_dim, xr + p.rot_dim, pass * sizeof(T));
   }
 }

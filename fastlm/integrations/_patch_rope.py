@@ -8,9 +8,11 @@ variable its instance forward sets) and the original function otherwise. Unpatch
 including other instances of the same class, keep HF's code path exactly; ``undo()`` removes
 the instance forward, after which the dispatcher only passes calls through.
 
-Not every ``apply_rotary_pos_emb`` is the rotate-half form the kernel computes (Cohere and GLM
-rotate interleaved pairs; GPT-J's takes other arguments), so each is run once on random inputs
-against the fused op before its first swap, and left alone, with the reason, where they differ.
+Not every ``apply_rotary_pos_emb`` is the rotate-half form (Cohere rotates adjacent pairs;
+GLM rotates pairs with tables it rebuilds from HF's; GPT-J's takes other arguments), so each is
+run once on random inputs against the fused op in each form it computes before its first swap;
+the dispatcher then computes that form, and a function matching none is left alone, with the
+reason.
 """
 
 from __future__ import annotations
@@ -71,29 +73,38 @@ def rope_target(module: torch.nn.Module):
     return modeling, None
 
 
-_VERDICTS: dict = {}  # an original apply_rotary_pos_emb -> None (fusable) or why not
+_VERDICTS: dict = {}  # an original apply_rotary_pos_emb -> (its form, or None and why not)
+
+# The forms the fused op computes: (name, tables as the function uses them, interleaved).
+# Llama's rotates halves with the tables given; Cohere's rotates adjacent pairs with the tables
+# given (its own are repeat-interleaved); GLM's rotates pairs with the first half of HF's
+# halves-repeated tables, repeat-interleaved.
+_FORMS = (
+    ("halves", lambda t: t, False),
+    ("pairs", lambda t: t, True),
+    ("pairs_from_halves", lambda t: t[..., : t.shape[-1] // 2].repeat_interleave(2, dim=-1), True),
+)
 
 
 def _refusal(original) -> str | None:
     """Why ``original`` cannot be replaced by the fused op, or None. Checked once per function:
     HF's (q, k, cos, sin, ...) signature, then its result on random q, k and tables against
-    the fused op's. Cohere and GLM rotate interleaved pairs (x0, x1), GPT-J takes
-    (x, sin, cos): both are left alone instead of being rotated the wrong way."""
+    the fused op's in each form it computes (rotate-half, Cohere's and GLM's interleaved
+    pairs). GPT-J's takes (x, sin, cos): left alone instead of being rotated the wrong way."""
+    return _verdict(original)[1]
+
+
+def _verdict(original) -> tuple:
     if original not in _VERDICTS:
         _VERDICTS[original] = _probe(original)
     return _VERDICTS[original]
 
 
-def _probe(original) -> str | None:
-    try:
-        params = list(inspect.signature(original).parameters.values())
-    except (TypeError, ValueError):
-        params = []  # unreadable: the probe decides
-    names = [p.name for p in params[:4]]
-    # a hub-kernel wrapper shows (*args, **kwargs): the probe decides
-    explicit = all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params[:4])
-    if params and explicit and names != ["q", "k", "cos", "sin"]:
-        return f"it takes ({', '.join(p.name for p in params)}), not HF's (q, k, cos, sin, ...)"
+def _probe(original) -> tuple:
+    """(form, None) for a function the fused op computes, else (None, why)."""
+    why = _probe_signature(original)
+    if why is not None:
+        return None, why
     from fastlm.ops.rotary import rotary  # the op itself, whatever fastlm.ops.rotary is now
 
     gen = torch.Generator().manual_seed(0)  # the caller's random stream stays untouched
@@ -104,18 +115,37 @@ def _probe(original) -> str | None:
     try:
         want = original(q, k, cos, sin)
     except Exception as exc:  # noqa: BLE001 - reported, and the model keeps its own RoPE
-        return f"a probe of it failed ({type(exc).__name__}: {exc})"
-    if not _same(rotary(q, k, cos, sin, backend="torch"), want):  # the reference backend
-        return "it is not the rotate-half form the fused op computes (interleaved pairs?)"
+        return None, f"a probe of it failed ({type(exc).__name__}: {exc})"
+
+    def fused(form, c, s):
+        _, tables, interleaved = form
+        return rotary(q, k, tables(c), tables(s), interleaved=interleaved, backend="torch")
+
+    form = next((f for f in _FORMS if _same(fused(f, cos, sin), want)), None)
+    if form is None:
+        return None, "it is none of the forms the fused op computes (rotate-half, pairs)"
     # tables narrower than the head (partial rotary: Phi-3, GPT-NeoX): the fused op rotates
     # the first dims and passes the rest; a function that cannot take such tables is never
     # called with them
     try:
         want = original(q, k, cos[..., :4], sin[..., :4])
     except Exception:  # noqa: BLE001
-        return None
-    if not _same(rotary(q, k, cos[..., :4], sin[..., :4], backend="torch"), want):
-        return "its partial rotary (tables narrower than the head) is not the fused op's"
+        return form[0], None
+    if not _same(fused(form, cos[..., :4], sin[..., :4]), want):
+        return None, "its partial rotary (tables narrower than the head) is not the fused op's"
+    return form[0], None
+
+
+def _probe_signature(original) -> str | None:
+    try:
+        params = list(inspect.signature(original).parameters.values())
+    except (TypeError, ValueError):
+        params = []  # unreadable: the probe decides
+    names = [p.name for p in params[:4]]
+    # a hub-kernel wrapper shows (*args, **kwargs): the probe decides
+    explicit = all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params[:4])
+    if params and explicit and names != ["q", "k", "cos", "sin"]:
+        return f"it takes ({', '.join(p.name for p in params)}), not HF's (q, k, cos, sin, ...)"
     return None
 
 
@@ -129,22 +159,25 @@ def _install(modeling) -> None:
     current = getattr(modeling, _NAME)
     if getattr(current, "_fastlm_dispatch", False):
         return
+    form = next(f for f in _FORMS if f[0] == _verdict(current)[0])  # rope_target checked it
     if isinstance(current, torch.nn.Module):
         # With the `kernels` package installed, transformers makes the function a module object
         # (kernels' Func) that pickles by its name in the modeling file. The object stays and
         # its forward becomes the dispatcher: putting a function in the name instead broke
         # pickling every model of that file, patched or not.
         original = types.MethodType(type(current).forward, current)
-        current.forward = _dispatcher(original)
+        current.forward = _dispatcher(original, form)
     else:
         original = current
-        setattr(modeling, _NAME, functools.wraps(current)(_dispatcher(current)))
+        setattr(modeling, _NAME, functools.wraps(current)(_dispatcher(current, form)))
         current = getattr(modeling, _NAME)
     current._fastlm_dispatch = True
     current._fastlm_original = original
 
 
-def _dispatcher(original):
+def _dispatcher(original, form):
+    _, tables, interleaved = form
+
     def dispatch(q, k, cos, sin, *args, **kwargs):
         # Only HF's standard form: (B, H, S, D) q/k, (B, S, R) tables unsqueezed at dim 1,
         # R even and <= D (a tiny StableLM's rotary dim of 1 gets tables of 2, which HF's
@@ -154,7 +187,7 @@ def _dispatcher(original):
                 and cos.shape[-1] % 2 == 0 and cos.shape[-1] <= q.shape[-1]):
             from fastlm.ops import rotary
 
-            return rotary(q, k, cos, sin)
+            return rotary(q, k, tables(cos), tables(sin), interleaved=interleaved)
         return original(q, k, cos, sin, *args, **kwargs)
 
     return dispatch

@@ -283,6 +283,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...): the interleaved form (Cohere, GLM)."""
+    return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+
+
 def _rotary_tables(cos, sin):
     # (S, R) -> (1, 1, S, R); (B, S, R) -> (B, 1, S, R): broadcast over heads
     if cos.dim() == 2:
@@ -290,19 +295,21 @@ def _rotary_tables(cos, sin):
     return cos[:, None], sin[:, None]
 
 
-def rotary_ref(q, k, cos, sin, *, upcast=True):
-    """HF rotary: ``x * cos + rotate_half(x) * sin`` on the first cos.shape[-1] features.
+def rotary_ref(q, k, cos, sin, *, upcast=True, interleaved=False):
+    """HF rotary: ``x * cos + rotate_half(x) * sin`` on the first cos.shape[-1] features
+    (``rotate_pairs`` instead with ``interleaved``).
 
     q (B, Hq, S, D), k (B, Hkv, S, D), cos/sin (S, R) or (B, S, R) with R <= D even; features
     [R, D) pass through (partial rotary). Returns (q_out, k_out) in the inputs' dtypes.
     """
     c, s = _rotary_tables(_work(cos, upcast), _work(sin, upcast))
     rot = c.shape[-1]
+    rotate = rotate_pairs if interleaved else rotate_half
 
     def apply(x):
         xc = _work(x, upcast)
         xr = xc[..., :rot]
-        out = xr * c.to(xc.dtype) + rotate_half(xr) * s.to(xc.dtype)
+        out = xr * c.to(xc.dtype) + rotate(xr) * s.to(xc.dtype)
         return torch.cat((out, xc[..., rot:]), dim=-1).to(x.dtype)
 
     return apply(q), apply(k)

@@ -34,19 +34,27 @@ class _TorchRotary:
     """The reference as a backend, with the kernels' exact pairing (so it is also their spec)."""
 
     @staticmethod
-    def rotary(x, cos, sin, inverse):
+    def rotary(x, cos, sin, inverse, interleaved=False):
         dt = fc.compute_dtype(x)
         xc, c, s = x.to(dt), cos[:, None].to(dt), sin[:, None].to(dt)
         rot = c.shape[-1]
         h = rot // 2
-        x1, x2 = xc[..., :h], xc[..., h:rot]
-        c1, c2, s1, s2 = c[..., :h], c[..., h:], s[..., :h], s[..., h:]
+        if interleaved:  # pairs (2i, 2i + 1)
+            first, second = slice(0, rot, 2), slice(1, rot, 2)
+        else:  # halves
+            first, second = slice(0, h), slice(h, rot)
+        x1, x2 = xc[..., first], xc[..., second]
+        c1, c2, s1, s2 = c[..., first], c[..., second], s[..., first], s[..., second]
         if inverse:
             y1, y2 = x1 * c1 + x2 * s2, x2 * c2 - x1 * s1
         else:
             y1, y2 = x1 * c1 - x2 * s1, x2 * c2 + x1 * s2
+        if interleaved:
+            rotated = torch.stack((y1, y2), dim=-1).flatten(-2)
+        else:
+            rotated = torch.cat((y1, y2), dim=-1)
         out = torch.empty_like(x)  # the fake's layout: the input's strides
-        out.copy_(torch.cat((y1, y2, xc[..., rot:]), dim=-1))
+        out.copy_(torch.cat((rotated, xc[..., rot:]), dim=-1))
         return out
 
 
@@ -56,26 +64,27 @@ _op = fc.fused_op("rotary", cpu_symbol="rotary", triton_module="rotary",
 
 @custom_op("fastlm::rotary")
 def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool,
-            backend: str) -> torch.Tensor:
-    return fc.select(_op, backend, x).rotary(x, cos, sin, inverse)
+            interleaved: bool, backend: str) -> torch.Tensor:
+    return fc.select(_op, backend, x).rotary(x, cos, sin, inverse, interleaved)
 
 
 @_rotary.register_fake
-def _(x, cos, sin, inverse, backend):
+def _(x, cos, sin, inverse, interleaved, backend):
     return torch.empty_like(x)
 
 
 def _setup(ctx, inputs, output):
-    _x, cos, sin, _inverse, backend = inputs
+    _x, cos, sin, _inverse, interleaved, backend = inputs
     ctx.save_for_backward(cos, sin)
-    ctx.backend = backend
+    ctx.interleaved, ctx.backend = interleaved, backend
 
 
 def _backward(ctx, dy):
     cos, sin = ctx.saved_tensors
     if dy.stride(-1) != 1:
         dy = dy.contiguous()
-    return _rotary(dy, cos, sin, True, ctx.backend), None, None, None, None
+    return _rotary(dy, cos, sin, True, ctx.interleaved, ctx.backend), None, None, None, None, \
+        None
 
 
 _rotary.register_autograd(_backward, setup_context=_setup)
@@ -123,6 +132,7 @@ def rotary(
     cos: torch.Tensor,
     sin: torch.Tensor,
     *,
+    interleaved: bool = False,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rotary embedding of q and k (HF convention: ``x * cos + rotate_half(x) * sin``).
@@ -132,6 +142,8 @@ def rotary(
             (HF's ``(B, S, H, D).transpose(1, 2)`` views are read in place).
         cos, sin: (S, R), (1 or B, S, R) or (1 or B, 1, S, R), R even and <= D; features
             [R, D) pass through unchanged (partial rotary, as GPT-NeoX and Phi use).
+        interleaved: rotate adjacent pairs (x[2i], x[2i+1]) with cos/sin[2i], [2i+1] instead
+            of the halves (Cohere's and GLM's form, with their repeat-interleaved tables).
     Returns:
         (q_out, k_out) in q's dtype and layout; differentiable in q and k.
     """
@@ -146,11 +158,13 @@ def rotary(
             _warned_table_grad = True
             logger.warning("fastlm.ops.rotary: cos/sin require grad; the kernels give them no "
                            "gradient, so these calls use the differentiable torch reference")
-        qo, ko = reference.rotary_ref(q, q if k is None else k, c, s)  # c, s keep grad
+        qo, ko = reference.rotary_ref(q, q if k is None else k, c, s,  # c, s keep grad
+                                      interleaved=interleaved)
         return qo, None if k is None else ko
 
     def one(x):
-        return _rotary(x if x.stride(-1) == 1 else x.contiguous(), c, s, False, backend or "")
+        return _rotary(x if x.stride(-1) == 1 else x.contiguous(), c, s, False,
+                       bool(interleaved), backend or "")
 
     return one(q), None if k is None else one(k)
 

@@ -1,8 +1,8 @@
 """fastlm.patch on tiny random models of twenty-four architectures: same logits, loss and
 gradients as the eager model (fp32), the fused training loss equals HF's, same greedy
 generation with the KV cache, torch.compile, undo() restores eager. What a model does in a way
-the kernels do not (interleaved RoPE, a mixture of experts' stacked weights, scaled logits) is
-left alone and reported, never swapped."""
+the kernels do not (GPT-J's RoPE function, a mixture of experts' stacked weights, scaled logits)
+is left alone and reported, never swapped."""
 
 import pytest
 import torch
@@ -58,8 +58,8 @@ EXPECT = {  # what patch() must swap: (norm modules, mlp modules) for two layers
     "cohere": (3, 2), "glm": (5, 2), "gptj": (3, 2),
 }
 LEARNED_POSITIONS = {"gpt2", "opt", "bert"}  # no rotary embedding to fuse
-ROPE_REFUSED = {"cohere": "not the rotate-half form", "glm": "not the rotate-half form",
-                "gptj": "it takes (tensor, sin, cos)"}
+ROPE_REFUSED = {"gptj": "it takes (tensor, sin, cos)"}
+ROPE_PAIRS = {"cohere", "glm"}  # interleaved pairs: the fused op's interleaved form
 # the head's logits are scaled before HF's loss: fused, that would be wrong (Gemma 2's final
 # soft-capping is fused, the kernel computes it; a cap of 2 makes a wrong one show)
 ENCODERS = {"bert", "modernbert"}
@@ -247,6 +247,23 @@ def test_fused_masked_lm_loss_matches_hf(return_dict):
     torch.testing.assert_close(ev.loss, ref_loss, rtol=1e-5, atol=1e-6)
     handle.undo()
     assert "forward" not in model.__dict__ and "forward" not in decoder.__dict__
+
+
+@pytest.mark.parametrize("kind", sorted(ROPE_PAIRS))
+def test_interleaved_rope_runs_in_the_kernel(kind, monkeypatch):
+    """Cohere's and GLM's RoPE (adjacent pairs; GLM's with tables rebuilt from HF's halves, and
+    partial) run the fused op's interleaved form; the logits and gradients equal eager's in
+    test_patched_model_matches_eager."""
+    import fastlm.ops
+
+    calls = []
+    real = fastlm.ops.rotary
+    monkeypatch.setattr(fastlm.ops, "rotary",
+                        lambda *a, **k: calls.append(k.get("interleaved")) or real(*a, **k))
+    model = build(kind)
+    fastlm.patch(model)
+    model(torch.randint(1, 96, (1, 5)))
+    assert calls == [True, True]
 
 
 def test_fused_rope_only_runs_in_patched_instances(monkeypatch):

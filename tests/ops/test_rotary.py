@@ -65,21 +65,26 @@ def _run(fn, q, k, cos, sin, dq, dk):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("backend, dtype", CASES)
 @pytest.mark.parametrize("arbitrary", [False, True], ids=["rope", "arbitrary-tables"])
-def test_rotary_matches_float64(backend, dtype, shape, arbitrary):
+@pytest.mark.parametrize("interleaved", [False, True], ids=["halves", "interleaved"])
+def test_rotary_matches_float64(backend, dtype, shape, arbitrary, interleaved):
     batch, hq, hk, seqlen, dim, rot, per_batch, hf_layout = shape
     dev = "cuda" if backend == "triton" and HAS_CUDA else "cpu"
     q, k = _qk(batch, hq, hk, seqlen, dim, hf_layout, dtype, dev)
     cos, sin = _tables(batch, seqlen, rot, per_batch, dtype, dev, arbitrary)
     dq, dk = torch.randn_like(q), torch.randn_like(k)
 
-    out = _run(lambda *a: rotary(*a, backend=backend), q, k, cos, sin, dq, dk)
-    base = _run(lambda *a: R.rotary_ref(*a, upcast=False), q, k, cos, sin, dq, dk)
-    ref = _run(R.rotary_ref, q.double(), k.double(), cos.double(), sin.double(), dq.double(),
-               dk.double())
+    out = _run(lambda *a: rotary(*a, interleaved=interleaved, backend=backend), q, k, cos, sin,
+               dq, dk)
+    base = _run(lambda *a: R.rotary_ref(*a, upcast=False, interleaved=interleaved), q, k, cos,
+                sin, dq, dk)
+    ref = _run(lambda *a: R.rotary_ref(*a, interleaved=interleaved), q.double(), k.double(),
+               cos.double(), sin.double(), dq.double(), dk.double())
     for i, name in enumerate(("q_out", "k_out", "dq", "dk")):
         factor = 2 if i < 2 else GRAD_FACTOR
         assert out[i].dtype == dtype and out[i].shape == ref[i].shape
         assert_within(out[i], ref[i], base[i], factor=factor, name=name)
+    if interleaved:
+        return
     # the grads also equal the closed-form transpose (shared reference)
     gq, gk = R.rotary_bwd_ref(dq.double(), dk.double(), cos.double(), sin.double())
     torch.testing.assert_close(ref[2], gq)
