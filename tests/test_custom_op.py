@@ -67,7 +67,7 @@ def test_opcheck_of_the_registered_ops():
     torch.library.opcheck(_rms_norm_fwd.op, (x, w, 1e-6, 0.0, ""), test_utils=tests)
     torch.library.opcheck(_glu_fwd.op, (x, torch.randn(6, 16), 0, ""), test_utils=tests)
     q = torch.randn(1, 2, 5, 8, requires_grad=True)
-    torch.library.opcheck(_rotary.op, (q, torch.randn(1, 5, 8), torch.randn(1, 5, 8), False, ""),
+    torch.library.opcheck(_rotary.op, (q, torch.randn(1, 5, 8), torch.randn(1, 5, 8), False, False, ""),
                           test_utils=tests)
     head = torch.randn(11, 16, requires_grad=True)
     torch.library.opcheck(

@@ -229,7 +229,7 @@ def _inputs(engine, input_ids: torch.Tensor, position_ids: torch.Tensor | None =
     kwargs = {"input_ids": input_ids, "use_cache": False}
     if position_ids is not None:
         kwargs["position_ids"] = position_ids
-    elif getattr(engine.module, "_compiled_call_impl", None) is not None:
+    elif getattr(getattr(engine, "module", None), "_compiled_call_impl", None) is not None:
         # Without a mask, a traced transformers forward adds its packed-sequence check as
         # closures dynamo cannot read, and fastlm's attention falls back to SDPA; with one
         # (all ones: blocks have no padding) its mask is plain causal and the kernel runs.

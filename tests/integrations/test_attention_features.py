@@ -25,13 +25,22 @@ CONFIGS = {
                    pad_token_id=0, attn_logit_softcapping=0.5),
     "mistral": dict(SMALL, sliding_window=3),
 }
+# more for packing: sliding and full layers mixed (Gemma 3, Qwen2's max_window_layers),
+# partial rotary (GPT-NeoX), interleaved rotary (Cohere)
+PACKED_MORE = {
+    "gemma3_text": dict(SMALL, head_dim=16, sliding_window=3, pad_token_id=0),
+    "qwen2": dict(SMALL, sliding_window=3, use_sliding_window=True, max_window_layers=1),
+    "gpt_neox": SMALL,
+    "cohere": dict(SMALL, pad_token_id=0),
+}
 # three sequences in row 0 (lengths 5, 1, 7) and two in row 1 (9, 4), positions restarting
 POSITIONS = torch.tensor([[0, 1, 2, 3, 4, 0, 0, 1, 2, 3, 4, 5, 6],
                           [0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 1, 2, 3]])
 
 
 def model(kind, **overrides):
-    conf = AutoConfig.for_model(kind, vocab_size=128, **{**CONFIGS[kind], **overrides})
+    base = CONFIGS[kind] if kind in CONFIGS else PACKED_MORE[kind]
+    conf = AutoConfig.for_model(kind, vocab_size=128, **{**base, **overrides})
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(conf, attn_implementation="eager")
 
@@ -72,7 +81,7 @@ def _assert_same(a, b, tol=1e-5):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=tol)
 
 
-@pytest.mark.parametrize("kind", sorted(CONFIGS))
+@pytest.mark.parametrize("kind", sorted(CONFIGS) + sorted(PACKED_MORE))
 def test_packed_sequences_run_in_the_kernel_and_match_eager(kind, warnings_seen, kernel_calls):
     """transformers finds sequences packed into a row from position ids that restart (what
     DataCollatorWithFlattening and fastlm's document boundaries produce) and builds a
