@@ -16,6 +16,8 @@
 #   adamw      fused multi-tensor step vs torch fused/foreach and DeepSpeed (issue 4)
 #   model      Llama 1B (llama-1b preset), seq 2048, bf16: patched vs HF SDPA and Liger (issue 7)
 #   train      GPT-2 124M, seq 1024, bf16: fastlm trainer vs HF Trainer, MFU (issue 6)
+#   packed     Llama 1B, 8 sequences packed a row (position ids restarting): segment ids in
+#              fastlm's kernels vs HF SDPA with its block-diagonal mask (issue 7)
 #
 # Environment: OUT (default ./gpu-proof-out), BUDGET_S (seconds for all stages, default 560:
 # the device call's limit is 600), DEVICE (default cuda), SMALL=1 (tiny sizes: a dry run of
@@ -34,7 +36,7 @@ export FASTLM_CACHE_DIR=${FASTLM_CACHE_DIR:-$PWD/.cache/fastlm}
 export MAX_JOBS=${MAX_JOBS:-16}
 export PYTHONUNBUFFERED=1
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(env build tests attention adamw model train)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(env build tests attention adamw model train packed)
 
 gpu_tag() {  # result-file suffix naming the card: h200, h100, ... (cpu in a dry run)
   if [ "$DEVICE" = cuda ] && command -v nvidia-smi >/dev/null; then
@@ -73,6 +75,7 @@ if [ "$SMALL" = 1 ]; then
   ADAM=(--sizes 1 --repeat 2)
   MODEL=(--preset tiny-llama --seqlens 64 --batch 1 --repeat 1 --min-seconds 0)
   TRAIN=(--preset tiny-gpt2 --block-size 64 --micro-batch 2 --steps 3 --warmup 1 --precision fp32)
+  PACKED=(--preset tiny-llama --packed 4 --seqlens 64 --batch 1 --repeat 1 --min-seconds 0)
 else
   # FlashAttention's benchmark shape: 16k tokens per batch, 2048 wide (16 heads of 128)
   ATT=(--seqlens 4096,8192,16384 --dtypes bf16 --batch 2 --heads 16 --head-dim 128
@@ -81,6 +84,8 @@ else
   MODEL=(--preset llama-1b --seqlens 2048 --batch 4 --dtype bf16 --repeat 5 --min-seconds 5)
   TRAIN=(--preset gpt2-124m --block-size 1024 --micro-batch 8 --steps 20 --warmup 5
          --precision bf16)
+  PACKED=(--preset llama-1b --packed 8 --seqlens 2048 --batch 4 --dtype bf16 --impls fastlm,sdpa
+          --repeat 5 --min-seconds 5)
 fi
 
 for stage in "${STAGES[@]}"; do
@@ -112,8 +117,11 @@ $PY -m pip list 2>/dev/null | grep -i -E '^(deepspeed|datasets|liger|flash)' || 
     train)
       run train 60 180 $PY -m fastlm.cli bench train "${TRAIN[@]}" \
         --out "$RES" --name "train_gpt2_124m_$TAG" ;;
+    packed)
+      run packed 60 150 $PY -m fastlm.cli bench model --device "$DEVICE" "${PACKED[@]}" \
+        --out "$RES" --name "model_llama_1b_packed_$TAG" ;;
     *)
-      echo "unknown stage $stage (env build tests attention adamw model train)" | tee -a "$SUMMARY" ;;
+      echo "unknown stage $stage (env build tests attention adamw model train packed)" | tee -a "$SUMMARY" ;;
   esac
 done
 
