@@ -244,13 +244,14 @@ def run(args) -> int:
         kinds = [k for k in kinds if k not in MASKED_LM]
         if not kinds:
             raise UserError("--generate: masked LMs (bert) do not generate; choose a causal LM")
+    seqlens = [int(x) for x in args.seqlens.split(",")]
     packed = getattr(args, "packed", None)
     if packed is not None:
         from fastlm.cli import UserError
 
         if generate is not None:
             raise UserError("--packed times training steps; drop it or --generate")
-        if packed < 1 or packed > min(int(x) for x in args.seqlens.split(",")):
+        if packed < 1 or packed > min(seqlens):
             raise UserError(f"--packed {packed}: the number of sequences a row must be between "
                             f"1 and the shortest --seqlens length")
         kinds = [k for k in kinds if k not in MASKED_LM]
@@ -266,7 +267,6 @@ def run(args) -> int:
         name=args.name or f"model_{tag}_{mode}{args.device}",
         command="fastlm bench model " + shlex.join(sys.argv[3:]), device=args.device,
         env=harness.environment(args.device))
-    seqlens = [int(x) for x in args.seqlens.split(",")]
     time_fn = _time_generation if generate else _time_lengths
     together = [i for i in impls if i not in OPTIONAL_IMPLS]
     later = [(k, i) for k in kinds for i in impls if i in OPTIONAL_IMPLS]

@@ -57,7 +57,7 @@ _NAME = "apply_rotary_pos_emb"
 
 def rope_target(module: torch.nn.Module):
     """(modeling file, None) when this attention module calls its modeling file's
-    ``apply_rotary_pos_emb`` and that function is the rotate-half RoPE the fused op computes;
+    ``apply_rotary_pos_emb`` and that function is a RoPE form the fused op computes (``_FORMS``);
     (None, why) when it calls one that is not; (None, None) when it calls none."""
     forward = inspect.unwrap(type(module).forward)
     code = getattr(forward, "__code__", None)
