@@ -116,6 +116,21 @@ def _apply_patch(model) -> None:
     patch(model, attention=False)
 
 
+def enable_activation_checkpointing(model) -> None:
+    """Recompute every block in the backward: transformers' own checkpointing, non-reentrant
+    (the reentrant form needs a block input that requires grad, and torch advises against it).
+    The exported config is untouched (use_cache stays on for generation); MFU stays model
+    FLOPs, the recompute is not counted as useful work."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"train.activation_checkpointing: {type(model).__name__} does not "
+                          f"support activation checkpointing in transformers; set it to false")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.x's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices only: biases, norm gains and embeddings get no weight decay (GPT-2/
     nanoGPT practice; decaying gains pulls them towards 0 for no regularisation gain)."""

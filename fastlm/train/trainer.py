@@ -27,7 +27,12 @@ from fastlm.train import dist as fdist
 from fastlm.train.config import ConfigError, RunConfig, resolve_batch
 from fastlm.train.engine import deepspeed_config, initialize, resolve_precision
 from fastlm.train.metrics import MetricsLog
-from fastlm.train.model import build_model, flops_per_token, param_groups
+from fastlm.train.model import (
+    build_model,
+    enable_activation_checkpointing,
+    flops_per_token,
+    param_groups,
+)
 
 logger = logging.getLogger("fastlm")
 
@@ -99,6 +104,8 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> RunState:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_model(cfg.model, vocab, cfg.data.block_size,
                         eos_id=train_loader.split.eos_id).to(dev)
+    if cfg.train.activation_checkpointing:
+        enable_activation_checkpointing(model)
     if cfg.train.compile:
         # in place (nn.Module.compile): parameter names, checkpoint keys and the patch handle
         # stay the model's own (torch.compile(model) wrapped it: keys under "_orig_mod.", which

@@ -484,3 +484,37 @@ def test_compiled_training_runs_the_kernels_and_exports(tmp_path, tiny_data, mon
         assert abs(a - b) <= 1e-5 * abs(b), (losses(compiled), losses(plain))
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "c" / "run" / "hf")
     assert not any(k.startswith("_orig_mod") for k in hf.state_dict())
+
+
+def test_activation_checkpointing_recomputes_blocks_with_the_same_losses(tmp_path, tiny_data,
+                                                                        monkeypatch):
+    """train.activation_checkpointing: each block runs twice per training micro-step (forward,
+    then its recompute in the backward), the losses equal a run that keeps activations (fp32,
+    fastlm's attention and patch on), and the exported config still generates with a cache."""
+    import fastlm.train.trainer as trainer
+
+    counts = {}
+    build = trainer.build_model
+
+    def counting_build(*a, **k):
+        model = build(*a, **k)
+        key = len(counts)
+        counts[key] = 0
+        # the block's first module: transformers checkpoints the block's forward, not its
+        # __call__, so the block's own hooks run once; what runs inside it runs again
+        first = model.transformer.h[0].ln_1
+        first.register_forward_pre_hook(lambda *_: counts.__setitem__(key, counts[key] + 1))
+        return model
+
+    monkeypatch.setattr(trainer, "build_model", counting_build)
+    args = ("train.max_steps=3", "eval.every=0", "eval.batches=1", "train.grad_accum=2",
+            "export=true")
+    ckpt = run(config(tmp_path / "c", tiny_data, *args, "train.activation_checkpointing=true"))
+    plain = run(config(tmp_path / "p", tiny_data, *args))
+    # plain: 3 steps x 2 micro-steps forwards + the final evaluation's forward(s)
+    evals = counts[1] - 6
+    assert evals >= 1 and counts[0] == 12 + evals, counts
+    for a, b in zip(losses(ckpt), losses(plain)):
+        assert abs(a - b) <= 1e-6 * abs(b), (losses(ckpt), losses(plain))
+    saved = json.loads((tmp_path / "c" / "run" / "hf" / "config.json").read_text())
+    assert saved.get("use_cache", True) is not False

@@ -1,5 +1,6 @@
 """Run under `deepspeed --num_gpus 2`: the same tiny run under ZeRO 0, 1, 2, 3, ZeRO-2 with
-optimizer offload and ZeRO-0 in bf16; rank 0 writes each run's per-step losses as JSON to argv[2]."""
+optimizer offload, ZeRO-3 with activation checkpointing and ZeRO-0 in bf16; rank 0 writes each
+run's per-step losses as JSON to argv[2]."""
 
 import json
 import sys
@@ -10,6 +11,8 @@ from fastlm.train.trainer import train
 SETTINGS = {"zero0": ["train.zero_stage=0"], "zero1": ["train.zero_stage=1"],
             "zero2": ["train.zero_stage=2"], "zero3": ["train.zero_stage=3"],
             "zero2_offload": ["train.zero_stage=2", "train.offload_optimizer=true"],
+            # blocks recomputed in the backward while ZeRO-3 gathers their partitioned weights
+            "zero3_ckpt": ["train.zero_stage=3", "train.activation_checkpointing=true"],
             # bf16 without ZeRO: FusedAdamW's masters, DeepSpeed reducing bf16 gradients
             "zero0_bf16": ["train.zero_stage=0", "train.precision=bf16"]}
 
