@@ -71,6 +71,9 @@ SIZES = {  # small enough for a CPU run, shaped like the real thing (head dim 32
     "qwen3_moe": dict(_DEC, num_key_value_heads=4, head_dim=32, num_experts=4,
                       num_experts_per_tok=2, moe_intermediate_size=344),
     "cohere": dict(_DEC, num_key_value_heads=4, pad_token_id=0),
+    # attention sinks; transformers runs them in eager only (no sdpa for GPT-OSS)
+    "gpt_oss": dict(_DEC, num_key_value_heads=4, head_dim=32, num_local_experts=4,
+                    num_experts_per_tok=2, sliding_window=256, pad_token_id=0),
     "glm": dict(_DEC, num_key_value_heads=4, pad_token_id=0),
     "gptj": dict(n_embd=256, n_layer=4, n_head=8, rotary_dim=16, vocab_size=8192),
 }

@@ -7,7 +7,8 @@ expects ``(out (B, Sq, Hq, D), weights or None)``. The mask is what :mod:`._hf_m
 a :class:`FastlmMask` for patterns the kernels compute, else a dense tensor.
 
 A call the kernels cannot serve exactly goes to transformers' own sdpa function (or the model's
-eager function when attention weights or soft-capping are needed), with one warning per reason.
+eager function when attention weights, soft-capping or attention sinks are needed there), with
+one warning per reason. Attention sinks (GPT-OSS's ``s_aux``) run in the kernels.
 Never a silently different result.
 """
 
@@ -32,7 +33,7 @@ __all__ = ["attention_forward", "register_with_transformers"]
 _logger = logging.getLogger("fastlm")
 _warned: set[str] = set()
 # Arguments some models pass that change the result and that the kernels do not take.
-_UNSUPPORTED_KWARGS = ("position_bias", "s_aux", "sinks", "cache", "attention_bias")
+_UNSUPPORTED_KWARGS = ("position_bias", "cache", "attention_bias")
 
 
 def register_with_transformers() -> None:
@@ -104,6 +105,12 @@ def _fallback_reason(module, query, key, value, mask, dropout, kwargs) -> str | 
     return None
 
 
+def _sinks(kwargs) -> torch.Tensor | None:
+    """GPT-OSS's attention sinks (``s_aux``; ``sinks`` in some kernels' naming)."""
+    sinks = kwargs.get("s_aux")
+    return kwargs.get("sinks") if sinks is None else sinks
+
+
 def _module_causal(module, kwargs) -> bool:
     is_causal = kwargs.get("is_causal")
     return bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
@@ -136,6 +143,7 @@ def attention_forward(
     out = attention(
         query, key, value, causal=causal, scale=scaling, key_padding_mask=padding,
         window=window, softcap=float(softcap or 0.0), segment_ids=segments,
+        sinks=_sinks(kwargs),
     )  # (B, Hq, Sq, D)
     return out.transpose(1, 2), None
 

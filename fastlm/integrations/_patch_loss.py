@@ -36,7 +36,7 @@ _logger = logging.getLogger("fastlm")
 # (logit_scale) and Granite (logits_scaling) scale the logits in between.
 LOSS_MODEL_TYPES = {"gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt_neox",
                     "opt", "phi", "gptj", "falcon", "stablelm", "starcoder2", "olmo", "olmo2",
-                    "glm", "mixtral", "qwen2_moe", "qwen3_moe"}
+                    "glm", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"}
 # ... and those whose one step in between is soft-capping by config.final_logit_softcapping
 # (cap * tanh(logits / cap)), which the fused loss computes itself: the patched forward runs
 # HF's with the setting off and hands the cap to the kernel (Gemma's 256k vocabulary is where

@@ -75,14 +75,18 @@ def rope_target(module: torch.nn.Module):
 
 _VERDICTS: dict = {}  # an original apply_rotary_pos_emb -> (its form, or None and why not)
 
-# The forms the fused op computes: (name, tables as the function uses them, interleaved).
-# Llama's rotates halves with the tables given; Cohere's rotates adjacent pairs with the tables
-# given (its own are repeat-interleaved); GLM's rotates pairs with the first half of HF's
-# halves-repeated tables, repeat-interleaved.
+# The forms the fused op computes: (name, the op's tables from the ones the function takes,
+# interleaved, how many of the op's table columns one of the function's makes). Llama's rotates
+# halves with the tables given; Cohere's rotates adjacent pairs with the tables given (its own
+# are repeat-interleaved); GLM's rotates pairs with the first half of HF's halves-repeated
+# tables, repeat-interleaved; GPT-OSS's rotates halves with half-width tables (one frequency a
+# column), which the op's rotate-half form takes repeated.
 _FORMS = (
-    ("halves", lambda t: t, False),
-    ("pairs", lambda t: t, True),
-    ("pairs_from_halves", lambda t: t[..., : t.shape[-1] // 2].repeat_interleave(2, dim=-1), True),
+    ("halves", lambda t: t, False, 1),
+    ("pairs", lambda t: t, True, 1),
+    ("pairs_from_halves", lambda t: t[..., : t.shape[-1] // 2].repeat_interleave(2, dim=-1), True,
+     1),
+    ("halves_from_half_tables", lambda t: torch.cat([t, t], dim=-1), False, 2),
 )
 
 
@@ -112,26 +116,37 @@ def _probe(original) -> tuple:
     # by O(1), rounding by ~1e-7
     q, k = (torch.randn(1, 2, 3, 8, generator=gen) for _ in range(2))
     cos, sin = (torch.randn(1, 3, 8, generator=gen) for _ in range(2))
-    try:
-        want = original(q, k, cos, sin)
-    except Exception as exc:  # noqa: BLE001 - reported, and the model keeps its own RoPE
-        return None, f"a probe of it failed ({type(exc).__name__}: {exc})"
+    outcomes = {}  # table width -> what the function returned or raised
 
-    def fused(form, c, s):
-        _, tables, interleaved = form
-        return rotary(q, k, tables(c), tables(s), interleaved=interleaved, backend="torch")
+    def run(width):
+        if width not in outcomes:
+            try:
+                outcomes[width] = original(q, k, cos[..., :width], sin[..., :width])
+            except Exception as exc:  # noqa: BLE001 - reported; the model keeps its own RoPE
+                outcomes[width] = exc
+        return outcomes[width]
 
-    form = next((f for f in _FORMS if _same(fused(f, cos, sin), want)), None)
+    def matches(form, width) -> bool:
+        _, tables, interleaved, _ = form
+        want = run(width)
+        if isinstance(want, Exception):
+            return False
+        c, s = cos[..., :width], sin[..., :width]
+        got = rotary(q, k, tables(c), tables(s), interleaved=interleaved, backend="torch")
+        return _same(got, want)
+
+    # tables for the whole head: 8 columns, or 4 for a form whose columns count twice
+    form = next((f for f in _FORMS if matches(f, 8 // f[3])), None)
     if form is None:
+        if all(isinstance(o, Exception) for o in outcomes.values()):
+            exc = next(iter(outcomes.values()))
+            return None, f"a probe of it failed ({type(exc).__name__}: {exc})"
         return None, "it is none of the forms the fused op computes (rotate-half, pairs)"
     # tables narrower than the head (partial rotary: Phi-3, GPT-NeoX): the fused op rotates
     # the first dims and passes the rest; a function that cannot take such tables is never
     # called with them
-    try:
-        want = original(q, k, cos[..., :4], sin[..., :4])
-    except Exception:  # noqa: BLE001
-        return form[0], None
-    if not _same(fused(form, cos[..., :4], sin[..., :4]), want):
+    narrow = 4 // form[3]
+    if not isinstance(run(narrow), Exception) and not matches(form, narrow):
         return None, "its partial rotary (tables narrower than the head) is not the fused op's"
     return form[0], None
 
@@ -176,15 +191,16 @@ def _install(modeling) -> None:
 
 
 def _dispatcher(original, form):
-    _, tables, interleaved = form
+    _, tables, interleaved, columns = form
 
     def dispatch(q, k, cos, sin, *args, **kwargs):
         # Only HF's standard form: (B, H, S, D) q/k, (B, S, R) tables unsqueezed at dim 1,
-        # R even and <= D (a tiny StableLM's rotary dim of 1 gets tables of 2, which HF's
-        # code broadcasts: its own result, not an error from the kernel)
+        # the op's R even and <= D (a tiny StableLM's rotary dim of 1 gets tables of 2, which
+        # HF's code broadcasts: its own result, not an error from the kernel)
+        width = cos.shape[-1] * columns
         if (_ACTIVE.get() and not args and kwargs.get("unsqueeze_dim", 1) == 1
                 and cos.dim() == 3 and q.dim() == 4 and k.dim() == 4
-                and cos.shape[-1] % 2 == 0 and cos.shape[-1] <= q.shape[-1]):
+                and width % 2 == 0 and width <= q.shape[-1]):
             from fastlm.ops import rotary
 
             return rotary(q, k, tables(cos), tables(sin), interleaved=interleaved)

@@ -81,6 +81,8 @@ PATCH_TABLE = {
     "qwen3_moe": {"norm": "RMSNorm (+ q/k norms)",
                   "mlp": "experts left alone (stacked expert weights)", "rope": "fused",
                   "loss": "fused (+ HF's router loss)"},
+    "gpt_oss": {"norm": "RMSNorm", "mlp": "experts left alone (stacked expert weights)",
+                "rope": "fused (half-width tables)", "loss": "fused (+ HF's router loss)"},
     "cohere": {"norm": "LayerNorm (its own class, no bias)", "mlp": "SwiGLU (gate/up/down)",
                "rope": "fused (interleaved pairs)", "loss": "left alone (logit_scale)"},
     "glm": {"norm": "RMSNorm", "mlp": "SwiGLU (fused gate_up_proj)",

@@ -73,6 +73,20 @@ def check_dense(q, k, v, key_padding_mask, segment_ids=None) -> None:
         _fail(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
 
 
+def check_sinks(sinks, q, heads_dim: int) -> None:
+    if sinks is None:
+        return
+    heads = q.shape[heads_dim]
+    if not isinstance(sinks, torch.Tensor) or not sinks.dtype.is_floating_point:
+        got = getattr(sinks, "dtype", type(sinks).__name__)
+        _fail(f"sinks must be a float tensor of one logit per query head, got {got}")
+    if tuple(sinks.shape) != (heads,):
+        _fail(f"sinks must have shape (num_query_heads,) = ({heads},), got "
+              f"{tuple(sinks.shape)}")
+    if sinks.device != q.device:
+        _fail(f"sinks is on {sinks.device} but q is on {q.device}")
+
+
 def _check_segments(q, k, key_padding_mask, segment_ids) -> None:
     if not isinstance(segment_ids, torch.Tensor):
         _fail(f"segment_ids must be a tensor of (batch, seqlen) ints, got "

@@ -73,10 +73,12 @@ class _TorchBackend:
         return _like(out.to(q.dtype), q), lse.float()
 
     @classmethod
-    def _bwd(cls, dout, q, k, v, mask, causal, scale, wl, wr, softcap, cu_q=None, cu_k=None):
+    def _bwd(cls, dout, q, k, v, mask, causal, scale, wl, wr, softcap, cu_q=None, cu_k=None,
+             sinks=None):
         dt = cls._compute_dtype(q)
         args = [t.to(dt) for t in (dout, q, k, v)]
-        kw = dict(causal=causal, scale=scale, window=(wl, wr), softcap=softcap)
+        kw = dict(causal=causal, scale=scale, window=(wl, wr), softcap=softcap,
+                  sinks=None if sinks is None else sinks.to(dt))
         if cu_q is None:
             grads = reference.attention_bwd_ref(*args, key_padding_mask=mask, **kw)
         else:
@@ -88,8 +90,9 @@ class _TorchBackend:
         return cls._fwd(q, k, v, mask, causal, scale, wl, wr, softcap)
 
     @classmethod
-    def attention_bwd(cls, dout, q, k, v, out, lse, mask, causal, scale, wl, wr, softcap, det):
-        return cls._bwd(dout, q, k, v, mask, causal, scale, wl, wr, softcap)
+    def attention_bwd(cls, dout, q, k, v, out, lse, mask, causal, scale, wl, wr, softcap, det,
+                      sinks=None):
+        return cls._bwd(dout, q, k, v, mask, causal, scale, wl, wr, softcap, sinks=sinks)
 
     @classmethod
     def attention_varlen_fwd(cls, q, k, v, cu_q, cu_k, mq, mk, causal, scale, wl, wr, softcap):
@@ -97,9 +100,10 @@ class _TorchBackend:
 
     @classmethod
     def attention_varlen_bwd(
-        cls, dout, q, k, v, out, lse, cu_q, cu_k, mq, mk, causal, scale, wl, wr, softcap, det
+        cls, dout, q, k, v, out, lse, cu_q, cu_k, mq, mk, causal, scale, wl, wr, softcap, det,
+        sinks=None,
     ):
-        return cls._bwd(dout, q, k, v, None, causal, scale, wl, wr, softcap, cu_q, cu_k)
+        return cls._bwd(dout, q, k, v, None, causal, scale, wl, wr, softcap, cu_q, cu_k, sinks)
 
 
 _op.register(
@@ -190,20 +194,23 @@ def _attention_fwd(
     softcap: float,
     deterministic: bool,
     backend: str,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if segment_ids is not None:
-        return _packed_fwd(backend, q, k, v, segment_ids, causal, scale, window_left,
-                           window_right, softcap)
-    return tuple(
-        _impl(backend, q).attention_fwd(
+        out, lse = _packed_fwd(backend, q, k, v, segment_ids, causal, scale, window_left,
+                               window_right, softcap)
+    else:
+        out, lse = _impl(backend, q).attention_fwd(
             q, k, v, key_padding_mask, causal, scale, window_left, window_right, softcap
         )
-    )
+    if sinks is None:
+        return out, lse
+    return _with_sinks(out, lse, sinks.view(1, -1, 1))
 
 
 @_attention_fwd.register_fake
 def _(q, k, v, key_padding_mask, segment_ids, causal, scale, window_left, window_right, softcap,
-      det, backend):
+      det, backend, sinks=None):
     b, h, s, _ = q.shape
     return torch.empty_like(q), q.new_empty((b, h, s), dtype=torch.float32)
 
@@ -225,14 +232,18 @@ def _attention_bwd(
     softcap: float,
     deterministic: bool,
     backend: str,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    impl = _impl(backend, q, varlen=segment_ids is not None)
+    # the torch backend recomputes from q, k, v (not from out and lse): it takes the sinks
+    extra = {"sinks": sinks} if sinks is not None and impl is _TorchBackend else {}
     if segment_ids is not None:
-        return _packed_bwd(backend, dout, q, k, v, out, lse, segment_ids, causal, scale,
-                           window_left, window_right, softcap, deterministic)
+        return _packed_bwd(impl, dout, q, k, v, out, lse, segment_ids, causal, scale,
+                           window_left, window_right, softcap, deterministic, **extra)
     return tuple(
-        _impl(backend, q).attention_bwd(
+        impl.attention_bwd(
             _like(dout, out), q, k, v, out, lse, key_padding_mask, causal, scale,
-            window_left, window_right, softcap, deterministic,
+            window_left, window_right, softcap, deterministic, **extra,
         )
     )
 
@@ -243,16 +254,47 @@ def _(dout, q, k, v, out, lse, *args):
 
 
 def _setup_dense(ctx, inputs, output):
-    q, k, v, mask, segment_ids, causal, scale, wl, wr, softcap, det, backend = inputs
+    q, k, v, mask, segment_ids, causal, scale, wl, wr, softcap, det, backend, *sinks = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, mask, segment_ids)
+    ctx.save_for_backward(q, k, v, out, lse, mask, segment_ids, *sinks)
     ctx.args = (causal, scale, wl, wr, softcap, det, backend)
 
 
 def _backward_dense(ctx, dout, dlse):
-    q, k, v, out, lse, mask, segment_ids = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, mask, segment_ids, *ctx.args)
-    return (dq, dk, dv) + (None,) * 9
+    q, k, v, out, lse, mask, segment_ids, *sinks = ctx.saved_tensors
+    sinks = sinks[0] if sinks else None
+    dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, mask, segment_ids, *ctx.args, sinks)
+    dsinks = None if sinks is None else _sinks_grad(dout, out, lse, sinks.view(1, -1, 1))
+    return (dq, dk, dv) + (None,) * 9 + (dsinks,)
+
+
+# -- attention sinks ----------------------------------------------------------------------------
+# A sink is a per-head logit with no value (GPT-OSS, StreamingLLM): it joins each row's softmax
+# denominator and takes its share of the weight. With the kernel's row lse, the sink's row is
+#   lse' = logaddexp(lse, sink),  out' = out * exp(lse - lse'),
+# and the gradients need no new kernel: the flash backward run with out' and lse' computes
+# P' = exp(s - lse') and delta = rowsum(dout * out'), which are the sink-softmax's own, so
+# dq, dk, dv come out right; the sink's gradient is -sum over rows of P'_sink * delta. Every
+# backend gets sinks this way, forward and backward.
+
+
+def _with_sinks(out, lse, sinks):
+    """(out', lse') for sinks broadcast against lse. A row with no key keeps lse = +inf and
+    out = 0 (all its weight goes to the sink)."""
+    empty = torch.isinf(lse)
+    merged = torch.logaddexp(lse.masked_fill(empty, -math.inf), sinks.float())
+    factor = torch.exp(lse - merged).masked_fill(empty, 0.0)
+    scaled = (out.float() * factor.unsqueeze(-1)).to(out.dtype)
+    return _like(scaled, out), merged.masked_fill(empty, math.inf)
+
+
+def _sinks_grad(dout, out, lse, sinks):
+    """d loss / d sinks from the sink-adjusted out' and lse' (sinks broadcast against lse)."""
+    delta = (dout.float() * out.float()).sum(-1)
+    share = torch.exp(sinks.float() - lse)  # P'_sink per row; 0 where lse' = +inf
+    grad = -(share * delta)
+    dims = [i for i in range(grad.dim()) if sinks.shape[i] == 1]
+    return grad.sum(dim=dims).reshape(-1).to(sinks.dtype)
 
 
 # -- packed sequences (segment ids) on the varlen kernels -----------------------------------------
@@ -291,14 +333,14 @@ def _packed_fwd(backend, q, k, v, segment_ids, causal, scale, wl, wr, softcap):
     return _unrows(out, q), lse.view(h, b, s).transpose(0, 1).contiguous()
 
 
-def _packed_bwd(backend, dout, q, k, v, out, lse, segment_ids, causal, scale, wl, wr, softcap,
-                det):
+def _packed_bwd(impl, dout, q, k, v, out, lse, segment_ids, causal, scale, wl, wr, softcap,
+                det, **extra):
     cu, longest = _packed_offsets(segment_ids)
     b, h, s, _ = q.shape
-    grads = _impl(backend, q, varlen=True).attention_varlen_bwd(
+    grads = impl.attention_varlen_bwd(
         _rows(dout), _rows(q), _rows(k), _rows(v), _rows(out),
         lse.transpose(0, 1).reshape(h, b * s).contiguous(), cu, cu, longest, longest, causal,
-        scale, wl, wr, softcap, det)
+        scale, wl, wr, softcap, det, **extra)
     return tuple(_unrows(g, t) for g, t in zip(grads, (q, k, v)))
 
 
@@ -324,13 +366,16 @@ def _attention_varlen_fwd(
     softcap: float,
     deterministic: bool,
     backend: str,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return tuple(
-        _impl(backend, q).attention_varlen_fwd(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
-            window_left, window_right, softcap,
-        )
+    out, lse = _impl(backend, q).attention_varlen_fwd(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+        window_left, window_right, softcap,
     )
+    if sinks is None:
+        return out, lse
+    out, lse = _with_sinks(out.transpose(0, 1), lse, sinks.view(-1, 1))  # (H, T, D), (H, T)
+    return out.transpose(0, 1), lse
 
 
 @_attention_varlen_fwd.register_fake
@@ -358,11 +403,15 @@ def _attention_varlen_bwd(
     softcap: float,
     deterministic: bool,
     backend: str,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    impl = _impl(backend, q)
+    extra = {"sinks": sinks} if sinks is not None and impl is _TorchBackend else {}
     return tuple(
-        _impl(backend, q).attention_varlen_bwd(
+        impl.attention_varlen_bwd(
             dout.contiguous(), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
             max_seqlen_k, causal, scale, window_left, window_right, softcap, deterministic,
+            **extra,
         )
     )
 
@@ -374,15 +423,19 @@ def _(dout, q, k, v, *args):
 
 def _setup_varlen(ctx, inputs, output):
     q, k, v, cu_q, cu_k, *rest = inputs
+    sinks = rest[9] if len(rest) > 9 else None
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-    ctx.args = tuple(rest)
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, sinks)
+    ctx.args = tuple(rest[:9])
 
 
 def _backward_varlen(ctx, dout, dlse):
-    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-    dq, dk, dv = _attention_varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.args)
-    return (dq, dk, dv) + (None,) * 11
+    q, k, v, out, lse, cu_q, cu_k, sinks = ctx.saved_tensors
+    dq, dk, dv = _attention_varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.args, sinks)
+    dsinks = None
+    if sinks is not None:
+        dsinks = _sinks_grad(dout.transpose(0, 1), out.transpose(0, 1), lse, sinks.view(-1, 1))
+    return (dq, dk, dv) + (None,) * 11 + (dsinks,)
 
 
 _attention_varlen_fwd.register_autograd(_backward_varlen, setup_context=_setup_varlen)
@@ -412,6 +465,7 @@ def attention(
     deterministic: bool = False,
     backend: str | None = None,
     segment_ids: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention without materialising the (Sq, Sk) score matrix.
 
@@ -437,6 +491,9 @@ def attention(
             itself, with ``causal`` and ``window`` applied inside it (transformers' packing by
             position ids). Runs on the varlen kernels, offsets computed inside the op (one
             device sync on GPU); not combinable with ``key_padding_mask``.
+        sinks: (Hq,) attention sinks (GPT-OSS's learned per-head logits): each joins its
+            head's softmax as one more score with no value, so a row's weights sum to less
+            than 1. Differentiable; any float dtype, on q's device.
 
     Returns:
         (B, Hq, Sq, D) tensor of q's dtype, dense in the dimension order of the q the kernel
@@ -445,6 +502,7 @@ def attention(
     """
     q, k, v = autocast_inputs("lower", q, k, v)
     checks.check_dense(q, k, v, key_padding_mask, segment_ids)
+    checks.check_sinks(sinks, q, heads_dim=1)
     left, right, softcap, scale = _normalise(causal, window, softcap, scale, q.shape[-1])
     mask = None if key_padding_mask is None else key_padding_mask.contiguous()
     if segment_ids is not None:  # the packed path makes its own (B*S, H, D) rows
@@ -454,7 +512,7 @@ def attention(
         qkv = _kernel_layout(q, k, v, backend)
     out, _ = _attention_fwd(
         *qkv, mask, segment_ids, bool(causal), scale, left, right, softcap,
-        bool(deterministic), backend or "",
+        bool(deterministic), backend or "", None if sinks is None else sinks.contiguous(),
     )
     return out
 
@@ -474,6 +532,7 @@ def attention_varlen(
     softcap: float = 0.0,
     deterministic: bool = False,
     backend: str | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention over packed variable-length sequences (no padding).
 
@@ -484,10 +543,12 @@ def attention_varlen(
     """
     q, k, v = autocast_inputs("lower", q, k, v)
     checks.check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    checks.check_sinks(sinks, q, heads_dim=1)
     left, right, softcap, scale = _normalise(causal, window, softcap, scale, q.shape[-1])
     out, _ = _attention_varlen_fwd(
         q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q.contiguous(),
         cu_seqlens_k.contiguous(), int(max_seqlen_q), int(max_seqlen_k), bool(causal), scale,
         left, right, softcap, bool(deterministic), backend or "",
+        None if sinks is None else sinks.contiguous(),
     )
     return out

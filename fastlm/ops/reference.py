@@ -66,14 +66,18 @@ def attention_ref(
     softcap: float = 0.0,
     upcast: bool = True,
     return_lse: bool = False,
+    sinks: torch.Tensor | None = None,
 ):
     """Reference scaled-dot-product attention.
 
     q: (B, Hq, Sq, D); k, v: (B, Hkv, Sk, D) with Hq % Hkv == 0 (GQA/MQA).
     key_padding_mask: (B, Sk) bool, True = attend. softcap > 0 applies
-    ``softcap * tanh(s / softcap)`` to the scaled scores (Gemma-2 style).
+    ``softcap * tanh(s / softcap)`` to the scaled scores (Gemma-2 style). sinks (Hq,): one
+    more logit per head in every row's softmax, with no value (GPT-OSS): the weights on the
+    keys are the softmax over [scores, sink] without its last column.
     Returns out (B, Hq, Sq, D) in q's dtype, and with ``return_lse`` the float32 log-sum-exp
-    (B, Hq, Sq) of the scaled scores (+inf for rows that attend to nothing; their output is 0).
+    (B, Hq, Sq) of the scaled scores, the sink included (+inf for rows that attend to nothing
+    and have no sink; their output is 0).
     """
     dtype = q.dtype
     if upcast:
@@ -93,15 +97,26 @@ def attention_ref(
     )
     if mask is not None:
         s = s.masked_fill(~mask, -math.inf)
+    s = _append_sinks(s, sinks)
     lse = torch.logsumexp(s.float() if not upcast else s, dim=-1)  # (B, H, Sq)
     empty = torch.isinf(lse) & (lse < 0)
     p = torch.softmax(s, dim=-1)
     p = torch.nan_to_num(p, nan=0.0)  # fully masked rows: softmax of all -inf is NaN -> 0
+    if sinks is not None:
+        p = p[..., :-1]
     out = torch.matmul(p.to(v.dtype), v).to(dtype)
     if not return_lse:
         return out
     lse = lse.float().masked_fill(empty, EMPTY_ROW_LSE)
     return out, lse
+
+
+def _append_sinks(s: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """Scores (B, H, Sq, Sk) -> (B, H, Sq, Sk + 1) with each head's sink as the last column."""
+    if sinks is None:
+        return s
+    col = sinks.to(s.dtype).view(1, -1, 1, 1).expand(s.shape[0], -1, s.shape[2], 1)
+    return torch.cat([s, col], dim=-1)
 
 
 def attention_bwd_ref(
@@ -115,11 +130,14 @@ def attention_bwd_ref(
     key_padding_mask: torch.Tensor | None = None,
     window: tuple[int, int] = (-1, -1),
     softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Explicit gradients of :func:`attention_ref` (computed in the inputs' dtype).
 
     Written out rather than taken from autograd so it also works where autograd is not
-    recording (inside a custom op's backward). dk/dv are summed over each GQA group.
+    recording (inside a custom op's backward). dk/dv are summed over each GQA group. With
+    sinks, still the gradients of q, k and v only: the op computes the sinks' own from its
+    saved output and lse (tests take it from autograd over :func:`attention_ref`).
     """
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
@@ -134,7 +152,9 @@ def attention_bwd_ref(
     )
     if mask is not None:
         s = s.masked_fill(~mask, -math.inf)
-    p = torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0)
+    p = torch.nan_to_num(torch.softmax(_append_sinks(s, sinks), dim=-1), nan=0.0)
+    if sinks is not None:
+        p = p[..., :-1]  # the sink's value is 0: it adds nothing to dp or to (p * dp).sum()
     dv = torch.matmul(p.transpose(-1, -2), dout)  # (B, H, Sk, D)
     dp = torch.matmul(dout, vr.transpose(-1, -2))
     ds = p * (dp - (p * dp).sum(dim=-1, keepdim=True))
@@ -161,6 +181,7 @@ def attention_varlen_ref(
     softcap: float = 0.0,
     upcast: bool = True,
     return_lse: bool = False,
+    sinks: torch.Tensor | None = None,
 ):
     """Reference for packed sequences: q (total_q, Hq, D), k/v (total_k, Hkv, D).
 
@@ -182,6 +203,7 @@ def attention_varlen_ref(
             softcap=softcap,
             upcast=upcast,
             return_lse=True,
+            sinks=sinks,
         )
         outs.append(o[0].transpose(0, 1))
         lses.append(lse[0])

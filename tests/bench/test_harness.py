@@ -139,7 +139,8 @@ def test_bench_model_all_types_tiny(tmp_path, monkeypatch):
             "--repeat", "1", "--min-seconds", "0", "--out", str(tmp_path)]
     assert cli.main(argv) == 0
     rows = json.loads((tmp_path / "model_all_cpu.json").read_text())["rows"]
-    no_sdpa = {("gemma2", "sdpa")}  # transformers refuses SDPA for Gemma 2: no row, said so
+    # transformers refuses SDPA for Gemma 2 and GPT-OSS: no row, said so
+    no_sdpa = {("gemma2", "sdpa"), ("gpt_oss", "sdpa")}
     assert {(r["model"], r["impl"]) for r in rows} == \
         {(k, i) for k in tiny for i in bm.IMPLS} - no_sdpa
     assert all(r["ms"] > 0 and r["vs_best_peer"] > 0 for r in rows)

@@ -1,5 +1,5 @@
 """attn_implementation="fastlm" on the paths around plain forwards: sequences packed by position
-ids, torch.compile, generate() with a static cache, and the features the kernels do not take
+ids, torch.compile, generate() with a static cache, GPT-OSS's attention sinks, and the features the kernels do not take
 (attention weights, dropout, custom 4D masks), which must fall back with one warning naming
 the feature and give what transformers' own path gives.
 """
@@ -139,6 +139,40 @@ def test_static_cache_generation_matches_eager(kind, warnings_seen, kernel_calls
                                 pad_token_id=0, cache_implementation="static")
     assert torch.equal(runs["eager"], runs["fastlm"])
     assert warnings_seen == set() and kernel_calls
+
+
+def test_gpt_oss_attention_sinks_run_in_the_kernel(warnings_seen, kernel_calls):
+    """GPT-OSS passes its per-head sinks as ``s_aux``: they go to the kernel (they fell back to
+    eager before), with sliding and full layers, left padding (a padded row's weight all goes
+    to the sink), training gradients (the sinks' included) and cached greedy generation equal
+    to eager's. The sinks are drawn large so they take a real share of each row."""
+    conf = AutoConfig.for_model("gpt_oss", vocab_size=128, **SMALL, head_dim=16,
+                                num_local_experts=4, num_experts_per_tok=2, sliding_window=3,
+                                pad_token_id=0)
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(conf, attn_implementation="eager")
+    assert conf.layer_types == ["sliding_attention", "full_attention"]
+    sinks = [mod.sinks for mod in m.modules() if hasattr(mod, "sinks")]
+    with torch.no_grad():
+        for s in sinks:
+            s.copy_(torch.linspace(-2.0, 3.0, s.numel()))
+    ids = torch.randint(1, 128, (2, 11))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    eager = _step(m.train(), "eager", input_ids=ids, attention_mask=mask)
+    fused = _step(m, "fastlm", input_ids=ids, attention_mask=mask)
+    _assert_same(fused, eager)
+    assert warnings_seen == set()
+    assert len(kernel_calls) == 2 and all(c["sinks"] is not None for c in kernel_calls)
+    assert all(s.grad is not None and s.grad.abs().sum() > 0 for s in sinks)
+    runs = {}
+    m.eval()
+    for impl in ("eager", "fastlm"):
+        m.set_attn_implementation(impl)
+        runs[impl] = m.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                                pad_token_id=0)
+    assert torch.equal(runs["eager"], runs["fastlm"])
+    assert warnings_seen == set()
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])

@@ -1,4 +1,4 @@
-"""fastlm.patch on tiny random models of twenty-four architectures: same logits, loss and
+"""fastlm.patch on tiny random models of twenty-five architectures: same logits, loss and
 gradients as the eager model (fp32), the fused training loss equals HF's, same greedy
 generation with the KV cache, torch.compile, undo() restores eager. What a model does in a way
 the kernels do not (GPT-J's RoPE function, a mixture of experts' stacked weights, scaled logits)
@@ -43,6 +43,8 @@ ARCHS = {
                     attention_multiplier=0.3),
     "mixtral": dict(MOE, num_local_experts=4),
     "qwen3_moe": dict(MOE, head_dim=16, num_experts=4, moe_intermediate_size=32),
+    # attention sinks (in the kernel), half-width RoPE tables, sliding and full layers
+    "gpt_oss": dict(MOE, head_dim=16, num_local_experts=4, sliding_window=4, pad_token_id=0),
     # RoPE the fused kernel does not compute: interleaved pairs (Cohere, GLM), GPT-J's (x, sin,
     # cos) function
     "cohere": dict(DEC, logit_scale=0.5, pad_token_id=0),
@@ -54,7 +56,7 @@ EXPECT = {  # what patch() must swap: (norm modules, mlp modules) for two layers
     "gemma": (5, 2), "phi3": (5, 2), "gpt_neox": (5, 0), "opt": (5, 0), "bert": (5, 0),
     "modernbert": (5, 0),
     "gemma2": (9, 2), "gemma3_text": (13, 2), "starcoder2": (5, 0), "olmo2": (9, 2), "phi": (3, 2), "stablelm": (5, 2),
-    "falcon": (3, 0), "granite": (5, 2), "mixtral": (5, 0), "qwen3_moe": (9, 0),
+    "falcon": (3, 0), "granite": (5, 2), "mixtral": (5, 0), "qwen3_moe": (9, 0), "gpt_oss": (5, 0),
     "cohere": (3, 2), "glm": (5, 2), "gptj": (3, 2),
 }
 LEARNED_POSITIONS = {"gpt2", "opt", "bert"}  # no rotary embedding to fuse
@@ -175,7 +177,7 @@ def test_gemma2_fused_loss_leaves_a_shared_config_alone():
     assert seen == [True] and model.config.final_logit_softcapping == 2.0
 
 
-@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe", "gpt_oss"])
 def test_fused_loss_with_the_router_loss_of_a_mixture_of_experts(kind):
     """With output_router_logits, HF adds the experts' load-balancing loss to the LM loss in
     place (``loss += coef * aux_loss``) after the fused loss returned: same loss and gradients."""
@@ -326,7 +328,7 @@ def test_fullgraph_compile_of_patched_and_unpatched_models_of_one_class(monkeypa
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "gemma", "phi3", "gpt_neox", "gemma2",
-                                  "starcoder2", "qwen3_moe", "cohere"])
+                                  "starcoder2", "qwen3_moe", "cohere", "gpt_oss"])
 def test_greedy_generation_with_cache_is_unchanged(kind):
     model = build(kind)
     ids = torch.randint(1, 96, (1, 6))
