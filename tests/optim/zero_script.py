@@ -67,11 +67,17 @@ def train(zero: dict, optimizer_cls, clip: float = 0.0, fuse: bool = False,
     return losses, handed
 
 
-def hf_zero3(kind: str, patched: bool) -> dict:
+def hf_zero3(kind: str, patched: bool, partitioned: bool = False) -> dict:
     """A tiny HF causal LM under ZeRO-3 (parameters partitioned across the 2 ranks), trained
     with labels: patched, the fused loss reads the head weight inside the head module's call,
-    where ZeRO-3 has gathered it (GPT-2's head weight is tied to the embedding)."""
+    where ZeRO-3 has gathered it (GPT-2's head weight is tied to the embedding). partitioned:
+    built under ``deepspeed.zero.Init`` with transformers told of the ZeRO-3 config, as the HF
+    Trainer's ZeRO-3 loads models (its weight init gathers each partition), so the patch sees
+    only empty partitions (its probes cannot run; the swaps keep the class match)."""
+    import transformers.models.gpt2.modeling_gpt2  # noqa: F401  (imported before zero.Init,
+    import transformers.models.llama.modeling_llama  # noqa: F401  which breaks imports)
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
 
     import fastlm
 
@@ -79,13 +85,20 @@ def hf_zero3(kind: str, patched: bool) -> dict:
                  attn_pdrop=0.0) if kind == "gpt2" else
             dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2))
+    ds = {"train_micro_batch_size_per_gpu": 2, "steps_per_print": 10**9,
+          "zero_optimization": {"stage": 3}}
+    conf = AutoConfig.for_model(kind, vocab_size=96, **dims)
     torch.manual_seed(0)
-    net = AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, vocab_size=96, **dims),
-                                           attn_implementation="eager")
+    if partitioned:
+        hf_ds = HfDeepSpeedConfig(ds)  # noqa: F841  (transformers reads it while alive)
+        with deepspeed.zero.Init(config_dict_or_path=ds):
+            net = AutoModelForCausalLM.from_config(conf, attn_implementation="eager")
+        assert all(p.numel() == 0 for p in net.parameters())
+    else:
+        net = AutoModelForCausalLM.from_config(conf, attn_implementation="eager")
     swapped = dict(fastlm.patch(net).swapped) if patched else {}
     opt = FusedAdamW(net.parameters(), lr=1e-2)
-    cfg = prepare_config({"train_micro_batch_size_per_gpu": 2, "steps_per_print": 10**9,
-                          "zero_optimization": {"stage": 3}}, opt)
+    cfg = prepare_config(ds, opt)
     engine, *_ = deepspeed.initialize(model=net, optimizer=opt, config=cfg)
     engine.train()
     rank, losses = torch.distributed.get_rank(), []
@@ -103,7 +116,9 @@ def main():
     out = {}
     for kind in ("llama", "gpt2"):
         out[f"zero3_patch_{kind}"] = {"patched": hf_zero3(kind, True),
-                                      "eager": hf_zero3(kind, False)}
+                                      "eager": hf_zero3(kind, False),
+                                      "patched_partitioned": hf_zero3(kind, True, True),
+                                      "eager_partitioned": hf_zero3(kind, False, True)}
     for name, zero in CASES.items():
         fused, handed = train(zero, FusedAdamW)
         ref, _ = train(zero, torch.optim.AdamW)
