@@ -13,11 +13,14 @@ from fastlm.train.config import ConfigError, RunConfig
 _PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def deepspeed_config(cfg: RunConfig, micro: int, accum: int, glob: int) -> dict:
+def deepspeed_config(cfg: RunConfig, micro: int, accum: int, glob: int,
+                     hidden_size: int | None = None) -> dict:
     """The user's DeepSpeed JSON (if any) with the keys fastlm derives filled in.
 
     A key the user set wins, except that batch sizes must agree with the run config: the
     loader is sized from those, so a silent disagreement would train on the wrong batch.
+    ``"auto"`` values (the Hugging Face Trainer's DeepSpeed JSONs are full of them) are filled
+    from the run config the way that Trainer fills them (see :func:`_resolve_auto`).
     """
     user: dict = {}
     if cfg.train.deepspeed:
@@ -28,6 +31,10 @@ def deepspeed_config(cfg: RunConfig, micro: int, accum: int, glob: int) -> dict:
             user = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise ConfigError(f"train.deepspeed: {path} is not valid JSON: {exc}") from exc
+        if not isinstance(user, dict):
+            raise ConfigError(f"train.deepspeed: {path} holds a JSON {type(user).__name__}, "
+                              f"not an object of DeepSpeed keys")
+        user = _resolve_auto(user, cfg, str(path), hidden_size)
     derived = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,
                "train_batch_size": glob}
     for key, value in derived.items():
@@ -51,6 +58,74 @@ def deepspeed_config(cfg: RunConfig, micro: int, accum: int, glob: int) -> dict:
                                "loss_scale_window": 1000, "hysteresis": 1,
                                "min_loss_scale": 1})
     return ds
+
+
+_BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+               "train_batch_size")
+
+
+def _resolve_auto(user: dict, cfg: RunConfig, path: str, hidden: int | None) -> dict:
+    """The user's JSON with its "auto" values resolved as the HF Trainer resolves them, so a
+    config written for that Trainer runs here unchanged:
+
+    - batch sizes and ``gradient_clipping``: from the run config (left for fastlm to fill);
+    - ``fp16``/``bf16`` ``enabled``: whether train.precision is that precision (bf16 then
+      goes fastlm's way, fp32 masters in FusedAdamW where that applies);
+    - an ``optimizer``/``scheduler`` section whose params are all "auto": dropped, fastlm
+      builds both from optim.*. One with values is an error: DeepSpeed would silently ignore
+      it for the optimizer and schedule fastlm hands it;
+    - ZeRO bucket sizes: from the model's hidden size h (h^2, 0.9 h^2, 10 h, HF's rule);
+    - any other "auto": an error naming the key.
+    """
+    ds = json.loads(json.dumps(user))  # a deep copy
+    for key in _BATCH_KEYS + ("gradient_clipping",):
+        if ds.get(key) == "auto":
+            del ds[key]
+    for name in ("fp16", "bf16"):
+        section = ds.get(name)
+        if isinstance(section, dict) and section.get("enabled") == "auto":
+            if cfg.train.precision != name or name == "bf16":
+                del ds[name]  # bf16: fastlm's own choice of how (see deepspeed_config)
+            else:
+                section["enabled"] = True
+    for name, keys in (("optimizer", "optim.name, optim.lr, optim.betas, optim.eps, "
+                                     "optim.weight_decay"),
+                       ("scheduler", "optim.warmup_steps, optim.min_lr, optim.decay_steps")):
+        section = ds.get(name)
+        if section is None:
+            continue
+        params = section.get("params", {}) if isinstance(section, dict) else None
+        if isinstance(params, dict) and all(v == "auto" for v in params.values()):
+            del ds[name]
+            continue
+        raise ConfigError(
+            f"train.deepspeed: {path} has an '{name}' section with values; fastlm builds the "
+            f"{name} itself from {keys} and DeepSpeed would ignore the section. Set those "
+            f"keys instead and remove the section (or leave its params \"auto\")")
+    zero = ds.get("zero_optimization")
+    if isinstance(zero, dict):
+        sizes = {} if hidden is None else {
+            "reduce_bucket_size": hidden * hidden,
+            "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+            "stage3_param_persistence_threshold": 10 * hidden}
+        for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size",
+                    "stage3_param_persistence_threshold"):
+            if zero.get(key) == "auto":
+                if key in sizes:
+                    zero[key] = sizes[key]
+                else:
+                    del zero[key]  # no model to size them from: DeepSpeed's defaults
+    left = _auto_paths(ds)
+    if left:
+        raise ConfigError(f"train.deepspeed: {path} sets {', '.join(left)} to \"auto\", which "
+                          f"fastlm does not derive; give a value")
+    return ds
+
+
+def _auto_paths(node, prefix: str = "") -> list[str]:
+    if isinstance(node, dict):
+        return [p for k, v in node.items() for p in _auto_paths(v, f"{prefix}{k}.")]
+    return [prefix.rstrip(".")] if node == "auto" else []
 
 
 def _optimizer_keeps_masters(cfg: RunConfig, ds: dict) -> bool:

@@ -148,11 +148,16 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
+def hidden_size(model: torch.nn.Module) -> int | None:
+    conf = model.config
+    return getattr(conf, "hidden_size", None) or getattr(conf, "n_embd", None)
+
+
 def flops_per_token(model: torch.nn.Module, block_size: int) -> float:
     """Training FLOPs per token, 6N + 12 L d T (PaLM appendix B), N without embeddings'
     lookups counted once (tied heads are a matmul, so they stay in N)."""
     conf = model.config
     n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     layers = getattr(conf, "num_hidden_layers", None) or conf.n_layer
-    width = getattr(conf, "hidden_size", None) or conf.n_embd
+    width = hidden_size(model)
     return 6.0 * n + 12.0 * layers * width * block_size

@@ -31,6 +31,7 @@ from fastlm.train.model import (
     build_model,
     enable_activation_checkpointing,
     flops_per_token,
+    hidden_size,
     param_groups,
 )
 
@@ -113,7 +114,8 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> RunState:
         model.compile()
     fpt = flops_per_token(model, cfg.data.block_size)
     engine, _, scheduler = initialize(cfg, model, param_groups(model, cfg.optim.weight_decay),
-                                      deepspeed_config(cfg, micro, accum, glob))
+                                      deepspeed_config(cfg, micro, accum, glob,
+                                                       hidden_size=hidden_size(model)))
     peak = _peak_flops(dev, cfg.train.precision)  # before any RNG state is restored: it draws random inputs
     torch.manual_seed(cfg.train.seed + 1 + rank)  # dropout streams differ across ranks
 

@@ -518,3 +518,89 @@ def test_activation_checkpointing_recomputes_blocks_with_the_same_losses(tmp_pat
         assert abs(a - b) <= 1e-6 * abs(b), (losses(ckpt), losses(plain))
     saved = json.loads((tmp_path / "c" / "run" / "hf" / "config.json").read_text())
     assert saved.get("use_cache", True) is not False
+
+
+# a DeepSpeed JSON written for the Hugging Face Trainer (its ZeRO-3 example's shape)
+HF_STYLE_DS = {
+    "fp16": {"enabled": "auto", "loss_scale": 0, "loss_scale_window": 500,
+             "initial_scale_power": 16, "hysteresis": 2, "min_loss_scale": 1},
+    "bf16": {"enabled": "auto"},
+    "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
+                                              "weight_decay": "auto"}},
+    "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": "auto",
+                                                 "warmup_max_lr": "auto",
+                                                 "warmup_num_steps": "auto"}},
+    "zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True,
+                          "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+                          "stage3_param_persistence_threshold": "auto",
+                          "stage3_gather_16bit_weights_on_model_save": True},
+    "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+    "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+    "steps_per_print": 2000, "wall_clock_breakdown": False,
+}
+
+
+def _ds_json(tmp_path, content, name="ds.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(content))
+    return path
+
+
+def test_hf_trainer_style_deepspeed_json_resolves_its_auto_values(tmp_path, tiny_data):
+    """"auto" is filled from the run config the way the HF Trainer fills it: batch sizes and
+    clipping derived, fp16/bf16 by train.precision, all-"auto" optimizer/scheduler sections
+    dropped (fastlm builds both), ZeRO bucket sizes from the hidden size."""
+    from fastlm.train.engine import deepspeed_config
+
+    ds = _ds_json(tmp_path, HF_STYLE_DS)
+    cfg = config(tmp_path, tiny_data, f"train.deepspeed={ds}", "train.micro_batch_size=4",
+                 "train.grad_accum=2", "train.grad_clip=0.7")
+    out = deepspeed_config(cfg, 4, 2, 8, hidden_size=64)
+    assert (out["train_micro_batch_size_per_gpu"], out["gradient_accumulation_steps"],
+            out["train_batch_size"], out["gradient_clipping"]) == (4, 2, 8, 0.7)
+    assert not {"fp16", "bf16", "optimizer", "scheduler"} & set(out)
+    zero = out["zero_optimization"]
+    assert (zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"],
+            zero["stage3_param_persistence_threshold"]) == (4096, 3686, 640)
+    assert zero["stage"] == 3 and zero["overlap_comm"] is True
+    assert out["steps_per_print"] == 2000  # the user's own values pass through
+    # fp16: enabled, the user's loss-scaling settings kept
+    fp16 = deepspeed_config(_with_train(cfg, precision="fp16"), 4, 2, 8, hidden_size=64)
+    assert fp16["fp16"] == dict(HF_STYLE_DS["fp16"], enabled=True)
+    # no model to size the buckets from: DeepSpeed's defaults
+    assert "reduce_bucket_size" not in deepspeed_config(cfg, 4, 2, 8)["zero_optimization"]
+
+
+def _with_train(cfg, **train):
+    import dataclasses
+
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train))
+
+
+@pytest.mark.parametrize("content, message", [
+    (dict(HF_STYLE_DS, optimizer={"type": "AdamW", "params": {"lr": 3e-4}}),
+     r"'optimizer' section with values; fastlm builds the optimizer itself from optim.name, "
+     r"optim.lr"),
+    (dict(HF_STYLE_DS, scheduler={"type": "WarmupLR", "params": {"warmup_num_steps": 10}}),
+     r"'scheduler' section .* optim.warmup_steps"),
+    ({"zero_optimization": {"stage": 2, "sub_group_size": "auto"}},
+     r"sets zero_optimization.sub_group_size to \"auto\", which fastlm does not derive"),
+    ([1, 2], r"holds a JSON list, not an object of DeepSpeed keys"),
+])
+def test_deepspeed_json_that_fastlm_cannot_honour_names_the_key(tmp_path, tiny_data, content,
+                                                                 message):
+    from fastlm.train.engine import deepspeed_config
+
+    cfg = config(tmp_path, tiny_data, f"train.deepspeed={_ds_json(tmp_path, content)}")
+    with pytest.raises(ConfigError, match=message):
+        deepspeed_config(cfg, 8, 1, 8, hidden_size=64)
+
+
+def test_training_with_an_hf_trainer_deepspeed_json(tmp_path, tiny_data):
+    """The HF-style ZeRO-3 JSON runs as is and trains like train.zero_stage=3 without it."""
+    args = ("train.max_steps=3", "eval.every=0", "train.micro_batch_size=4")
+    ds = _ds_json(tmp_path, HF_STYLE_DS)
+    theirs = run(config(tmp_path / "hf", tiny_data, *args, f"train.deepspeed={ds}"))
+    ours = run(config(tmp_path / "own", tiny_data, *args, "train.zero_stage=3"))
+    for a, b in zip(losses(theirs), losses(ours)):
+        assert abs(a - b) <= 1e-5 * abs(b), (losses(theirs), losses(ours))
