@@ -95,6 +95,42 @@ def build_model(cfg: ModelConfig, vocab_size: int | None, block_size: int | None
     return model
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def check_tokenizer(pretrained: str, data_dir: Path) -> None:
+    """Fine-tuning: the data's token ids must mean what they meant to the pretrained model.
+    Data prepared with another tokenizer (`fastlm prepare --tokenizer bpe` instead of the
+    model's directory) trains without any error into nonsense; this makes it one. The data's
+    vocabulary may extend the model's (added special tokens; the embeddings grow to fit)."""
+    import json
+
+    model_dir = Path(pretrained)
+    if not any((model_dir / f).is_file() for f in _TOKENIZER_FILES):
+        logger.warning("model.pretrained %s holds no tokenizer: fastlm cannot check that the "
+                       "data in %s was tokenized with the model's vocabulary", model_dir,
+                       data_dir)
+        return
+    meta = json.loads((data_dir / "meta.json").read_text())
+    data_tok = data_dir / meta.get("tokenizer", "tokenizer")
+    from transformers import AutoTokenizer
+
+    try:
+        ours = AutoTokenizer.from_pretrained(data_tok).get_vocab()
+        theirs = AutoTokenizer.from_pretrained(model_dir).get_vocab()
+    except (OSError, ValueError) as exc:
+        logger.warning("could not compare the tokenizers of %s and %s (%s)", data_tok,
+                       model_dir, exc)
+        return
+    differ = [t for t, i in theirs.items() if ours.get(t) != i]
+    if differ:
+        raise ConfigError(
+            f"data.path {str(data_dir)!r} was tokenized with another vocabulary than "
+            f"model.pretrained {str(model_dir)!r} ({len(differ)} of its {len(theirs)} tokens "
+            f"differ, e.g. {differ[0]!r}); prepare the data with the model's tokenizer: "
+            f"`fastlm prepare INPUT --tokenizer {model_dir} --out DIR`")
+
+
 def _register_fastlm_attention(cfg: ModelConfig) -> None:
     if cfg.attn_implementation != "fastlm":
         return

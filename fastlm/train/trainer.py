@@ -29,6 +29,7 @@ from fastlm.train.engine import deepspeed_config, initialize, resolve_precision
 from fastlm.train.metrics import MetricsLog
 from fastlm.train.model import (
     build_model,
+    check_tokenizer,
     enable_activation_checkpointing,
     flops_per_token,
     hidden_size,
@@ -96,6 +97,8 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> RunState:
                           f"continue, or choose another out_dir")
 
     data_dir = _ensure_data(cfg, rank)
+    if cfg.model.pretrained:
+        check_tokenizer(cfg.model.pretrained, data_dir)
     train_loader = BlockLoader(data_dir, cfg.data.block_size, micro, split_name="train",
                                rank=rank, world_size=world, seed=cfg.train.seed,
                                mode=cfg.data.mode, boundaries=cfg.data.boundaries)

@@ -342,6 +342,32 @@ def test_sft_and_continued_pretraining_from_an_export(tmp_path, tiny_data):
 
 
 
+
+def test_fine_tuning_data_from_another_tokenizer_is_refused(tmp_path, tiny_data):
+    """model.pretrained with its tokenizer, data tokenized by another (char-level here): the
+    ids would mean other tokens to the model, so the run stops before training and says how
+    to prepare the data. The model's own tokenizer passes (the SFT test above)."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fastlm.data.tokenizer import byte_level, char_level
+
+    conf = AutoConfig.for_model("gpt2", vocab_size=300, n_embd=32, n_layer=1, n_head=2)
+    AutoModelForCausalLM.from_config(conf).save_pretrained(tmp_path / "base")
+    byte_level(tmp_path / "base")  # the model's tokenizer: byte-level, as the data's
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    shutil.rmtree(data / "tokenizer")
+    char_level(["the quick brown fox"], data / "tokenizer")
+    cfg = config(tmp_path, data, f"model.pretrained={tmp_path / 'base'}", "model.overrides={}",
+                 "train.max_steps=1")
+    with pytest.raises(ConfigError, match=r"tokenized with another vocabulary than "
+                                          r"model.pretrained .*--tokenizer"):
+        run(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_fine_tunes_and_exports_a_gemma2_directory(tmp_path, tiny_data):
     """A pretrained directory of a model that transformers runs without SDPA (Gemma 2, with
     final-logit soft-capping: the patch's fused loss applies the cap) fine-tunes, and its export
