@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
+
+logger = logging.getLogger("fastlm")
 
 
 class GenerateError(Exception):
@@ -23,23 +26,64 @@ def load_tokenizer(path: str | Path):
                         f"{path / 'tokenizer'}); prepare data with `fastlm prepare`")
 
 
-@torch.no_grad()
+def context_length(model) -> int | None:
+    """The longest sequence the model takes: learned position tables end there (GPT-2's
+    n_positions; an index past them crashes), rotary models were trained to there."""
+    conf = model.config
+    for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(conf, key, None)
+        if isinstance(value, int) and value > 1:
+            return value
+    return None
+
+
 def sample(model, tokenizer, prompt: str, *, max_new_tokens: int, temperature: float = 0.8,
            top_k: int | None = 50, top_p: float | None = None, device=None,
            seed: int | None = None) -> str:
+    """Prompt + up to ``max_new_tokens`` sampled tokens (fewer if EOS comes first), as text."""
     device = device or next(model.parameters()).device
     ids = tokenizer(prompt or tokenizer.eos_token, return_tensors="pt").input_ids.to(device)
     if seed is not None:
         torch.manual_seed(seed)
+    out = sample_ids(model, ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                     top_k=top_k, top_p=top_p, pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0], skip_special_tokens=True)
+
+
+@torch.no_grad()
+def sample_ids(model, ids: torch.Tensor, *, max_new_tokens: int, temperature: float,
+               top_k: int | None, top_p: float | None, pad_token_id: int | None) -> torch.Tensor:
+    """(1, prompt + new) token ids. Past the model's context the sampling goes on from the last
+    half-context of tokens (as nanoGPT crops its context): one warning says so, and each window
+    is generated with the KV cache. A prompt longer than the context is read from its last
+    half-context the same way."""
+    ctx = context_length(model)
     was_training = model.training
     model.eval()
-    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                         temperature=temperature if temperature > 0 else None,
-                         top_k=top_k if temperature > 0 else None,
-                         top_p=top_p if temperature > 0 else None,
-                         pad_token_id=tokenizer.eos_token_id)
-    model.train(was_training)
-    return tokenizer.decode(out[0], skip_special_tokens=True)
+    out, remaining, warned = ids, max_new_tokens, False
+    try:
+        while remaining > 0:
+            context = out
+            if ctx is not None and out.shape[1] >= ctx:
+                context = out[:, -(ctx // 2):]
+                if not warned:
+                    logger.warning("generation passes the model's context of %d tokens: it "
+                                   "continues from the last %d", ctx, ctx // 2)
+                    warned = True
+            step = remaining if ctx is None else min(remaining, ctx - context.shape[1])
+            new = model.generate(
+                context, attention_mask=torch.ones_like(context), max_new_tokens=step,
+                do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
+                top_k=top_k if temperature > 0 else None,
+                top_p=top_p if temperature > 0 else None, pad_token_id=pad_token_id,
+            )[:, context.shape[1]:]
+            out = torch.cat([out, new], dim=1)
+            remaining -= new.shape[1]
+            if new.shape[1] < step:  # it stopped at EOS
+                break
+    finally:
+        model.train(was_training)
+    return out
 
 
 def load_for_generation(path: str | Path):
