@@ -32,11 +32,16 @@ from fastlm.ops import fused_linear_cross_entropy
 _logger = logging.getLogger("fastlm")
 
 # Causal LMs whose forward was read to be head(hidden) -> loss_function with nothing between
-# (the mixtures of experts add their router loss after it). Not listed on purpose: Cohere
-# (logit_scale) and Granite (logits_scaling) scale the logits in between.
+# (the mixtures of experts add their router loss after it).
 LOSS_MODEL_TYPES = {"gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt_neox",
                     "opt", "phi", "gptj", "falcon", "stablelm", "starcoder2", "olmo", "olmo2",
                     "glm", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"}
+# ... and those whose one step in between multiplies the logits by a constant (Granite divides
+# by config.logits_scaling, Cohere multiplies by its logit_scale). The deferred head hands HF's
+# forward the hidden states, which it scales instead; with no bias in the head that is the same
+# product, (c h) W^T = c (h W^T), so the fused loss sees the scaled logits.
+SCALED_MODEL_TYPES = {"granite": lambda model: 1.0 / model.config.logits_scaling,
+                      "cohere": lambda model: model.logit_scale}
 # ... and those whose one step in between is soft-capping by config.final_logit_softcapping
 # (cap * tanh(logits / cap)), which the fused loss computes itself: the patched forward runs
 # HF's with the setting off and hands the cap to the kernel (Gemma's 256k vocabulary is where
@@ -63,14 +68,22 @@ def loss_unsupported(model) -> str | None:
     if mtype in MLM_MODEL_TYPES:
         return None if mlm_head(model) is not None else (
             f"{type(model).__name__} has no masked-LM head (cls.predictions.decoder)")
-    if mtype not in LOSS_MODEL_TYPES | SOFTCAP_MODEL_TYPES:
+    if mtype not in LOSS_MODEL_TYPES | SOFTCAP_MODEL_TYPES | set(SCALED_MODEL_TYPES):
         return f"model type {mtype!r} is not one whose LM-head path was verified"
     if getattr(cfg, "final_logit_softcapping", None) and mtype not in SOFTCAP_MODEL_TYPES:
         return "final-logit soft-capping sits between the head and the loss in HF's forward"
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, torch.nn.Linear):
         return "no nn.Linear output embedding"
+    if mtype in SCALED_MODEL_TYPES and head.bias is not None:
+        return "its logits are scaled after a head with a bias (the scale would miss the bias)"
     return None
+
+
+def logit_scale(model) -> float:
+    """The constant HF's forward multiplies the logits by before the loss (1 for most)."""
+    scale = SCALED_MODEL_TYPES.get(getattr(model.config, "model_type", None))
+    return 1.0 if scale is None else float(scale(model))
 
 
 def head_forward(self, x, labels=None, num_items_in_batch=None, ignore_index=-100):

@@ -155,7 +155,7 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> RunState:
 def _loop(cfg, engine, scheduler, loader, val_loader, state, log, signals, *, ckpt_dir, rank,
           dev, accum, tokens_per_step, fpt, peak):
     model_dtype = next(engine.module.parameters()).dtype
-    fused = cfg.train.fused_loss
+    fused = _fused_loss(cfg, engine.module)
     if fused and cfg.train.zero_stage == 3 and not _patched_loss(engine.module):
         logger.warning("train.fused_loss under ZeRO-3 runs through fastlm.patch's loss, which "
                        "this model does not have (model.patch=false or an unsupported type): "
@@ -216,7 +216,7 @@ def _loop(cfg, engine, scheduler, loader, val_loader, state, log, signals, *, ck
         stop_early = False
         if (cfg.eval.every and state.step % cfg.eval.every == 0) or done:
             stop_early = _evaluate(cfg, engine, val_loader, state, log, ckpt_dir, rank, dev,
-                                   model_dtype, loader)
+                                   model_dtype, loader, fused)
         save_due = cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0
         interrupted = fdist.any_true(signals.received is not None, dev)
         if save_due or done or stop_early or interrupted:
@@ -230,6 +230,23 @@ def _loop(cfg, engine, scheduler, loader, val_loader, state, log, signals, *, ck
             log.write(f"early stop at step {state.step}: no better validation loss in "
                       f"{cfg.eval.patience} evaluations")
             break
+
+
+def _fused_loss(cfg, module) -> bool:
+    """train.fused_loss where it computes the model's own loss: causal LMs whose forward was read
+    to hand the head's output straight to the loss, or to soft-cap it or scale it (which the
+    fused path does too). Other types compute the logits: a fused head that missed a step of
+    their forward would train on a different loss (it missed Granite's and Cohere's scales)."""
+    if not cfg.train.fused_loss:
+        return False
+    from fastlm.integrations._patch_loss import loss_unsupported
+
+    why = loss_unsupported(module)
+    if why is not None:
+        logger.warning("train.fused_loss: not for this model (%s); training computes the full "
+                       "logits", why)
+        return False
+    return True
 
 
 def _patched_loss(module) -> bool:
@@ -271,7 +288,12 @@ def _head_loss(engine, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     """The fused LM head + cross-entropy on final hidden states (B, T, H): mean over targets."""
     head = engine.module.get_output_embeddings()
     softcap = getattr(engine.module.config, "final_logit_softcapping", None) or 0.0
+    from fastlm.integrations._patch_loss import logit_scale
     from fastlm.ops import fused_linear_cross_entropy
+
+    scale = logit_scale(engine.module)  # Granite's and Cohere's constant (no head bias there)
+    if scale != 1.0:
+        hidden = hidden * scale
 
     return fused_linear_cross_entropy(hidden, head.weight, targets, getattr(head, "bias", None),
                                       ignore_index=IGNORE_INDEX, softcap=softcap)
@@ -313,9 +335,9 @@ def evaluate_loss(engine, val_loader: BlockLoader, batches: int, dev, model_dtyp
 
 
 def _evaluate(cfg, engine, val_loader, state, log, ckpt_dir, rank, dev, model_dtype,
-              loader) -> bool:
+              loader, fused) -> bool:
     val = evaluate_loss(engine, val_loader, cfg.eval.batches, dev, model_dtype,
-                        cfg.train.fused_loss and cfg.train.zero_stage < 3)
+                        fused and cfg.train.zero_stage < 3)
     ppl = math.exp(min(val, 50.0))
     log.log(state.step, val_loss=val, val_ppl=ppl)
     log.write(f"step {state.step}: val loss {val:.4f}, perplexity {ppl:.2f}")

@@ -62,10 +62,10 @@ EXPECT = {  # what patch() must swap: (norm modules, mlp modules) for two layers
 LEARNED_POSITIONS = {"gpt2", "opt", "bert"}  # no rotary embedding to fuse
 ROPE_REFUSED = {"gptj": "it takes (tensor, sin, cos)"}
 ROPE_PAIRS = {"cohere", "glm"}  # interleaved pairs: the fused op's interleaved form
-# the head's logits are scaled before HF's loss: fused, that would be wrong (Gemma 2's final
-# soft-capping is fused, the kernel computes it; a cap of 2 makes a wrong one show)
+# Granite and Cohere scale the head's logits before HF's loss (logits_scaling 2, logit_scale
+# 0.5 here), Gemma 2 soft-caps them (a cap of 2): the fused loss must include each
 ENCODERS = {"bert", "modernbert"}
-LOSS_REFUSED = {"granite", "cohere"} | ENCODERS  # (BERT's masked-LM loss: its own test)
+LOSS_REFUSED = ENCODERS  # (BERT's masked-LM loss: its own test)
 CAUSAL = sorted(set(ARCHS) - ENCODERS)
 NO_DROPOUT = {"gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
               "opt": dict(dropout=0.0)}

@@ -368,6 +368,27 @@ def test_fine_tuning_data_from_another_tokenizer_is_refused(tmp_path, tiny_data)
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("kind, scale", [("granite", dict(logits_scaling=4.0)),
+                                         ("cohere", dict(logit_scale=0.25))])
+def test_fused_loss_includes_the_models_logit_scale(tmp_path, tiny_data, kind, scale):
+    """Granite divides its logits by logits_scaling and Cohere multiplies them by logit_scale
+    before the loss: train.fused_loss (the default) trains on the same losses as the full
+    logits (it left the scale out: another loss, silently)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    conf = AutoConfig.for_model(kind, vocab_size=300, hidden_size=32, intermediate_size=64,
+                                num_hidden_layers=1, num_attention_heads=2,
+                                num_key_value_heads=2, pad_token_id=0, **scale)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(conf).save_pretrained(tmp_path / kind)
+    args = (f"model.pretrained={tmp_path / kind}", "model.overrides={}", "train.max_steps=2",
+            "eval.every=2", "train.micro_batch_size=2")
+    fused = run(config(tmp_path / "f", tiny_data, *args))
+    full = run(config(tmp_path / "u", tiny_data, *args, "train.fused_loss=false"))
+    for a, b in zip(losses(fused) + [fused.best_val], losses(full) + [full.best_val]):
+        assert abs(a - b) <= 1e-5 * abs(b), (losses(fused), losses(full))
+
+
 def test_fine_tunes_and_exports_a_gemma2_directory(tmp_path, tiny_data):
     """A pretrained directory of a model that transformers runs without SDPA (Gemma 2, with
     final-logit soft-capping: the patch's fused loss applies the cap) fine-tunes, and its export
