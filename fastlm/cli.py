@@ -21,6 +21,8 @@ SUBCOMMANDS = {
                                    "deepspeed launcher for several)"),
     "generate": ("fastlm.train.generate", "sample text from a checkpoint or Hugging Face directory"),
     "export": ("fastlm.train.export", "write a checkpoint as a Hugging Face model directory"),
+    "eval": ("fastlm.train.evaluate", "loss and perplexity of a model on a prepared split or a "
+                                      "text file"),
     "bench": ("fastlm.bench.cli", "kernel and training microbenchmarks side by side with peers"),
 }
 

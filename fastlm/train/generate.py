@@ -14,16 +14,24 @@ class GenerateError(Exception):
     user_facing = True
 
 
+def tokenizer_dir(path: str | Path) -> Path | None:
+    """The directory holding the tokenizer saved in ``path`` or ``path/tokenizer``, or None."""
+    path = Path(path)
+    for d in (path, path / "tokenizer"):
+        if (d / "tokenizer.json").is_file():
+            return d
+    return None
+
+
 def load_tokenizer(path: str | Path):
     """The fast tokenizer saved in ``path`` or ``path/tokenizer``."""
     from transformers import PreTrainedTokenizerFast
 
-    path = Path(path)
-    for d in (path, path / "tokenizer"):
-        if (d / "tokenizer.json").is_file():
-            return PreTrainedTokenizerFast.from_pretrained(str(d))
-    raise GenerateError(f"no tokenizer in {path} (expected tokenizer.json there or in "
-                        f"{path / 'tokenizer'}); prepare data with `fastlm prepare`")
+    d = tokenizer_dir(path)
+    if d is None:
+        raise GenerateError(f"no tokenizer in {path} (expected tokenizer.json there or in "
+                            f"{Path(path) / 'tokenizer'}); prepare data with `fastlm prepare`")
+    return PreTrainedTokenizerFast.from_pretrained(str(d))
 
 
 def context_length(model) -> int | None:
@@ -86,16 +94,23 @@ def sample_ids(model, ids: torch.Tensor, *, max_new_tokens: int, temperature: fl
     return out
 
 
-def load_for_generation(path: str | Path):
+def load_model_dir(path: str | Path):
+    """(model, the directory its tokenizer would be in) from an HF directory, a run directory
+    or a checkpoint."""
     path = Path(path)
     if (path / "config.json").is_file():
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(str(path)), load_tokenizer(path)
+        return AutoModelForCausalLM.from_pretrained(str(path)), path
     from fastlm.train.export import load_model
 
     model, _, run_dir = load_model(path)
-    return model, load_tokenizer(run_dir)
+    return model, run_dir
+
+
+def load_for_generation(path: str | Path):
+    model, root = load_model_dir(path)
+    return model, load_tokenizer(root)
 
 
 def add_arguments(parser) -> None:

@@ -651,3 +651,15 @@ def test_training_with_an_hf_trainer_deepspeed_json(tmp_path, tiny_data):
     ours = run(config(tmp_path / "own", tiny_data, *args, "train.zero_stage=3"))
     for a, b in zip(losses(theirs), losses(ours)):
         assert abs(a - b) <= 1e-5 * abs(b), (losses(theirs), losses(ours))
+
+
+def test_eval_command_reads_a_run_directory(tmp_path, tiny_data):
+    """fastlm eval on a training run (its latest checkpoint and the tokenizer it saved)."""
+    from fastlm import cli
+
+    run(config(tmp_path, tiny_data, "train.max_steps=2", "eval.every=0"))
+    out = tmp_path / "eval.json"
+    assert cli.main(["eval", str(tmp_path / "run"), str(tiny_data), "--max-tokens", "300",
+                     "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["tokens"] == 299 and math.isfinite(res["loss"]) and res["block_size"] == 256

@@ -1,0 +1,222 @@
+"""``fastlm eval``: loss and perplexity of a model on a prepared split or a text file.
+
+Every token of the split is scored once (up to ``--max-tokens``), in windows of
+``--block-size`` tokens of the documents concatenated as training reads them. A ``--stride``
+shorter than the block is the sliding-window perplexity of transformers' guide: windows start
+``stride`` tokens apart and each scores only the targets no earlier window scored, so every
+token but the first block's is predicted from at least ``block - stride`` tokens of context.
+SFT data scores the response tokens only, as training does. The loss is the training loss
+(fastlm's fused LM head + cross-entropy where it applies, the full logits elsewhere).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+class EvalError(Exception):
+    user_facing = True
+
+
+@dataclass
+class EvalResult:
+    loss: float  # mean cross-entropy (nats) per scored token
+    perplexity: float
+    tokens: int  # targets scored
+    windows: int
+    block_size: int
+    stride: int
+
+
+def token_stream(data: str | Path, split: str, tokenizer=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(tokens, keep): a prepared split's shards concatenated (keep: the SFT loss mask, 1 where
+    a target counts, or None), or a text file encoded with ``tokenizer``."""
+    path = Path(data)
+    if path.is_dir():
+        from fastlm.data.format import FormatError, open_split
+
+        try:
+            sp = open_split(path, split)
+        except FormatError as exc:
+            raise EvalError(str(exc)) from exc
+        tokens = np.concatenate([np.asarray(s.tokens, dtype=np.int64) for s in sp.shards])
+        masks = [s.mask for s in sp.shards]
+        keep = None if masks[0] is None else np.concatenate([np.asarray(m) for m in masks])
+        return tokens, keep
+    if not path.is_file():
+        raise EvalError(f"{path} not found: give a prepared dataset directory (fastlm "
+                        f"prepare) or a text file")
+    if tokenizer is None:
+        raise EvalError(f"{path} is a text file, and the model comes with no tokenizer to "
+                        f"encode it: prepare it with `fastlm prepare {path} --tokenizer "
+                        f"MODEL_DIR --out DIR` and evaluate DIR")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    return np.asarray(tokenizer(text).input_ids, dtype=np.int64), None
+
+
+def windows(n: int, block: int, stride: int):
+    """(begin, end, first) for each window over n tokens: inputs [begin, end), targets
+    [begin + 1, end + 1) of which those from index ``first`` in the window on are scored."""
+    scored_to, begin = 0, 0  # targets 1..scored_to are done
+    while scored_to < n - 1:
+        end = min(begin + block, n - 1)
+        yield begin, end, max(0, scored_to - begin)
+        scored_to = end
+        begin += stride
+
+
+@torch.no_grad()
+def evaluate(model, tokens: np.ndarray, keep: np.ndarray | None = None, *, block_size: int,
+             stride: int | None = None, batch_size: int = 8, progress: bool = True) -> EvalResult:
+    """Mean cross-entropy of ``model`` over ``tokens`` (see the module docstring)."""
+    stride = block_size if stride is None else stride
+    if not 1 <= stride <= block_size:
+        raise EvalError(f"--stride must be between 1 and the block size ({block_size}), "
+                        f"got {stride}")
+    if len(tokens) < 2:
+        raise EvalError("the data holds fewer than 2 tokens: nothing to predict")
+    device = next(model.parameters()).device
+    plan = list(windows(len(tokens), block_size, stride))
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(plan), desc="eval", unit="window", disable=not progress)
+    try:
+        i = 0
+        while i < len(plan):
+            length = plan[i][1] - plan[i][0]
+            group = [plan[i]]  # windows of one length go through the model together
+            while (len(group) < batch_size and i + len(group) < len(plan)
+                   and plan[i + len(group)][1] - plan[i + len(group)][0] == length):
+                group.append(plan[i + len(group)])
+            ids = torch.from_numpy(np.stack([tokens[b:e] for b, e, _ in group])).to(device)
+            targets = torch.from_numpy(np.stack([tokens[b + 1:e + 1] for b, e, _ in group]))
+            for row, (b, e, first) in enumerate(group):
+                targets[row, :first] = IGNORE
+                if keep is not None:
+                    targets[row][torch.from_numpy(keep[b + 1:e + 1] == 0)] = IGNORE
+            targets = targets.to(device)
+            loss_sum = _loss_sum(model, ids, targets)
+            n = int((targets != IGNORE).sum())
+            total += float(loss_sum)
+            count += n
+            i += len(group)
+            bar.update(len(group))
+    finally:
+        bar.close()
+        model.train(was_training)
+    if count == 0:
+        raise EvalError("no target was scored (SFT data whose responses are all masked?)")
+    loss = total / count
+    return EvalResult(loss=loss, perplexity=math.exp(min(loss, 700.0)), tokens=count,
+                      windows=len(plan), block_size=block_size, stride=stride)
+
+
+def _loss_sum(model, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of the scored targets: the fused head where the model's head-to-loss
+    path is known (the logits never exist), else from the full logits."""
+    from fastlm.integrations._patch_loss import logit_scale, loss_unsupported
+
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    if loss_unsupported(model) is None:
+        from fastlm.ops import fused_linear_cross_entropy
+
+        hidden = model(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+        head = model.get_output_embeddings()
+        scale = logit_scale(model)
+        if scale != 1.0:
+            hidden = hidden * scale
+        softcap = getattr(model.config, "final_logit_softcapping", None) or 0.0
+        return fused_linear_cross_entropy(hidden, head.weight, targets, head.bias,
+                                          ignore_index=IGNORE, softcap=softcap, reduction="sum")
+    logits = model(**inputs).logits
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
+                           reduction="sum")
+
+
+# -- the command ------------------------------------------------------------------------------
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("model", help="HF model directory, run directory or checkpoint")
+    parser.add_argument("data", help="a prepared dataset directory (fastlm prepare) or a text "
+                                     "file (encoded with the model's tokenizer)")
+    parser.add_argument("--split", default="val", help="split of a prepared dataset")
+    parser.add_argument("--block-size", type=int, default=None,
+                        help="tokens per window (default: the model's context, at most 1024)")
+    parser.add_argument("--stride", type=int, default=None,
+                        help="tokens between window starts (default: the block size; shorter "
+                             "gives every scored token more context)")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward")
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="evaluate only the first N tokens")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                        help="default: fp32 on a CPU, bf16 on a GPU that has it")
+    parser.add_argument("--device", default=None, help="default: cuda if present, else cpu")
+    parser.add_argument("--no-kernels", action="store_true",
+                        help="run transformers' own code (no fastlm.patch), to compare")
+    parser.add_argument("--json", default=None, help="also write the result to this file")
+
+
+def run(args) -> int:
+    from fastlm.train.config import ConfigError
+    from fastlm.train.generate import context_length, load_model_dir, load_tokenizer, tokenizer_dir
+    from fastlm.train.model import check_tokenizer
+
+    if not Path(args.model).exists():
+        raise EvalError(f"{args.model} not found (give an HF directory or a fastlm run)")
+    if not Path(args.data).exists():
+        raise EvalError(f"{args.data} not found: give a prepared dataset directory (fastlm "
+                        f"prepare) or a text file")
+    model, root = load_model_dir(args.model)
+    tok_dir = tokenizer_dir(root)
+    tok = None if tok_dir is None else load_tokenizer(tok_dir)
+    if Path(args.data).is_dir() and tok_dir is not None:
+        try:
+            check_tokenizer(str(tok_dir), Path(args.data))
+        except ConfigError as exc:
+            raise EvalError(str(exc).replace("model.pretrained", "the model")) from exc
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
+        args.dtype or ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported()
+                       else "fp32"))
+    model.to(device=device, dtype=dtype)
+    if not args.no_kernels:
+        import fastlm
+
+        fastlm.patch(model)
+    ctx = context_length(model)
+    block = args.block_size or min(ctx or 1024, 1024)
+    if block < 1 or (ctx is not None and block > ctx):
+        raise EvalError(f"--block-size {block} is outside the model's context (1..{ctx})")
+    tokens, keep = token_stream(args.data, args.split, tok)
+    if args.max_tokens is not None:
+        tokens = tokens[: args.max_tokens]
+        keep = None if keep is None else keep[: args.max_tokens]
+    vocab = model.get_input_embeddings().num_embeddings
+    if len(tokens) and int(tokens.max()) >= vocab:
+        raise EvalError(f"the data holds token id {int(tokens.max())}, past the model's "
+                        f"vocabulary of {vocab}: it was tokenized for another model")
+    result = evaluate(model, tokens, keep, block_size=block, stride=args.stride,
+                      batch_size=args.batch_size)
+    print(f"loss {result.loss:.4f}, perplexity {result.perplexity:.2f} over {result.tokens} "
+          f"tokens ({result.windows} windows of {result.block_size}, stride {result.stride})")
+    if args.json:
+        out = Path(args.json)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(dict(asdict(result), model=str(args.model),
+                                       data=str(args.data), split=args.split), indent=2))
+        os.replace(tmp, out)
+    return 0
