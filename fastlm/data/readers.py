@@ -121,11 +121,35 @@ def load(inputs: list[str], *, text_field: str = "text", doc_split: str = "blank
             try:
                 ds = datasets.load_dataset(kind, data_files=str(path), split="train")
             except Exception as exc:
-                raise DataError(f"{path}: cannot read as {kind} ({type(exc).__name__}: "
-                                f"{str(exc)[:300]})") from exc
+                raise DataError(f"{path}: cannot read as {kind} ({_why(path, kind, exc)})") \
+                    from exc
         parts.append(_select(ds, path, text_field, fields))
     ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     return ds, stats
+
+
+def _why(path: Path, kind: str, exc: Exception) -> str:
+    """What is wrong with the file: for JSON lines the first line that does not parse (datasets
+    reports only "An error occurred while generating the dataset"), else the innermost error."""
+    if kind == "json":
+        import json
+
+        number = 0
+        try:
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    number += 1
+                    if line.strip():
+                        json.loads(line)
+        except json.JSONDecodeError as bad:
+            if path.suffix == ".jsonl" or number > 1:
+                return f"line {number} is not valid JSON: {bad.msg} at column {bad.colno}"
+        except (UnicodeDecodeError, OSError) as bad:
+            return f"{type(bad).__name__}: {bad}"
+    root = exc
+    while root.__cause__ is not None or root.__context__ is not None:
+        root = root.__cause__ or root.__context__
+    return f"{type(root).__name__}: {str(root)[:300]}"
 
 
 def _select(ds, path: Path, text_field: str, fields):

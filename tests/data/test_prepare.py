@@ -158,6 +158,21 @@ def test_bad_inputs(tmp_path, corpus):
     assert not any(p.name.startswith(".tmp-") for p in tmp_path.iterdir())  # nothing left over
 
 
+def test_corrupt_structured_files_name_what_is_wrong(tmp_path):
+    """datasets says only "An error occurred while generating the dataset": the error names the
+    JSON line that does not parse, or the reader's own reason (a corrupt parquet file)."""
+    lines = tmp_path / "bad.jsonl"
+    lines.write_text('{"text": "a fine document"}\n\n{"text": broken}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl: cannot read as json \(line 3 is not valid "
+                                        r"JSON: Expecting value at column 10\)"):
+        prepare([lines], tmp_path / "o", progress=False)
+    parquet = tmp_path / "bad.parquet"
+    parquet.write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match=r"bad.parquet: cannot read as parquet \(\w+: .*parquet"):
+        prepare([parquet], tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()
+
+
 def test_existing_output_is_reused_or_refused(tmp_path, corpus, capsys):
     path, _ = corpus
     kw = dict(text_field="body", tokenizer="byte", progress=True)
