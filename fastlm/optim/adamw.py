@@ -112,7 +112,23 @@ class FusedAdamW(torch.optim.Optimizer):
         master_weights: bool | None = None,
         state_dtype: torch.dtype = torch.float32,
         backend: str | None = None,
+        amsgrad: bool = False,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
     ):
+        # torch.optim.AdamW's own switches, so code that passes them swaps in unchanged:
+        # foreach/fused choose torch's implementation (this one is fused whatever they say);
+        # the variants this step does not compute are refused rather than ignored
+        for name, value in (("amsgrad", amsgrad), ("maximize", maximize),
+                            ("capturable", capturable), ("differentiable", differentiable)):
+            if value:
+                raise ValueError(f"FusedAdamW: {name}=True is not implemented; use "
+                                 f"torch.optim.AdamW for it")
+        if isinstance(lr, torch.Tensor) and lr.numel() == 1:
+            lr = float(lr)  # torch accepts a one-element tensor lr; the kernels take a number
         _check_hyper(lr, betas, eps, weight_decay)
         if state_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"FusedAdamW: state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype}")

@@ -279,11 +279,35 @@ def test_grad_scaler_unscales_in_the_kernel_and_skips_overflow():
         (dict(betas=(-0.1, 0.9)), r"betas must be two numbers in \[0, 1\)"),
         (dict(weight_decay=-0.1), "weight_decay must be >= 0"),
         (dict(state_dtype=torch.float16), "state_dtype"),
+        (dict(amsgrad=True), "amsgrad=True is not implemented; use torch.optim.AdamW"),
+        (dict(maximize=True), "maximize=True is not implemented"),
+        (dict(capturable=True), "capturable=True is not implemented"),
+        (dict(lr=torch.tensor([1e-3, 2e-3])), "lr must be a number >= 0"),
     ],
 )
 def test_bad_hyperparameters(kwargs, message):
     with pytest.raises(ValueError, match=message):
         FusedAdamW([torch.zeros(2, requires_grad=True)], **kwargs)
+
+
+def test_takes_torch_adamw_arguments_as_a_drop_in():
+    """Code written for torch.optim.AdamW passes its switches (their defaults, foreach/fused,
+    a one-element tensor lr): the same steps as torch's with the same arguments."""
+    torch.manual_seed(0)
+    kw = dict(lr=torch.tensor(1e-2), betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1,
+              amsgrad=False, maximize=False, foreach=False, capturable=False,
+              differentiable=False)
+    a = [torch.nn.Parameter(torch.randn(7, 3)) for _ in range(2)]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    ours, theirs = FusedAdamW(a, fused=True, **kw), torch.optim.AdamW(b, **kw)
+    for _ in range(5):
+        for p, q in zip(a, b):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        ours.step()
+        theirs.step()
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
 def test_sparse_gradients_are_rejected():
