@@ -131,6 +131,28 @@ def check_tokenizer(pretrained: str, data_dir: Path) -> None:
             f"`fastlm prepare INPUT --tokenizer {model_dir} --out DIR`")
 
 
+def check_context(model, block_size: int) -> None:
+    """A pretrained model's position table must cover the blocks: an index past a learned table
+    (GPT-2's wpe, OPT's and BERT's position embeddings) crashed the first forward with an
+    IndexError. Rotary models run past their trained context (context extension): a warning."""
+    inputs = model.get_input_embeddings()
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if (isinstance(module, torch.nn.Embedding) and module is not inputs
+                and (leaf == "wpe" or "position" in leaf)):
+            rows = module.num_embeddings - int(getattr(module, "offset", 0) or 0)
+            if rows < block_size:
+                raise ConfigError(
+                    f"data.block_size={block_size} is longer than model.pretrained's learned "
+                    f"position table ({name}: {rows} positions); use data.block_size <= {rows}")
+            return
+    ctx = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(ctx, int) and ctx < block_size:
+        logger.warning("data.block_size=%d is longer than the model's max_position_embeddings "
+                       "(%d): training extends its context past what it was trained on",
+                       block_size, ctx)
+
+
 def _register_fastlm_attention(cfg: ModelConfig) -> None:
     if cfg.attn_implementation != "fastlm":
         return

@@ -29,6 +29,7 @@ from fastlm.train.engine import deepspeed_config, initialize, resolve_precision
 from fastlm.train.metrics import MetricsLog
 from fastlm.train.model import (
     build_model,
+    check_context,
     check_tokenizer,
     enable_activation_checkpointing,
     flops_per_token,
@@ -108,6 +109,8 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> RunState:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_model(cfg.model, vocab, cfg.data.block_size,
                         eos_id=train_loader.split.eos_id).to(dev)
+    if cfg.model.pretrained:
+        check_context(model, cfg.data.block_size)
     if cfg.train.activation_checkpointing:
         enable_activation_checkpointing(model)
     if cfg.train.compile:

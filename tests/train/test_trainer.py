@@ -663,3 +663,40 @@ def test_eval_command_reads_a_run_directory(tmp_path, tiny_data):
                      "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["tokens"] == 299 and math.isfinite(res["loss"]) and res["block_size"] == 256
+
+
+@pytest.mark.parametrize("kind, dims", [
+    ("gpt2", dict(n_embd=32, n_layer=1, n_head=2, n_positions=64)),
+    ("opt", dict(hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=2,
+                 word_embed_proj_dim=32, max_position_embeddings=64)),  # table of 64 + 2
+    ("llama", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                   num_attention_heads=2, max_position_embeddings=64)),  # rotary: a warning
+])
+def test_blocks_longer_than_a_pretrained_models_positions(tmp_path, tiny_data, kind, dims,
+                                                          caplog):
+    """A learned position table shorter than data.block_size is a config error naming both
+    (the first forward crashed with an IndexError); a rotary model trains past its context
+    with a warning. 64 positions take blocks of 64."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fastlm.train.model import check_context
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, vocab_size=300, **dims))
+    check_context(model, 64)
+    if kind == "llama":
+        import logging
+
+        with caplog.at_level(logging.WARNING, logger="fastlm"):
+            check_context(model, 65)
+        assert "longer than the model's max_position_embeddings (64)" in caplog.text
+        return
+    with pytest.raises(ConfigError, match=r"data.block_size=65 is longer than model.pretrained's "
+                                          r"learned position table \(.*: 64 positions\); use "
+                                          r"data.block_size <= 64"):
+        check_context(model, 65)
+    if kind == "gpt2":  # and through the trainer, before anything is written
+        model.save_pretrained(tmp_path / "g")
+        with pytest.raises(ConfigError, match="learned position table"):
+            run(config(tmp_path, tiny_data, f"model.pretrained={tmp_path / 'g'}",
+                       "model.overrides={}", "data.block_size=65", "train.max_steps=1"))
+        assert not (tmp_path / "run").exists()
