@@ -16,10 +16,14 @@ name, so a custom or composed function we do not know always takes the dense pat
 
 from __future__ import annotations
 
+import logging
+import sys
 from dataclasses import dataclass, field
 
 import torch
 from transformers import masking_utils as mu
+
+_logger = logging.getLogger("fastlm")
 
 __all__ = ["FastlmMask", "fastlm_mask"]
 
@@ -76,6 +80,32 @@ def to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _dense_mask(args: dict) -> torch.Tensor:
     return mu.sdpa_mask(**args, allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
+
+
+_INTERFACE_USERS: dict = {}  # model type -> whether its modeling file calls the interface
+
+
+def _uses_attention_interface(model_type) -> bool:
+    """Whether the model type's attention goes through transformers' AttentionInterface (its
+    modeling file looks functions up in ALL_ATTENTION_FUNCTIONS). Unknown: assumed so."""
+    if model_type not in _INTERFACE_USERS:
+        uses = True
+        try:
+            from transformers.models.auto.configuration_auto import model_type_to_module_name
+
+            name = model_type_to_module_name(model_type)
+            modeling = sys.modules.get(f"transformers.models.{name}.modeling_{name}")
+            if modeling is not None:
+                uses = hasattr(modeling, "ALL_ATTENTION_FUNCTIONS")
+        except Exception:  # noqa: BLE001 - the check is a courtesy: never fail a forward on it
+            pass
+        if not uses:
+            _logger.warning(
+                "attn_implementation='fastlm': %s models run their own attention code, not "
+                "transformers' attention interface; nothing is fused there (they run as eager)",
+                model_type)
+        _INTERFACE_USERS[model_type] = uses
+    return _INTERFACE_USERS[model_type]
 
 
 def _cells(fn) -> dict:
@@ -180,6 +210,17 @@ def fastlm_mask(
     **kwargs,
 ) -> FastlmMask | torch.Tensor:
     """transformers' mask-interface signature; returns a FastlmMask or a dense bool mask."""
+    config = kwargs.get("config")
+    if config is not None and not _uses_attention_interface(getattr(config, "model_type", None)):
+        # A model with its own attention code (BLOOM, MPT, XGLM) takes any registered name and
+        # then reads this mask itself: FastlmMask crashed it (`scores + mask`). It gets the mask
+        # its eager code takes, and runs as eager.
+        if isinstance(attention_mask, FastlmMask):
+            attention_mask = attention_mask.dense_args["attention_mask"]
+        return mu.eager_mask(
+            batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+            kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+            dtype=kwargs.get("dtype", torch.float32), use_vmap=use_vmap, device=device)
     if isinstance(attention_mask, FastlmMask):  # pre-built by generate(), see FastlmMask.ndim
         attention_mask = attention_mask.dense_args["attention_mask"]
     dense_args = dict(

@@ -69,3 +69,38 @@ def test_from_config_accepts_fastlm():
     conf = AutoConfig.for_model("gpt2", vocab_size=64, **CONFIGS["gpt2"])
     m = AutoModelForCausalLM.from_config(conf, attn_implementation="fastlm")
     assert m.config._attn_implementation == "fastlm"
+
+
+OWN_ATTENTION = {  # models with their own attention code, outside the attention interface
+    "bloom": dict(hidden_size=32, n_layer=2, n_head=2),
+    "mpt": dict(d_model=32, n_layers=2, n_heads=2),
+    "xglm": dict(d_model=32, num_layers=2, attention_heads=2, ffn_dim=64),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(OWN_ATTENTION))
+def test_models_with_their_own_attention_run_as_eager(kind, caplog):
+    """transformers lets these take attn_implementation="fastlm" and then read the mask
+    themselves: the FastlmMask crashed them (`scores + mask`, `mask.to`, `mask.size`). They get
+    the additive mask their eager code takes, the same results as eager, and one warning."""
+    import copy
+    import logging
+
+    from fastlm.integrations import _hf_mask
+
+    _hf_mask._INTERFACE_USERS.pop(kind, None)
+    conf = AutoConfig.for_model(kind, vocab_size=100, **OWN_ATTENTION[kind])
+    torch.manual_seed(0)
+    with caplog.at_level(logging.WARNING, logger="fastlm"):
+        fast = AutoModelForCausalLM.from_config(conf, attn_implementation="fastlm").eval()
+        eager = copy.deepcopy(fast)
+        eager.set_attn_implementation("eager")
+        ids = torch.randint(1, 100, (2, 7))
+        mask = torch.ones_like(ids)
+        mask[0, :2] = 0
+        torch.testing.assert_close(fast(ids, attention_mask=mask).logits,
+                                   eager(ids, attention_mask=mask).logits)
+        runs = [m.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                           pad_token_id=0) for m in (fast, eager)]
+    assert torch.equal(*runs)
+    assert caplog.text.count(f"{kind} models run their own attention code") == 1
