@@ -70,6 +70,46 @@ class FastlmMask:
         """(B, 1, Sq, kv_length) float: 0 where attended, dtype's minimum elsewhere (eager)."""
         return to_additive(self.dense(), dtype)
 
+    # -- read as a tensor -------------------------------------------------------------------
+    # Some models' attention code reads the mask itself before calling the attention function
+    # (Doge's dynamic mask, HunYuan v4's sparse indexer: `mask.dtype`, `mask[...]`, `mask & m`,
+    # `torch.where(mask, ...)`); FastlmMask crashed them. Read as a tensor it is the dense bool
+    # mask transformers' sdpa path would have given them (built on first such read); what
+    # they pass on is then a plain tensor, which the attention function sends to sdpa.
+    dtype = torch.bool
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.dense(), name)
+
+    def __getitem__(self, index):
+        return self.dense()[index]
+
+    def __invert__(self):
+        return ~self.dense()
+
+    def __and__(self, other):
+        return self.dense() & other
+
+    __rand__ = __and__
+
+    def __or__(self, other):
+        return self.dense() | other
+
+    __ror__ = __or__
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        def unwrap(x):
+            if isinstance(x, FastlmMask):
+                return x.dense()
+            if isinstance(x, (list, tuple)):
+                return type(x)(unwrap(v) for v in x)
+            return x
+
+        return func(*unwrap(tuple(args)), **{k: unwrap(v) for k, v in (kwargs or {}).items()})
+
 
 def to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if mask.dtype != torch.bool:

@@ -104,3 +104,57 @@ def test_models_with_their_own_attention_run_as_eager(kind, caplog):
                            pad_token_id=0) for m in (fast, eager)]
     assert torch.equal(*runs)
     assert caplog.text.count(f"{kind} models run their own attention code") == 1
+
+
+@pytest.mark.parametrize("kind", ["doge", "hy_v4"])
+def test_models_that_read_the_mask_themselves(kind):
+    """Doge (dynamic mask) and HunYuan v4 (sparse indexer) read the mask in their attention
+    modules before the attention function (`mask.dtype`, `mask[...]`, `torch.where(mask, ..)`,
+    `mask & m`): read as a tensor, FastlmMask is the dense bool mask sdpa would give them (they
+    crashed on it), and the results are eager's."""
+    import copy
+
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        pytest.skip(f"this transformers has no {kind}")
+    keys = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                num_key_value_heads=2, num_hidden_layers=2, head_dim=16, vocab_size=128,
+                max_position_embeddings=128, moe_intermediate_size=32, num_experts=4,
+                num_local_experts=4, num_experts_per_tok=2, pad_token_id=0)
+    base = AutoConfig.for_model(kind)
+    conf = AutoConfig.for_model(kind, **{k: v for k, v in keys.items() if hasattr(base, k)})
+    torch.manual_seed(0)
+    eager = AutoModelForCausalLM.from_config(conf, attn_implementation="eager").eval()
+    fast = copy.deepcopy(eager)
+    fast.set_attn_implementation("fastlm")
+    ids = torch.randint(3, 100, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    keep = mask.bool()
+    torch.testing.assert_close(fast(input_ids=ids, attention_mask=mask).logits[keep],
+                               eager(input_ids=ids, attention_mask=mask).logits[keep])
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "gemma2"])
+def test_the_kernel_path_never_builds_the_dense_mask(kind, monkeypatch):
+    """The mask reads as a tensor only for models that read it; on the kernels' own path
+    (forward, a training step, cached generation) the (B, 1, Sq, Sk) mask is never built."""
+    from fastlm.integrations._hf_mask import FastlmMask
+
+    built = []
+    real = FastlmMask.dense
+    monkeypatch.setattr(FastlmMask, "dense", lambda self: built.append(1) or real(self))
+    m = model(kind)
+    m.set_attn_implementation("fastlm")
+    for mod in m.modules():  # GPT-2's attention dropout would take the sdpa fallback
+        if isinstance(mod, torch.nn.Dropout):
+            mod.p = 0.0
+    ids = torch.randint(1, 128, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    m.train()
+    m(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    m.eval()
+    m.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert built == []
