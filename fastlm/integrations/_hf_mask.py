@@ -71,11 +71,12 @@ class FastlmMask:
         return to_additive(self.dense(), dtype)
 
     # -- read as a tensor -------------------------------------------------------------------
-    # Some models' attention code reads the mask itself before calling the attention function
-    # (Doge's dynamic mask, HunYuan v4's sparse indexer: `mask.dtype`, `mask[...]`, `mask & m`,
-    # `torch.where(mask, ...)`); FastlmMask crashed them. Read as a tensor it is the dense bool
-    # mask transformers' sdpa path would have given them (built on first such read); what
-    # they pass on is then a plain tensor, which the attention function sends to sdpa.
+    # Some models' attention code reads the mask itself (Doge's dynamic mask, HunYuan v4's
+    # sparse indexer: `mask.dtype`, `mask[...]`, `mask & m`, `torch.where(mask, ...)`;
+    # BigBird-Pegasus's encoder: `scores + mask`); FastlmMask crashed them. Read as a tensor it
+    # is the dense bool mask transformers' sdpa path would have given them, or eager's additive
+    # one where it is added (built on first such read); what they pass on is then a plain
+    # tensor, which the attention function sends to sdpa.
     dtype = torch.bool
 
     def __getattr__(self, name):
@@ -101,14 +102,26 @@ class FastlmMask:
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        # Added to scores, a mask is additive (eager's `scores + mask`, BigBird-Pegasus's
+        # encoder): the bool mask there would add 1 to what is attended and 0 to the rest, a
+        # silently wrong softmax. It is 0 / the dtype's minimum in that one use.
+        additive = func in _ADDITIVE_OPS
+        dtype = next((a.dtype for a in (*args, *kwargs.values())
+                      if isinstance(a, torch.Tensor) and a.is_floating_point()), torch.float32)
+
         def unwrap(x):
             if isinstance(x, FastlmMask):
-                return x.dense()
+                return x.dense_additive(dtype) if additive else x.dense()
             if isinstance(x, (list, tuple)):
                 return type(x)(unwrap(v) for v in x)
             return x
 
-        return func(*unwrap(tuple(args)), **{k: unwrap(v) for k, v in (kwargs or {}).items()})
+        return func(*unwrap(tuple(args)), **{k: unwrap(v) for k, v in kwargs.items()})
+
+
+_ADDITIVE_OPS = {torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add__,
+                 torch.Tensor.__radd__, torch.Tensor.__iadd__}
 
 
 def to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
