@@ -1,14 +1,17 @@
-"""Every causal-LM type this transformers knows, tiny and random, with and without fastlm.
+"""Every model type this transformers knows for a task, tiny and random, with and without fastlm.
 
-For each type: a config with small sizes (the keys it has of a common set), the model built
-with eager attention; then a copy with ``attn_implementation="fastlm"`` and one also with
-``fastlm.patch``. Logits on a left-padded batch (real positions) and greedy tokens with the KV
-cache are compared with eager. Types whose config or eager model cannot be built from these
-sizes (or that are too large, or need packages not installed) are listed as such: they say
-nothing about fastlm. A type passes when both variants match eager (relative logit error
-< 1e-4, identical tokens).
+Tasks: causal LMs, masked LMs, sequence classification, encoder-decoder LMs. For each type: a
+config with small sizes (the keys it has of a common set; dropout off, so training steps are
+deterministic), the model built with eager attention; then a copy with
+``attn_implementation="fastlm"`` and ``fastlm.patch``. Compared with eager on a padded batch:
+logits in eval (real positions), the training loss and every parameter's gradient, and (causal
+and encoder-decoder) greedy tokens with the KV cache. Types whose config or eager model cannot
+be built from these sizes (too large, or needing packages not installed) are listed as n/a:
+they say nothing about fastlm. A type passes when logits match to 1e-4 (relative), the loss to
+1e-4, gradients to 1e-3 (relative to each tensor, floored at 1e-3 of the largest) and tokens
+exactly.
 
-    python benchmarks/sweep_model_types.py --out benchmarks/results/model_types_sweep.md
+    python benchmarks/sweep_model_types.py --task causal --out benchmarks/results/model_types_causal.md
 
 Writes a markdown table with the command, versions and one row per type.
 """
@@ -31,7 +34,11 @@ SIZES = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_k
              n_heads=4, n_layers=2, num_layers=2, num_heads=4, ffn_dim=128, n_inner=128,
              vocab_size=128, max_position_embeddings=128, n_positions=128,
              moe_intermediate_size=32, num_experts=4, num_local_experts=4, num_experts_per_tok=2,
-             pad_token_id=0, bos_token_id=1, eos_token_id=2, sliding_window=4, rotary_dim=8)
+             pad_token_id=0, bos_token_id=1, eos_token_id=2, sliding_window=4, rotary_dim=8,
+             # encoder-decoder models
+             encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+             decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, d_kv=16,
+             d_ff=128, num_decoder_layers=2, decoder_start_token_id=2)
 MAX_PARAMS = 5e7
 TIMEOUT_S = 60
 
@@ -44,74 +51,134 @@ def _alarm(*_):
     raise _Timeout()
 
 
-def check(kind: str) -> tuple[str, str]:
+def _tasks():
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForMaskedLM,
+        AutoModelForSeq2SeqLM,
+        AutoModelForSequenceClassification,
+    )
+    from transformers.models.auto import modeling_auto as ma
+
+    return {
+        "causal": (AutoModelForCausalLM, ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
+        "masked": (AutoModelForMaskedLM, ma.MODEL_FOR_MASKED_LM_MAPPING_NAMES),
+        "classification": (AutoModelForSequenceClassification,
+                           ma.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES),
+        "seq2seq": (AutoModelForSeq2SeqLM, ma.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES),
+    }
+
+
+def _inputs(task: str):
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 100, (2, 9), generator=gen)
+    mask = torch.ones_like(ids)
+    if task == "causal":
+        mask[0, :2] = 0  # left padding, as batched generation pads
+        labels = ids.masked_fill(mask == 0, -100)
+        # and no target predicted from a padded position: a query with no key to attend to
+        # has no defined output (eager averages the masked row, the kernels give 0)
+        labels[:, 1:] = labels[:, 1:].masked_fill(mask[:, :-1] == 0, -100)
+    else:
+        mask[0, -3:] = 0
+        labels = {"masked": ids.masked_fill(torch.arange(9) % 2 == 0, -100),
+                  "classification": torch.tensor([0, 1]),
+                  "seq2seq": torch.randint(3, 100, (2, 5), generator=gen)}[task]
+    return ids, mask, labels
+
+
+def _run(model, task, ids, mask, labels):
+    """(eval logits at compared positions, train loss, grads, greedy tokens or None)."""
+    model.eval()
+    extra = {"decoder_input_ids": labels} if task == "seq2seq" else {}
+    logits = model(input_ids=ids, attention_mask=mask, **extra).logits
+    if task in ("causal", "masked"):
+        logits = logits[mask.bool()]
+    tokens = None
+    if task in ("causal", "seq2seq"):
+        tokens = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                                num_beams=1, pad_token_id=0)
+    model.train()
+    model.zero_grad()
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.eval()
+    return logits.detach(), float(loss), grads, tokens
+
+
+def _config(kind: str):
+    from transformers import AutoConfig
+
+    base = AutoConfig.for_model(kind)
+    keys = {k: v for k, v in SIZES.items() if hasattr(base, k)}
+    keys.update({k: 0.0 for k, v in base.to_dict().items() if isinstance(v, float)
+                 and ("dropout" in k or k.endswith("_pdrop") or k == "dropout_rate")})
+    return AutoConfig.for_model(kind, **keys)
+
+
+def check(kind: str, task: str = "causal") -> tuple[str, str]:
     """(outcome, detail): pass, MISMATCH, FAIL (fastlm's side), or n/a (not buildable here)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig  # noqa: F401  (imported before any meta build)
 
     import fastlm
 
+    cls = _tasks()[task][0]
     stage = "config"
     try:
-        base = AutoConfig.for_model(kind)
-        conf = AutoConfig.for_model(kind, **{k: v for k, v in SIZES.items() if hasattr(base, k)})
+        conf = _config(kind)
         stage = "build"
         with torch.device("meta"):
-            n = sum(p.numel() for p in AutoModelForCausalLM.from_config(conf).parameters())
+            n = sum(p.numel() for p in cls.from_config(conf).parameters())
         if n > MAX_PARAMS:
             return "n/a", f"{n / 1e6:.0f}M parameters at these sizes"
         torch.manual_seed(0)
-        ref = AutoModelForCausalLM.from_config(conf, attn_implementation="eager").eval()
-        ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(1))
-        mask = torch.ones_like(ids)
-        mask[0, :2] = 0
-        keep = mask.bool()
+        ref = cls.from_config(conf, attn_implementation="eager")
+        ids, mask, labels = _inputs(task)
         stage = "eager"
-        want = ref(input_ids=ids, attention_mask=mask).logits
-        tokens = ref.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
-                              pad_token_id=0)
+        want = _run(ref, task, ids, mask, labels)
     except _Timeout:
         return "n/a", f"timed out building ({stage})"
     except Exception as exc:  # noqa: BLE001 - the row says why
         return "n/a", f"{stage}: {type(exc).__name__}: {str(exc).splitlines()[0][:90]}"
-    stage = "fastlm attention"
+    stage = "fastlm"
     try:
         fast = copy.deepcopy(ref)
         fast.set_attn_implementation("fastlm")
-        errs = []
-        for step in ("attention", "patch"):
-            if step == "patch":
-                stage = "fastlm.patch"
-                handle = fastlm.patch(fast)
-            got = fast(input_ids=ids, attention_mask=mask).logits
-            errs.append(float((got - want)[keep].abs().max() / want[keep].abs().max()))
-        stage = "generate"
-        same = torch.equal(fast.generate(ids, attention_mask=mask, max_new_tokens=4,
-                                         do_sample=False, pad_token_id=0), tokens)
+        handle = fastlm.patch(fast)
+        got = _run(fast, task, ids, mask, labels)
     except _Timeout:
         return "FAIL", f"timed out ({stage})"
     except Exception as exc:  # noqa: BLE001
         return "FAIL", f"{stage}: {type(exc).__name__}: {str(exc).splitlines()[0][:90]}"
-    attn = fast.config._attn_implementation
-    detail = (f"attention {attn}; logit error {errs[0]:.1e} / patched {errs[1]:.1e}; "
-              f"swapped {', '.join(f'{k} {v}' for k, v in handle.swapped.items()) or 'nothing'}")
-    ok = max(errs) < 1e-4 and same
+    logit_err = float((got[0] - want[0]).abs().max() / want[0].abs().max().clamp_min(1e-12))
+    loss_err = abs(got[1] - want[1]) / max(abs(want[1]), 1e-12)
+    gmax = max((g.abs().max().item() for g in want[2].values()), default=0.0)
+    grad_err = max(((got[2][k] - g).abs().max() / max(g.abs().max().item(), 1e-3 * gmax))
+                   .item() for k, g in want[2].items()) if gmax > 0 else 0.0
+    same = want[3] is None or torch.equal(got[3], want[3])
+    detail = (f"attention {fast.config._attn_implementation}; logits {logit_err:.1e}, loss "
+              f"{loss_err:.1e}, grads {grad_err:.1e}; swapped "
+              f"{', '.join(f'{k} {v}' for k, v in handle.swapped.items()) or 'nothing'}")
+    ok = logit_err < 1e-4 and loss_err < 1e-4 and grad_err < 1e-3 and same
     return ("pass" if ok else "MISMATCH"), detail + ("" if same else "; tokens differ")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", default="causal",
+                        choices=["causal", "masked", "classification", "seq2seq"])
     parser.add_argument("--out", default=None, help="markdown file to write")
     parser.add_argument("--types", default=None, help="comma list (default: all)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
     import transformers
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     from fastlm.integrations import transformers as hf
 
     hf.register()
-    kinds = sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    kinds = sorted(_tasks()[args.task][1])
     if args.types:
         kinds = [k for k in kinds if k in args.types.split(",")]
     signal.signal(signal.SIGALRM, _alarm)
@@ -121,12 +188,12 @@ def main() -> int:
     for kind in tqdm(kinds, desc="model types"):
         signal.alarm(TIMEOUT_S)
         try:
-            outcome, detail = check(kind)
+            outcome, detail = check(kind, args.task)
         finally:
             signal.alarm(0)
         rows.append((kind, outcome, detail))
     counts = {o: sum(r[1] == o for r in rows) for o in ("pass", "MISMATCH", "FAIL", "n/a")}
-    lines = ["# transformers causal-LM types with fastlm", "",
+    lines = [f"# transformers {args.task} model types with fastlm", "",
              f"Command: `python benchmarks/sweep_model_types.py {' '.join(sys.argv[1:])}`", "",
              f"torch {torch.__version__}, transformers {transformers.__version__}; "
              f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}", "",

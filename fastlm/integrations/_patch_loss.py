@@ -50,13 +50,18 @@ SOFTCAP_MODEL_TYPES = {"gemma2", "gemma3_text"}
 
 
 # Masked LMs whose forward was read to be cls(sequence_output) -> CrossEntropyLoss(logits,
-# labels) with the head's last step an nn.Linear at cls.predictions.decoder.
+# labels) with the head's last step an nn.Linear at cls.predictions.decoder. By class: the
+# same head in BertLMHeadModel computes a shifted causal loss, and BertForPreTraining adds
+# next-sentence prediction.
 MLM_MODEL_TYPES = {"bert"}
+MLM_CLASSES = {"BertForMaskedLM"}
 
 
 def mlm_head(model) -> torch.nn.Linear | None:
     """The decoder of a BERT-style masked-LM head, or None."""
     if getattr(getattr(model, "config", None), "model_type", None) not in MLM_MODEL_TYPES:
+        return None
+    if type(model).__name__ not in MLM_CLASSES:
         return None
     head = getattr(getattr(getattr(model, "cls", None), "predictions", None), "decoder", None)
     return head if isinstance(head, torch.nn.Linear) else None
@@ -66,6 +71,9 @@ def loss_unsupported(model) -> str | None:
     cfg = getattr(model, "config", None)
     mtype = getattr(cfg, "model_type", None)
     if mtype in MLM_MODEL_TYPES:
+        if type(model).__name__ not in MLM_CLASSES:
+            return (f"{type(model).__name__}'s loss was not read (of {mtype}'s heads only "
+                    f"{', '.join(sorted(MLM_CLASSES))}'s is fused)")
         return None if mlm_head(model) is not None else (
             f"{type(model).__name__} has no masked-LM head (cls.predictions.decoder)")
     if mtype not in LOSS_MODEL_TYPES | SOFTCAP_MODEL_TYPES | set(SCALED_MODEL_TYPES):

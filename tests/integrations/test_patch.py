@@ -200,6 +200,38 @@ def test_fused_loss_with_the_router_loss_of_a_mixture_of_experts(kind):
     handle.undo()
 
 
+@pytest.mark.parametrize("cls_name", ["BertLMHeadModel", "BertForPreTraining"])
+def test_bert_heads_whose_loss_is_not_the_masked_lm_one_keep_hf_loss(cls_name):
+    """BertLMHeadModel's head is the masked-LM head's, but its loss is causal (shifted) and
+    BertForPreTraining adds next-sentence prediction: the fused masked-LM loss gave the first
+    an unshifted loss, silently. Both keep HF's loss; the loss and gradients are HF's."""
+    import transformers
+
+    conf = AutoConfig.for_model("bert", vocab_size=96, hidden_dropout_prob=0.0,
+                                attention_probs_dropout_prob=0.0, is_decoder=True,
+                                **ARCHS["bert"])
+    torch.manual_seed(0)
+    model = getattr(transformers, cls_name)(conf).train()
+    ids = torch.randint(1, 96, (2, 11))
+    kw = dict(labels=ids) if cls_name == "BertLMHeadModel" else dict(
+        labels=ids, next_sentence_label=torch.tensor([0, 1]))
+
+    def step():
+        model.zero_grad()
+        loss = model(input_ids=ids, **kw).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                               if p.grad is not None}
+
+    ref_loss, ref_grads = step()
+    handle = fastlm.patch(model)
+    assert "loss" not in handle.swapped and cls_name in handle.skipped["loss"]
+    loss, grads = step()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-3, atol=2e-5, msg=name)
+
+
 @pytest.mark.parametrize("return_dict", [True, False])
 def test_fused_masked_lm_loss_matches_hf(return_dict):
     """BERT's masked-LM loss: the patched model runs the vocab-wide decoder on the labelled
