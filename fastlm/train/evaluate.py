@@ -77,8 +77,10 @@ def windows(n: int, block: int, stride: int):
 
 @torch.no_grad()
 def evaluate(model, tokens: np.ndarray, keep: np.ndarray | None = None, *, block_size: int,
-             stride: int | None = None, batch_size: int = 8, progress: bool = True) -> EvalResult:
-    """Mean cross-entropy of ``model`` over ``tokens`` (see the module docstring)."""
+             stride: int | None = None, batch_size: int = 8, progress: bool = True,
+             fused: bool = True) -> EvalResult:
+    """Mean cross-entropy of ``model`` over ``tokens`` (see the module docstring); ``fused``
+    False computes it from the full logits with ``F.cross_entropy``."""
     stride = block_size if stride is None else stride
     if not 1 <= stride <= block_size:
         raise EvalError(f"--stride must be between 1 and the block size ({block_size}), "
@@ -108,7 +110,7 @@ def evaluate(model, tokens: np.ndarray, keep: np.ndarray | None = None, *, block
                 if keep is not None:
                     targets[row][torch.from_numpy(keep[b + 1:e + 1] == 0)] = IGNORE
             targets = targets.to(device)
-            loss_sum = _loss_sum(model, ids, targets)
+            loss_sum = _loss_sum(model, ids, targets, fused)
             n = int((targets != IGNORE).sum())
             total += float(loss_sum)
             count += n
@@ -124,13 +126,13 @@ def evaluate(model, tokens: np.ndarray, keep: np.ndarray | None = None, *, block
                       windows=len(plan), block_size=block_size, stride=stride)
 
 
-def _loss_sum(model, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _loss_sum(model, ids: torch.Tensor, targets: torch.Tensor, fused: bool) -> torch.Tensor:
     """Summed cross-entropy of the scored targets: the fused head where the model's head-to-loss
     path is known (the logits never exist), else from the full logits."""
     from fastlm.integrations._patch_loss import logit_scale, loss_unsupported
 
     inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
-    if loss_unsupported(model) is None:
+    if fused and loss_unsupported(model) is None:
         from fastlm.ops import fused_linear_cross_entropy
 
         hidden = model(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
@@ -166,7 +168,8 @@ def add_arguments(parser) -> None:
                         help="default: fp32 on a CPU, bf16 on a GPU that has it")
     parser.add_argument("--device", default=None, help="default: cuda if present, else cpu")
     parser.add_argument("--no-kernels", action="store_true",
-                        help="run transformers' own code (no fastlm.patch), to compare")
+                        help="run transformers' own code (no fastlm.patch, the loss from the "
+                             "full logits), to compare")
     parser.add_argument("--json", default=None, help="also write the result to this file")
 
 
@@ -210,7 +213,7 @@ def run(args) -> int:
         raise EvalError(f"the data holds token id {int(tokens.max())}, past the model's "
                         f"vocabulary of {vocab}: it was tokenized for another model")
     result = evaluate(model, tokens, keep, block_size=block, stride=args.stride,
-                      batch_size=args.batch_size)
+                      batch_size=args.batch_size, fused=not args.no_kernels)
     print(f"loss {result.loss:.4f}, perplexity {result.perplexity:.2f} over {result.tokens} "
           f"tokens ({result.windows} windows of {result.block_size}, stride {result.stride})")
     if args.json:

@@ -73,6 +73,9 @@ def test_loss_equals_transformers_forward(tmp_path, tiny_data, kind, stride):
     assert got.tokens == count == len(tokens) - 1
     assert got.loss == pytest.approx(want, rel=1e-5)
     assert got.perplexity == pytest.approx(math.exp(want), rel=1e-5)
+    unfused = evaluate(model, tokens, keep, block_size=32, stride=stride, batch_size=4,
+                       progress=False, fused=False)
+    assert unfused.loss == pytest.approx(want, rel=1e-5) and unfused.tokens == count
 
 
 def test_sft_data_scores_responses_only(tmp_path):
