@@ -1,6 +1,6 @@
 """Every model type this transformers knows for a task, tiny and random, with and without fastlm.
 
-Tasks: causal LMs, masked LMs, sequence classification, encoder-decoder LMs. For each type: a
+Tasks: causal LMs, masked LMs, sequence and token classification, encoder-decoder LMs. For each type: a
 config with small sizes (the keys it has of a common set; dropout off, so training steps are
 deterministic), the model built with eager attention; then a copy with
 ``attn_implementation="fastlm"`` and ``fastlm.patch``. Compared with eager on a padded batch:
@@ -57,6 +57,7 @@ def _tasks():
         AutoModelForMaskedLM,
         AutoModelForSeq2SeqLM,
         AutoModelForSequenceClassification,
+        AutoModelForTokenClassification,
     )
     from transformers.models.auto import modeling_auto as ma
 
@@ -66,6 +67,8 @@ def _tasks():
         "classification": (AutoModelForSequenceClassification,
                            ma.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES),
         "seq2seq": (AutoModelForSeq2SeqLM, ma.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES),
+        "token-classification": (AutoModelForTokenClassification,
+                                 ma.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES),
     }
 
 
@@ -83,7 +86,9 @@ def _inputs(task: str):
         mask[0, -3:] = 0
         labels = {"masked": ids.masked_fill(torch.arange(9) % 2 == 0, -100),
                   "classification": torch.tensor([0, 1]),
-                  "seq2seq": torch.randint(3, 100, (2, 5), generator=gen)}[task]
+                  "seq2seq": torch.randint(3, 100, (2, 5), generator=gen),
+                  "token-classification": torch.randint(0, 2, (2, 9), generator=gen)
+                  .masked_fill(mask == 0, -100)}[task]
     return ids, mask, labels
 
 
@@ -92,7 +97,7 @@ def _run(model, task, ids, mask, labels):
     model.eval()
     extra = {"decoder_input_ids": labels} if task == "seq2seq" else {}
     logits = model(input_ids=ids, attention_mask=mask, **extra).logits
-    if task in ("causal", "masked"):
+    if task in ("causal", "masked", "token-classification"):
         logits = logits[mask.bool()]
     tokens = None
     if task in ("causal", "seq2seq"):
@@ -134,6 +139,9 @@ def check(kind: str, task: str = "causal") -> tuple[str, str]:
             return "n/a", f"{n / 1e6:.0f}M parameters at these sizes"
         torch.manual_seed(0)
         ref = cls.from_config(conf, attn_implementation="eager")
+        for module in ref.modules():  # dropouts with a constant rate in the code (heads)
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
         ids, mask, labels = _inputs(task)
         stage = "eager"
         want = _run(ref, task, ids, mask, labels)
@@ -167,7 +175,8 @@ def check(kind: str, task: str = "causal") -> tuple[str, str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="causal",
-                        choices=["causal", "masked", "classification", "seq2seq"])
+                        choices=["causal", "masked", "classification", "seq2seq",
+                                 "token-classification"])
     parser.add_argument("--out", default=None, help="markdown file to write")
     parser.add_argument("--types", default=None, help="comma list (default: all)")
     args = parser.parse_args()
