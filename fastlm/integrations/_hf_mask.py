@@ -263,19 +263,17 @@ def fastlm_mask(
     **kwargs,
 ) -> FastlmMask | torch.Tensor:
     """transformers' mask-interface signature; returns a FastlmMask or a dense bool mask."""
+    if isinstance(attention_mask, FastlmMask):  # pre-built by generate(), see FastlmMask.ndim
+        attention_mask = attention_mask.dense_args["attention_mask"]
     config = kwargs.get("config")
     if config is not None and not _uses_attention_interface(getattr(config, "model_type", None)):
         # A model with its own attention code (BLOOM, MPT, XGLM) takes any registered name and
         # then reads this mask itself: FastlmMask crashed it (`scores + mask`). It gets the mask
         # its eager code takes, and runs as eager.
-        if isinstance(attention_mask, FastlmMask):
-            attention_mask = attention_mask.dense_args["attention_mask"]
         return mu.eager_mask(
             batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
             kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
             dtype=kwargs.get("dtype", torch.float32), use_vmap=use_vmap, device=device)
-    if isinstance(attention_mask, FastlmMask):  # pre-built by generate(), see FastlmMask.ndim
-        attention_mask = attention_mask.dense_args["attention_mask"]
     dense_args = dict(
         batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
         kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,

@@ -94,6 +94,21 @@ def logit_scale(model) -> float:
     return 1.0 if scale is None else float(scale(model))
 
 
+def head_loss(model, hidden: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100,
+              reduction: str = "mean") -> torch.Tensor:
+    """The model's LM head + cross-entropy on its final hidden states (B, T, H), fused: the
+    head's output scaled and soft-capped as the model's forward does before its loss (for a
+    model :func:`loss_unsupported` accepts), the (tokens x vocab) logits never materialised."""
+    head = model.get_output_embeddings()
+    scale = logit_scale(model)  # Granite's and Cohere's constant (no head bias there)
+    if scale != 1.0:
+        hidden = hidden * scale
+    softcap = getattr(model.config, "final_logit_softcapping", None) or 0.0
+    return fused_linear_cross_entropy(hidden, head.weight, targets, getattr(head, "bias", None),
+                                      ignore_index=ignore_index, softcap=softcap,
+                                      reduction=reduction)
+
+
 def head_forward(self, x, labels=None, num_items_in_batch=None, ignore_index=-100):
     if labels is not None:
         loss = fused_linear_cross_entropy(

@@ -129,20 +129,12 @@ def evaluate(model, tokens: np.ndarray, keep: np.ndarray | None = None, *, block
 def _loss_sum(model, ids: torch.Tensor, targets: torch.Tensor, fused: bool) -> torch.Tensor:
     """Summed cross-entropy of the scored targets: the fused head where the model's head-to-loss
     path is known (the logits never exist), else from the full logits."""
-    from fastlm.integrations._patch_loss import logit_scale, loss_unsupported
+    from fastlm.integrations._patch_loss import head_loss, loss_unsupported
 
     inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
     if fused and loss_unsupported(model) is None:
-        from fastlm.ops import fused_linear_cross_entropy
-
         hidden = model(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
-        head = model.get_output_embeddings()
-        scale = logit_scale(model)
-        if scale != 1.0:
-            hidden = hidden * scale
-        softcap = getattr(model.config, "final_logit_softcapping", None) or 0.0
-        return fused_linear_cross_entropy(hidden, head.weight, targets, head.bias,
-                                          ignore_index=IGNORE, softcap=softcap, reduction="sum")
+        return head_loss(model, hidden, targets, ignore_index=IGNORE, reduction="sum")
     logits = model(**inputs).logits
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
                            reduction="sum")
@@ -188,9 +180,9 @@ def run(args) -> int:
     tok = None if tok_dir is None else load_tokenizer(tok_dir)
     if Path(args.data).is_dir() and tok_dir is not None:
         try:
-            check_tokenizer(str(tok_dir), Path(args.data))
+            check_tokenizer(str(tok_dir), Path(args.data), what="the model")
         except ConfigError as exc:
-            raise EvalError(str(exc).replace("model.pretrained", "the model")) from exc
+            raise EvalError(str(exc)) from exc
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
         args.dtype or ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported()

@@ -98,7 +98,7 @@ def build_model(cfg: ModelConfig, vocab_size: int | None, block_size: int | None
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
-def check_tokenizer(pretrained: str, data_dir: Path) -> None:
+def check_tokenizer(pretrained: str, data_dir: Path, what: str = "model.pretrained") -> None:
     """Fine-tuning: the data's token ids must mean what they meant to the pretrained model.
     Data prepared with another tokenizer (`fastlm prepare --tokenizer bpe` instead of the
     model's directory) trains without any error into nonsense; this makes it one. The data's
@@ -107,9 +107,8 @@ def check_tokenizer(pretrained: str, data_dir: Path) -> None:
 
     model_dir = Path(pretrained)
     if not any((model_dir / f).is_file() for f in _TOKENIZER_FILES):
-        logger.warning("model.pretrained %s holds no tokenizer: fastlm cannot check that the "
-                       "data in %s was tokenized with the model's vocabulary", model_dir,
-                       data_dir)
+        logger.warning("%s %s holds no tokenizer: fastlm cannot check that the data in %s was "
+                       "tokenized with the model's vocabulary", what, model_dir, data_dir)
         return
     meta = json.loads((data_dir / "meta.json").read_text())
     data_tok = data_dir / meta.get("tokenizer", "tokenizer")
@@ -126,7 +125,7 @@ def check_tokenizer(pretrained: str, data_dir: Path) -> None:
     if differ:
         raise ConfigError(
             f"data.path {str(data_dir)!r} was tokenized with another vocabulary than "
-            f"model.pretrained {str(model_dir)!r} ({len(differ)} of its {len(theirs)} tokens "
+            f"{what} {str(model_dir)!r} ({len(differ)} of its {len(theirs)} tokens "
             f"differ, e.g. {differ[0]!r}); prepare the data with the model's tokenizer: "
             f"`fastlm prepare INPUT --tokenizer {model_dir} --out DIR`")
 

@@ -289,17 +289,9 @@ def _loss(engine, batch: Batch, model_dtype, fused: bool = False) -> torch.Tenso
 
 def _head_loss(engine, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The fused LM head + cross-entropy on final hidden states (B, T, H): mean over targets."""
-    head = engine.module.get_output_embeddings()
-    softcap = getattr(engine.module.config, "final_logit_softcapping", None) or 0.0
-    from fastlm.integrations._patch_loss import logit_scale
-    from fastlm.ops import fused_linear_cross_entropy
+    from fastlm.integrations._patch_loss import head_loss
 
-    scale = logit_scale(engine.module)  # Granite's and Cohere's constant (no head bias there)
-    if scale != 1.0:
-        hidden = hidden * scale
-
-    return fused_linear_cross_entropy(hidden, head.weight, targets, getattr(head, "bias", None),
-                                      ignore_index=IGNORE_INDEX, softcap=softcap)
+    return head_loss(engine.module, hidden, targets, ignore_index=IGNORE_INDEX)
 
 
 # Evaluation runs small batches through the model together, up to this many tokens a forward:
