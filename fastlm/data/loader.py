@@ -82,12 +82,24 @@ class BlockLoader:
                 "batch_size": self.batch_size, "block_size": self.block_size}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "world_size", "mode", "batch_size", "block_size"):
+        """Continue where ``state`` stopped. Another number of ranks or micro-batch size
+        continues at the same sample (the stream does not depend on them), provided the
+        samples read so far fill whole micro-batches of this run."""
+        for key in ("seed", "mode", "block_size"):
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(
                     f"loader state was saved with {key}={state[key]!r}, this run has "
                     f"{getattr(self, key)!r}: resume with the same data settings")
-        self.step = int(state["step"])
+        samples = int(state["step"]) * state.get("world_size", self.world_size) * \
+            state.get("batch_size", self.batch_size)
+        per_step = self.world_size * self.batch_size
+        if samples % per_step:
+            raise ValueError(
+                f"loader state: {samples} samples were read ({state.get('world_size')} ranks x "
+                f"micro-batch {state.get('batch_size')}), not a whole number of this run's "
+                f"micro-batches ({self.world_size} ranks x {self.batch_size}): resume with a "
+                f"micro-batch size that divides the saved run's global batch")
+        self.step = samples // per_step
 
     @property
     def tokens_per_epoch(self) -> int:

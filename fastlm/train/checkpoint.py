@@ -8,6 +8,7 @@ Layout under ``<out_dir>/checkpoints``::
         COMPLETE          written last, after every rank finished
     latest                the tag of the newest COMPLETE checkpoint (replaced atomically)
     best                  the tag kept as best (by validation loss), if any
+    universal/<tag>/      only while a resume on another number of ranks loads (see load)
 
 ``latest`` is updated by write-to-temp + rename only after ``COMPLETE`` exists, so a crash
 mid-save leaves it naming the previous checkpoint; an incomplete directory is ignored on
@@ -119,12 +120,90 @@ def saved_state(ckpt_dir: Path, tag: str) -> dict:
     return json.loads((ckpt_dir / tag / "fastlm_state.json").read_text())
 
 
-def load(engine, ckpt_dir: Path, tag: str, rank: int) -> None:
-    """Restore engine state and this rank's RNG (the fastlm state: :func:`saved_state`)."""
-    engine.load_checkpoint(str(ckpt_dir), tag=tag)
+def saved_world_size(ckpt_dir: Path, tag: str) -> int | None:
+    """How many data-parallel ranks the optimizer state is partitioned over (one ZeRO file
+    each), or None when it is not partitioned (ZeRO 0 without bf16: any world loads it)."""
+    return len(list((ckpt_dir / tag).glob("*zero_pp_rank_*_optim_states.pt"))) or None
+
+
+def load(engine, ckpt_dir: Path, tag: str, rank: int, world: int = 1) -> None:
+    """Restore engine state and this rank's RNG (the fastlm state: :func:`saved_state`).
+
+    ZeRO partitions the optimizer state over the ranks that saved it, and DeepSpeed loads it
+    only into as many. On another number of ranks (a node lost, or more of them), the
+    checkpoint is converted once to DeepSpeed's universal format (one file per parameter and
+    state, no partitioning), which every rank reads its new partition from."""
+    saved = saved_world_size(ckpt_dir, tag)
+    if saved is None or saved == world:
+        engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    else:
+        _load_universal(engine, ckpt_dir, tag, rank, saved, world)
     rng_file = ckpt_dir / tag / f"rng_rank{rank}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
+
+
+UNIVERSAL = "universal"  # converted checkpoints, under the checkpoints directory
+
+
+def _load_universal(engine, ckpt_dir: Path, tag: str, rank: int, saved: int, world: int) -> None:
+    import logging
+
+    out = ckpt_dir / UNIVERSAL / tag
+    if rank == 0:
+        logging.getLogger("fastlm").warning(
+            "%s was saved by %d ranks, this run has %d: converting it to DeepSpeed's universal "
+            "checkpoint in %s (once) and loading each rank's new partition from it",
+            ckpt_dir / tag, saved, world, out)
+        if not (out / COMPLETE).exists():
+            _to_universal(ckpt_dir / tag, out)
+    fdist.barrier()
+    config = engine._config  # DeepSpeed reads the universal switch from its config at load
+    before = config.load_universal_checkpoint
+    config.load_universal_checkpoint = True
+    # ZeRO-3's universal load gives every param group the first group's settings: the group
+    # without weight decay (norms, biases, embeddings) got the decay. The learning rate is the
+    # checkpoint's (the same in every group); the rest is this run's config.
+    groups = getattr(engine.optimizer, "optimizer", engine.optimizer).param_groups
+    settings = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in groups]
+    try:
+        engine.load_checkpoint(str(ckpt_dir / UNIVERSAL), tag=tag)
+    finally:
+        config.load_universal_checkpoint = before
+    for group, kept in zip(groups, settings):
+        group.update(kept)
+    # ... and one step counter tensor to every sub-group's state: each sub-group's step then
+    # advanced it, so the second group's bias correction ran a step ahead
+    state = getattr(engine.optimizer, "optimizer", engine.optimizer).state
+    for st in state.values():
+        if isinstance(st.get("step"), torch.Tensor):
+            st["step"] = st["step"].clone()
+    fdist.barrier()
+    if rank == 0:  # the next save is partitioned for this world again
+        shutil.rmtree(ckpt_dir / UNIVERSAL, ignore_errors=True)
+
+
+def _to_universal(src: Path, out: Path) -> None:
+    """DeepSpeed's converter (ds_to_universal) into a temporary directory, renamed when done."""
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = argparse.Namespace(
+        input_folder=str(src), output_folder=str(tmp), num_extract_workers=1,
+        num_merge_workers=1, keep_temp_folder=False, strict=True,
+        # fastlm's saves predate the marker the converter looks for; a plain data-parallel
+        # model needs nothing in it but its version
+        inject_missing_state=True)
+    with contextlib.redirect_stdout(io.StringIO()):  # its progress prints, rank 0 only
+        ds_to_universal.main(args)
+    (tmp / COMPLETE).write_text("")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
 
 
 def _crash_point(var: str, step: int) -> None:

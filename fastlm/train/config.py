@@ -43,9 +43,11 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    micro_batch_size: int | None = 8  # per rank
-    grad_accum: int | None = 1
-    global_batch_size: int | None = None  # micro * accum * world; any two given -> the third
+    # global = micro * accum * world: any two given -> the third; fewer -> micro 8 (per rank),
+    # accum 1 (defaults that count as given would make "micro + global" an inconsistent triple)
+    micro_batch_size: int | None = None
+    grad_accum: int | None = None
+    global_batch_size: int | None = None
     max_steps: int = 1000
     # "fp32", "bf16", "fp16" (dynamic loss scaling), or "auto": bf16 where the hardware has bf16
     # matrix instructions (a GPU that supports it; a CPU with AVX-512 BF16 or AMX), else fp16 on
@@ -237,6 +239,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("set model.preset (e.g. tiny-gpt2) or model.pretrained (a local HF dir)")
 
 
+DEFAULT_MICRO_BATCH = 8
+
+
 def resolve_batch(train: TrainConfig, world_size: int) -> tuple[int, int, int]:
     """(micro, accum, global) from any two of them; an inconsistent triple names all three."""
     micro, accum, glob = train.micro_batch_size, train.grad_accum, train.global_batch_size
@@ -246,9 +251,11 @@ def resolve_batch(train: TrainConfig, world_size: int) -> tuple[int, int, int]:
                     ("global_batch_size", glob)):
         if v is not None and v < 1:
             raise ConfigError(f"train.{name} must be >= 1 {given}")
-    if sum(v is not None for v in (micro, accum, glob)) < 2:
-        raise ConfigError(f"give at least two of train.micro_batch_size, train.grad_accum, "
-                          f"train.global_batch_size {given}")
+    if glob is None:  # the defaults fill what is not given
+        micro, accum = micro or DEFAULT_MICRO_BATCH, accum or 1
+    elif micro is None and accum is None:
+        raise ConfigError(f"train.global_batch_size alone: give train.micro_batch_size or "
+                          f"train.grad_accum too {given}")
     if glob is None:
         glob = micro * accum * world_size
     elif micro is None:

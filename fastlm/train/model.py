@@ -56,10 +56,14 @@ def hf_config(cfg: ModelConfig, vocab_size: int | None, block_size: int | None,
         if not Path(cfg.pretrained, "config.json").is_file():
             raise ConfigError(f"model.pretrained {cfg.pretrained!r} is not a Hugging Face model "
                               f"directory (no config.json); give a local directory")
-        conf = AutoConfig.from_pretrained(cfg.pretrained, **cfg.overrides)
+        # transformers drops a keyword that is not an attribute of the loaded config, silently
+        conf, unused = AutoConfig.from_pretrained(cfg.pretrained, return_unused_kwargs=True,
+                                                  **cfg.overrides)
+        if unused:
+            _unknown_keys(sorted(unused), conf, "model.overrides")
         return conf
-    keys = yaml.safe_load(preset_path(cfg.preset).read_text()) or {}
-    keys.update(cfg.overrides)
+    preset = yaml.safe_load(preset_path(cfg.preset).read_text()) or {}
+    keys = {**preset, **cfg.overrides}
     model_type = keys.pop("model_type", None)
     if model_type is None:
         raise ConfigError(f"model preset {cfg.preset!r} has no model_type")
@@ -67,11 +71,46 @@ def hf_config(cfg: ModelConfig, vocab_size: int | None, block_size: int | None,
         keys["vocab_size"] = vocab_size
     if eos_id is not None:  # the data's EOS is the model's BOS/EOS/PAD (GPT-2 convention)
         keys.update(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
-    conf = AutoConfig.for_model(model_type, **keys)
+    try:
+        conf = AutoConfig.for_model(model_type, **keys)
+    except ValueError as exc:  # an unknown model_type names the known ones
+        raise ConfigError(f"model preset {cfg.preset!r}: {exc}") from exc
+    _check_keys(conf, keys, cfg)
     ctx_key = "n_positions" if hasattr(conf, "n_positions") else "max_position_embeddings"
     if block_size is not None and getattr(conf, ctx_key, block_size) < block_size:
         setattr(conf, ctx_key, block_size)
     return conf
+
+
+def _check_keys(conf, keys: dict, cfg: ModelConfig) -> None:
+    """A key the config class does not know (``n_layers`` for GPT-2's ``n_layer``) is kept by
+    transformers as a plain attribute that nothing reads: the model trains at its default
+    size. A known key is a parameter of the class, an alias in its attribute map, or one it
+    converts and does not keep (Llama's ``rope_theta`` goes into ``rope_parameters``)."""
+    import inspect
+
+    known = set(inspect.signature(type(conf).__init__).parameters)
+    known |= set(getattr(conf, "attribute_map", {}))
+    default = type(conf)()
+    unknown = [k for k in keys if k not in known and hasattr(conf, k) and not hasattr(default, k)]
+    if unknown:
+        where = "model.overrides" if any(k in cfg.overrides for k in unknown) else \
+            f"model preset {cfg.preset!r}"
+        _unknown_keys(unknown, default, where)
+
+
+def _unknown_keys(unknown: list, conf, where: str) -> None:
+    import difflib
+
+    names = sorted(set(conf.to_dict()) | set(getattr(conf, "attribute_map", {})))
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, names, n=1)
+        hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    verb = "is not a key" if len(hints) == 1 else "are not keys"
+    raise ConfigError(f"{where}: {', '.join(hints)} {verb} of {type(conf).__name__} "
+                      f"(model_type {conf.model_type!r}); transformers would ignore "
+                      f"{'it' if len(hints) == 1 else 'them'}")
 
 
 def build_model(cfg: ModelConfig, vocab_size: int | None, block_size: int | None,

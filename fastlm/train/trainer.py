@@ -127,7 +127,7 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> RunState:
 
     state = RunState()
     if resume is not None:
-        state = _resume(engine, resume, ckpt_dir, rank, train_loader, cfg.train.precision)
+        state = _resume(engine, resume, ckpt_dir, rank, world, train_loader, cfg.train.precision)
 
     log = MetricsLog(out_dir, rank, total=cfg.train.max_steps, start=state.step,
                      tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
@@ -354,12 +354,12 @@ def _save(engine, cfg, ckpt_dir, state, loader, rank) -> None:
     payload = {"step": state.step, "best_val": state.best_val, "best_tag": state.best_tag,
                "evals_since_best": state.evals_since_best, "loader": loader.state_dict(),
                "vocab_size": loader.split.vocab_size, "eos_id": loader.split.eos_id,
-               "config": cfg.to_dict()}
+               "global_batch": engine.train_batch_size(), "config": cfg.to_dict()}
     ckpt.save(engine, ckpt_dir, state.step, payload, rank, keep_last=cfg.checkpoint.keep_last,
               best_tag=state.best_tag)
 
 
-def _resume(engine, resume: str, ckpt_dir: Path, rank: int, loader: BlockLoader,
+def _resume(engine, resume: str, ckpt_dir: Path, rank: int, world: int, loader: BlockLoader,
             precision: str) -> RunState:
     if resume == "auto":
         tag = ckpt.latest_tag(ckpt_dir) if ckpt_dir.is_dir() else None
@@ -373,8 +373,17 @@ def _resume(engine, resume: str, ckpt_dir: Path, rank: int, loader: BlockLoader,
     if was != precision:  # DeepSpeed's optimizer state differs in kind between precisions
         raise ConfigError(f"train.precision: the checkpoint {where / tag} was trained in {was}, "
                           f"this run is {precision}; resume with --set train.precision={was}")
-    ckpt.load(engine, where, tag, rank)
-    loader.load_state_dict(saved["loader"])
+    try:
+        loader.load_state_dict(saved["loader"])  # before the engine: the cheap check first
+    except ValueError as exc:
+        raise ConfigError(f"resuming {where / tag}: {exc}") from exc
+    was_batch = saved.get("global_batch")
+    if rank == 0 and was_batch not in (None, engine.train_batch_size()):
+        logger.warning("resuming %s with a global batch of %d samples, saved with %d: the loss "
+                       "curve goes on from another run (set train.global_batch_size=%d to "
+                       "continue this one)", where / tag, engine.train_batch_size(), was_batch,
+                       was_batch)
+    ckpt.load(engine, where, tag, rank, world)
     return RunState(step=saved["step"], best_val=saved["best_val"],
                     best_tag=saved.get("best_tag"),
                     evals_since_best=saved.get("evals_since_best", 0))

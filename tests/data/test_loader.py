@@ -98,8 +98,33 @@ def test_resume_is_exact(data, mode):
 def test_resume_with_other_settings_is_refused(data):
     root, _ = data
     state = BlockLoader(root, 13, 4).state_dict()
-    with pytest.raises(ValueError, match="batch_size"):
-        BlockLoader(root, 13, 8).load_state_dict(state)
+    with pytest.raises(ValueError, match="block_size=13"):
+        BlockLoader(root, 12, 4).load_state_dict(state)
+    with pytest.raises(ValueError, match="seed"):
+        BlockLoader(root, 13, 4, seed=5).load_state_dict(state)
+
+
+@pytest.mark.parametrize("mode", ["random", "sequential"])
+def test_resume_on_other_ranks_continues_at_the_same_sample(data, mode):
+    """A run saved by 2 ranks x micro 4 resumes on 1 rank x micro 8 (or micro 2) where it
+    stopped: the stream of samples does not depend on how it is split."""
+    root, _ = data
+    ranks = [BlockLoader(root, 11, 4, rank=r, world_size=2, mode=mode) for r in range(2)]
+    for _ in range(3):
+        for ld in ranks:
+            next(ld)
+    state = ranks[0].state_dict()  # 24 samples read
+    want = torch.cat([ld.batch_at(3).input_ids for ld in ranks])  # the next 8
+    one = BlockLoader(root, 11, 8, mode=mode)
+    one.load_state_dict(state)
+    assert one.step == 3 and torch.equal(next(one).input_ids, want)
+    small = BlockLoader(root, 11, 2, mode=mode)
+    small.load_state_dict(state)
+    assert small.step == 12
+    assert torch.equal(torch.cat([next(small).input_ids for _ in range(4)]), want)
+    with pytest.raises(ValueError, match=r"24 samples were read \(2 ranks x micro-batch 4\), "
+                                         r"not a whole number .*\(1 ranks x 5\)"):
+        BlockLoader(root, 11, 5, mode=mode).load_state_dict(state)
 
 
 def test_boundaries_restart_positions_at_documents(tmp_path):

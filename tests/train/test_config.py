@@ -54,6 +54,9 @@ def test_missing_config_file(tmp_path):
 
 @pytest.mark.parametrize("micro, accum, glob, world, expect", [
     (4, 2, None, 2, (4, 2, 16)),
+    (None, None, None, 2, (8, 1, 16)),  # the defaults
+    (4, None, None, 2, (4, 1, 8)),
+    (None, 3, None, 1, (8, 3, 24)),
     (None, 2, 16, 2, (4, 2, 16)),
     (4, None, 16, 2, (4, 2, 16)),
     (4, 2, 16, 2, (4, 2, 16)),
@@ -66,7 +69,7 @@ def test_batch_triple_derivation(micro, accum, glob, world, expect):
 @pytest.mark.parametrize("micro, accum, glob, match", [
     (4, 2, 10, "inconsistent batch sizes.*micro_batch_size=4, grad_accum=2, global_batch_size=10"),
     (None, 3, 16, "not a multiple of grad_accum x world_size"),
-    (None, None, 16, "give at least two"),
+    (None, None, 16, "global_batch_size alone: give train.micro_batch_size or train.grad_accum"),
     (0, 1, None, "micro_batch_size must be >= 1"),
 ])
 def test_bad_batch_triple_names_all_three(micro, accum, glob, match):
@@ -80,3 +83,59 @@ def test_unknown_preset_lists_known():
 
     with pytest.raises(ConfigError, match="known presets.*tiny-gpt2"):
         preset_path("gpt5-nano")
+
+
+@pytest.mark.parametrize("preset, overrides, match", [
+    ("tiny-gpt2", {"n_layers": 3}, r"model.overrides: 'n_layers' \(did you mean 'n_layer'\?\) is "
+     r"not a key of GPT2Config"),
+    ("tiny-gpt2", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, r"'rope_scaling'"),
+    ("tiny-llama", {"num_layers": 3, "hiden_size": 8}, r"'num_layers' .*, 'hiden_size' \(did "
+     r"you mean 'hidden_size'\?\) are not keys of LlamaConfig"),
+])
+def test_unknown_model_key_is_an_error(preset, overrides, match):
+    """transformers keeps an unknown key as an attribute nothing reads: a typo trained a
+    default-sized model, silently."""
+    from fastlm.train.config import ModelConfig
+    from fastlm.train.model import hf_config
+
+    with pytest.raises(ConfigError, match=match):
+        hf_config(ModelConfig(preset=preset, overrides=overrides), 256, 32)
+
+
+def test_known_model_keys_pass():
+    """Keys of the class, aliases in its attribute map, and legacy keys the class converts."""
+    from fastlm.train.config import ModelConfig
+    from fastlm.train.model import _REPO_CONFIGS, hf_config
+
+    conf = hf_config(ModelConfig(preset="tiny-llama", overrides={
+        "rope_theta": 5e5, "rope_scaling": {"rope_type": "linear", "factor": 2.0},
+        "num_hidden_layers": 2}), 256, 32)
+    assert conf.rope_parameters["factor"] == 2.0 and conf.num_hidden_layers == 2
+    conf = hf_config(ModelConfig(preset="tiny-gpt2", overrides={"hidden_size": 32,
+                                                                "resid_pdrop": 0.0}), 256, 32)
+    assert conf.n_embd == 32 and conf.resid_pdrop == 0.0
+    for p in sorted((_REPO_CONFIGS / "models").glob("*.yaml")):  # every shipped preset
+        hf_config(ModelConfig(preset=p.stem), None, None)
+
+
+def test_unknown_key_over_a_pretrained_model(tmp_path):
+    """from_pretrained drops a keyword its config lacks, silently; fastlm names it."""
+    from transformers import GPT2Config
+
+    from fastlm.train.config import ModelConfig
+    from fastlm.train.model import hf_config
+
+    GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64).save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match=r"'n_layers' \(did you mean 'n_layer'\?\)"):
+        hf_config(ModelConfig(pretrained=str(tmp_path), overrides={"n_layers": 2}), 64, 8)
+    conf = hf_config(ModelConfig(pretrained=str(tmp_path), overrides={"resid_pdrop": 0.0}), 64, 8)
+    assert conf.resid_pdrop == 0.0 and conf.n_layer == 1
+
+
+def test_micro_and_global_given_derive_the_accumulation():
+    """`--set train.micro_batch_size=2 --set train.global_batch_size=8` (two of three): the
+    accumulation's default of 1 counted as given and made the triple inconsistent."""
+    cfg = load_config(None, ["train.micro_batch_size=2", "train.global_batch_size=8"])
+    assert resolve_batch(cfg.train, 2) == (2, 2, 8)
+    assert resolve_batch(cfg.train, 1) == (2, 4, 8)  # the same run on fewer ranks
+    assert resolve_batch(load_config(None, []).train, 1) == (8, 1, 8)
