@@ -592,6 +592,18 @@ def test_a_swap_that_disagrees_with_the_module_on_a_probe_is_left_alone():
     handle.undo()
 
 
+def test_the_probe_tells_an_rms_norm_from_a_layer_norm_in_bf16():
+    """On zero-mean probe rows a LayerNorm and an RMS norm differ by ~1/sqrt(width), inside
+    the 16-bit tolerance: CPMAnt's RMS norm (class CpmAntLayerNorm) got a LayerNorm in bf16
+    and its logits were off by 100%. The probe's rows have means away from 0."""
+    norm = RmsInDisguiseLayerNorm(1024).to(torch.bfloat16)
+    handle = fastlm.patch(torch.nn.Sequential(norm))
+    assert handle.swapped == {}
+    assert "fused forward differs" in handle.skipped["norms: RmsInDisguiseLayerNorm"]
+    plain = torch.nn.Sequential(torch.nn.LayerNorm(1024).to(torch.bfloat16))
+    assert fastlm.patch(plain).swapped == {"norms": 1}  # a true LayerNorm still passes
+
+
 def test_each_kind_of_module_is_probed_once(monkeypatch):
     """Probes run per class, parameter layout and plain attributes: Llama's five RMSNorms and
     two MLPs take two probes (the per-instance flag of the test above takes its own)."""
