@@ -173,7 +173,8 @@ def _bf16_verdict(want, eager, got) -> tuple[bool, str]:
     e_loss = tuple(abs(x[1] - want[1]) / max(abs(want[1]), 1e-12) for x in (got, eager))
     gmax = max((g.abs().max().item() for g in want[2].values()), default=0.0)
     worst, ratio = ("", 0.0, 0.0), 0.0
-    ok = e_logits[0] <= 2 * e_logits[1] + floor and e_loss[0] <= 2 * e_loss[1] + floor
+    # the loss is one bf16 number: its error is its rounding, 1-2 ulps (2^-9..2^-8) either way
+    ok = e_logits[0] <= 2 * e_logits[1] + floor and e_loss[0] <= 2 * e_loss[1] + 2 * floor
     for k, g in want[2].items():
         if g.numel() < 16:  # a scalar's gradient is one long sum: its bf16 error is luck
             continue

@@ -4,6 +4,8 @@ generation with the KV cache, torch.compile, undo() restores eager. What a model
 the kernels do not (GPT-J's RoPE function, a mixture of experts' stacked weights, scaled logits)
 is left alone and reported, never swapped."""
 
+import copy
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
@@ -589,6 +591,46 @@ def test_a_swap_that_disagrees_with_the_module_on_a_probe_is_left_alone():
     assert "forward" in model[2].__dict__ and "forward" not in model[3].__dict__
     assert "forward" in model[4].__dict__ and "forward" not in model[5].__dict__
     torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-5)
+    handle.undo()
+
+
+class Fp32LayerNorm(torch.nn.Module):  # DeBERTa's: fp32 math whatever the input, then w*x+b
+    def __init__(self, n):
+        super().__init__()
+        self.weight = torch.nn.Parameter(1 + 0.1 * torch.randn(n))
+        self.bias = torch.nn.Parameter(0.1 * torch.randn(n))
+        self.variance_epsilon = 1e-7
+
+    def forward(self, x):
+        h = x.float()
+        mean = h.mean(-1, keepdim=True)
+        h = (h - mean) / torch.sqrt((h - mean).pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * h.to(x.dtype) + self.bias
+
+
+def test_a_models_fp32_layer_norm_keeps_its_bf16_gradient_accuracy():
+    """A model's own LayerNorm computing in fp32 (DeBERTa's) went to torch's bf16 CPU kernel,
+    whose weight and bias gradients had 2.5-3x the error of the model's code (against fp32);
+    the bf16 sweep caught it. fastlm's kernel (fp32 throughout) runs there instead: within 2x."""
+    torch.manual_seed(0)
+    norm = Fp32LayerNorm(64)
+    x, dy = torch.randn(2048, 64) + 0.5, torch.randn(2048, 64)
+
+    def grads(module, dtype):
+        module.zero_grad()
+        out = module(x.to(dtype))
+        out.backward(dy.to(dtype))
+        return out.float(), module.weight.grad.float(), module.bias.grad.float()
+
+    want = grads(norm, torch.float32)
+    low = copy.deepcopy(norm).to(torch.bfloat16)
+    own = grads(low, torch.bfloat16)
+    handle = fastlm.patch(torch.nn.Sequential(low))
+    assert handle.swapped == {"norms": 1}
+    got = grads(low, torch.bfloat16)
+    for g, o, w in zip(got, own, want):
+        err, ref_err = ((t - w).abs().max() / w.abs().max() for t in (g, o))
+        assert err <= 2 * ref_err + 1e-3, (err, ref_err)
     handle.undo()
 
 
