@@ -354,9 +354,16 @@ def _save(engine, cfg, ckpt_dir, state, loader, rank) -> None:
     payload = {"step": state.step, "best_val": state.best_val, "best_tag": state.best_tag,
                "evals_since_best": state.evals_since_best, "loader": loader.state_dict(),
                "vocab_size": loader.split.vocab_size, "eos_id": loader.split.eos_id,
-               "global_batch": engine.train_batch_size(), "config": cfg.to_dict()}
+               "global_batch": engine.train_batch_size(),
+               # the engine's, which a DeepSpeed JSON of the user's may set, not train.zero_stage
+               "zero_stage": int(engine.zero_optimization_stage()), "config": cfg.to_dict()}
     ckpt.save(engine, ckpt_dir, state.step, payload, rank, keep_last=cfg.checkpoint.keep_last,
               best_tag=state.best_tag)
+
+
+def _stage_family(stage: int) -> int:
+    """ZeRO stages whose checkpoints load into each other: 0, 1-2 (one layout), 3."""
+    return {0: 0, 1: 1, 2: 1}.get(stage, 3)
 
 
 def _resume(engine, resume: str, ckpt_dir: Path, rank: int, world: int, loader: BlockLoader,
@@ -377,6 +384,15 @@ def _resume(engine, resume: str, ckpt_dir: Path, rank: int, world: int, loader: 
         loader.load_state_dict(saved["loader"])  # before the engine: the cheap check first
     except ValueError as exc:
         raise ConfigError(f"resuming {where / tag}: {exc}") from exc
+    stage, was_stage = int(engine.zero_optimization_stage()), saved.get("zero_stage")
+    if was_stage is not None and _stage_family(was_stage) != _stage_family(stage):
+        # stage 0 keeps the optimizer state whole, in the model file, and ZeRO-3 partitions
+        # the weights too: DeepSpeed loads none of these layouts into another (it failed with
+        # an AssertionError, a TypeError or a missing file, none of which said why)
+        raise ConfigError(f"train.zero_stage: the checkpoint {where / tag} was saved with ZeRO "
+                          f"stage {was_stage}, this run has {stage}; resume with --set "
+                          f"train.zero_stage={was_stage} (any stage resumes on another number "
+                          f"of ranks; stages 1 and 2 also from each other)")
     was_batch = saved.get("global_batch")
     if rank == 0 and was_batch not in (None, engine.train_batch_size()):
         logger.warning("resuming %s with a global batch of %d samples, saved with %d: the loss "

@@ -700,3 +700,23 @@ def test_blocks_longer_than_a_pretrained_models_positions(tmp_path, tiny_data, k
             run(config(tmp_path, tiny_data, f"model.pretrained={tmp_path / 'g'}",
                        "model.overrides={}", "data.block_size=65", "train.max_steps=1"))
         assert not (tmp_path / "run").exists()
+
+
+def test_resume_in_another_zero_stage(tmp_path, tiny_data):
+    """ZeRO-1 and ZeRO-2 checkpoints share one layout: a run resumes from one into the other
+    with the uninterrupted run's losses. Stage 0 and ZeRO, and ZeRO-3 and stages 1-2, do not
+    load into each other (DeepSpeed failed with an AssertionError, a TypeError or a missing
+    file): refused, naming the setting and its value."""
+    common = ("train.micro_batch_size=2", "eval.every=0", "optim.warmup_steps=0",
+              "optim.decay_steps=6", "checkpoint.every=3", "checkpoint.keep_last=2")
+    full = run(config(tmp_path / "full", tiny_data, *common, "train.zero_stage=1",
+                      "train.max_steps=6"))
+    run(config(tmp_path / "split", tiny_data, *common, "train.zero_stage=1", "train.max_steps=3"))
+    rest = run(config(tmp_path / "split", tiny_data, *common, "train.zero_stage=2",
+                      "train.max_steps=6"), resume="auto")
+    assert losses(rest) == pytest.approx(losses(full)[3:], rel=1e-6)
+    for stage in (0, 3):
+        with pytest.raises(ConfigError, match=rf"saved with ZeRO stage 2, this run has {stage}; "
+                                              rf"resume with --set train.zero_stage=2"):
+            run(config(tmp_path / "split", tiny_data, *common, f"train.zero_stage={stage}",
+                       "train.max_steps=9"), resume="auto")
