@@ -23,10 +23,10 @@ from __future__ import annotations
 import copy
 import functools
 import logging
-import types
 
 import torch
 
+from fastlm.integrations._forward import install_forward
 from fastlm.ops import fused_linear_cross_entropy
 
 _logger = logging.getLogger("fastlm")
@@ -142,8 +142,7 @@ def loss_function(self, logits, labels, vocab_size=None, num_items_in_batch=None
 
 
 def set_head_forward(handle, head) -> None:
-    head.forward = types.MethodType(head_forward, head)
-    head._fastlm_patched = True
+    install_forward(head, head_forward)
     if handle is not None:
         handle._modules.append(head)
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fastlm.integrations._forward import install_forward, remove_forward
 from fastlm.integrations._patch_loss import (
     loss_function,
     loss_unsupported,
@@ -120,9 +121,7 @@ class PatchHandle:
             restore(self.model)
         self._restore.clear()
         for m in self._modules:
-            if "forward" in m.__dict__:
-                del m.forward
-            m.__dict__.pop("_fastlm_patched", None)
+            remove_forward(m)
         self._modules.clear()
         if self._attn_before is not None:
             self.model.set_attn_implementation(self._attn_before)
@@ -195,8 +194,7 @@ def patch(model: torch.nn.Module, *, attention: bool = True, norms: bool = True,
 
 
 def _set_forward(h: PatchHandle, module, fwd) -> None:
-    module.forward = types.MethodType(fwd, module)
-    module._fastlm_patched = True
+    install_forward(module, fwd)
     h._modules.append(module)
 
 
