@@ -14,6 +14,8 @@ probes one module per class, parameter layout and plain attributes, and reuses t
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 # max |fused - own| / max |own| allowed: fp32 kernels agree to ~1e-6; 16-bit results round
@@ -41,9 +43,31 @@ def _width(module: torch.nn.Module) -> int | None:
     return None
 
 
+def _plain(module: torch.nn.Module) -> torch.nn.Module:
+    """The module itself, or, where FSDP2 (``fully_shard``) made its parameters DTensors, a
+    copy with plain random ones of the same shapes: the probe checks the forward's formula,
+    which any values show, and a DTensor weight met the probe's plain input in an error (the
+    model's norms and MLPs were left unfused, the reason naming DTensors)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed
+        return module
+    if not any(isinstance(p, DTensor) for p in module.parameters()):
+        return module
+    clone = copy.deepcopy(module)
+    gen = torch.Generator().manual_seed(1)
+    for sub in clone.modules():
+        for name, p in list(sub.named_parameters(recurse=False)):
+            if isinstance(p, DTensor):
+                plain = torch.randn(tuple(p.shape), generator=gen).to(p.device, p.dtype)
+                setattr(sub, name, torch.nn.Parameter(plain, requires_grad=False))
+    return clone
+
+
 def disagrees(module: torch.nn.Module, fwd) -> str | None:
     """None when ``fwd(module, x)`` matches ``type(module).forward(module, x)`` on a random x
     (or the module cannot be probed); otherwise why the swap would be wrong."""
+    module = _plain(module)
     params = list(module.parameters())
     if any(p.is_meta or p.numel() == 0 for p in params):
         return None
