@@ -37,7 +37,9 @@ def load_tokenizer(path: str | Path):
 def context_length(model) -> int | None:
     """The longest sequence the model takes: learned position tables end there (GPT-2's
     n_positions; an index past them crashes), rotary models were trained to there."""
-    conf = model.config
+    from fastlm.train.model import text_config
+
+    conf = text_config(model)
     for key in ("n_positions", "max_position_embeddings", "n_ctx"):
         value = getattr(conf, key, None)
         if isinstance(value, int) and value > 1:

@@ -67,6 +67,7 @@ def hf_config(cfg: ModelConfig, vocab_size: int | None, block_size: int | None,
     model_type = keys.pop("model_type", None)
     if model_type is None:
         raise ConfigError(f"model preset {cfg.preset!r} has no model_type")
+    _text_only(model_type, cfg)
     if vocab_size is not None:
         keys["vocab_size"] = vocab_size
     if eos_id is not None:  # the data's EOS is the model's BOS/EOS/PAD (GPT-2 convention)
@@ -80,6 +81,25 @@ def hf_config(cfg: ModelConfig, vocab_size: int | None, block_size: int | None,
     if block_size is not None and getattr(conf, ctx_key, block_size) < block_size:
         setattr(conf, ctx_key, block_size)
     return conf
+
+
+def _text_only(model_type: str, cfg: ModelConfig) -> None:
+    """A preset builds a language model from scratch: a composite type (Gemma 3's, Llama 4's:
+    a vision tower + a language model) keeps the vocabulary and sizes in a sub-config, so the
+    data's vocabulary size went nowhere (an error naming keys the user never wrote)."""
+    from transformers import AutoConfig
+
+    try:
+        probe = AutoConfig.for_model(model_type)
+    except Exception:  # noqa: BLE001 - unknown or unbuildable types are reported just after
+        return
+    text = probe.get_text_config(decoder=True)
+    if text is not probe:
+        raise ConfigError(
+            f"model preset {cfg.preset!r}: model_type {model_type!r} is a composite config "
+            f"(a language model inside a vision-language or speech model); a preset builds the "
+            f"language model alone: use model_type {text.model_type!r} (fine-tuning a "
+            f"pretrained {model_type} directory goes through model.pretrained)")
 
 
 def _check_keys(conf, keys: dict, cfg: ModelConfig) -> None:
@@ -174,7 +194,7 @@ def check_context(model, block_size: int) -> None:
     (GPT-2's wpe, OPT's and BERT's position embeddings) crashed the first forward with an
     IndexError. Rotary models run past their trained context (context extension): a warning."""
     inputs = model.get_input_embeddings()
-    for name, module in model.named_modules():
+    for name, module in _language_model(model).named_modules():
         leaf = name.rsplit(".", 1)[-1]
         if (isinstance(module, torch.nn.Embedding) and module is not inputs
                 and (leaf == "wpe" or "position" in leaf)):
@@ -184,11 +204,22 @@ def check_context(model, block_size: int) -> None:
                     f"data.block_size={block_size} is longer than model.pretrained's learned "
                     f"position table ({name}: {rows} positions); use data.block_size <= {rows}")
             return
-    ctx = getattr(model.config, "max_position_embeddings", None)
+    ctx = getattr(text_config(model), "max_position_embeddings", None)
     if isinstance(ctx, int) and ctx < block_size:
         logger.warning("data.block_size=%d is longer than the model's max_position_embeddings "
                        "(%d): training extends its context past what it was trained on",
                        block_size, ctx)
+
+
+def _language_model(model) -> torch.nn.Module:
+    """The decoder that reads the token positions: a vision-language model's vision tower has
+    a position table of its own, over image patches (Gemma 3's 16 here were taken for the
+    text's context and a block of 32 refused)."""
+    try:
+        decoder = model.get_decoder()
+    except (AttributeError, NotImplementedError, ValueError):
+        decoder = None
+    return decoder if isinstance(decoder, torch.nn.Module) else model
 
 
 def _register_fastlm_attention(cfg: ModelConfig) -> None:
@@ -244,15 +275,24 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def hidden_size(model: torch.nn.Module) -> int | None:
+def text_config(model: torch.nn.Module):
+    """The config that holds the language model's sizes: a vision-language checkpoint (Gemma 3
+    4B and up, Llama 4, Qwen3.5 are ones) keeps them in its ``text_config``, and its top level
+    has no ``num_hidden_layers`` or ``max_position_embeddings`` (fine-tuning one crashed)."""
     conf = model.config
+    get = getattr(conf, "get_text_config", None)
+    return get(decoder=True) if get is not None else conf
+
+
+def hidden_size(model: torch.nn.Module) -> int | None:
+    conf = text_config(model)
     return getattr(conf, "hidden_size", None) or getattr(conf, "n_embd", None)
 
 
 def flops_per_token(model: torch.nn.Module, block_size: int) -> float:
     """Training FLOPs per token, 6N + 12 L d T (PaLM appendix B), N without embeddings'
     lookups counted once (tied heads are a matmul, so they stay in N)."""
-    conf = model.config
+    conf = text_config(model)
     n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     layers = getattr(conf, "num_hidden_layers", None) or conf.n_layer
     width = hidden_size(model)

@@ -132,6 +132,22 @@ def test_unknown_key_over_a_pretrained_model(tmp_path):
     assert conf.resid_pdrop == 0.0 and conf.n_layer == 1
 
 
+@pytest.mark.parametrize("kind, text", [("gemma3", "gemma3_text"), ("llama4", "llama4_text")])
+def test_composite_model_type_in_a_preset_names_its_language_model(tmp_path, kind, text):
+    """A vision-language type keeps the vocabulary in a sub-config: the preset's error named
+    vocab_size and the token ids (keys the user never wrote); it names the text type now, and
+    that type builds."""
+    from fastlm.train.config import ModelConfig
+    from fastlm.train.model import hf_config
+
+    (tmp_path / "p.yaml").write_text(f"model_type: {kind}\n")
+    with pytest.raises(ConfigError, match=rf"composite .* use model_type '{text}'"):
+        hf_config(ModelConfig(preset=str(tmp_path / "p.yaml")), 256, 32, eos_id=255)
+    (tmp_path / "p.yaml").write_text(f"model_type: {text}\nnum_hidden_layers: 1\n")
+    conf = hf_config(ModelConfig(preset=str(tmp_path / "p.yaml")), 256, 32, eos_id=255)
+    assert conf.model_type == text and conf.vocab_size == 256
+
+
 def test_micro_and_global_given_derive_the_accumulation():
     """`--set train.micro_batch_size=2 --set train.global_batch_size=8` (two of three): the
     accumulation's default of 1 counted as given and made the triple inconsistent."""

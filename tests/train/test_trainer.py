@@ -409,6 +409,40 @@ def test_fine_tunes_and_exports_a_gemma2_directory(tmp_path, tiny_data):
     assert hf.config.model_type == "gemma2" and hf.config.final_logit_softcapping == 5.0
 
 
+def test_fine_tunes_a_vision_language_directory(tmp_path, tiny_data):
+    """Gemma 3 from 4B up (also Llama 4, Qwen3.5) is a vision-language checkpoint: its sizes
+    sit in ``text_config`` and the top level has no num_hidden_layers. Fine-tuning one on text
+    crashed on the FLOP count; it trains (MFU counted from the language model's sizes), samples
+    and exports a directory of the same class."""
+    from transformers import AutoModelForCausalLM, Gemma3Config
+
+    from fastlm.train.model import flops_per_token
+
+    conf = Gemma3Config(
+        text_config=dict(vocab_size=300, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                         head_dim=16, sliding_window=8, max_position_embeddings=128,
+                         layer_types=["sliding_attention", "full_attention"], pad_token_id=0),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=32, patch_size=8),
+        mm_tokens_per_image=4)
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(conf)
+    base.save_pretrained(tmp_path / "g3")
+    n = sum(p.numel() for p in base.parameters())
+    assert flops_per_token(base, 16) == 6.0 * n + 12.0 * 2 * 32 * 16
+    state = run(config(tmp_path, tiny_data, f"model.pretrained={tmp_path / 'g3'}",
+                       "model.overrides={}", "train.micro_batch_size=2", "train.max_steps=3",
+                       "eval.every=3", "sample.tokens=4", "export=true"))
+    assert len(state.history) == 3 and all(math.isfinite(x) for x in losses(state))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert all(r["mfu"] > 0 for r in rows if "mfu" in r)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "hf")
+    assert type(hf) is type(base)
+    trained = dict(hf.named_parameters())
+    assert any(not torch.equal(p, trained[k]) for k, p in base.named_parameters())
+
+
 def test_fused_loss_follows_the_plain_loss(tmp_path, tiny_data):
     """The chunked LM head + cross-entropy gives the plain path's losses (fp32, 5 steps)."""
     common = ["train.micro_batch_size=4", "train.max_steps=5", "eval.every=5"]
