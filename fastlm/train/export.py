@@ -24,10 +24,8 @@ class ExportError(Exception):
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
     """(model, run config dict) from a run directory / checkpoint directory / tag directory."""
-    from transformers import AutoModelForCausalLM
-
     from fastlm.train.config import ModelConfig
-    from fastlm.train.model import hf_config
+    from fastlm.train.model import hf_config, lm_class
 
     try:
         ckpt_dir, tag = ckpt.resolve(path)
@@ -38,16 +36,17 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
     mcfg = ModelConfig(**run["model"])
     conf = hf_config(mcfg, state["vocab_size"], run["data"]["block_size"], state["eos_id"])
     # transformers' default attention (SDPA where the model has it: Gemma 2 refuses it)
-    model = AutoModelForCausalLM.from_config(conf, dtype=torch.float32)
+    model = lm_class(conf).from_config(conf, dtype=torch.float32)
     weights = _consolidated_state_dict(ckpt_dir, tag, model, run)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     # Tied heads are stored once; anything else missing means a mismatched checkpoint.
-    tied = {k for k in missing if "lm_head" in k} if conf.tie_word_embeddings else set()
+    tie = getattr(conf, "tie_word_embeddings", False)
+    tied = {k for k in missing if "lm_head" in k} if tie else set()
     if set(missing) - tied or unexpected:
         raise ExportError(f"{path}: checkpoint does not match the model "
                           f"(missing {sorted(set(missing) - tied)[:5]}, "
                           f"unexpected {sorted(unexpected)[:5]})")
-    if conf.tie_word_embeddings:
+    if tie:
         model.tie_weights()
     return model.to(dtype).eval(), run, ckpt_dir.parent
 
@@ -135,6 +134,10 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     out = export(args.checkpoint, args.out, overwrite=args.overwrite, dtype=dtype)
-    print(f"exported {args.checkpoint} -> {out} (load with "
-          f"AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+    from transformers import AutoConfig
+
+    from fastlm.train.model import lm_class
+
+    auto = lm_class(AutoConfig.from_pretrained(str(out))).__name__
+    print(f"exported {args.checkpoint} -> {out} (load with {auto}.from_pretrained({str(out)!r}))")
     return 0

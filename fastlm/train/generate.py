@@ -101,9 +101,9 @@ def load_model_dir(path: str | Path):
     or a checkpoint."""
     path = Path(path)
     if (path / "config.json").is_file():
-        from transformers import AutoModelForCausalLM
+        from fastlm.train.model import load_lm
 
-        return AutoModelForCausalLM.from_pretrained(str(path)), path
+        return load_lm(path), path
     from fastlm.train.export import load_model
 
     model, _, run_dir = load_model(path)

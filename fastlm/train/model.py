@@ -7,6 +7,7 @@ fastlm's kernels go in through the public drop-in (``attn_implementation="fastlm
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -136,22 +137,55 @@ def _unknown_keys(unknown: list, conf, where: str) -> None:
 def build_model(cfg: ModelConfig, vocab_size: int | None, block_size: int | None,
                 dtype: torch.dtype = torch.float32, eos_id: int | None = None):
     """A fresh model from the preset (seeded by the caller), or the pretrained weights."""
-    from transformers import AutoModelForCausalLM
-
     _register_fastlm_attention(cfg)
     conf = hf_config(cfg, vocab_size, block_size, eos_id)
-    if cfg.pretrained:
-        model = AutoModelForCausalLM.from_pretrained(
-            cfg.pretrained, config=conf, attn_implementation=cfg.attn_implementation,
-            dtype=dtype)
-        if vocab_size is not None and model.get_input_embeddings().num_embeddings < vocab_size:
-            model.resize_token_embeddings(vocab_size)
-    else:
-        model = AutoModelForCausalLM.from_config(
-            conf, attn_implementation=cfg.attn_implementation, dtype=dtype)
+    auto = lm_class(conf)
+    for attn in _attn_choices(conf, cfg.attn_implementation):
+        try:
+            if cfg.pretrained:
+                model = auto.from_pretrained(cfg.pretrained, config=copy.deepcopy(conf),
+                                             attn_implementation=attn, dtype=dtype)
+            else:
+                model = auto.from_config(copy.deepcopy(conf), attn_implementation=attn,
+                                         dtype=dtype)
+            break
+        except KeyError as exc:  # see _attn_choices
+            if exc.args != (hf_attention_name(),):
+                raise
+    if attn != cfg.attn_implementation:
+        logger.warning(
+            "model.attn_implementation=%s: part of %s picks its attention classes from a fixed "
+            "table without registered implementations; fastlm's attention runs %s",
+            cfg.attn_implementation, type(model).__name__,
+            "in its language model only" if attn else "nowhere in it (transformers' default)")
+    if cfg.pretrained and vocab_size is not None \
+            and model.get_input_embeddings().num_embeddings < vocab_size:
+        model.resize_token_embeddings(vocab_size)
     if cfg.patch:
         _apply_patch(model)
     return model
+
+
+def hf_attention_name() -> str:
+    from fastlm.integrations.transformers import NAME
+
+    return NAME
+
+
+def _attn_choices(conf, impl: str) -> list:
+    """attn_implementation values to build with, best first. A few models build their attention
+    from a table of classes keyed by name (GIT's text model, SAM's vision tower inside
+    DeepSeek-VL-Hybrid) and fail with KeyError('fastlm'): then fastlm's attention goes into the
+    language model's sub-config alone, and failing that nowhere (announced)."""
+    if impl != hf_attention_name():
+        return [impl]
+    choices = [impl]
+    text = conf.get_text_config(decoder=True)
+    key = next((k for k in getattr(conf, "sub_configs", {}) if getattr(conf, k, None) is text),
+               None)
+    if key is not None:
+        choices.append({key: impl})
+    return choices + [None]
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
@@ -275,6 +309,30 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
+def lm_class(conf):
+    """The transformers auto class that builds ``conf``'s language model with its LM head:
+    AutoModelForCausalLM, or for a vision-language checkpoint that class does not list (Qwen2.5-VL,
+    Mistral Small 3.1, PaliGemma, LLaVA) AutoModelForImageTextToText, whose models run on text
+    alone (fine-tuning one on text failed with transformers' "Unrecognized configuration
+    class"); the export is then a directory of the same class."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
+        if type(conf) in auto._model_mapping:
+            return auto
+    raise ConfigError(
+        f"model_type {conf.model_type!r} ({type(conf).__name__}) has no language-model head "
+        f"class in transformers (neither AutoModelForCausalLM nor AutoModelForImageTextToText "
+        f"lists it): fastlm trains causal LMs")
+
+
+def load_lm(path):
+    """A causal or vision-language LM from a Hugging Face directory (see :func:`lm_class`)."""
+    from transformers import AutoConfig
+
+    return lm_class(AutoConfig.from_pretrained(str(path))).from_pretrained(str(path))
+
+
 def text_config(model: torch.nn.Module):
     """The config that holds the language model's sizes: a vision-language checkpoint (Gemma 3
     4B and up, Llama 4, Qwen3.5 are ones) keeps them in its ``text_config``, and its top level
@@ -294,6 +352,8 @@ def flops_per_token(model: torch.nn.Module, block_size: int) -> float:
     lookups counted once (tied heads are a matmul, so they stay in N)."""
     conf = text_config(model)
     n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    layers = getattr(conf, "num_hidden_layers", None) or conf.n_layer
+    layers = getattr(conf, "num_hidden_layers", None) or getattr(conf, "n_layer", None)
     width = hidden_size(model)
+    if not layers or not width:  # a config that names them otherwise (PI0's): 6N alone
+        return 6.0 * n
     return 6.0 * n + 12.0 * layers * width * block_size

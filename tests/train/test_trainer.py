@@ -443,6 +443,70 @@ def test_fine_tunes_a_vision_language_directory(tmp_path, tiny_data):
     assert any(not torch.equal(p, trained[k]) for k, p in base.named_parameters())
 
 
+def test_fine_tunes_a_vision_language_class_outside_the_causal_auto_class(tmp_path, tiny_data):
+    """LLaVA (like Qwen2.5-VL, Mistral Small 3.1, PaliGemma) is not in AutoModelForCausalLM's
+    mapping: fine-tuning one on text failed with transformers' "Unrecognized configuration
+    class". It is built with AutoModelForImageTextToText, trains on fastlm's kernels to the
+    eager losses, exports a directory of its class, and `fastlm generate`/`eval` load it."""
+    from transformers import AutoModelForImageTextToText, LlavaConfig
+
+    from fastlm.train.generate import load_model_dir
+
+    conf = LlavaConfig(
+        text_config=dict(model_type="llama", vocab_size=300, hidden_size=32,
+                         intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0),
+        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                           patch_size=8, projection_dim=32),
+        image_token_id=299)
+    torch.manual_seed(0)
+    AutoModelForImageTextToText.from_config(conf).save_pretrained(tmp_path / "llava")
+    args = (f"model.pretrained={tmp_path / 'llava'}", "model.overrides={}",
+            "train.micro_batch_size=2", "train.max_steps=2", "eval.every=2")
+    fast = run(config(tmp_path, tiny_data, *args, "export=true"))
+    eager = run(config(tmp_path / "e", tiny_data, *args, "model.attn_implementation=eager",
+                       "model.patch=false"))
+    for a, b in zip(losses(fast), losses(eager)):
+        assert abs(a - b) <= 1e-5 * abs(b), (losses(fast), losses(eager))
+    model, _ = load_model_dir(tmp_path / "run" / "hf")
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+
+
+def test_model_with_a_fixed_attention_table_trains_announced(tmp_path, tiny_data, caplog):
+    """GIT builds its attention from a table of classes keyed by name: asked for
+    attn_implementation="fastlm" it failed with KeyError('fastlm'). It trains on transformers'
+    default attention, with a warning, and gives that run's losses."""
+    from transformers import AutoModelForCausalLM, GitConfig
+
+    from fastlm.train.model import _attn_choices
+
+    conf = GitConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                     num_attention_heads=2, max_position_embeddings=64, pad_token_id=0,
+                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, image_size=32, patch_size=8))
+    assert _attn_choices(conf, "fastlm") == ["fastlm", None]  # no text sub-config: GIT is one
+    assert _attn_choices(conf, "sdpa") == ["sdpa"]
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(conf).save_pretrained(tmp_path / "git")
+    args = (f"model.pretrained={tmp_path / 'git'}", "model.overrides={}", "model.patch=false",
+            "train.micro_batch_size=2", "train.max_steps=2", "eval.every=2")
+    with caplog.at_level("WARNING", logger="fastlm"):
+        fast = run(config(tmp_path / "f", tiny_data, *args))
+    assert "fastlm's attention runs nowhere in it" in caplog.text
+    plain = run(config(tmp_path / "p", tiny_data, *args, "model.attn_implementation=eager"))
+    assert losses(fast) == losses(plain)
+
+
+def test_composite_config_offers_fastlm_attention_to_its_language_model():
+    from transformers import Gemma3Config
+
+    from fastlm.train.model import _attn_choices
+
+    conf = Gemma3Config()
+    assert _attn_choices(conf, "fastlm") == ["fastlm", {"text_config": "fastlm"}, None]
+
+
 def test_fused_loss_follows_the_plain_loss(tmp_path, tiny_data):
     """The chunked LM head + cross-entropy gives the plain path's losses (fp32, 5 steps)."""
     common = ["train.micro_batch_size=4", "train.max_steps=5", "eval.every=5"]
