@@ -249,6 +249,17 @@ def _padding(attention_mask, kv_length: int, kv_offset: int, kv_used: int):
     return padding
 
 
+def _same_geometry(args: dict, batch_size, q_length, kv_length, q_offset, kv_offset) -> bool:
+    def same(a, b) -> bool:
+        if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+            return a is b
+        return a == b
+
+    return all(same(args[k], v) for k, v in (
+        ("batch_size", batch_size), ("q_length", q_length), ("kv_length", kv_length),
+        ("q_offset", q_offset), ("kv_offset", kv_offset)))
+
+
 def fastlm_mask(
     batch_size: int,
     q_length: int,
@@ -263,7 +274,14 @@ def fastlm_mask(
     **kwargs,
 ) -> FastlmMask | torch.Tensor:
     """transformers' mask-interface signature; returns a FastlmMask or a dense bool mask."""
-    if isinstance(attention_mask, FastlmMask):  # pre-built by generate(), see FastlmMask.ndim
+    if isinstance(attention_mask, FastlmMask):
+        if _same_geometry(attention_mask.dense_args, batch_size, q_length, kv_length, q_offset,
+                          kv_offset):
+            # This forward's mask, built by an outer model (PaliGemma builds it and hands it to
+            # its language model, which asks again without the position ids): kept as eager
+            # keeps a 4D mask. Rebuilt, it lost what the outer call saw (the packed sequences).
+            return attention_mask
+        # pre-built by generate() for other sizes, see FastlmMask.ndim: rebuilt from its 2D mask
         attention_mask = attention_mask.dense_args["attention_mask"]
     config = kwargs.get("config")
     if config is not None and not _uses_attention_interface(getattr(config, "model_type", None)):

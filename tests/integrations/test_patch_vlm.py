@@ -96,3 +96,43 @@ def test_qwen2_vl_with_images_matches_eager(kernel_shapes):
     assert tower and all(causal is False for _, causal in tower)
     assert any(causal for _, causal in kernel_shapes)  # and the language model's, causal
     handle.undo()
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    calls = []
+    real = _hf_attention.attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_hf_attention, "attention", spy)
+    return calls
+
+
+def test_packed_rows_in_a_model_that_hands_its_mask_to_its_language_model(kernel_calls):
+    """PaliGemma builds the mask and hands it to its language model, which asks for it again
+    without the position ids: fastlm rebuilt it there as plain causal, and rows packed by
+    restarting positions attended across their sequences (logits off by 0.1 where eager's were
+    exact). The mask built by the outer call is kept, as eager keeps a 4D mask."""
+    from transformers import PaliGemmaConfig
+
+    conf = PaliGemmaConfig(
+        text_config=dict(vocab_size=128, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                         head_dim=16, pad_token_id=0),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=32, patch_size=8),
+        image_token_id=127)
+    torch.manual_seed(0)
+    ref = AutoModelForImageTextToText.from_config(conf, attn_implementation="eager").train()
+    fast = copy.deepcopy(ref)
+    fast.set_attn_implementation(hf.NAME)
+    ids = torch.randint(3, 100, (2, 24), generator=torch.Generator().manual_seed(2))
+    pos = torch.stack([torch.cat([torch.arange(1, 10), torch.arange(1, 16)]),
+                       torch.arange(1, 25)])  # PaliGemma counts positions from 1
+    want = ref(input_ids=ids, position_ids=pos, use_cache=False).logits
+    got = fast(input_ids=ids, position_ids=pos, use_cache=False).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert kernel_calls and all(c.get("segment_ids") is not None for c in kernel_calls)
