@@ -140,7 +140,8 @@ def build_model(cfg: ModelConfig, vocab_size: int | None, block_size: int | None
     _register_fastlm_attention(cfg)
     conf = hf_config(cfg, vocab_size, block_size, eos_id)
     auto = lm_class(conf)
-    for attn in _attn_choices(conf, cfg.attn_implementation):
+    choices = _attn_choices(conf, cfg.attn_implementation)
+    for attn in choices:
         try:
             if cfg.pretrained:
                 model = auto.from_pretrained(cfg.pretrained, config=copy.deepcopy(conf),
@@ -150,7 +151,7 @@ def build_model(cfg: ModelConfig, vocab_size: int | None, block_size: int | None
                                          dtype=dtype)
             break
         except KeyError as exc:  # see _attn_choices
-            if exc.args != (hf_attention_name(),):
+            if exc.args != ("fastlm",) or attn is choices[-1]:
                 raise
     if attn != cfg.attn_implementation:
         logger.warning(
@@ -166,18 +167,12 @@ def build_model(cfg: ModelConfig, vocab_size: int | None, block_size: int | None
     return model
 
 
-def hf_attention_name() -> str:
-    from fastlm.integrations.transformers import NAME
-
-    return NAME
-
-
 def _attn_choices(conf, impl: str) -> list:
     """attn_implementation values to build with, best first. A few models build their attention
     from a table of classes keyed by name (GIT's text model, SAM's vision tower inside
     DeepSeek-VL-Hybrid) and fail with KeyError('fastlm'): then fastlm's attention goes into the
     language model's sub-config alone, and failing that nowhere (announced)."""
-    if impl != hf_attention_name():
+    if impl != "fastlm":
         return [impl]
     choices = [impl]
     text = conf.get_text_config(decoder=True)
@@ -349,9 +344,14 @@ def hidden_size(model: torch.nn.Module) -> int | None:
 
 def flops_per_token(model: torch.nn.Module, block_size: int) -> float:
     """Training FLOPs per token, 6N + 12 L d T (PaLM appendix B), N without embeddings'
-    lookups counted once (tied heads are a matmul, so they stay in N)."""
+    lookups counted once (tied heads are a matmul, so they stay in N). N is the language
+    model's and the head's: a vision-language model's vision tower does no work on text."""
     conf = text_config(model)
-    n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    params = {id(p): p for p in _language_model(model).parameters()}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, torch.nn.Module):
+        params.update({id(p): p for p in head.parameters()})
+    n = sum(p.numel() for p in params.values())
     layers = getattr(conf, "num_hidden_layers", None) or getattr(conf, "n_layer", None)
     width = hidden_size(model)
     if not layers or not width:  # a config that names them otherwise (PI0's): 6N alone
