@@ -94,13 +94,23 @@ def _text_only(model_type: str, cfg: ModelConfig) -> None:
         probe = AutoConfig.for_model(model_type)
     except Exception:  # noqa: BLE001 - unknown or unbuildable types are reported just after
         return
-    text = probe.get_text_config(decoder=True)
-    if text is not probe:
+    key = text_sub_config(probe)
+    if key is not None:
+        text = getattr(probe, key)
         raise ConfigError(
             f"model preset {cfg.preset!r}: model_type {model_type!r} is a composite config "
             f"(a language model inside a vision-language or speech model); a preset builds the "
             f"language model alone: use model_type {text.model_type!r} (fine-tuning a "
             f"pretrained {model_type} directory goes through model.pretrained)")
+
+
+def text_sub_config(conf) -> str | None:
+    """The attribute holding a composite config's language model (Gemma 3's ``text_config``),
+    or None for a config that is a language model itself: an encoder-decoder's (BART's) text
+    config is a view of itself, not a sub-config, and BART builds as a causal LM."""
+    text = conf.get_text_config(decoder=True)
+    return next((k for k in getattr(conf, "sub_configs", {}) if getattr(conf, k, None) is text),
+                None)
 
 
 def _check_keys(conf, keys: dict, cfg: ModelConfig) -> None:
@@ -175,9 +185,7 @@ def _attn_choices(conf, impl: str) -> list:
     if impl != "fastlm":
         return [impl]
     choices = [impl]
-    text = conf.get_text_config(decoder=True)
-    key = next((k for k in getattr(conf, "sub_configs", {}) if getattr(conf, k, None) is text),
-               None)
+    key = text_sub_config(conf)
     if key is not None:
         choices.append({key: impl})
     return choices + [None]

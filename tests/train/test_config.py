@@ -146,6 +146,9 @@ def test_composite_model_type_in_a_preset_names_its_language_model(tmp_path, kin
     (tmp_path / "p.yaml").write_text(f"model_type: {text}\nnum_hidden_layers: 1\n")
     conf = hf_config(ModelConfig(preset=str(tmp_path / "p.yaml")), 256, 32, eos_id=255)
     assert conf.model_type == text and conf.vocab_size == 256
+    # an encoder-decoder's config is its own text config (BART builds as a causal LM)
+    (tmp_path / "p.yaml").write_text("model_type: bart\n")
+    assert hf_config(ModelConfig(preset=str(tmp_path / "p.yaml")), 256, 32).vocab_size == 256
 
 
 def test_micro_and_global_given_derive_the_accumulation():

@@ -216,6 +216,41 @@ def test_bf16_without_zero_keeps_the_masters_in_fused_adamw_and_resumes_exactly(
     assert max(ours_off) < 2e-3 and max(ours_off) <= max(theirs_off), (ours_off, theirs_off)
 
 
+def test_bf16_buffers_keep_the_dtype_transformers_builds_them_in(tmp_path, tiny_data,
+                                                                  monkeypatch):
+    """bf16 without ZeRO cast every buffer with model.to(bf16): Llama's rotary inv_freq in
+    bf16 put RoPE's cosines ~0.7 off by position 4096 (transformers keeps it fp32). DeepSpeed's
+    bf16 engine (ZeRO 1-3) casts no buffer: MiniMax's decay factors stayed fp32 against bf16
+    activations and its first forward failed. Each buffer now gets the dtype transformers gives
+    it when it builds the model in bf16, and the two paths train the same curve."""
+    import fastlm.train.engine as fengine
+    import fastlm.train.trainer as ftrainer
+
+    engines = []
+    real = fengine.initialize
+    monkeypatch.setattr(ftrainer, "initialize", lambda *a, **k: _keep(engines, real(*a, **k)))
+    (tmp_path / "minimax.yaml").write_text(
+        "model_type: minimax\nhidden_size: 32\nintermediate_size: 64\nnum_hidden_layers: 2\n"
+        "num_attention_heads: 2\nnum_key_value_heads: 1\nhead_dim: 16\nnum_local_experts: 2\n"
+        "num_experts_per_tok: 1\nmax_position_embeddings: 64\n")
+    curves = []
+    for stage in (0, 1):
+        state = run(config(tmp_path / f"z{stage}", tiny_data, "train.precision=bf16",
+                           "train.micro_batch_size=2", "train.max_steps=2", "eval.every=0",
+                           f"train.zero_stage={stage}", "model.overrides={}",
+                           f"model.preset={tmp_path / 'minimax.yaml'}"))
+        curves.append(losses(state))
+        buffers = dict(engines[-1].module.named_buffers())
+        assert buffers["model.rotary_emb.inv_freq"].dtype == torch.float32
+        decay = [b for n, b in buffers.items() if "decay" in n]
+        assert decay and all(b.dtype == torch.bfloat16 for b in decay)
+        assert {p.dtype for p in engines[-1].module.parameters()} == {torch.bfloat16}
+    # fastlm's bf16 path and DeepSpeed's bf16 engine: the same curve within bf16 noise
+    assert all(math.isfinite(x) for x in curves[0])
+    for a, b in zip(*curves):
+        assert abs(a - b) <= 2e-3 * b, curves
+
+
 def _keep(engines, result):
     engines.append(result[0])
     return result
