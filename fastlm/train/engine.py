@@ -188,40 +188,17 @@ def precision_dtype(cfg: RunConfig) -> torch.dtype:
     return _PRECISION_DTYPES[cfg.train.precision]
 
 
-def cast_buffers_as_built(model, dtype: torch.dtype) -> None:
-    """Give each floating buffer the dtype transformers gives it when it builds the model in
-    ``dtype`` (read off a copy built on the meta device). ``model.to(bf16)`` cast them all: the
-    rotary ``inv_freq`` in bf16 put RoPE's angles ~0.7 off (cosines) by position 4096, where
-    transformers keeps it fp32. DeepSpeed's bf16/fp16 engine casts none: MiniMax's decay
-    factors stayed fp32 against bf16 activations and its matmul failed (ZeRO 1-3)."""
-    import copy
-
-    try:
-        with torch.device("meta"):
-            built = type(model)._from_config(copy.deepcopy(model.config), dtype=dtype)
-    except Exception:  # noqa: BLE001 - a model without a transformers config: cast them all
-        want = {}
-    else:
-        want = {name: b.dtype for name, b in built.named_buffers()}
-    for name, buf in model.named_buffers():
-        if buf.is_floating_point():
-            target = want.get(name, dtype)
-            if buf.dtype != target:
-                buf.data = buf.data.to(target)
-
-
 def initialize(cfg: RunConfig, model, groups, ds_config: dict):
     """deepspeed.initialize with fastlm's optimizer accepted under ZeRO and offload."""
     import deepspeed
 
     from fastlm.integrations.deepspeed import fuse_unscale_and_clip, prepare_config
+    from fastlm.train.model import cast_buffers_as_built, to_dtype
 
     if cfg.train.precision in ("bf16", "fp16"):
         cast_buffers_as_built(model, _PRECISION_DTYPES[cfg.train.precision])
     if cfg.train.precision == "bf16" and not ds_config.get("bf16", {}).get("enabled"):
-        for p in model.parameters():  # in place: the groups' parameters stay the same objects
-            if p.is_floating_point():
-                p.data = p.data.to(torch.bfloat16)
+        to_dtype(model, torch.bfloat16)  # in place: the groups' parameters stay the same objects
     optimizer = make_optimizer(cfg, groups)
     factor = lr_lambda(cfg)
     ds_config = prepare_config(ds_config, optimizer)

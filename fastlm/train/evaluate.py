@@ -168,7 +168,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from fastlm.train.config import ConfigError
     from fastlm.train.generate import context_length, load_model_dir, load_tokenizer, tokenizer_dir
-    from fastlm.train.model import check_tokenizer
+    from fastlm.train.model import check_tokenizer, to_dtype
 
     if not Path(args.model).exists():
         raise EvalError(f"{args.model} not found (give an HF directory or a fastlm run)")
@@ -187,7 +187,8 @@ def run(args) -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
         args.dtype or ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported()
                        else "fp32"))
-    model.to(device=device, dtype=dtype)
+    model.to(device=device)
+    to_dtype(model, dtype)  # RoPE's inv_freq stays fp32, as transformers builds it
     if not args.no_kernels:
         import fastlm
 

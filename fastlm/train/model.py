@@ -312,6 +312,34 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
+def cast_buffers_as_built(model, dtype: torch.dtype) -> None:
+    """Give each floating buffer the dtype transformers gives it when it builds the model in
+    ``dtype`` (read off a copy built on the meta device). ``model.to(bf16)`` cast them all: the
+    rotary ``inv_freq`` in bf16 put RoPE's angles ~0.7 off (cosines) by position 4096, where
+    transformers keeps it fp32. DeepSpeed's bf16/fp16 engine casts none: MiniMax's decay
+    factors stayed fp32 against bf16 activations and its matmul failed (ZeRO 1-3)."""
+    try:
+        with torch.device("meta"):
+            built = type(model)._from_config(copy.deepcopy(model.config), dtype=dtype)
+    except Exception:  # noqa: BLE001 - a model without a transformers config: cast them all
+        want = {}
+    else:
+        want = {name: b.dtype for name, b in built.named_buffers()}
+    for name, buf in model.named_buffers():
+        if buf.is_floating_point():
+            target = want.get(name, dtype)
+            if buf.dtype != target:
+                buf.data = buf.data.to(target)
+
+
+def to_dtype(model, dtype: torch.dtype) -> None:
+    """``model.to(dtype)`` in place, but each buffer as :func:`cast_buffers_as_built` says."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            p.data = p.data.to(dtype)
+    cast_buffers_as_built(model, dtype)
+
+
 def lm_class(conf):
     """The transformers auto class that builds ``conf``'s language model with its LM head:
     AutoModelForCausalLM, or for a vision-language checkpoint that class does not list (Qwen2.5-VL,

@@ -125,6 +125,22 @@ def test_command_on_a_split_and_on_a_text_file(tmp_path, tiny_data, capsys):
     assert res["tokens"] == count and res["loss"] == pytest.approx(want, rel=1e-5)
 
 
+def test_bf16_command_keeps_rope_frequencies_fp32(tmp_path, tiny_data, monkeypatch):
+    """`fastlm eval --dtype bf16` cast the model with .to(bf16), rotary inv_freq included (RoPE
+    angles off by radians deep into a long context); it runs the model transformers builds in
+    bf16, whose inv_freq stays fp32."""
+    import fastlm.train.evaluate as fevaluate
+
+    seen = []
+    real = fevaluate.evaluate
+    monkeypatch.setattr(fevaluate, "evaluate", lambda model, *a, **k: seen.append(
+        dict(model.named_buffers())) or real(model, *a, **k))
+    hf = _hf_dir(tmp_path, "llama")
+    assert cli.main(["eval", str(hf), str(tiny_data), "--block-size", "32", "--max-tokens",
+                     "200", "--dtype", "bf16", "--no-kernels"]) == 0
+    assert seen[0]["model.rotary_emb.inv_freq"].dtype == torch.float32
+
+
 def test_command_errors_name_the_problem(tmp_path, tiny_data, capsys):
     hf = _hf_dir(tmp_path)
     cases = [
