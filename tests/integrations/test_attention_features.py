@@ -53,20 +53,6 @@ def warnings_seen(monkeypatch):
     return seen
 
 
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    """The keyword arguments of each call the attention function makes to the fused op."""
-    calls = []
-    real = _hf_attention.attention
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(_hf_attention, "attention", spy)
-    return calls
-
-
 def _step(m, impl, **inputs):
     m.set_attn_implementation(impl)
     m.zero_grad()

@@ -98,19 +98,6 @@ def test_qwen2_vl_with_images_matches_eager(kernel_shapes):
     handle.undo()
 
 
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    calls = []
-    real = _hf_attention.attention
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(_hf_attention, "attention", spy)
-    return calls
-
-
 def test_packed_rows_in_a_model_that_hands_its_mask_to_its_language_model(kernel_calls):
     """PaliGemma builds the mask and hands it to its language model, which asks for it again
     without the position ids: fastlm rebuilt it there as plain causal, and rows packed by
