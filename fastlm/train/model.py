@@ -321,15 +321,13 @@ def cast_buffers_as_built(model, dtype: torch.dtype) -> None:
     try:
         with torch.device("meta"):
             built = type(model)._from_config(copy.deepcopy(model.config), dtype=dtype)
-    except Exception:  # noqa: BLE001 - a model without a transformers config: cast them all
-        want = {}
-    else:
-        want = {name: b.dtype for name, b in built.named_buffers()}
+    except Exception:  # noqa: BLE001 - not buildable on meta: buffers stay as they are,
+        return  # DeepSpeed's own policy (fp32 frequencies are the costly ones to round)
+    want = {name: b.dtype for name, b in built.named_buffers()}
     for name, buf in model.named_buffers():
-        if buf.is_floating_point():
-            target = want.get(name, dtype)
-            if buf.dtype != target:
-                buf.data = buf.data.to(target)
+        target = want.get(name)
+        if buf.is_floating_point() and target is not None and buf.dtype != target:
+            buf.data = buf.data.to(target)
 
 
 def to_dtype(model, dtype: torch.dtype) -> None:
