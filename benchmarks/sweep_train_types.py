@@ -1,0 +1,208 @@
+"""Every model type through `fastlm train`, tiny and random: fastlm's kernels against eager.
+
+Where ``sweep_model_types.py`` checks one forward and backward of each transformers model type,
+this one runs the trainer: for each type, 3 steps with ``attn_implementation="fastlm"`` and
+``fastlm.patch`` and 3 with eager attention and no patch, from the same seed and data, and
+compares the loss curves (relative 1e-4 by default; ``--tol`` for bf16). Any ``--set`` the
+trainer takes applies to both runs (packed documents, activation checkpointing, ZeRO, bf16).
+
+- ``--task causal``: a preset (``model.preset``, a YAML of the type's size keys) per causal LM
+  type, pretrained from scratch.
+- ``--task vlm``: a tiny vision-language model per image-text-to-text type, saved as a
+  pretrained directory with a byte-level tokenizer and fine-tuned on text
+  (``model.pretrained``); the fastlm run also exports it.
+
+A type whose eager run fails (sizes it cannot take, packages not installed, inputs it needs
+beyond text) is n/a: it says nothing about fastlm. The data is the byte-level tokens of
+``--text`` (Python's own help text by default), prepared once. Types run in child processes,
+``--chunk`` at a time (one process for all of them grew past this VM's memory).
+
+    python benchmarks/sweep_train_types.py --task vlm --out benchmarks/results/train_types_vlm.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+STEPS = 3
+
+
+def _kinds(task: str) -> list[str]:
+    sys.path.insert(0, str(HERE))
+    import sweep_model_types as s
+
+    return sorted(s._tasks()["causal" if task == "causal" else s.VLM][1])
+
+
+def _preset(kind: str, work: Path) -> str:
+    """A YAML preset with the sizes of sweep_model_types.SIZES the type's config has (token
+    ids and vocabulary come from the data)."""
+    import sweep_model_types as s
+    import yaml
+    from transformers import AutoConfig
+
+    base = AutoConfig.for_model(kind)
+    skip = {"vocab_size", "pad_token_id", "bos_token_id", "eos_token_id",
+            "decoder_start_token_id"}
+    keys = {k: v for k, v in s.SIZES.items() if hasattr(base, k) and k not in skip}
+    path = work / "presets" / f"{kind}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({"model_type": kind, **keys}))
+    return f"model.preset={path}"
+
+
+def _pretrained(kind: str, work: Path, data: Path) -> str:
+    """A tiny vision-language model saved with the data's tokenizer (vocabulary 300)."""
+    import sweep_model_types as s
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    conf = s._config(kind, s.VLM)
+    text = conf.get_text_config(decoder=True)
+    text.vocab_size = 300
+    if getattr(text, "layer_types", None):  # _shrink set the layer count, not their types
+        text.layer_types = text.layer_types[:text.num_hidden_layers]
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if hasattr(text, key):
+            setattr(text, key, 256)
+    torch.manual_seed(0)
+    path = work / "pretrained" / kind
+    AutoModelForImageTextToText.from_config(conf).save_pretrained(path)
+    for f in (data / "tokenizer").iterdir():
+        shutil.copy(f, path)
+    return f"model.pretrained={path}"
+
+
+def _one(kind: str, task: str, work: Path, data: Path, sets: list[str], tol: float):
+    from fastlm.train.config import load_config
+    from fastlm.train.trainer import train
+
+    try:
+        model = _preset(kind, work) if task == "causal" else _pretrained(kind, work, data)
+    except Exception as exc:  # noqa: BLE001 - the row says why
+        return "n/a", f"build: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
+    curves = {}
+    for impl in ("eager", "fastlm"):
+        out = work / "runs" / f"{kind}-{impl}"
+        shutil.rmtree(out, ignore_errors=True)
+        args = [f"out_dir={out}", model, f"data.path={data}", "data.block_size=32",
+                "train.micro_batch_size=4", f"train.max_steps={STEPS}",
+                f"eval.every={STEPS}", "eval.batches=2", f"checkpoint.every={STEPS}",
+                "log.progress=false", "log.every=1", "sample.tokens=4",
+                f"export={impl == 'fastlm' and task == 'vlm'}",
+                f"model.attn_implementation={impl}", f"model.patch={impl == 'fastlm'}", *sets]
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), \
+                    contextlib.redirect_stderr(io.StringIO()):
+                state = train(load_config(None, args))
+        except Exception as exc:  # noqa: BLE001
+            why = f"{impl}: {type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}"
+            return ("n/a" if impl == "eager" else "FAIL"), why
+        curves[impl] = [loss for _, loss in state.history]
+    want, got = curves["eager"], curves["fastlm"]
+    rel = max(abs(a - b) / abs(a) for a, b in zip(want, got))
+    ok = len(want) == len(got) == STEPS and rel <= tol
+    return ("pass" if ok else "MISMATCH"), (f"losses rel {rel:.1e}: eager "
+                                            f"{', '.join(f'{x:.5f}' for x in want)}")
+
+
+def _worker(args) -> int:
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    sys.path.insert(0, str(HERE))
+    rows = []
+    for kind in args.types.split(","):
+        t0 = time.time()
+        outcome, detail = _one(kind, args.task, Path(args.work), Path(args.data), args.set,
+                               args.tol)
+        rows.append([kind, outcome, detail])
+        print(f"{kind:28s} {outcome:8s} {time.time() - t0:5.1f}s", file=sys.stderr, flush=True)
+    Path(args.json).write_text(json.dumps(rows))
+    return 0
+
+
+def _prepare(text: str, work: Path) -> Path:
+    from fastlm.data import prepare
+    from fastlm.data.sources import resolve_inputs
+
+    return prepare(resolve_inputs([text], work / "sources"), work / "data", tokenizer="byte",
+                   val_fraction=0.1, progress=False)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", choices=["causal", "vlm"], default="causal")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a trainer override for both runs, e.g. data.boundaries=true")
+    parser.add_argument("--tol", type=float, default=1e-4, help="loss curves' relative gap")
+    parser.add_argument("--types", default=None, help="comma list (default: all)")
+    parser.add_argument("--text", default="builtin:pydoc", help="training text to prepare")
+    parser.add_argument("--chunk", type=int, default=15, help="types per child process")
+    parser.add_argument("--out", default=None, help="markdown file to write")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--json", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return _worker(args)
+    import torch
+    import transformers
+    from tqdm import tqdm
+
+    kinds = _kinds(args.task)
+    if args.types:
+        kinds = [k for k in kinds if k in args.types.split(",")]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fastlm-sweep-") as tmp:
+        work = Path(tmp)
+        data = _prepare(args.text, work)
+        bar = tqdm(total=len(kinds), desc="model types")
+        for i in range(0, len(kinds), args.chunk):
+            chunk = kinds[i:i + args.chunk]
+            out = work / "rows.json"
+            cmd = [sys.executable, __file__, "--worker", "--task", args.task, "--types",
+                   ",".join(chunk), "--work", str(work), "--data", str(data), "--json",
+                   str(out), "--tol", str(args.tol)] + [f"--set={s}" for s in args.set]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0 or not out.exists():
+                why = (proc.stderr.strip().splitlines() or ["no output"])[-1][:120]
+                rows += [[k, "FAIL", f"worker exited {proc.returncode}: {why}"] for k in chunk]
+            else:
+                rows += json.loads(out.read_text())
+                out.unlink()
+            bar.update(len(chunk))
+        bar.close()
+    counts = {o: sum(r[1] == o for r in rows) for o in ("pass", "MISMATCH", "FAIL", "n/a")}
+    lines = [f"# {args.task} model types through fastlm train", "",
+             f"Command: `python benchmarks/sweep_train_types.py {' '.join(sys.argv[1:])}`", "",
+             f"torch {torch.__version__}, transformers {transformers.__version__}; "
+             f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}", "",
+             f"{STEPS} steps each, fastlm (attention + patch) against eager from the same seed "
+             f"and data; losses compared to a relative {args.tol:g}.", "",
+             ", ".join(f"{o}: {n}" for o, n in counts.items()), "",
+             "| model type | outcome | detail |", "|---|---|---|"]
+    lines += [f"| {k} | {o} | {d.replace('|', '/')} |" for k, o, d in rows]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        tmp = args.out + ".tmp"
+        Path(tmp).write_text(text)
+        os.replace(tmp, args.out)
+    return 1 if counts["MISMATCH"] or counts["FAIL"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
