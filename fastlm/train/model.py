@@ -151,7 +151,9 @@ def build_model(cfg: ModelConfig, vocab_size: int | None, block_size: int | None
     conf = hf_config(cfg, vocab_size, block_size, eos_id)
     auto = lm_class(conf)
     choices = _attn_choices(conf, cfg.attn_implementation)
+    rng = torch.random.get_rng_state()  # a failed build drew from it: each try starts here
     for attn in choices:
+        torch.random.set_rng_state(rng)
         try:
             if cfg.pretrained:
                 model = auto.from_pretrained(cfg.pretrained, config=copy.deepcopy(conf),

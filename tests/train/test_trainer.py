@@ -532,6 +532,21 @@ def test_model_with_a_fixed_attention_table_trains_announced(tmp_path, tiny_data
     assert "fastlm's attention runs nowhere in it" in caplog.text
     plain = run(config(tmp_path / "p", tiny_data, *args, "model.attn_implementation=eager"))
     assert losses(fast) == losses(plain)
+    # from scratch: the failed first build drew random numbers, and the model it then built
+    # had other initial weights than the same seed gives
+    from fastlm.train.config import ModelConfig
+    from fastlm.train.model import build_model
+
+    (tmp_path / "git.yaml").write_text(
+        "model_type: git\nhidden_size: 32\nintermediate_size: 64\nnum_hidden_layers: 1\n"
+        "num_attention_heads: 2\nmax_position_embeddings: 64\n")
+    built = {}
+    for impl in ("fastlm", "eager"):
+        torch.manual_seed(0)
+        built[impl] = build_model(ModelConfig(preset=str(tmp_path / "git.yaml"), patch=False,
+                                              attn_implementation=impl), 300, 32).state_dict()
+    for k, v in built["eager"].items():
+        assert torch.equal(built["fastlm"][k], v), k
 
 
 def test_composite_config_offers_fastlm_attention_to_its_language_model():
