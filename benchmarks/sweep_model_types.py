@@ -34,6 +34,7 @@ import signal
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -307,6 +308,30 @@ def check(kind: str, task: str = "causal", dtype: str = "fp32",
     return ("pass" if ok else "MISMATCH"), detail + ("" if same else "; tokens differ")
 
 
+def report(title: str, rows, out: str | None, notes: tuple[str, ...] = ()) -> dict:
+    """Print the markdown table of ``rows`` (type, outcome, detail) under the command, versions
+    and ``notes``; write it to ``out`` (complete or not at all). Returns the outcome counts."""
+    import transformers
+
+    counts = {o: sum(r[1] == o for r in rows) for o in ("pass", "MISMATCH", "FAIL", "n/a")}
+    script = Path(sys.argv[0]).name
+    lines = [f"# {title}", "", f"Command: `python benchmarks/{script} {' '.join(sys.argv[1:])}`",
+             "", f"torch {torch.__version__}, transformers {transformers.__version__}; "
+             f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}", ""]
+    for note in notes:
+        lines += [note, ""]
+    lines += [", ".join(f"{o}: {n}" for o, n in counts.items()), "",
+              "| model type | outcome | detail |", "|---|---|---|"]
+    lines += [f"| {k} | {o} | {d.replace('|', '/')} |" for k, o, d in rows]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if out:
+        tmp = out + ".tmp"
+        Path(tmp).write_text(text)
+        os.replace(tmp, out)
+    return counts
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="causal",
@@ -325,7 +350,6 @@ def main() -> int:
                      "(fp32 is judged exactly on one draw)")
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
-    import transformers
 
     from fastlm.integrations import transformers as hf
 
@@ -346,21 +370,7 @@ def main() -> int:
         finally:
             signal.alarm(0)
         rows.append((kind, outcome, detail))
-    counts = {o: sum(r[1] == o for r in rows) for o in ("pass", "MISMATCH", "FAIL", "n/a")}
-    lines = [f"# transformers {args.task} model types with fastlm", "",
-             f"Command: `python benchmarks/sweep_model_types.py {' '.join(sys.argv[1:])}`", "",
-             f"torch {torch.__version__}, transformers {transformers.__version__}; "
-             f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}", "",
-             ", ".join(f"{o}: {n}" for o, n in counts.items()), "",
-             "| model type | outcome | detail |", "|---|---|---|"]
-    lines += [f"| {k} | {o} | {d.replace('|', '/')} |" for k, o, d in rows]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, args.out)
+    counts = report(f"transformers {args.task} model types with fastlm", rows, args.out)
     return 1 if counts["MISMATCH"] or counts["FAIL"] else 0
 
 

@@ -158,8 +158,6 @@ def main() -> int:
     args = parser.parse_args()
     if args.worker:
         return _worker(args)
-    import torch
-    import transformers
     from tqdm import tqdm
 
     kinds = _kinds(args.task)
@@ -185,22 +183,11 @@ def main() -> int:
                 out.unlink()
             bar.update(len(chunk))
         bar.close()
-    counts = {o: sum(r[1] == o for r in rows) for o in ("pass", "MISMATCH", "FAIL", "n/a")}
-    lines = [f"# {args.task} model types through fastlm train", "",
-             f"Command: `python benchmarks/sweep_train_types.py {' '.join(sys.argv[1:])}`", "",
-             f"torch {torch.__version__}, transformers {transformers.__version__}; "
-             f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}", "",
-             f"{STEPS} steps each, fastlm (attention + patch) against eager from the same seed "
-             f"and data; losses compared to a relative {args.tol:g}.", "",
-             ", ".join(f"{o}: {n}" for o, n in counts.items()), "",
-             "| model type | outcome | detail |", "|---|---|---|"]
-    lines += [f"| {k} | {o} | {d.replace('|', '/')} |" for k, o, d in rows]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        tmp = args.out + ".tmp"
-        Path(tmp).write_text(text)
-        os.replace(tmp, args.out)
+    import sweep_model_types as s
+
+    counts = s.report(f"{args.task} model types through fastlm train", rows, args.out, notes=(
+        f"{STEPS} steps each, fastlm (attention + patch) against eager from the same seed and "
+        f"data; losses compared to a relative {args.tol:g}.",))
     return 1 if counts["MISMATCH"] or counts["FAIL"] else 0
 
 
