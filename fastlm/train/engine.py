@@ -195,10 +195,10 @@ def initialize(cfg: RunConfig, model, groups, ds_config: dict):
     from fastlm.integrations.deepspeed import fuse_unscale_and_clip, prepare_config
     from fastlm.train.model import cast_buffers_as_built, to_dtype
 
-    if cfg.train.precision in ("bf16", "fp16"):
-        cast_buffers_as_built(model, _PRECISION_DTYPES[cfg.train.precision])
     if cfg.train.precision == "bf16" and not ds_config.get("bf16", {}).get("enabled"):
         to_dtype(model, torch.bfloat16)  # in place: the groups' parameters stay the same objects
+    elif cfg.train.precision in ("bf16", "fp16"):  # DeepSpeed's engine casts the parameters
+        cast_buffers_as_built(model, _PRECISION_DTYPES[cfg.train.precision])
     optimizer = make_optimizer(cfg, groups)
     factor = lr_lambda(cfg)
     ds_config = prepare_config(ds_config, optimizer)
