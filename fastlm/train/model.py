@@ -351,10 +351,17 @@ def lm_class(conf):
     for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
         if type(conf) in auto._model_mapping:
             return auto
+    from transformers import AutoModelForMaskedLM, AutoModelForSeq2SeqLM
+
+    # say what the model is instead, so the user knows which trainer it needs
+    kind = next((what for auto, what in ((AutoModelForSeq2SeqLM, "an encoder-decoder model"),
+                                         (AutoModelForMaskedLM, "a masked LM"))
+                 if type(conf) in auto._model_mapping), None)
     raise ConfigError(
-        f"model_type {conf.model_type!r} ({type(conf).__name__}) has no language-model head "
-        f"class in transformers (neither AutoModelForCausalLM nor AutoModelForImageTextToText "
-        f"lists it): fastlm trains causal LMs")
+        f"model_type {conf.model_type!r} ({type(conf).__name__}) has no causal language-model "
+        f"head class in transformers (neither AutoModelForCausalLM nor "
+        f"AutoModelForImageTextToText lists it){f': it is {kind}' if kind else ''}; fastlm "
+        f"trains causal (decoder-only) LMs: pick a preset or checkpoint of one")
 
 
 def load_lm(path):

@@ -549,6 +549,21 @@ def test_model_with_a_fixed_attention_table_trains_announced(tmp_path, tiny_data
         assert torch.equal(built["fastlm"][k], v), k
 
 
+def test_pretrained_directory_without_a_causal_head_is_refused(tmp_path, tiny_data):
+    """A T5 directory (encoder-decoder) has no class in AutoModelForCausalLM or
+    AutoModelForImageTextToText: the error names the type, what it is and what fastlm trains,
+    before anything is written."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    conf = T5Config(vocab_size=300, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
+    T5ForConditionalGeneration(conf).save_pretrained(tmp_path / "t5")
+    with pytest.raises(ConfigError, match=r"model_type 't5' \(T5Config\) has no causal "
+                       r".*it is an encoder-decoder model; fastlm trains causal"):
+        run(config(tmp_path, tiny_data, f"model.pretrained={tmp_path / 't5'}",
+                   "model.overrides={}", "train.max_steps=1"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_composite_config_offers_fastlm_attention_to_its_language_model():
     from transformers import Gemma3Config
 
