@@ -157,13 +157,15 @@ def _model(conf, impl: str, device: str, dtype: torch.dtype):
     attn = impl if impl in ("eager", "sdpa") else "sdpa"
     auto = AutoModelForMaskedLM if conf.model_type in MASKED_LM else AutoModelForCausalLM
     try:
-        model = auto.from_config(conf, attn_implementation=attn)
+        # built in the dtype, as users build it: transformers keeps buffers such as RoPE's
+        # inv_freq in fp32 then, where model.to(bf16) would round them
+        model = auto.from_config(conf, attn_implementation=attn, dtype=dtype)
     except ValueError:  # a model without SDPA (Gemma 2): the patched ones start from eager
         if impl == "sdpa":
             raise
         torch.manual_seed(0)
-        model = auto.from_config(conf, attn_implementation="eager")
-    model = model.to(device, dtype)
+        model = auto.from_config(conf, attn_implementation="eager", dtype=dtype)
+    model = model.to(device)
     if impl == "fastlm":
         fastlm.patch(model)  # attention + norms + MLP activations + fused loss
     elif impl == "liger":

@@ -148,3 +148,15 @@ def test_packed_rows_time_each_implementation_with_restarting_positions(tmp_path
 def test_bad_packed_arguments(argv, message, capsys):
     assert cli.main(["bench", "model", *FAST, *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "fastlm"])
+def test_bf16_model_is_built_as_users_build_it(impl):
+    """bf16 weights, but RoPE's inv_freq stays fp32 as transformers builds it (model.to(bf16)
+    rounded it: RoPE's angles drift with position)."""
+    import torch
+
+    model = bm._model(bm._config("llama", "tiny-llama", 9), impl, "cpu", torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    freqs = [b for n, b in model.named_buffers() if n.endswith("inv_freq")]
+    assert freqs and all(b.dtype == torch.float32 for b in freqs)
