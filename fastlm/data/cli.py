@@ -27,6 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bytes that are not UTF-8: replace and count, or stop")
     parser.add_argument("--sft", action="store_true", help="fine-tuning data: prompt/response "
                         "(or messages) records; loss only on responses")
+    parser.add_argument("--chat-template", default="auto", metavar="auto|fastlm|FILE",
+                        help="with --sft: how conversations are laid out; auto = the "
+                        "tokenizer's own chat template if it has one, else fastlm's; saved "
+                        "with the tokenizer for generation and the export")
     parser.add_argument("--min-chars", type=int, default=1)
     parser.add_argument("--max-chars", type=int, default=None)
     parser.add_argument("--no-repetition", action="store_true", help="skip the Gopher "
@@ -51,6 +55,7 @@ def run(args) -> int:
         vocab_size=args.vocab_size, val_fraction=args.val_fraction, doc_split=args.doc_split,
         split=args.split,
         encoding_errors=args.encoding_errors, sft=args.sft, overwrite=args.overwrite,
+        chat_template=args.chat_template,
         num_proc=args.num_proc, seed=args.seed, min_chars=args.min_chars,
         max_chars=args.max_chars, repetition=not args.no_repetition, dedup=not args.no_dedup,
         near_dedup=not args.no_near_dedup, near_dedup_threshold=args.near_dedup_threshold)

@@ -30,7 +30,6 @@ from fastlm.data.errors import DataError
 from fastlm.data.format import FORMAT, write_split
 
 SFT_FIELDS = ("prompt", "response")
-USER, ASSISTANT = "<|user|>\n", "<|assistant|>\n"
 
 
 def prepare(inputs, out_dir, *, text_field: str = "text", tokenizer: str = "bpe",
@@ -38,10 +37,12 @@ def prepare(inputs, out_dir, *, text_field: str = "text", tokenizer: str = "bpe"
             doc_split: str = "blank-lines", encoding_errors: str = "replace", sft: bool = False,
             overwrite: bool = False, num_proc: int | None = None, seed: int = 0,
             shard_tokens: int = 1 << 28, split: str = "hash", progress: bool = True,
-            **clean_overrides) -> Path:
+            chat_template: str = "auto", **clean_overrides) -> Path:
     """Prepare ``inputs`` into ``out_dir``; returns ``out_dir``. Re-running with unchanged
     inputs and settings reuses the result. Keyword arguments naming :class:`CleanConfig`
-    fields (``min_chars=...``, ``near_dedup=False``) override the cleaning config."""
+    fields (``min_chars=...``, ``near_dedup=False``) override the cleaning config.
+    ``chat_template`` (fine-tuning data): ``auto``, ``fastlm`` or a Jinja file, see
+    :mod:`fastlm.data.chat`."""
     inputs = [str(i) for i in ([inputs] if isinstance(inputs, str | Path) else inputs)]
     cfg = dataclasses.replace(clean or C.CleanConfig(), **_clean_kwargs(clean_overrides))
     if not 0 <= val_fraction < 1:
@@ -55,6 +56,12 @@ def prepare(inputs, out_dir, *, text_field: str = "text", tokenizer: str = "bpe"
                 "val_fraction": val_fraction, "clean": dataclasses.asdict(cfg), "sft": sft,
                 "doc_split": doc_split, "encoding_errors": encoding_errors, "seed": seed,
                 "shard_tokens": shard_tokens, "split": split}
+    chat = None
+    if sft:
+        from fastlm.data.chat import resolve
+
+        chat = resolve(chat_template, tokenizer)
+        settings["chat_template"] = chat.setting()
     settings = json.loads(json.dumps(settings))  # normalise (tuple -> list, int keys -> str)
     files = [_stat(p) for p in readers.expand(inputs)]
     if out.exists():
@@ -67,7 +74,7 @@ def prepare(inputs, out_dir, *, text_field: str = "text", tokenizer: str = "bpe"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
     try:
-        meta = _build(inputs, tmp, cfg, settings, files, num_proc, progress)
+        meta = _build(inputs, tmp, cfg, settings, files, num_proc, progress, chat)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         (tmp / "report.json").write_text(json.dumps(meta["report"], indent=1))
         if out.exists():
@@ -109,7 +116,8 @@ def _up_to_date(out: Path, files, settings) -> bool:
 # -- the pipeline -----------------------------------------------------------------------------
 
 
-def _build(inputs, tmp: Path, cfg: C.CleanConfig, settings: dict, files, num_proc, progress):
+def _build(inputs, tmp: Path, cfg: C.CleanConfig, settings: dict, files, num_proc, progress,
+           chat=None):
     sft = settings["sft"]
     clock = _Stopwatch()
     ds, stats = readers.load(inputs, text_field=settings["text_field"],
@@ -120,7 +128,7 @@ def _build(inputs, tmp: Path, cfg: C.CleanConfig, settings: dict, files, num_pro
               stats.replaced_chars}
     clock.lap("read")
     if sft:
-        records = _sft_records(ds, cfg)
+        records = _sft_records(ds, cfg, chat, progress)
     else:
         records = _clean_documents(ds, cfg, num_proc, report, progress)
     clock.lap("clean")
@@ -141,6 +149,11 @@ def _build(inputs, tmp: Path, cfg: C.CleanConfig, settings: dict, files, num_pro
     # seen only there would otherwise be unknown; BPE learns its merges from train alone
     vocab_docs = kept if settings["tokenizer"] == "char" else train
     tok = _tokenizer(settings, [r["text"] for r in vocab_docs], tmp / "tokenizer")
+    if chat is not None and tok.chat_template != chat.template:
+        # the layout the model is fine-tuned on goes with its tokenizer: into the run, the
+        # export, `fastlm generate --chat` and transformers' apply_chat_template
+        tok.chat_template = chat.template
+        tok.save_pretrained(str(tmp / "tokenizer"))
     clock.lap("tokenizer")
     eos = tok.eos_token_id
     vocab = len(tok)
@@ -201,26 +214,27 @@ def _clean_documents(ds, cfg: C.CleanConfig, num_proc, report, progress):
     return records
 
 
-def _sft_records(ds, cfg: C.CleanConfig):
-    """Prompt/response pairs (or chat messages) -> records whose text is the rendered
-    conversation and whose ``segments`` say which parts are trained on."""
+def _sft_records(ds, cfg: C.CleanConfig, chat, progress):
+    """Prompt/response pairs (or chat messages) -> records whose text is the conversation as
+    the chat template renders it and whose ``segments`` say which parts are trained on."""
     records = []
-    for row in ds:
+    for n, row in enumerate(_progress(ds, progress, "rendering conversations")):
         if row.get("messages") is not None:
-            segments = []
-            for m in row["messages"]:
-                role, content = m.get("role"), C.normalize(m.get("content") or "", cfg)
-                if role == "assistant":
-                    segments += [(ASSISTANT, 0), (content, 1)]
-                else:
-                    segments += [(f"<|{role}|>\n", 0), (content + "\n", 0)]
+            messages = [{"role": m.get("role"), "content": C.normalize(m.get("content") or "",
+                                                                        cfg)}
+                        for m in row["messages"]]
         else:
             if row.get("prompt") is None or row.get("response") is None:
                 raise DataError(f"a fine-tuning record has neither messages nor prompt and "
                                 f"response: {str(dict(row))[:200]}")
-            prompt = C.normalize(row["prompt"] or "", cfg)
-            response = C.normalize(row["response"] or "", cfg)
-            segments = [(USER + prompt + "\n" + ASSISTANT, 0), (response, 1)]
+            messages = [{"role": "user", "content": C.normalize(row["prompt"], cfg)},
+                        {"role": "assistant", "content": C.normalize(row["response"], cfg)}]
+        bad = [m["role"] for m in messages if not isinstance(m["role"], str) or not m["role"]]
+        if bad:
+            raise DataError(f"fine-tuning record {n}: a message without a role ({bad[0]!r}); "
+                            f"each message needs 'role' (user, assistant, system...) and "
+                            f"'content'")
+        segments = chat.segments(messages, f"fine-tuning record {n}")
         text = "".join(s for s, _ in segments)
         records.append({"text": text, "segments": segments, "chars_in": len(text), "sig": None,
                         "key": hashlib.blake2b(text.encode(), digest_size=16).hexdigest()})
@@ -295,7 +309,8 @@ def _tokenize(tok, docs, eos: int, sft: bool, progress: bool, name: str):
             tokens += encode_documents(tok, [r["text"] for r in chunk], eos)
             continue
         # every segment of the chunk in one batch, each encoded on its own (as the model
-        # will see a prompt end and a response start)
+        # will see a prompt end and a response start); the chat template ends each response
+        # (EOS or its end-of-turn marker), so nothing is appended
         parts = iter(encode_documents(tok, [t for r in chunk for t, _ in r["segments"]], None))
         for r in chunk:
             ids, mask = [], []
@@ -303,8 +318,8 @@ def _tokenize(tok, docs, eos: int, sft: bool, progress: bool, name: str):
                 piece = next(parts)
                 ids.append(piece)
                 mask.append(np.full(len(piece), flag, dtype=np.uint8))
-            tokens.append(np.concatenate(ids + [np.array([eos], dtype=np.int64)]))
-            masks.append(np.concatenate(mask + [np.ones(1, np.uint8)]))  # learn to end
+            tokens.append(np.concatenate(ids))
+            masks.append(np.concatenate(mask))
     return tokens, masks
 
 

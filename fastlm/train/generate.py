@@ -49,24 +49,43 @@ def context_length(model) -> int | None:
 
 def sample(model, tokenizer, prompt: str, *, max_new_tokens: int, temperature: float = 0.8,
            top_k: int | None = 50, top_p: float | None = None, device=None,
-           seed: int | None = None) -> str:
-    """Prompt + up to ``max_new_tokens`` sampled tokens (fewer if EOS comes first), as text."""
+           seed: int | None = None, chat: bool = False) -> str:
+    """Prompt + up to ``max_new_tokens`` sampled tokens (fewer if EOS comes first), as text.
+    ``chat``: the prompt is a user's message, laid out by the tokenizer's chat template (the
+    layout `fastlm prepare --sft` fine-tuned on); the answer alone comes back, ended where the
+    template ends a response."""
     device = device or next(model.parameters()).device
-    ids = tokenizer(prompt or tokenizer.eos_token, return_tensors="pt").input_ids.to(device)
+    stops = tokenizer.eos_token_id
+    if chat:
+        from fastlm.data.chat import response_stop_ids
+
+        if not isinstance(tokenizer.chat_template, str):
+            raise GenerateError("--chat: the tokenizer has no chat template (`fastlm prepare "
+                                "--sft` saves one with the data a model is fine-tuned on); "
+                                "leave --chat out to continue plain text")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                             add_generation_prompt=True, tokenize=False)
+        # the template writes its own special tokens (BOS among them) as text
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+        stops = response_stop_ids(tokenizer)
+    else:
+        ids = tokenizer(prompt or tokenizer.eos_token, return_tensors="pt").input_ids
     if seed is not None:
         torch.manual_seed(seed)
-    out = sample_ids(model, ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                     top_k=top_k, top_p=top_p, pad_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(out[0], skip_special_tokens=True)
+    out = sample_ids(model, ids.to(device), max_new_tokens=max_new_tokens,
+                     temperature=temperature, top_k=top_k, top_p=top_p,
+                     pad_token_id=tokenizer.eos_token_id, eos_token_id=stops)
+    return tokenizer.decode(out[0, ids.shape[1]:] if chat else out[0], skip_special_tokens=True)
 
 
 @torch.no_grad()
 def sample_ids(model, ids: torch.Tensor, *, max_new_tokens: int, temperature: float,
-               top_k: int | None, top_p: float | None, pad_token_id: int | None) -> torch.Tensor:
+               top_k: int | None, top_p: float | None, pad_token_id: int | None,
+               eos_token_id: int | list[int] | None = None) -> torch.Tensor:
     """(1, prompt + new) token ids. Past the model's context the sampling goes on from the last
     half-context of tokens (as nanoGPT crops its context): one warning says so, and each window
     is generated with the KV cache. A prompt longer than the context is read from its last
-    half-context the same way."""
+    half-context the same way. ``eos_token_id``: where to stop (default: the model's own)."""
     ctx = context_length(model)
     was_training = model.training
     model.eval()
@@ -86,6 +105,7 @@ def sample_ids(model, ids: torch.Tensor, *, max_new_tokens: int, temperature: fl
                 do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
                 top_k=top_k if temperature > 0 else None,
                 top_p=top_p if temperature > 0 else None, pad_token_id=pad_token_id,
+                **({} if eos_token_id is None else {"eos_token_id": eos_token_id}),
             )[:, context.shape[1]:]
             out = torch.cat([out, new], dim=1)
             remaining -= new.shape[1]
@@ -122,6 +142,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=50)
     parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--chat", action="store_true", help="the prompt is a user's message "
+                        "in the chat template of the model's fine-tuning data; print the reply")
     parser.add_argument("--num-samples", type=int, default=1)
     parser.add_argument("--seed", type=int, default=None)
 
@@ -133,7 +155,7 @@ def run(args) -> int:
     for i in range(args.num_samples):
         text = sample(model, tok, args.prompt, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                      seed=None if args.seed is None else args.seed + i)
+                      seed=None if args.seed is None else args.seed + i, chat=args.chat)
         print(text)
         if i + 1 < args.num_samples:
             print("-" * 40)

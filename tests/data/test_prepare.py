@@ -223,7 +223,7 @@ def test_tail_split_takes_the_last_documents(tmp_path):
 def test_sft_with_bpe_tokenizes_each_segment_as_the_library_does(tmp_path):
     """Prompt and response are tokenized separately (fastlm's C++ encoder); the shard holds
     exactly the library's ids of each segment, the mask 1 on the response and the EOS."""
-    from fastlm.data.pipeline import ASSISTANT, USER
+    USER, ASSISTANT = "<|user|>\n", "<|assistant|>\n"  # fastlm's chat template
 
     path = tmp_path / "sft.jsonl"
     rows = [{"prompt": f"Question {i}: what's {doc(i, 6)}?", "response": f"Answer {i}: {doc(i + 50, 9)}."}

@@ -47,3 +47,16 @@ def test_prompt_longer_than_the_context():
     prompt = torch.arange(1, 31)[None]
     out = _greedy(model, prompt, 3)
     assert out.shape == (1, 33) and torch.equal(out[:, :30], prompt)
+
+
+def test_chat_without_a_chat_template_says_why(tmp_path):
+    """--chat on a model whose data was prepared without --sft: the tokenizer has no chat
+    template, and the error says so instead of inventing a layout."""
+    import pytest
+
+    from fastlm.data.tokenizer import byte_level
+    from fastlm.train.generate import GenerateError, sample
+
+    tok = byte_level(tmp_path / "tok")
+    with pytest.raises(GenerateError, match="no chat template .*fastlm prepare --sft"):
+        sample(_model(16), tok, "Hi?", max_new_tokens=2, chat=True)

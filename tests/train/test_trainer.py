@@ -378,6 +378,39 @@ def test_sft_and_continued_pretraining_from_an_export(tmp_path, tiny_data):
 
 
 
+def test_chat_fine_tuning_then_generate_chat(tmp_path, capsys):
+    """The chat journey: conversations prepared with an instruct tokenizer's own template
+    (ChatML here; its end of turn is not EOS), a model fine-tuned on them, and
+    `fastlm generate --chat` laying the prompt out the same way and stopping at the end of
+    the turn: greedy, the memorised answer comes back exactly, nothing after it."""
+    from fastlm.cli import main
+    from fastlm.data import prepare
+    from fastlm.data.tokenizer import byte_level
+
+    tok = byte_level(tmp_path / "byte")
+    tok.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+    tok.chat_template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+        "'<|im_end|>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    tok.save_pretrained(tmp_path / "instruct")
+    pairs = {"Hi?": "Hey.", "Bye?": "Ciao!"}  # no letter twice: a tiny model learns them fast
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+             "n": i} for i in range(20) for q, a in pairs.items()]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = prepare([tmp_path / "chat.jsonl"], tmp_path / "data",
+                   tokenizer=str(tmp_path / "instruct"), sft=True, val_fraction=0.05, split="tail",
+                   dedup=False, progress=False)
+    cfg = config(tmp_path, data, "train.micro_batch_size=8", "train.max_steps=150",
+                 "optim.lr=3e-3", "eval.every=0", "data.boundaries=true")
+    run(cfg)
+    capsys.readouterr()
+    for q, a in pairs.items():
+        assert main(["generate", str(tmp_path / "run"), "--chat", "--prompt", q,
+                     "--temperature", "0", "--max-new-tokens", "40"]) == 0
+        assert capsys.readouterr().out == a + "\n"
+
+
 def test_fine_tuning_data_from_another_tokenizer_is_refused(tmp_path, tiny_data):
     """model.pretrained with its tokenizer, data tokenized by another (char-level here): the
     ids would mean other tokens to the model, so the run stops before training and says how

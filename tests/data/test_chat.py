@@ -1,0 +1,133 @@
+"""`fastlm prepare --sft`: conversations rendered with a chat template, responses masked in."""
+
+import json
+
+import numpy as np
+import pytest
+
+from fastlm.data import DataError, prepare
+from fastlm.data.chat import FASTLM_TEMPLATE, response_stop_ids
+from fastlm.data.format import open_split
+from fastlm.train.generate import load_tokenizer
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+          "'<|im_end|>\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
+        {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "And you?"},
+        {"role": "assistant", "content": "Fine, thanks."}]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def chatml_tokenizer(tmp_path, template=CHATML):
+    """A byte-level tokenizer with ChatML's markers as special tokens and its template, as an
+    instruct model's directory ships it."""
+    from fastlm.data.tokenizer import byte_level
+
+    tok = byte_level(tmp_path / "byte")
+    tok.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+    tok.eos_token = "<|im_end|>"
+    tok.chat_template = template
+    tok.save_pretrained(tmp_path / "chatml")
+    return tmp_path / "chatml"
+
+
+def documents(out, split="train"):
+    sh = open_split(out, split).shards[0]
+    toks, mask = np.asarray(sh.tokens), np.asarray(sh.mask)
+    return [(toks[a:b], mask[a:b]) for a, b in zip(sh.doc_starts[:-1], sh.doc_starts[1:])]
+
+
+@pytest.mark.parametrize("kind", ["byte", "char", "bpe"])
+def test_fastlm_template_trains_every_response_and_its_eos(tmp_path, kind):
+    rows = [{"messages": CHAT, "n": i} for i in range(3)] + \
+        [{"prompt": f"What is {i}+{i}?", "response": f"It is {2 * i}."} for i in range(3)]
+    out = prepare([write_jsonl(tmp_path / "c.jsonl", rows)], tmp_path / "o", tokenizer=kind,
+                  vocab_size=300, sft=True, val_fraction=0.0, dedup=False, progress=False)
+    tok = load_tokenizer(out)
+    assert tok.chat_template == FASTLM_TEMPLATE  # saved for generation and the export
+    docs = documents(out)
+    assert len(docs) == 6
+    for toks, mask in docs:
+        text = tok.decode(toks)
+        trained = tok.decode(toks[mask == 1])
+        eos = tok.eos_token
+        if "Hello." in text:  # every assistant turn, each ending with EOS; nothing else
+            assert text == tok.apply_chat_template(CHAT, tokenize=False)
+            assert trained == f"Hello.{eos}Fine, thanks.{eos}"
+            assert (toks == tok.eos_token_id).sum() == 2
+        else:
+            assert text.startswith("<|user|>\nWhat is") and "<|assistant|>\nIt is" in text
+            assert trained.startswith("It is") and trained.endswith(f".{eos}")
+            assert toks[-1] == tok.eos_token_id and mask[-1] == 1
+
+
+def test_a_tokenizers_own_chat_template_is_used_and_kept(tmp_path):
+    """An instruct model's tokenizer: its template lays out the conversation, the responses
+    are trained with their end-of-turn marker, its special tokens are single ids."""
+    src = chatml_tokenizer(tmp_path)
+    out = prepare([write_jsonl(tmp_path / "c.jsonl", [{"messages": CHAT}])], tmp_path / "o",
+                  tokenizer=str(src), sft=True, val_fraction=0.0, progress=False)
+    tok = load_tokenizer(out)
+    assert tok.chat_template == CHATML
+    [(toks, mask)] = documents(out)
+    start, end = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    assert (toks == start).sum() == 5 and (toks == end).sum() == 5
+    assert tok.decode(toks) == tok.apply_chat_template(CHAT, tokenize=False)
+    trained = tok.decode(toks[mask == 1])
+    assert trained == "Hello.<|im_end|>\nFine, thanks.<|im_end|>\n"
+    assert response_stop_ids(tok) == [end]
+    # asked for fastlm's layout instead: that one is saved over the tokenizer's
+    out2 = prepare([tmp_path / "c.jsonl"], tmp_path / "o2", tokenizer=str(src), sft=True,
+                   val_fraction=0.0, progress=False, chat_template="fastlm")
+    assert load_tokenizer(out2).chat_template == FASTLM_TEMPLATE
+
+
+def test_a_template_file_and_its_edits(tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", [{"messages": CHAT}])
+    template = tmp_path / "t.jinja"
+    template.write_text(CHATML)
+    out = prepare([path], tmp_path / "o", tokenizer="byte", sft=True, val_fraction=0.0,
+                  progress=False, chat_template=str(template))
+    tok = load_tokenizer(out)
+    assert tok.chat_template == CHATML
+    [(toks, mask)] = documents(out)
+    assert tok.decode(toks[mask == 1]) == "Hello.<|im_end|>\nFine, thanks.<|im_end|>\n"
+    template.write_text(CHATML.replace("<|im_end|>", "<|end|>"))  # not "up to date" now
+    with pytest.raises(DataError, match="exists .*--overwrite"):
+        prepare([path], tmp_path / "o", tokenizer="byte", sft=True, val_fraction=0.0,
+                progress=False, chat_template=str(template))
+
+
+@pytest.mark.parametrize("template, message", [
+    # Qwen3-like: earlier assistant turns are rendered without what the last one shows
+    ("{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}"
+     "{{ '<a>' + m['content'][:2] + '\\n' }}{% else %}{{ '<' + m['role'][0] + '>' + "
+     "m['content'] + '\\n' }}{% endif %}{% endfor %}"
+     "{% if add_generation_prompt %}{{ '<a>' }}{% endif %}",
+     r"fine-tuning record 0: .* rewrites earlier turns.*--chat-template fastlm"),
+    ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}"
+     "{% endif %}",
+     r"fine-tuning record 0: the chat template .* failed: .*no system role"),
+])
+def test_a_template_that_hides_the_responses_is_an_error(tmp_path, template, message):
+    path = write_jsonl(tmp_path / "c.jsonl", [{"messages": CHAT}])
+    (tmp_path / "t.jinja").write_text(template)
+    with pytest.raises(DataError, match=message):
+        prepare([path], tmp_path / "o", tokenizer="byte", sft=True, val_fraction=0.0,
+                progress=False, chat_template=str(tmp_path / "t.jinja"))
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_bad_records_and_choices(tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"content": "no role"}]}])
+    with pytest.raises(DataError, match="record 0: a message without a role"):
+        prepare([path], tmp_path / "o", tokenizer="byte", sft=True, val_fraction=0.0,
+                progress=False)
+    with pytest.raises(DataError, match="neither 'auto', 'fastlm' nor a Jinja template file"):
+        prepare([path], tmp_path / "o", tokenizer="byte", sft=True, val_fraction=0.0,
+                progress=False, chat_template="chatml")
