@@ -38,6 +38,65 @@ FASTLM_TEMPLATE = (
 )
 
 
+# Record layouts accepted as fine-tuning data, each turned into a list of messages. The
+# columns that tell them apart, in the order they are tried.
+FORMATS = {
+    "messages": ("messages",),  # OpenAI / transformers chat: [{role, content}]
+    "sharegpt": ("conversations",),  # [{from: human|gpt|system, value}] (or role/content)
+    "prompt": ("prompt", "response"),
+    "alpaca": ("instruction", "output"),  # + optional input
+}
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant",
+                   "assistant": "assistant", "model": "assistant", "bot": "assistant",
+                   "chatgpt": "assistant", "system": "system"}
+
+
+def detect_format(columns: list[str], where: str) -> str:
+    for name, needs in FORMATS.items():
+        if all(c in columns for c in needs):
+            return name
+    raise DataError(f"{where}: fine-tuning records need one of: a 'messages' list of "
+                    f"{{role, content}}, a ShareGPT 'conversations' list of {{from, value}}, "
+                    f"'prompt' and 'response' fields, or Alpaca's 'instruction' (+ 'input') and "
+                    f"'output'; found columns {columns}")
+
+
+def to_messages(row: dict, where: str) -> list[dict]:
+    """``row`` as [{"role", "content"}] (content never None), in the first layout of
+    :data:`FORMATS` whose fields it fills (a file may mix them: null where unused)."""
+    fmt = next((name for name, needs in FORMATS.items()
+                if all(row.get(c) is not None for c in needs)), None)
+    if fmt is None:
+        raise DataError(f"{where}: a fine-tuning record with none of the layouts filled "
+                        f"(messages, conversations, prompt + response, instruction + output): "
+                        f"{str(row)[:200]}")
+    if fmt in ("prompt", "alpaca"):
+        ask, answer = FORMATS[fmt]
+        prompt = row[ask]
+        if fmt == "alpaca" and row.get("input"):
+            prompt = f"{prompt}\n\n{row['input']}"
+        return [{"role": "user", "content": str(prompt)},
+                {"role": "assistant", "content": str(row[answer])}]
+    turns = row.get(FORMATS[fmt][0])
+    if not isinstance(turns, list):
+        raise DataError(f"{where}: {FORMATS[fmt][0]!r} is not a list of messages: "
+                        f"{str(turns)[:200]}")
+    out = []
+    for m in turns:
+        if not isinstance(m, dict):
+            raise DataError(f"{where}: a message that is not an object: {str(m)[:200]}")
+        if fmt == "sharegpt" and m.get("from") is not None:
+            role = _SHAREGPT_ROLES.get(str(m["from"]).lower(), m["from"])
+            content = m.get("value")
+        else:
+            role, content = m.get("role"), m.get("content")
+        if not isinstance(role, str) or not role:
+            raise DataError(f"{where}: a message without a role ({str(m)[:200]}); each "
+                            f"message needs 'role' (user, assistant, system...) and 'content'")
+        out.append({"role": role, "content": "" if content is None else str(content)})
+    return out
+
+
 class ChatTemplate:
     """A Jinja chat template with the special-token strings it may use (``eos_token``...)."""
 

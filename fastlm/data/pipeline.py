@@ -29,7 +29,6 @@ from fastlm.data.bpe_native import encode_documents
 from fastlm.data.errors import DataError
 from fastlm.data.format import FORMAT, write_split
 
-SFT_FIELDS = ("prompt", "response")
 
 
 def prepare(inputs, out_dir, *, text_field: str = "text", tokenizer: str = "bpe",
@@ -123,7 +122,7 @@ def _build(inputs, tmp: Path, cfg: C.CleanConfig, settings: dict, files, num_pro
     ds, stats = readers.load(inputs, text_field=settings["text_field"],
                              doc_split=settings["doc_split"],
                              encoding_errors=settings["encoding_errors"],
-                             fields=SFT_FIELDS if sft else None)
+                             sft=sft)
     report = {"docs_in": len(ds), "chars_in": 0, "dropped": {}, "replaced_chars":
               stats.replaced_chars}
     clock.lap("read")
@@ -215,26 +214,14 @@ def _clean_documents(ds, cfg: C.CleanConfig, num_proc, report, progress):
 
 
 def _sft_records(ds, cfg: C.CleanConfig, chat, progress):
-    """Prompt/response pairs (or chat messages) -> records whose text is the conversation as
-    the chat template renders it and whose ``segments`` say which parts are trained on."""
+    """Conversations (the readers give every layout as messages) -> records whose text is the
+    conversation as the chat template renders it and whose ``segments`` say which parts are
+    trained on."""
     records = []
     for n, row in enumerate(_progress(ds, progress, "rendering conversations")):
-        if row.get("messages") is not None:
-            messages = [{"role": m.get("role"), "content": C.normalize(m.get("content") or "",
-                                                                        cfg)}
-                        for m in row["messages"]]
-        else:
-            if row.get("prompt") is None or row.get("response") is None:
-                raise DataError(f"a fine-tuning record has neither messages nor prompt and "
-                                f"response: {str(dict(row))[:200]}")
-            messages = [{"role": "user", "content": C.normalize(row["prompt"], cfg)},
-                        {"role": "assistant", "content": C.normalize(row["response"], cfg)}]
-        bad = [m["role"] for m in messages if not isinstance(m["role"], str) or not m["role"]]
-        if bad:
-            raise DataError(f"fine-tuning record {n}: a message without a role ({bad[0]!r}); "
-                            f"each message needs 'role' (user, assistant, system...) and "
-                            f"'content'")
-        segments = chat.segments(messages, f"fine-tuning record {n}")
+        messages = [{"role": m["role"], "content": C.normalize(m["content"], cfg)}
+                    for m in row["messages"]]
+        segments = chat.segments(messages, f"fine-tuning record {n} ({row['source']})")
         text = "".join(s for s, _ in segments)
         records.append({"text": text, "segments": segments, "chars_in": len(text), "sig": None,
                         "key": hashlib.blake2b(text.encode(), digest_size=16).hexdigest()})

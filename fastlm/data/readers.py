@@ -88,9 +88,9 @@ def _decode(path: Path, data: bytes, errors: str, stats: ReadStats) -> str:
 
 
 def load(inputs: list[str], *, text_field: str = "text", doc_split: str = "blank-lines",
-         encoding_errors: str = "replace", fields: tuple[str, ...] | None = None):
-    """(Dataset, ReadStats). ``fields``: columns to keep instead of just ``text_field``
-    (fine-tuning data: prompt/response or messages)."""
+         encoding_errors: str = "replace", sft: bool = False):
+    """(Dataset, ReadStats). ``sft``: fine-tuning records, read as one column of chat
+    messages whatever their layout (see :data:`fastlm.data.chat.FORMATS`)."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -108,9 +108,9 @@ def load(inputs: list[str], *, text_field: str = "text", doc_split: str = "blank
                                     f"(has {list(ds)})")
                 ds = ds["train"]
         elif path.suffix in TEXT_SUFFIXES:
-            if fields is not None:
-                raise DataError(f"{path}: fine-tuning data must be JSONL or parquet with "
-                                f"{' / '.join(fields)} fields, not plain text")
+            if sft:
+                raise DataError(f"{path}: fine-tuning data must be JSONL, JSON or parquet "
+                                f"records of conversations, not plain text")
             text = _decode(path, path.read_bytes(), encoding_errors, stats)
             docs = split_text(text, doc_split)
             ds = datasets.Dataset.from_dict({"text": docs})
@@ -123,7 +123,7 @@ def load(inputs: list[str], *, text_field: str = "text", doc_split: str = "blank
             except Exception as exc:
                 raise DataError(f"{path}: cannot read as {kind} ({_why(path, kind, exc)})") \
                     from exc
-        parts.append(_select(ds, path, text_field, fields))
+        parts.append(_select(ds, path, text_field, sft))
     ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     return ds, stats
 
@@ -152,19 +152,18 @@ def _why(path: Path, kind: str, exc: Exception) -> str:
     return f"{type(root).__name__}: {str(root)[:300]}"
 
 
-def _select(ds, path: Path, text_field: str, fields):
-    if fields is not None:
-        ok = ("messages" in ds.column_names) or all(f in ds.column_names for f in fields)
-        if not ok:
-            raise DataError(f"{path}: fine-tuning records need {' and '.join(fields)} fields "
-                            f"or a 'messages' list; found columns {ds.column_names}")
-        keep = [c for c in ("messages", *fields) if c in ds.column_names]
+def _select(ds, path: Path, text_field: str, sft: bool):
+    if sft:  # every layout of conversation becomes one column of messages
+        from fastlm.data.chat import detect_format, to_messages
+
+        detect_format(ds.column_names, str(path))
+        ds = ds.map(lambda row, i: {"messages": to_messages(row, f"{path}: record {i}")},
+                    with_indices=True, remove_columns=ds.column_names)
     else:
         if text_field not in ds.column_names:
             raise DataError(f"{path}: no field {text_field!r}; available fields: "
                             f"{ds.column_names} (choose one with --text-field)")
-        keep = [text_field]
-    ds = ds.select_columns(keep)
-    if fields is None and text_field != "text":
-        ds = ds.rename_column(text_field, "text")
+        ds = ds.select_columns([text_field])
+        if text_field != "text":
+            ds = ds.rename_column(text_field, "text")
     return ds.add_column("source", [str(path)] * len(ds))

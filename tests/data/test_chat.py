@@ -109,10 +109,10 @@ def test_a_template_file_and_its_edits(tmp_path):
      "{{ '<a>' + m['content'][:2] + '\\n' }}{% else %}{{ '<' + m['role'][0] + '>' + "
      "m['content'] + '\\n' }}{% endif %}{% endfor %}"
      "{% if add_generation_prompt %}{{ '<a>' }}{% endif %}",
-     r"fine-tuning record 0: .* rewrites earlier turns.*--chat-template fastlm"),
+     r"fine-tuning record 0 .* rewrites earlier turns.*--chat-template fastlm"),
     ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}"
      "{% endif %}",
-     r"fine-tuning record 0: the chat template .* failed: .*no system role"),
+     r"fine-tuning record 0 .*: the chat template .* failed: .*no system role"),
 ])
 def test_a_template_that_hides_the_responses_is_an_error(tmp_path, template, message):
     path = write_jsonl(tmp_path / "c.jsonl", [{"messages": CHAT}])
@@ -131,3 +131,41 @@ def test_bad_records_and_choices(tmp_path):
     with pytest.raises(DataError, match="neither 'auto', 'fastlm' nor a Jinja template file"):
         prepare([path], tmp_path / "o", tokenizer="byte", sft=True, val_fraction=0.0,
                 progress=False, chat_template="chatml")
+
+
+def test_sharegpt_alpaca_and_messages_files_together(tmp_path):
+    """The common layouts of fine-tuning sets, one file each, read as the same conversations."""
+    write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT[1:3], "id": 1}])
+    write_jsonl(tmp_path / "sharegpt.jsonl", [{"conversations": [
+        {"from": "system", "value": "Be brief."}, {"from": "human", "value": "Yo?"},
+        {"from": "gpt", "value": "Hey."}]}])
+    write_jsonl(tmp_path / "alpaca.jsonl", [
+        {"instruction": "Add.", "input": "2+2", "output": "4"},
+        {"instruction": "Greet.", "input": "", "output": "Hi!"}])
+    out = prepare([tmp_path / "chat.jsonl", tmp_path / "sharegpt.jsonl",
+                   tmp_path / "alpaca.jsonl"], tmp_path / "o", tokenizer="byte", sft=True,
+                  val_fraction=0.0, split="tail", progress=False)
+    tok = load_tokenizer(out)
+    eos = tok.eos_token
+    texts = sorted(tok.decode(t) for t, _ in documents(out))
+    assert texts == sorted([
+        f"<|user|>\nHi?\n<|assistant|>\nHello.{eos}",
+        f"<|system|>\nBe brief.\n<|user|>\nYo?\n<|assistant|>\nHey.{eos}",
+        f"<|user|>\nAdd.\n\n2+2\n<|assistant|>\n4{eos}",
+        f"<|user|>\nGreet.\n<|assistant|>\nHi!{eos}"])
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"text": "plain"}], r"need one of: a 'messages' list .*found columns \['text'\]"),
+    ([{"prompt": "a", "response": "b"}, {"prompt": "c", "response": None}],
+     r"record 1: a fine-tuning record with none of the layouts filled"),
+    ([{"conversations": [{"from": "human"}, {"value": "x"}]}],
+     r"record 0: a message without a role"),
+    ([{"messages": "hello"}], r"record 0: 'messages' is not a list"),
+])
+def test_records_in_no_known_layout(tmp_path, rows, message):
+    path = write_jsonl(tmp_path / "c.jsonl", rows)
+    with pytest.raises(DataError, match=message):
+        prepare([path], tmp_path / "o", tokenizer="byte", sft=True, val_fraction=0.0,
+                progress=False)
+    assert not (tmp_path / "o").exists()
