@@ -106,6 +106,9 @@ class SampleConfig:
     temperature: float = 0.8
     top_k: int | None = 50
     top_p: float | None = None
+    # the prompt as a user's message in the data's chat template; default: for fine-tuning
+    # (--sft) data whose tokenizer has one
+    chat: bool | None = None
 
 
 @dataclass

@@ -9,6 +9,7 @@ loader's position is the step; same dropout: every rank's RNG state is saved).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -493,7 +494,14 @@ def _sample(cfg: RunConfig, model, data_dir: Path, dev) -> str:
     from fastlm.train.generate import load_tokenizer, sample
 
     tok = load_tokenizer(data_dir)
+    chat = cfg.sample.chat
+    if chat is None:  # a model fine-tuned on conversations is asked in their layout
+        sft = json.loads((data_dir / "meta.json").read_text()).get("sft", False)
+        chat = bool(sft) and isinstance(tok.chat_template, str)
     text = sample(model, tok, cfg.sample.prompt, max_new_tokens=cfg.sample.tokens,
                   temperature=cfg.sample.temperature, top_k=cfg.sample.top_k,
-                  top_p=cfg.sample.top_p, device=dev)
+                  top_p=cfg.sample.top_p, device=dev, chat=chat)
+    if chat:
+        return f"--- sample (chat) ---\nuser: {cfg.sample.prompt}\nassistant: {text}\n" \
+               f"--------------"
     return f"--- sample ---\n{text}\n--------------"

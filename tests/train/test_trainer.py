@@ -402,9 +402,10 @@ def test_chat_fine_tuning_then_generate_chat(tmp_path, capsys):
                    tokenizer=str(tmp_path / "instruct"), sft=True, val_fraction=0.05, split="tail",
                    dedup=False, progress=False)
     cfg = config(tmp_path, data, "train.micro_batch_size=8", "train.max_steps=150",
-                 "optim.lr=3e-3", "eval.every=0", "data.boundaries=true", "export=true")
-    run(cfg)
-    capsys.readouterr()
+                 "optim.lr=3e-3", "eval.every=0", "data.boundaries=true", "export=true",
+                 "sample.tokens=20", "sample.prompt=Hi?", "sample.temperature=0")
+    run(cfg)  # its sample at the end is a chat reply too (data prepared with --sft)
+    assert "--- sample (chat) ---\nuser: Hi?\nassistant: Hey.\n---" in capsys.readouterr().out
     from transformers import AutoTokenizer  # the export chats in the same layout
 
     assert AutoTokenizer.from_pretrained(tmp_path / "run" / "hf").chat_template == \
