@@ -25,7 +25,7 @@ class ExportError(Exception):
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
     """(model, run config dict) from a run directory / checkpoint directory / tag directory."""
     from fastlm.train.config import ModelConfig
-    from fastlm.train.model import hf_config, lm_class
+    from fastlm.train.model import hf_config, lm_class, pad_generation_with
 
     try:
         ckpt_dir, tag = ckpt.resolve(path)
@@ -37,6 +37,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
     conf = hf_config(mcfg, state["vocab_size"], run["data"]["block_size"], state["eos_id"])
     # transformers' default attention (SDPA where the model has it: Gemma 2 refuses it)
     model = lm_class(conf).from_config(conf, dtype=torch.float32)
+    if not mcfg.pretrained:
+        pad_generation_with(model, state["eos_id"])
     weights = _consolidated_state_dict(ckpt_dir, tag, model, run)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     # Tied heads are stored once; anything else missing means a mismatched checkpoint.

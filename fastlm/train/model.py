@@ -71,8 +71,14 @@ def hf_config(cfg: ModelConfig, vocab_size: int | None, block_size: int | None,
     _text_only(model_type, cfg)
     if vocab_size is not None:
         keys["vocab_size"] = vocab_size
-    if eos_id is not None:  # the data's EOS is the model's BOS/EOS/PAD (GPT-2 convention)
-        keys.update(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
+    if eos_id is not None:  # the data's EOS is the model's BOS and EOS (GPT-2 convention)
+        keys.update(bos_token_id=eos_id, eos_token_id=eos_id)
+        # ... and its PAD only where the config has one: Llama's embedding takes
+        # pad_token_id as its padding_idx, whose row starts at zero and gets no gradient, so
+        # with PAD = EOS an untied model never learned its EOS input embedding. A type with
+        # a default PAD (OPT's 1) would freeze that real token instead: EOS there.
+        if _default_pad(model_type) is not None:
+            keys.setdefault("pad_token_id", eos_id)
     try:
         conf = AutoConfig.for_model(model_type, **keys)
     except ValueError as exc:  # an unknown model_type names the known ones
@@ -82,6 +88,15 @@ def hf_config(cfg: ModelConfig, vocab_size: int | None, block_size: int | None,
     if block_size is not None and getattr(conf, ctx_key, block_size) < block_size:
         setattr(conf, ctx_key, block_size)
     return conf
+
+
+def _default_pad(model_type: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.for_model(model_type).pad_token_id
+    except Exception:  # noqa: BLE001 - unknown types are reported by the caller
+        return None
 
 
 def _text_only(model_type: str, cfg: ModelConfig) -> None:
@@ -174,9 +189,19 @@ def build_model(cfg: ModelConfig, vocab_size: int | None, block_size: int | None
     if cfg.pretrained and vocab_size is not None \
             and model.get_input_embeddings().num_embeddings < vocab_size:
         model.resize_token_embeddings(vocab_size)
+    if not cfg.pretrained:
+        pad_generation_with(model, eos_id)
     if cfg.patch:
         _apply_patch(model)
     return model
+
+
+def pad_generation_with(model, eos_id: int | None) -> None:
+    """Batched generation pads with EOS (the config's PAD stays unset, see hf_config); saved
+    with the export's generation_config.json."""
+    gen = getattr(model, "generation_config", None)
+    if eos_id is not None and gen is not None and gen.pad_token_id is None:
+        gen.pad_token_id = eos_id
 
 
 def _attn_choices(conf, impl: str) -> list:

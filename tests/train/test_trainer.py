@@ -602,6 +602,37 @@ def test_pretrained_directory_without_a_causal_head_is_refused(tmp_path, tiny_da
     assert not (tmp_path / "run").exists()
 
 
+def test_untied_llama_preset_learns_its_eos_input_embedding(tmp_path, tiny_data):
+    """Presets set the data's EOS as PAD too; Llama's embedding takes PAD as padding_idx (a row
+    zeroed at init and never given a gradient), so an untied Llama (llama-760m, llama-1.4b)
+    never learned the input embedding of EOS, the token that starts every document. PAD stays
+    unset where the config has none (batched generation pads with EOS, also in the export);
+    OPT, whose config has a PAD of 1 (a real byte here), keeps EOS as PAD."""
+    from transformers import AutoModelForCausalLM
+
+    from fastlm.train.config import ModelConfig
+    from fastlm.train.model import build_model, hf_config
+
+    eos = json.loads((tiny_data / "meta.json").read_text())["eos_id"]
+    untied = "model.overrides={tie_word_embeddings: false}"
+    state = run(config(tmp_path, tiny_data, "model.preset=tiny-llama", untied,
+                       "train.max_steps=2", "eval.every=2", "export=true"))
+    assert all(math.isfinite(x) for x in losses(state))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "hf")
+    assert hf.config.pad_token_id is None and hf.generation_config.pad_token_id == eos
+    assert hf.get_input_embeddings().weight[eos].abs().max() > 0
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(preset="tiny-llama", overrides={"tie_word_embeddings": False}),
+                        300, 32, eos_id=eos)
+    ids = torch.full((1, 8), eos)
+    model(ids, labels=ids).loss.backward()
+    assert model.get_input_embeddings().weight.grad[eos].abs().max() > 0
+    (tmp_path / "opt.yaml").write_text("model_type: opt\nhidden_size: 32\nffn_dim: 64\n"
+                                       "num_hidden_layers: 1\nnum_attention_heads: 2\n")
+    assert hf_config(ModelConfig(preset=str(tmp_path / "opt.yaml")), 300, 32, eos) \
+        .pad_token_id == eos
+
+
 def test_composite_config_offers_fastlm_attention_to_its_language_model():
     from transformers import Gemma3Config
 
