@@ -87,7 +87,32 @@ def hf_config(cfg: ModelConfig, vocab_size: int | None, block_size: int | None,
     ctx_key = "n_positions" if hasattr(conf, "n_positions") else "max_position_embeddings"
     if block_size is not None and getattr(conf, ctx_key, block_size) < block_size:
         setattr(conf, ctx_key, block_size)
+    if block_size is not None and hasattr(conf, "max_position_embeddings"):
+        _positions_after_pad(conf, block_size)
     return conf
+
+
+def _positions_after_pad(conf, block_size: int) -> None:
+    """RoBERTa's family and XGLM number positions from the PAD id on (PAD + 1, PAD + 2, ...),
+    so their table needs PAD + block + 1 rows; with the data's EOS as PAD (256 for bytes) a
+    preset's table was too short (an assertion at build, an IndexError in XGLM's forward).
+    Found on a meta-device build with room enough: a position table whose padding_idx is
+    PAD. The table grows as the trainer grows any preset's context to the block."""
+    pad = getattr(conf, "pad_token_id", None)
+    if not isinstance(pad, int) or conf.max_position_embeddings >= pad + block_size + 1:
+        return
+    probe = copy.deepcopy(conf)
+    probe.max_position_embeddings = pad + block_size + 1
+    try:
+        with torch.device("meta"):
+            model = lm_class(probe).from_config(probe)
+    except Exception:  # noqa: BLE001 - not buildable so: the real build reports it
+        return
+    if any("position" in name and getattr(m, "padding_idx", None) == pad
+           for name, m in model.named_modules()):
+        logger.info("%s numbers positions from its PAD id %d: max_position_embeddings %d -> %d",
+                    conf.model_type, pad, conf.max_position_embeddings, pad + block_size + 1)
+        conf.max_position_embeddings = pad + block_size + 1
 
 
 def _default_pad(model_type: str):

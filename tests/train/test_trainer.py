@@ -633,6 +633,26 @@ def test_untied_llama_preset_learns_its_eos_input_embedding(tmp_path, tiny_data)
         .pad_token_id == eos
 
 
+@pytest.mark.parametrize("preset", [
+    "model_type: xglm\nd_model: 32\nffn_dim: 64\nnum_layers: 1\nattention_heads: 2\n",
+    "model_type: roberta\nhidden_size: 32\nintermediate_size: 64\nnum_hidden_layers: 1\n"
+    "num_attention_heads: 2\nis_decoder: true\n",
+])
+def test_models_numbering_positions_from_pad_train_from_a_preset(tmp_path, tiny_data, preset):
+    """XGLM and RoBERTa's family count positions from the PAD id on; with the data's EOS (256)
+    as PAD their position table was too short (RoBERTa: an assertion at build; XGLM: an
+    IndexError in the first forward). The table grows to PAD + block + 1, and training runs
+    on fastlm's kernels to eager's losses."""
+    (tmp_path / "p.yaml").write_text(preset + "max_position_embeddings: 64\n")
+    args = (f"model.preset={tmp_path / 'p.yaml'}", "model.overrides={}", "train.max_steps=2",
+            "eval.every=2")
+    fast = run(config(tmp_path / "f", tiny_data, *args))
+    eager = run(config(tmp_path / "e", tiny_data, *args, "model.attn_implementation=eager",
+                       "model.patch=false"))
+    for a, b in zip(losses(fast), losses(eager)):
+        assert abs(a - b) <= 1e-5 * abs(b), (losses(fast), losses(eager))
+
+
 def test_composite_config_offers_fastlm_attention_to_its_language_model():
     from transformers import Gemma3Config
 
