@@ -111,6 +111,7 @@ def _one(kind: str, task: str, work: Path, data: Path, sets: list[str], tol: flo
             why = f"{impl}: {type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}"
             return ("n/a" if impl == "eager" else "FAIL"), why
         curves[impl] = [loss for _, loss in state.history]
+        print(f"{kind} {impl} done", file=sys.stderr, flush=True)  # the parent reads it if killed
     want, got = curves["eager"], curves["fastlm"]
     rel = max(abs(a - b) / abs(a) for a, b in zip(want, got))
     ok = len(want) == len(got) == STEPS and rel <= tol
@@ -129,8 +130,19 @@ def _worker(args) -> int:
                                args.tol)
         rows.append([kind, outcome, detail])
         print(f"{kind:28s} {outcome:8s} {time.time() - t0:5.1f}s", file=sys.stderr, flush=True)
-    Path(args.json).write_text(json.dumps(rows))
+        Path(args.json).write_text(json.dumps(rows))  # a later type's kill keeps these
     return 0
+
+
+def _killed_row(kind: str, proc) -> list:
+    """The row of the type a worker died in: n/a when its eager run died too (sizes this
+    machine cannot hold say nothing about fastlm), else a FAIL."""
+    why = f"worker exited {proc.returncode}" + (" (killed: out of memory?)"
+                                                if proc.returncode == -9 else "")
+    if f"{kind} eager done" not in proc.stderr.splitlines():
+        return [kind, "n/a", f"eager: {why}"]
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:120]
+    return [kind, "FAIL", f"fastlm: {why}: {tail}"]
 
 
 def _prepare(text: str, work: Path) -> Path:
@@ -168,20 +180,20 @@ def main() -> int:
         work = Path(tmp)
         data = _prepare(args.text, work)
         bar = tqdm(total=len(kinds), desc="model types")
-        for i in range(0, len(kinds), args.chunk):
-            chunk = kinds[i:i + args.chunk]
-            out = work / "rows.json"
+        todo = list(kinds)
+        while todo:
+            chunk, out = todo[:args.chunk], work / "rows.json"
             cmd = [sys.executable, __file__, "--worker", "--task", args.task, "--types",
                    ",".join(chunk), "--work", str(work), "--data", str(data), "--json",
                    str(out), "--tol", str(args.tol)] + [f"--set={s}" for s in args.set]
             proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0 or not out.exists():
-                why = (proc.stderr.strip().splitlines() or ["no output"])[-1][:120]
-                rows += [[k, "FAIL", f"worker exited {proc.returncode}: {why}"] for k in chunk]
-            else:
-                rows += json.loads(out.read_text())
-                out.unlink()
-            bar.update(len(chunk))
+            done = json.loads(out.read_text()) if out.exists() else []
+            out.unlink(missing_ok=True)
+            if len(done) < len(chunk):  # died in the type after the last row: the rest rerun
+                done.append(_killed_row(chunk[len(done)], proc))
+            rows += done
+            todo = todo[len(done):]
+            bar.update(len(done))
         bar.close()
     import sweep_model_types as s
 

@@ -211,9 +211,38 @@ def _packed(fn):
     return (_cells(remap).get("mask_function"), ids) if isinstance(ids, torch.Tensor) else None
 
 
-def _packed_mask(packed, q_length, kv_length, q_offset, kv_offset, attention_mask, dense_args):
-    inner, ids = packed
-    window = _recognise(inner)
+def _read(fn) -> tuple[torch.Tensor | None, tuple[int, int] | None]:
+    """(segment ids if ``fn`` is the packed-sequence form else None, the window of ``fn``, or
+    of its inner function when packed; None if not recognised)."""
+    packed = _packed(fn)
+    if packed is not None:
+        return packed[1], _recognise(packed[0])
+    return None, _recognise(fn)
+
+
+# Dynamo cannot read a closure's cells (a window size, packed sequence ids): traced, reading
+# them raised and the whole forward fell back to eager. Run for real instead, with a graph break
+# before the layers; the window comes back as an int (guarded on), the ids as a tensor.
+_read_outside_graph = torch.compiler.disable(_read, reason="reads closure cells")
+
+
+def _graph_may_break() -> bool:
+    """False when the trace must stay one graph (``fullgraph=True``, error_on_graph_break)."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+        return not (tx.one_graph or getattr(tx, "error_on_graph_break", False))
+    except Exception:  # noqa: BLE001 - a private API: if it moved, never break the graph
+        return False
+
+
+# runs for real while the graph is traced (its result taken as a constant)
+_graph_may_break_traced = torch._dynamo.assume_constant_result(_graph_may_break)
+
+
+def _packed_mask(ids, window, q_length, kv_length, q_offset, kv_offset, attention_mask,
+                 dense_args):
     offsets = (_as_int(q_offset), _as_int(kv_offset))
     if (window is None or attention_mask is not None or offsets != (0, 0)
             or q_length != kv_length or tuple(ids.shape[1:]) != (q_length,)):
@@ -298,17 +327,18 @@ def fastlm_mask(
         local_size=local_size, use_vmap=use_vmap, device=device,
     )
     code = getattr(mask_function, "__code__", None)
+    read = _read
     if torch.compiler.is_compiling() and code is not None and code.co_freevars:
-        # Dynamo cannot read a closure's cells (a window size, packed sequence ids), and a
-        # compiled training forward always has one: transformers cannot check position ids for
-        # packing while tracing, so it adds the packed form. Reading the cells raised, and the
-        # whole forward fell back to eager; the dense mask traces (the sdpa fallback runs).
-        return _dense_mask(dense_args)
-    packed = _packed(mask_function)
-    if packed is not None:
-        return _packed_mask(packed, q_length, kv_length, q_offset, kv_offset, attention_mask,
-                            dense_args)
-    window = _recognise(mask_function)
+        # A closure (sliding windows; packed sequences, which a traced forward always adds: it
+        # cannot check the position ids while tracing) is read outside the graph. Where the
+        # graph may not break, the dense mask traces and the sdpa fallback runs (announced).
+        if not _graph_may_break_traced():
+            return _dense_mask(dense_args)
+        read = _read_outside_graph
+    ids, window = read(mask_function)
+    if ids is not None:
+        return _packed_mask(ids, window, q_length, kv_length, q_offset, kv_offset,
+                            attention_mask, dense_args)
     if window is None:  # chunked or blockwise attention, custom overlays
         return _dense_mask(dense_args)
     left, right = window

@@ -110,6 +110,33 @@ def test_compiled_training_forward(with_mask, warnings_seen, kernel_calls):
         assert not kernel_calls
 
 
+@pytest.mark.parametrize("kind, packed", [("llama", True), ("mistral", False),
+                                          ("mistral", True), ("gemma2", True)])
+def test_compiled_training_reads_closure_masks_outside_the_graph(kind, packed, warnings_seen,
+                                                                 kernel_calls):
+    """torch.compile (graphs may break, the default) of a training forward + backward whose
+    mask transformers builds from closures dynamo cannot read (sliding windows; packed
+    sequences): the closures are read outside the graph and the kernel runs with the windows
+    and sequence ids, where every such call fell back to sdpa. Same logits and gradients as
+    eager. With fullgraph=True the dense fallback stays (the test above)."""
+    m = model(kind).train()
+    ids = torch.randint(1, 128, POSITIONS.shape)
+    inputs = dict(input_ids=ids, position_ids=POSITIONS) if packed else dict(input_ids=ids)
+    eager = _step(m, "eager", **inputs)
+    m.set_attn_implementation("fastlm")
+    torch._dynamo.reset()
+    compiled = torch.compile(m, backend="aot_eager")
+    m.zero_grad()
+    logits = compiled(**inputs, use_cache=False).logits
+    logits.square().mean().backward()
+    _assert_same((logits.detach(), [p.grad for p in m.parameters()]), eager)
+    assert warnings_seen == set() and kernel_calls
+    if packed:
+        assert all(c["segment_ids"] is not None for c in kernel_calls)
+    if kind != "llama":
+        assert any(c["window"] not in (None, (-1, 0)) for c in kernel_calls)
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "gemma2", "mistral"])
 def test_static_cache_generation_matches_eager(kind, warnings_seen, kernel_calls):
     """generate() with a static cache builds each step's mask up front and passes it back in

@@ -758,12 +758,16 @@ def test_document_boundaries_train_in_the_packed_kernel(tmp_path, tiny_data, mon
         assert abs(x - y) <= 1e-5 * abs(y), (losses(fused), losses(eager))
 
 
-def test_compiled_training_runs_the_kernels_and_exports(tmp_path, tiny_data, monkeypatch):
+@pytest.mark.parametrize("boundaries", [False, True], ids=["blocks", "documents"])
+def test_compiled_training_runs_the_kernels_and_exports(tmp_path, tiny_data, monkeypatch,
+                                                        boundaries):
     """train.compile: the model is compiled in place, so its checkpoint keys are its own (a
     torch.compile wrapper put them under "_orig_mod." and the export failed), and the blocks
     go in with an all-ones mask, so the traced forward's mask is plain causal and fastlm's
-    attention kernel runs (without one it fell back to SDPA). Compiled with aot_eager here
-    (inductor's C++ builds would take minutes); the losses equal the eager run's."""
+    attention kernel runs (without one it fell back to SDPA). With document boundaries the
+    packed-sequence mask is read outside the graph and the kernel gets the documents (it fell
+    back to SDPA). Compiled with aot_eager here (inductor's C++ builds would take minutes);
+    the losses equal the eager run's."""
     from transformers import AutoModelForCausalLM
 
     from fastlm.integrations import _hf_attention
@@ -775,10 +779,13 @@ def test_compiled_training_runs_the_kernels_and_exports(tmp_path, tiny_data, mon
     monkeypatch.setattr(_hf_attention, "_warned", warned)
     attention = _hf_attention.attention
     monkeypatch.setattr(_hf_attention, "attention",
-                        lambda *a, **k: calls.append(1) or attention(*a, **k))
-    args = ("train.max_steps=3", "eval.every=3", "export=true")
+                        lambda *a, **k: calls.append(k) or attention(*a, **k))
+    args = ("train.max_steps=3", "eval.every=3", "export=true",
+            f"data.boundaries={str(boundaries).lower()}")
     compiled = run(config(tmp_path / "c", tiny_data, *args, "train.compile=true"))
     assert not warned and calls
+    if boundaries:
+        assert any(k["segment_ids"] is not None for k in calls)
     plain = run(config(tmp_path / "p", tiny_data, *args))
     for a, b in zip(losses(compiled), losses(plain)):
         assert abs(a - b) <= 1e-5 * abs(b), (losses(compiled), losses(plain))
