@@ -30,7 +30,6 @@ from fastlm.data.errors import DataError
 from fastlm.data.format import FORMAT, write_split
 
 
-
 def prepare(inputs, out_dir, *, text_field: str = "text", tokenizer: str = "bpe",
             vocab_size: int = 8192, val_fraction: float = 0.01, clean: C.CleanConfig | None = None,
             doc_split: str = "blank-lines", encoding_errors: str = "replace", sft: bool = False,
