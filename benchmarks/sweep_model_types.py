@@ -134,7 +134,55 @@ def _config(kind: str, task: str = "causal"):
         return _shrink(base)
     keys = {k: v for k, v in SIZES.items() if hasattr(base, k)}
     keys.update({k: 0.0 for k, v in base.to_dict().items() if isinstance(v, float) and _random(k)})
+    keys.update(_latent_sizes(base, keys))
+    keys.update(_hybrid_layers(base, keys))
     return AutoConfig.for_model(kind, **keys)
+
+
+def _latent_sizes(base, keys: dict) -> dict:
+    """Multi-head latent attention (DeepSeek-V2/V3, MiniCPM3, Kimi): its own head sizes, values
+    narrower than queries and keys as in DeepSeek-V3 (head_dim there is the rotary part: the
+    common 16 broke the rotary shapes, and eager failed)."""
+    if not hasattr(base, "qk_rope_head_dim"):
+        return {}
+    keys.pop("head_dim", None)
+    out = dict(qk_rope_head_dim=8, qk_nope_head_dim=8, kv_lora_rank=16,
+               num_key_value_heads=keys.get("num_attention_heads", 4))
+    for k, v in dict(head_dim=8, qk_head_dim=16).items():  # the rotary part; nope + rope
+        if hasattr(base, k):
+            out[k] = v
+    if hasattr(base, "v_head_dim"):
+        out["v_head_dim"] = 8
+    if getattr(base, "q_lora_rank", None) is not None:
+        out["q_lora_rank"] = 32
+    for k, v in dict(n_routed_experts=4, n_group=1, topk_group=1).items():
+        if hasattr(base, k):
+            out[k] = v
+    return out
+
+
+_ATTENTION_LAYERS = ("full_attention", "attention", "sliding_attention", "indexed_attention")
+
+
+def _hybrid_layers(base, keys: dict) -> dict:
+    """Hybrid models (Qwen3-Next and 3.5, Jamba, Bamba, Granite 4, RecurrentGemma) at two
+    layers: the first layers of their pattern are all linear or recurrent, and the model had
+    no attention layer at all (generation then failed in eager). The second layer attends."""
+    n = keys.get("num_hidden_layers")
+    if n is None:
+        return {}
+    if hasattr(base, "attn_layer_period"):  # Jamba
+        return dict(attn_layer_period=n, attn_layer_offset=n - 1)
+    if hasattr(base, "attn_layer_indices"):  # Bamba
+        return dict(attn_layer_indices=[n - 1])
+    if isinstance(getattr(base, "block_types", None), list):  # RecurrentGemma
+        attend = [t for t in base.block_types if t in _ATTENTION_LAYERS]
+        return dict(block_types=[base.block_types[0]] * (n - 1) + attend[:1]) if attend else {}
+    types = getattr(base, "layer_types", None)
+    if not isinstance(types, list) or any(t in _ATTENTION_LAYERS for t in types[:n]):
+        return {}
+    attend = [t for t in types if t in _ATTENTION_LAYERS]
+    return dict(layer_types=types[:n - 1] + attend[:1]) if attend else {}
 
 
 def _random(key: str) -> bool:
@@ -252,11 +300,14 @@ def check(kind: str, task: str = "causal", dtype: str = "fp32",
         for module in ref.modules():  # dropouts with a constant rate in the code (heads)
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
+        # copies are taken before any forward: RecurrentGemma keeps its states on its modules,
+        # tensors of the autograd graph that cannot be deep-copied
+        pristine = copy.deepcopy(ref)
         stage = "eager"
         inputs = [_inputs(task, seed) for seed in range(1, draws + 1)]
         wants = [_run(ref, task, *x) for x in inputs]
         if dtype in HALF:
-            half = copy.deepcopy(ref).to(HALF[dtype][0])
+            half = copy.deepcopy(pristine).to(HALF[dtype][0])
             torch_runs = [[_run(half, task, *x)] for x in inputs]
             bad = _nonfinite(r[0] for r in torch_runs)
             if bad:  # the model overflows in this dtype by itself: nothing to judge fastlm by
@@ -274,7 +325,7 @@ def check(kind: str, task: str = "causal", dtype: str = "fp32",
         return "n/a", f"{stage}: {type(exc).__name__}: {str(exc).splitlines()[0][:90]}"
     stage = "fastlm"
     try:
-        fast = copy.deepcopy(ref)
+        fast = pristine
         if dtype in HALF:
             fast = fast.to(HALF[dtype][0])
         fast.set_attn_implementation("fastlm")

@@ -19,6 +19,7 @@ import logging
 import sys
 
 import torch
+import torch.nn.functional as F
 from transformers import masking_utils as mu
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import AttentionInterface
@@ -95,8 +96,6 @@ def _fallback_reason(module, query, key, value, mask, dropout, kwargs) -> str | 
         return "a custom or dense attention mask (4D mask, chunked/blockwise, custom overlays)"
     if mask is not None and not isinstance(mask, FastlmMask):
         return f"an attention mask of type {type(mask).__name__}"
-    if key.shape[-1] != value.shape[-1]:
-        return "value head dim different from the query/key head dim"
     if isinstance(mask, FastlmMask):
         if key.shape[2] != mask.kv_length:
             return "keys not covered by the mask (cache length mismatch)"
@@ -140,12 +139,29 @@ def attention_forward(
     else:  # the model built no mask: no padding; causality is the module's
         causal, window, padding = _module_causal(module, kwargs), None, None
         segments = None
+    dv = value.shape[-1]
+    query, key, value, scaling = _same_head_dims(query, key, value, scaling)
     out = attention(
         query, key, value, causal=causal, scale=scaling, key_padding_mask=padding,
         window=window, softcap=float(softcap or 0.0), segment_ids=segments,
         sinks=_sinks(kwargs),
     )  # (B, Hq, Sq, D)
-    return out.transpose(1, 2), None
+    return out[..., :dv].transpose(1, 2), None
+
+
+def _same_head_dims(query, key, value, scaling):
+    """Multi-head latent attention (DeepSeek-V2/V3, MiniCPM3, Kimi-Linear, GLM-4.7-Flash) has
+    values narrower than queries and keys (128 against 192 in DeepSeek-V3); the kernels take
+    one head dim, and these calls fell back to sdpa. Zeros pad the narrower side: padded value
+    columns give output columns of zeros (sliced off by the caller), padded query/key columns
+    add nothing to the scores, whose scale stays the one of the real query dim."""
+    dqk, dv = query.shape[-1], value.shape[-1]
+    if dqk == dv:
+        return query, key, value, scaling
+    scaling = dqk ** -0.5 if scaling is None else scaling
+    if dv < dqk:
+        return query, key, F.pad(value, (0, dqk - dv)), scaling
+    return F.pad(query, (0, dv - dqk)), F.pad(key, (0, dv - dqk)), value, scaling
 
 
 # -- fallbacks ------------------------------------------------------------------------------------

@@ -137,6 +137,37 @@ def test_compiled_training_reads_closure_masks_outside_the_graph(kind, packed, w
         assert any(c["window"] not in (None, (-1, 0)) for c in kernel_calls)
 
 
+MLA = {  # multi-head latent attention: value heads narrower, then wider than query/key heads
+    "deepseek_v3": dict(SMALL, num_key_value_heads=4, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                        v_head_dim=8, kv_lora_rank=16, q_lora_rank=32, n_routed_experts=4,
+                        num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
+                        n_group=1, topk_group=1),
+    "minicpm3": dict(SMALL, num_key_value_heads=4, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                     v_head_dim=32, kv_lora_rank=16, q_lora_rank=32),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(MLA))
+def test_latent_attention_with_other_value_head_dims_runs_in_the_kernel(kind, warnings_seen,
+                                                                        kernel_calls):
+    """DeepSeek-V3's values are narrower than its queries and keys (MiniCPM3's wider): these
+    calls fell back to sdpa. Zero-padded to one head dim they run in the kernel: logits,
+    gradients and cached greedy generation equal eager's, packed sequences included."""
+    conf = AutoConfig.for_model(kind, vocab_size=128, **MLA[kind])
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(conf, attn_implementation="eager").train()
+    ids = torch.randint(1, 128, POSITIONS.shape)
+    for inputs in (dict(input_ids=ids), dict(input_ids=ids, position_ids=POSITIONS)):
+        _assert_same(_step(m, "fastlm", **inputs), _step(m, "eager", **inputs))
+    m.eval()
+    runs = {}
+    for impl in ("eager", "fastlm"):
+        m.set_attn_implementation(impl)
+        runs[impl] = m.generate(ids[:, :5], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(runs["eager"], runs["fastlm"])
+    assert warnings_seen == set() and kernel_calls
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "gemma2", "mistral"])
 def test_static_cache_generation_matches_eager(kind, warnings_seen, kernel_calls):
     """generate() with a static cache builds each step's mask up front and passes it back in
