@@ -57,6 +57,8 @@ def _preset(kind: str, work: Path) -> str:
     skip = {"vocab_size", "pad_token_id", "bos_token_id", "eos_token_id",
             "decoder_start_token_id"}
     keys = {k: v for k, v in s.SIZES.items() if hasattr(base, k) and k not in skip}
+    keys.update(s._latent_sizes(base, keys))  # MLA's head sizes, hybrids' attention layer
+    keys.update(s._hybrid_layers(base, keys))
     path = work / "presets" / f"{kind}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump({"model_type": kind, **keys}))
