@@ -223,7 +223,7 @@ def _read(fn) -> tuple[torch.Tensor | None, tuple[int, int] | None]:
 # Dynamo cannot read a closure's cells (a window size, packed sequence ids): traced, reading
 # them raised and the whole forward fell back to eager. Run for real instead, with a graph break
 # before the layers; the window comes back as an int (guarded on), the ids as a tensor.
-_read_outside_graph = torch.compiler.disable(_read, reason="reads closure cells")
+_read_outside_graph = torch.compiler.disable(_read)
 
 
 def _graph_may_break() -> bool:
