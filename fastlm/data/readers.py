@@ -157,8 +157,10 @@ def _select(ds, path: Path, text_field: str, sft: bool):
         from fastlm.data.chat import detect_format, to_messages
 
         detect_format(ds.column_names, str(path))
+        # in memory: nothing written to the datasets cache (a closure has no stable hash)
         ds = ds.map(lambda row, i: {"messages": to_messages(row, f"{path}: record {i}")},
-                    with_indices=True, remove_columns=ds.column_names)
+                    with_indices=True, remove_columns=ds.column_names, keep_in_memory=True,
+                    load_from_cache_file=False)
     else:
         if text_field not in ds.column_names:
             raise DataError(f"{path}: no field {text_field!r}; available fields: "
