@@ -93,8 +93,23 @@ def to_messages(row: dict, where: str) -> list[dict]:
         if not isinstance(role, str) or not role:
             raise DataError(f"{where}: a message without a role ({str(m)[:200]}); each "
                             f"message needs 'role' (user, assistant, system...) and 'content'")
-        out.append({"role": role, "content": "" if content is None else str(content)})
+        out.append({"role": role, "content": _text(content, where)})
     return out
+
+
+def _text(content, where: str) -> str:
+    """A message's content as text: a string, or OpenAI's list of content parts (the text
+    parts joined; an image or audio part cannot go into a text model's data: an error)."""
+    if content is None:
+        return ""
+    if not isinstance(content, list):
+        return str(content)
+    other = [p.get("type") if isinstance(p, dict) else type(p).__name__ for p in content
+             if not (isinstance(p, dict) and p.get("type", "text") == "text")]
+    if other:
+        raise DataError(f"{where}: a message with {other[0]!r} content; fastlm fine-tunes on "
+                        f"text: keep the text parts only")
+    return "".join(p.get("text") or "" for p in content)
 
 
 class ChatTemplate:

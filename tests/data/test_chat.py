@@ -133,6 +133,19 @@ def test_bad_records_and_choices(tmp_path):
                 progress=False, chat_template="chatml")
 
 
+def test_content_parts_are_joined(tmp_path):
+    """OpenAI's layout may give a message's content as a list of parts: the text ones count."""
+    parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": " there."}]
+    path = write_jsonl(tmp_path / "c.jsonl", [{"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "Hi?"}]},
+        {"role": "assistant", "content": parts}]}])
+    out = prepare([path], tmp_path / "o", tokenizer="byte", sft=True, val_fraction=0.0,
+                  progress=False)
+    tok = load_tokenizer(out)
+    [(toks, mask)] = documents(out)
+    assert tok.decode(toks) == f"<|user|>\nHi?\n<|assistant|>\nHello there.{tok.eos_token}"
+
+
 def test_sharegpt_alpaca_and_messages_files_together(tmp_path):
     """The common layouts of fine-tuning sets, one file each, read as the same conversations."""
     write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT[1:3], "id": 1}])
@@ -162,6 +175,8 @@ def test_sharegpt_alpaca_and_messages_files_together(tmp_path):
     ([{"conversations": [{"from": "human"}, {"value": "x"}]}],
      r"record 0: a message without a role"),
     ([{"messages": "hello"}], r"record 0: 'messages' is not a list"),
+    ([{"messages": [{"role": "user", "content": [{"type": "image", "url": "x.png"}]}]}],
+     r"record 0: a message with 'image' content; fastlm fine-tunes on text"),
 ])
 def test_records_in_no_known_layout(tmp_path, rows, message):
     path = write_jsonl(tmp_path / "c.jsonl", rows)
