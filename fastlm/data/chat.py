@@ -14,7 +14,8 @@ assistant message, rendered with the generation prompt, must be the start of the
 rendering, and the conversation up to and including the message must be too; the characters
 between the two are that response (with its end-of-turn marker, so the model learns to stop).
 A template that rewrites earlier turns (Qwen3's drops their reasoning) breaks that rule for
-multi-turn records: an error, never a guessed mask.
+multi-turn records: each is split into one example per assistant turn (announced), never a
+guessed mask.
 """
 
 from __future__ import annotations
@@ -112,6 +113,10 @@ def _text(content, where: str) -> str:
     return "".join(p.get("text") or "" for p in content)
 
 
+class _Rewritten(Exception):
+    """The rendering up to assistant message ``args[0]`` does not begin the whole one."""
+
+
 class ChatTemplate:
     """A Jinja chat template with the special-token strings it may use (``eos_token``...)."""
 
@@ -126,30 +131,48 @@ class ChatTemplate:
                                             **self.specials)
         return rendered[0]
 
-    def segments(self, messages: list[dict], where: str) -> list[tuple[str, int]]:
-        """(text, 1 if trained on) pieces whose concatenation is the rendered conversation."""
+    def examples(self, messages: list[dict], where: str,
+                 split: bool = True) -> list[list[tuple[str, int]]]:
+        """The conversation as one example of (text, trained) pieces. Where the template
+        renders an earlier turn otherwise once later turns follow (Qwen3 drops an answer's
+        reasoning then), the characters of that turn cannot be found in the whole rendering:
+        with ``split``, one example per assistant turn instead, that turn last and the only
+        one trained (the caller announces it)."""
         try:
-            full = self.render(messages)
-            pieces, pos = [], 0
-            for i, m in enumerate(messages):
-                if m.get("role") != "assistant":
-                    continue
-                start = len(self.render(messages[:i], add_generation_prompt=True))
-                before, upto = full[:start], self.render(messages[:i + 1])
-                if start < pos or not full.startswith(upto) or not upto.startswith(before):
+            try:
+                return [self._pieces(messages, last_only=False)]
+            except _Rewritten as turn:
+                if not split:
                     raise DataError(
                         f"{where}: the chat template ({self.source}) renders the conversation "
-                        f"up to message {i} otherwise than the start of the whole conversation "
-                        f"(it rewrites earlier turns), so its responses cannot be told apart; "
-                        f"give one record per assistant turn, or pass --chat-template fastlm")
-                pieces += [(full[pos:start], 0), (full[start:len(upto)], 1)]
-                pos = len(upto)
-            pieces.append((full[pos:], 0))
+                        f"up to message {turn.args[0]} otherwise than the start of the whole "
+                        f"conversation (it rewrites earlier turns)") from None
+            turns = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+            return [self._pieces(messages[:i + 1], last_only=True) for i in turns]
+        except _Rewritten as turn:
+            raise DataError(
+                f"{where}: the chat template ({self.source}) does not render message "
+                f"{turn.args[0]} as the continuation of its generation prompt, so the response "
+                f"cannot be told apart; pass --chat-template fastlm or a template file") from None
         except DataError:
             raise
         except Exception as exc:  # noqa: BLE001 - jinja errors, raise_exception() in templates
             raise DataError(f"{where}: the chat template ({self.source}) failed: "
                             f"{type(exc).__name__}: {exc}") from exc
+
+    def _pieces(self, messages: list[dict], last_only: bool) -> list[tuple[str, int]]:
+        full = self.render(messages)
+        turns = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+        pieces, pos = [], 0
+        for i in turns[-1:] if last_only else turns:
+            prompt = self.render(messages[:i], add_generation_prompt=True)
+            upto = self.render(messages[:i + 1])
+            if len(prompt) < pos or len(upto) < len(prompt) or not full.startswith(prompt) \
+                    or not full.startswith(upto):
+                raise _Rewritten(i)
+            pieces += [(full[pos:len(prompt)], 0), (full[len(prompt):len(upto)], 1)]
+            pos = len(upto)
+        pieces.append((full[pos:], 0))
         return [(text, flag) for text, flag in pieces if text]
 
     def setting(self) -> str:

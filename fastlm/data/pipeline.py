@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -216,14 +217,22 @@ def _sft_records(ds, cfg: C.CleanConfig, chat, progress):
     """Conversations (the readers give every layout as messages) -> records whose text is the
     conversation as the chat template renders it and whose ``segments`` say which parts are
     trained on."""
-    records = []
+    records, split = [], 0
     for n, row in enumerate(_progress(ds, progress, "rendering conversations")):
         messages = [{"role": m["role"], "content": C.normalize(m["content"], cfg)}
                     for m in row["messages"]]
-        segments = chat.segments(messages, f"fine-tuning record {n} ({row['source']})")
-        text = "".join(s for s, _ in segments)
-        records.append({"text": text, "segments": segments, "chars_in": len(text), "sig": None,
-                        "key": hashlib.blake2b(text.encode(), digest_size=16).hexdigest()})
+        examples = chat.examples(messages, f"fine-tuning record {n} ({row['source']})")
+        split += len(examples) > 1
+        for segments in examples:
+            text = "".join(s for s, _ in segments)
+            records.append({"text": text, "segments": segments, "chars_in": len(text),
+                            "sig": None,
+                            "key": hashlib.blake2b(text.encode(), digest_size=16).hexdigest()})
+    if split:
+        logging.getLogger("fastlm").warning(
+            "the chat template (%s) renders earlier turns otherwise once later ones follow, so "
+            "%d multi-turn record(s) were split into one example per assistant turn (earlier "
+            "turns as untrained context; more tokens than one example each)", chat.source, split)
     return records
 
 

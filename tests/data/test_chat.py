@@ -103,13 +103,37 @@ def test_a_template_file_and_its_edits(tmp_path):
                 progress=False, chat_template=str(template))
 
 
+# Qwen3-like: an earlier answer is rendered cut short once later turns follow (Qwen3 drops its
+# reasoning), so its characters are not in the whole conversation's rendering
+REWRITES = ("{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}"
+            "{{ '<a>' + m['content'][:2] + '\\n' }}{% else %}{{ '<' + m['role'][0] + '>' + "
+            "m['content'] + '\\n' }}{% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<a>' }}{% endif %}")
+
+
+def test_a_template_that_rewrites_earlier_turns_splits_the_conversation(tmp_path, caplog):
+    """One example per assistant turn, that turn last and alone trained, announced once."""
+    path = write_jsonl(tmp_path / "c.jsonl", [{"messages": CHAT}, {"messages": CHAT[1:3]}])
+    (tmp_path / "t.jinja").write_text(REWRITES)
+    with caplog.at_level("WARNING", logger="fastlm"):
+        out = prepare([path], tmp_path / "o", tokenizer="byte", sft=True, val_fraction=0.0,
+                      split="tail", dedup=False, progress=False,
+                      chat_template=str(tmp_path / "t.jinja"))
+    assert caplog.text.count("1 multi-turn record(s) were split") == 1
+    tok = load_tokenizer(out)
+    got = [(tok.decode(t), tok.decode(t[m == 1])) for t, m in documents(out)]
+    assert got == [("<s>Be brief.\n<u>Hi?\n<a>Hello.\n", "Hello.\n"),
+                   ("<s>Be brief.\n<u>Hi?\n<a>He\n<u>And you?\n<a>Fine, thanks.\n",
+                    "Fine, thanks.\n"),
+                   ("<u>Hi?\n<a>Hello.\n", "Hello.\n")]
+
+
 @pytest.mark.parametrize("template, message", [
-    # Qwen3-like: earlier assistant turns are rendered without what the last one shows
-    ("{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}"
-     "{{ '<a>' + m['content'][:2] + '\\n' }}{% else %}{{ '<' + m['role'][0] + '>' + "
-     "m['content'] + '\\n' }}{% endif %}{% endfor %}"
-     "{% if add_generation_prompt %}{{ '<a>' }}{% endif %}",
-     r"fine-tuning record 0 .* rewrites earlier turns.*--chat-template fastlm"),
+    # the generation prompt is not how an answer begins: no answer can be found
+    ("{% for m in messages %}{{ '<' + m['role'] + '>' + m['content'] }}{% endfor %}"
+     "{% if add_generation_prompt %}{{ '<bot>' }}{% endif %}",
+     r"fine-tuning record 0 .*does not render message 2 as the continuation of its "
+     r"generation prompt.*--chat-template fastlm"),
     ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}"
      "{% endif %}",
      r"fine-tuning record 0 .*: the chat template .* failed: .*no system role"),
