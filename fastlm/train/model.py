@@ -436,17 +436,48 @@ def hidden_size(model: torch.nn.Module) -> int | None:
 
 
 def flops_per_token(model: torch.nn.Module, block_size: int) -> float:
-    """Training FLOPs per token, 6N + 12 L d T (PaLM appendix B), N without embeddings'
-    lookups counted once (tied heads are a matmul, so they stay in N). N is the language
-    model's and the head's: a vision-language model's vision tower does no work on text."""
+    """Training FLOPs per token: 6N for the weights (N without embeddings' lookups, counted
+    once: tied heads are a matmul, so they stay in N; the language model's and the head's: a
+    vision-language model's vision tower does no work on text) plus the attention scores and
+    their weighted sum, as PaLM's appendix B counts them (12 L d T, no halving for causality),
+    layer by layer: see :func:`_attention_flops`."""
     conf = text_config(model)
     params = {id(p): p for p in _language_model(model).parameters()}
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if isinstance(head, torch.nn.Module):
         params.update({id(p): p for p in head.parameters()})
     n = sum(p.numel() for p in params.values())
+    return 6.0 * n + _attention_flops(conf, hidden_size(model), block_size)
+
+
+def _attention_flops(conf, width: int | None, block_size: int) -> float:
+    """6 T H (Dqk + Dv) a layer: 12 d T where H heads of one head dim make up the width d, but
+    Gemma's heads are wider than its width, multi-head latent attention (DeepSeek-V3) has
+    queries/keys of 192 and values of 128, a sliding-window layer sees at most its window and a
+    linear-attention layer (Qwen3-Next's) has no T x T scores. 0 for a config that names its
+    layers otherwise (PI0's): 6N alone."""
     layers = getattr(conf, "num_hidden_layers", None) or getattr(conf, "n_layer", None)
-    width = hidden_size(model)
-    if not layers or not width:  # a config that names them otherwise (PI0's): 6N alone
-        return 6.0 * n
-    return 6.0 * n + 12.0 * layers * width * block_size
+    heads = getattr(conf, "num_attention_heads", None) or getattr(conf, "n_head", None)
+    if not layers or not (width or heads):
+        return 0.0
+    per_key = 12.0 * width if width else 0.0
+    if isinstance(heads, int) and heads > 0:
+        nope, rope = (getattr(conf, k, None) for k in ("qk_nope_head_dim", "qk_rope_head_dim"))
+        dqk = getattr(conf, "qk_head_dim", None) or (nope + rope if nope and rope else None) \
+            or getattr(conf, "head_dim", None) or (width // heads if width else None)
+        if dqk:
+            per_key = 6.0 * heads * (dqk + (getattr(conf, "v_head_dim", None) or dqk))
+    types = getattr(conf, "layer_types", None)
+    if not (isinstance(types, list) and len(types) == layers
+            and all(isinstance(t, str) for t in types)):
+        types = ["full_attention"] * layers
+    window = getattr(conf, "sliding_window", None)
+    total = 0.0
+    for kind in types:
+        if "attention" not in kind or "linear" in kind:
+            continue
+        span = block_size
+        if "sliding" in kind and isinstance(window, int) and window > 0:
+            span = min(block_size, window)
+        total += per_key * span
+    return total

@@ -504,7 +504,8 @@ def test_fine_tunes_a_vision_language_directory(tmp_path, tiny_data):
     base.save_pretrained(tmp_path / "g3")
     n = sum(p.numel() for n, p in base.named_parameters() if "vision" not in n
             and "multi_modal" not in n)  # the tower does no work on text
-    assert flops_per_token(base, 16) == 6.0 * n + 12.0 * 2 * 32 * 16
+    # attention: 12 d T a layer, the sliding one's T its window of 8
+    assert flops_per_token(base, 16) == 6.0 * n + 12.0 * 32 * (8 + 16)
     state = run(config(tmp_path, tiny_data, f"model.pretrained={tmp_path / 'g3'}",
                        "model.overrides={}", "train.micro_batch_size=2", "train.max_steps=3",
                        "eval.every=3", "sample.tokens=4", "export=true"))
@@ -651,6 +652,34 @@ def test_models_numbering_positions_from_pad_train_from_a_preset(tmp_path, tiny_
                        "model.patch=false"))
     for a, b in zip(losses(fast), losses(eager)):
         assert abs(a - b) <= 1e-5 * abs(b), (losses(fast), losses(eager))
+
+
+@pytest.mark.parametrize("kind, sizes, expected", [
+    # PaLM's 12 L d T where heads of one dim make up the width
+    ("gpt2", dict(n_embd=64, n_layer=2, n_head=4), 12 * 2 * 64 * 32),
+    # Gemma 2: heads twice the width (6 T H (Dqk + Dv)); the sliding layer sees 8 keys
+    ("gemma2", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=8),
+     6 * 4 * 64 * (8 + 32)),
+    # Qwen3-Next: three linear-attention layers have no T x T scores
+    ("qwen3_next", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+     6 * 4 * 32 * 32),
+    # DeepSeek-V3's latent attention: queries/keys of 8 + 8, values of 8 (head_dim is rope's)
+    ("deepseek_v3", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                         v_head_dim=8, kv_lora_rank=16, q_lora_rank=32), 2 * 6 * 4 * 24 * 32),
+])
+def test_attention_flops_follow_each_layers_shape(kind, sizes, expected):
+    """The MFU's attention term counted 12 L d T from the width alone: Gemma's wider heads,
+    sliding windows, linear-attention layers and latent attention's head dims were wrong."""
+    from transformers import AutoConfig
+
+    from fastlm.train.model import _attention_flops
+
+    conf = AutoConfig.for_model(kind, **sizes)
+    width = getattr(conf, "hidden_size", None) or conf.n_embd
+    assert _attention_flops(conf, width, 32) == expected
 
 
 def test_composite_config_offers_fastlm_attention_to_its_language_model():
