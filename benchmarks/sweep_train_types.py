@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import json
 import os
@@ -87,7 +88,9 @@ def _pretrained(kind: str, work: Path, data: Path) -> str:
     return f"model.pretrained={path}"
 
 
-def _one(kind: str, task: str, work: Path, data: Path, sets: list[str], tol: float):
+def _one(kind: str, task: str, work: Path, data: Path, sets: list[str], tol: float,
+         known: dict | None = None):
+    """``known``: loss curves measured by an earlier worker (see :func:`_killed_row`)."""
     from fastlm.train.config import load_config
     from fastlm.train.trainer import train
 
@@ -95,8 +98,10 @@ def _one(kind: str, task: str, work: Path, data: Path, sets: list[str], tol: flo
         model = _preset(kind, work) if task == "causal" else _pretrained(kind, work, data)
     except Exception as exc:  # noqa: BLE001 - the row says why
         return "n/a", f"build: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
-    curves = {}
+    curves = dict(known or {})
     for impl in ("eager", "fastlm"):
+        if impl in curves:
+            continue
         out = work / "runs" / f"{kind}-{impl}"
         shutil.rmtree(out, ignore_errors=True)
         args = [f"out_dir={out}", model, f"data.path={data}", "data.block_size=32",
@@ -113,7 +118,8 @@ def _one(kind: str, task: str, work: Path, data: Path, sets: list[str], tol: flo
             why = f"{impl}: {type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}"
             return ("n/a" if impl == "eager" else "FAIL"), why
         curves[impl] = [loss for _, loss in state.history]
-        print(f"{kind} {impl} done", file=sys.stderr, flush=True)  # the parent reads it if killed
+        # the parent reads it if the worker is killed later
+        print(f"{kind} {impl} done {json.dumps(curves[impl])}", file=sys.stderr, flush=True)
     want, got = curves["eager"], curves["fastlm"]
     rel = max(abs(a - b) / abs(a) for a, b in zip(want, got))
     ok = len(want) == len(got) == STEPS and rel <= tol
@@ -129,22 +135,45 @@ def _worker(args) -> int:
     for kind in args.types.split(","):
         t0 = time.time()
         outcome, detail = _one(kind, args.task, Path(args.work), Path(args.data), args.set,
-                               args.tol)
+                               args.tol, json.loads(args.known) if args.known else None)
         rows.append([kind, outcome, detail])
         print(f"{kind:28s} {outcome:8s} {time.time() - t0:5.1f}s", file=sys.stderr, flush=True)
         Path(args.json).write_text(json.dumps(rows))  # a later type's kill keeps these
     return 0
 
 
-def _killed_row(kind: str, proc) -> list:
-    """The row of the type a worker died in: n/a when its eager run died too (sizes this
-    machine cannot hold say nothing about fastlm), else a FAIL."""
+def _eager_curve(kind: str, stderr: str) -> list | None:
+    mark = f"{kind} eager done "
+    return next((json.loads(line[len(mark):]) for line in stderr.splitlines()
+                 if line.startswith(mark)), None)
+
+
+def _killed_row(kind: str, proc, rerun) -> list:
+    """The row of the type a worker died in. Its eager run died too: n/a (sizes this machine
+    cannot hold say nothing about fastlm). Else the fastlm run died after eager's in the same
+    process, where DeepSpeed's ZeRO-3 engine of the eager run stays in memory: it reruns alone
+    in a fresh worker (``rerun(kind, known)``), against the eager curve, and only its death
+    there is a FAIL."""
     why = f"worker exited {proc.returncode}" + (" (killed: out of memory?)"
                                                 if proc.returncode == -9 else "")
-    if f"{kind} eager done" not in proc.stderr.splitlines():
+    eager = _eager_curve(kind, proc.stderr)
+    if eager is None:
         return [kind, "n/a", f"eager: {why}"]
+    again = rerun(kind, {"eager": eager})
+    if again is not None:
+        return again
     tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:120]
-    return [kind, "FAIL", f"fastlm: {why}: {tail}"]
+    return [kind, "FAIL", f"fastlm (alone): {why}: {tail}"]
+
+
+def _rerun(cmd: list, out: Path, kind: str, known: dict) -> list | None:
+    """``kind`` alone in a fresh worker of ``cmd``, the ``known`` curves taken as measured."""
+    i = cmd.index("--types")
+    subprocess.run(cmd[:i + 1] + [kind] + cmd[i + 2:] + ["--known", json.dumps(known)],
+                   capture_output=True, text=True)
+    rows = json.loads(out.read_text()) if out.exists() else []
+    out.unlink(missing_ok=True)
+    return rows[0] if rows else None
 
 
 def _prepare(text: str, work: Path) -> Path:
@@ -169,6 +198,7 @@ def main() -> int:
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
+    parser.add_argument("--known", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return _worker(args)
@@ -192,7 +222,8 @@ def main() -> int:
             done = json.loads(out.read_text()) if out.exists() else []
             out.unlink(missing_ok=True)
             if len(done) < len(chunk):  # died in the type after the last row: the rest rerun
-                done.append(_killed_row(chunk[len(done)], proc))
+                done.append(_killed_row(chunk[len(done)], proc,
+                                        functools.partial(_rerun, cmd, out)))
             rows += done
             todo = todo[len(done):]
             bar.update(len(done))
