@@ -131,22 +131,17 @@ class ChatTemplate:
                                             **self.specials)
         return rendered[0]
 
-    def examples(self, messages: list[dict], where: str,
-                 split: bool = True) -> list[list[tuple[str, int]]]:
+    def examples(self, messages: list[dict], where: str) -> list[list[tuple[str, int]]]:
         """The conversation as one example of (text, trained) pieces. Where the template
         renders an earlier turn otherwise once later turns follow (Qwen3 drops an answer's
         reasoning then), the characters of that turn cannot be found in the whole rendering:
-        with ``split``, one example per assistant turn instead, that turn last and the only
-        one trained (the caller announces it)."""
+        one example per assistant turn instead, that turn last and the only one trained (the
+        caller announces it)."""
         try:
             try:
                 return [self._pieces(messages, last_only=False)]
-            except _Rewritten as turn:
-                if not split:
-                    raise DataError(
-                        f"{where}: the chat template ({self.source}) renders the conversation "
-                        f"up to message {turn.args[0]} otherwise than the start of the whole "
-                        f"conversation (it rewrites earlier turns)") from None
+            except _Rewritten:
+                pass
             turns = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
             return [self._pieces(messages[:i + 1], last_only=True) for i in turns]
         except _Rewritten as turn:

@@ -68,7 +68,9 @@ def hf_config(cfg: ModelConfig, vocab_size: int | None, block_size: int | None,
     model_type = keys.pop("model_type", None)
     if model_type is None:
         raise ConfigError(f"model preset {cfg.preset!r} has no model_type")
-    _text_only(model_type, cfg)
+    base = _default_config(model_type)
+    if base is not None:
+        _text_only(base, model_type, cfg)
     if vocab_size is not None:
         keys["vocab_size"] = vocab_size
     if eos_id is not None:  # the data's EOS is the model's BOS and EOS (GPT-2 convention)
@@ -77,7 +79,7 @@ def hf_config(cfg: ModelConfig, vocab_size: int | None, block_size: int | None,
         # pad_token_id as its padding_idx, whose row starts at zero and gets no gradient, so
         # with PAD = EOS an untied model never learned its EOS input embedding. A type with
         # a default PAD (OPT's 1) would freeze that real token instead: EOS there.
-        if _default_pad(model_type) is not None:
+        if base is not None and base.pad_token_id is not None:
             keys.setdefault("pad_token_id", eos_id)
     try:
         conf = AutoConfig.for_model(model_type, **keys)
@@ -115,25 +117,21 @@ def _positions_after_pad(conf, block_size: int) -> None:
         conf.max_position_embeddings = pad + block_size + 1
 
 
-def _default_pad(model_type: str):
+def _default_config(model_type: str):
+    """The type's config with its defaults, or None for a type unknown or unbuildable so
+    (the real build just after reports it)."""
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.for_model(model_type).pad_token_id
-    except Exception:  # noqa: BLE001 - unknown types are reported by the caller
+        return AutoConfig.for_model(model_type)
+    except Exception:  # noqa: BLE001 - reported by the build with the preset's keys
         return None
 
 
-def _text_only(model_type: str, cfg: ModelConfig) -> None:
+def _text_only(probe, model_type: str, cfg: ModelConfig) -> None:
     """A preset builds a language model from scratch: a composite type (Gemma 3's, Llama 4's:
     a vision tower + a language model) keeps the vocabulary and sizes in a sub-config, so the
     data's vocabulary size went nowhere (an error naming keys the user never wrote)."""
-    from transformers import AutoConfig
-
-    try:
-        probe = AutoConfig.for_model(model_type)
-    except Exception:  # noqa: BLE001 - unknown or unbuildable types are reported just after
-        return
     key = text_sub_config(probe)
     if key is not None:
         text = getattr(probe, key)
