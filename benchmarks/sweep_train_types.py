@@ -151,8 +151,8 @@ def _eager_curve(kind: str, stderr: str) -> list | None:
 def _killed_row(kind: str, proc, rerun) -> list:
     """The row of the type a worker died in. Its eager run died too: n/a (sizes this machine
     cannot hold say nothing about fastlm). Else the fastlm run died after eager's in the same
-    process, where DeepSpeed's ZeRO-3 engine of the eager run stays in memory: it reruns alone
-    in a fresh worker (``rerun(kind, known)``), against the eager curve, and only its death
+    process, whose heap the eager run has grown and fragmented: it reruns alone in a fresh
+    worker (``rerun(kind, known)``), against the eager curve, and only its death
     there is a FAIL."""
     why = f"worker exited {proc.returncode}" + (" (killed: out of memory?)"
                                                 if proc.returncode == -9 else "")

@@ -215,3 +215,39 @@ def initialize(cfg: RunConfig, model, groups, ds_config: dict):
         # (~4% of a tiny model's step here); there is nothing to reduce.
         engine.enable_backward_allreduce = False
     return engine, optimizer, scheduler
+
+
+def release(engine) -> None:
+    """Free what DeepSpeed keeps of ``engine`` after the run, so that ``train()`` called again in
+    the same process (a notebook, a sweep) does not hold every earlier model.
+
+    ZeRO-3 leaves three roots behind: gradient hooks held by C++ autograd nodes (a cycle
+    Python's collector cannot see through; ``engine.destroy()`` removes them), the model left on
+    ``parameter_offload.FWD_MODULE_STACK`` (a module-level list ZeRO-3 pushes the top module
+    onto at set-up and never pops), and a class-level ``functools.lru_cache`` on the parameter
+    coordinator keyed by coordinator and submodule.
+    """
+    engine.destroy()
+    if not engine.zero_optimization_partition_weights():
+        return
+    from deepspeed.runtime.zero import parameter_offload
+    from deepspeed.runtime.zero.partitioned_param_coordinator import (
+        PartitionedParameterCoordinator,
+    )
+
+    stack = parameter_offload.FWD_MODULE_STACK
+    stack[:] = [m for m in stack if m is not engine.module]  # another live engine keeps its own
+    cached = _lru_cache_of(getattr(PartitionedParameterCoordinator,
+                                   "_PartitionedParameterCoordinator__params_to_release", None))
+    if cached is not None:
+        cached.cache_clear()  # shared by every coordinator; it refills on the next step
+
+
+def _lru_cache_of(fn):
+    """The functools.lru_cache wrapper under DeepSpeed's (unwrapping) nvtx decorator, if any."""
+    for _ in range(3):
+        if fn is None or hasattr(fn, "cache_clear"):
+            return fn
+        cells = [c.cell_contents for c in (getattr(fn, "__closure__", None) or ())]
+        fn = next((c for c in cells if callable(c)), None)
+    return None

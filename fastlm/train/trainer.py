@@ -26,7 +26,7 @@ from fastlm.data.loader import IGNORE_INDEX, Batch, BlockLoader
 from fastlm.train import checkpoint as ckpt
 from fastlm.train import dist as fdist
 from fastlm.train.config import ConfigError, RunConfig, resolve_batch
-from fastlm.train.engine import deepspeed_config, initialize, resolve_precision
+from fastlm.train.engine import deepspeed_config, initialize, release, resolve_precision
 from fastlm.train.metrics import MetricsLog
 from fastlm.train.model import (
     build_model,
@@ -123,30 +123,35 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> RunState:
     engine, _, scheduler = initialize(cfg, model, param_groups(model, cfg.optim.weight_decay),
                                       deepspeed_config(cfg, micro, accum, glob,
                                                        hidden_size=hidden_size(model)))
-    peak = _peak_flops(dev, cfg.train.precision)  # before any RNG state is restored: it draws random inputs
-    torch.manual_seed(cfg.train.seed + 1 + rank)  # dropout streams differ across ranks
-
-    state = RunState()
-    if resume is not None:
-        state = _resume(engine, resume, ckpt_dir, rank, world, train_loader, cfg.train.precision)
-
-    log = MetricsLog(out_dir, rank, total=cfg.train.max_steps, start=state.step,
-                     tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
-    if resolved_note:
-        log.write(resolved_note)
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _save_run_files(cfg, out_dir, data_dir)
     try:
-        with _Signals() as signals, _gc.loop():
-            _loop(cfg, engine, scheduler, train_loader, val_loader, state, log, signals,
-                  ckpt_dir=ckpt_dir, rank=rank, dev=dev, accum=accum,
-                  tokens_per_step=glob * cfg.data.block_size, fpt=fpt,
-                  peak=peak * world if peak else None)
-        if rank == 0 and cfg.sample.tokens > 0 and state.step >= cfg.train.max_steps:
-            log.write(_sample(cfg, engine.module, data_dir, dev))
+        # before any RNG state is restored: it draws random inputs
+        peak = _peak_flops(dev, cfg.train.precision)
+        torch.manual_seed(cfg.train.seed + 1 + rank)  # dropout streams differ across ranks
+
+        state = RunState()
+        if resume is not None:
+            state = _resume(engine, resume, ckpt_dir, rank, world, train_loader,
+                            cfg.train.precision)
+
+        log = MetricsLog(out_dir, rank, total=cfg.train.max_steps, start=state.step,
+                         tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
+        if resolved_note:
+            log.write(resolved_note)
+        if rank == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            _save_run_files(cfg, out_dir, data_dir)
+        try:
+            with _Signals() as signals, _gc.loop():
+                _loop(cfg, engine, scheduler, train_loader, val_loader, state, log, signals,
+                      ckpt_dir=ckpt_dir, rank=rank, dev=dev, accum=accum,
+                      tokens_per_step=glob * cfg.data.block_size, fpt=fpt,
+                      peak=peak * world if peak else None)
+            if rank == 0 and cfg.sample.tokens > 0 and state.step >= cfg.train.max_steps:
+                log.write(_sample(cfg, engine.module, data_dir, dev))
+        finally:
+            log.close()
     finally:
-        log.close()
+        release(engine)  # a failed resume too: train() called again holds none of it
     if cfg.export and state.step >= cfg.train.max_steps:
         fdist.barrier()
         if rank == 0:
