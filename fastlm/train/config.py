@@ -24,12 +24,25 @@ class ConfigError(Exception):
 
 
 @dataclass
+class LoraSettings:
+    """``model.lora``: train low-rank adapters only (PEFT's LoRA); export merges them."""
+
+    r: int = 16
+    alpha: float = 32.0  # the update is scaled by alpha / r (alpha / sqrt(r) with rslora)
+    dropout: float = 0.0
+    # module names (suffixes) or "all-linear" (every linear layer but the LM head)
+    target_modules: str | list = "all-linear"
+    rslora: bool = False
+
+
+@dataclass
 class ModelConfig:
     preset: str | None = "tiny-gpt2"  # configs/models/<preset>.yaml, or a path to a YAML file
     pretrained: str | None = None  # local HF directory to fine-tune (overrides preset)
     overrides: dict = field(default_factory=dict)  # HF config kwargs on top of the preset
     attn_implementation: str = "fastlm"  # "fastlm", "sdpa" or "eager"
     patch: bool = True  # fastlm.patch(model): fused norms/rope/mlp/loss where available
+    lora: LoraSettings | None = None  # e.g. --set model.lora.r=16; null = every weight trains
 
 
 @dataclass
@@ -137,6 +150,11 @@ _CHOICES = {
 }
 
 
+def model_config(saved: dict) -> ModelConfig:
+    """The ModelConfig of a saved run config's ``model`` section."""
+    return _build(ModelConfig, saved, "model.")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML run config (or the defaults), apply ``key=value`` overrides, validate."""
     raw: dict = {}
@@ -187,7 +205,13 @@ def _build(cls, raw, prefix: str):
     kwargs = {}
     for name, value in raw.items():
         tp = hints[name]
-        if dataclasses.is_dataclass(tp):
+        optional = [t for t in typing.get_args(tp) if dataclasses.is_dataclass(t)]
+        if optional:  # a section that may be null (off), e.g. model.lora
+            if value is True or value is False:  # model.lora=true: the defaults
+                value = {} if value else None
+            kwargs[name] = None if value is None else _build(optional[0], value,
+                                                             f"{prefix}{name}.")
+        elif dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, value or {}, f"{prefix}{name}.")
         else:
             kwargs[name] = _coerce(value, tp, f"{prefix}{name}")
@@ -238,6 +262,11 @@ def validate(cfg: RunConfig) -> None:
                           f"lr={o.lr}, min_lr={o.min_lr}")
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
+    lora = cfg.model.lora
+    if lora is not None and (lora.r < 1 or lora.alpha <= 0 or not 0 <= lora.dropout < 1
+                             or not lora.target_modules):
+        raise ConfigError(f"model.lora: r must be >= 1, alpha > 0, dropout in [0, 1) and "
+                          f"target_modules not empty, got {lora}")
     if cfg.model.preset is None and cfg.model.pretrained is None:
         raise ConfigError("set model.preset (e.g. tiny-gpt2) or model.pretrained (a local HF dir)")
 

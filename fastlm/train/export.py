@@ -24,7 +24,7 @@ class ExportError(Exception):
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
     """(model, run config dict) from a run directory / checkpoint directory / tag directory."""
-    from fastlm.train.config import ModelConfig
+    from fastlm.train.config import model_config
     from fastlm.train.model import hf_config, lm_class, pad_generation_with
 
     try:
@@ -33,12 +33,20 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
         raise ExportError(str(exc)) from exc
     state = ckpt.saved_state(ckpt_dir, tag)
     run = state["config"]
-    mcfg = ModelConfig(**run["model"])
+    mcfg = model_config(run["model"])
     conf = hf_config(mcfg, state["vocab_size"], run["data"]["block_size"], state["eos_id"])
     # transformers' default attention (SDPA where the model has it: Gemma 2 refuses it)
     model = lm_class(conf).from_config(conf, dtype=torch.float32)
     if not mcfg.pretrained:
         pad_generation_with(model, state["eos_id"])
+    # a pretrained model's embeddings grown to the data's vocabulary (as build_model did)
+    grew = state["vocab_size"] > model.get_input_embeddings().num_embeddings
+    if grew:
+        model.resize_token_embeddings(state["vocab_size"], mean_resizing=False)  # loaded next
+    if mcfg.lora is not None:  # the trained layout (its names, what trained: see param_groups)
+        from fastlm.train.lora import apply_lora
+
+        apply_lora(model, mcfg.lora, train_embeddings=grew)
     weights = _consolidated_state_dict(ckpt_dir, tag, model, run)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     # Tied heads are stored once; anything else missing means a mismatched checkpoint.
@@ -50,6 +58,10 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
                           f"unexpected {sorted(unexpected)[:5]})")
     if tie:
         model.tie_weights()
+    if mcfg.lora is not None:
+        from fastlm.train.lora import merge_lora
+
+        merge_lora(model)  # a plain transformers model: the adapters folded into its weights
     return model.to(dtype).eval(), run, ckpt_dir.parent
 
 

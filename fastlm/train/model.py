@@ -209,13 +209,18 @@ def build_model(cfg: ModelConfig, vocab_size: int | None, block_size: int | None
             "table without registered implementations; fastlm's attention runs %s",
             cfg.attn_implementation, type(model).__name__,
             "in its language model only" if attn else "nowhere in it (transformers' default)")
-    if cfg.pretrained and vocab_size is not None \
-            and model.get_input_embeddings().num_embeddings < vocab_size:
+    grew = cfg.pretrained and vocab_size is not None \
+        and model.get_input_embeddings().num_embeddings < vocab_size
+    if grew:
         model.resize_token_embeddings(vocab_size)
     if not cfg.pretrained:
         pad_generation_with(model, eos_id)
     if cfg.patch:
         _apply_patch(model)
+    if cfg.lora is not None:
+        from fastlm.train.lora import apply_lora
+
+        apply_lora(model, cfg.lora, train_embeddings=bool(grew))
     return model
 
 

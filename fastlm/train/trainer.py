@@ -112,6 +112,11 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> RunState:
                         eos_id=train_loader.split.eos_id).to(dev)
     if cfg.model.pretrained:
         check_context(model, cfg.data.block_size)
+    lora_note = None
+    if cfg.model.lora is not None:  # counted before ZeRO-3 partitions the parameters
+        from fastlm.train.lora import summary
+
+        lora_note = summary(model, cfg.model.lora)
     if cfg.train.activation_checkpointing:
         enable_activation_checkpointing(model)
     if cfg.train.compile:
@@ -137,6 +142,8 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> RunState:
                          tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
         if resolved_note:
             log.write(resolved_note)
+        if lora_note and state.step == 0:
+            log.write(lora_note)
         if rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
             _save_run_files(cfg, out_dir, data_dir)

@@ -1,6 +1,6 @@
 """Run under `deepspeed --num_gpus 2`: the same tiny run under ZeRO 0, 1, 2, 3, ZeRO-2 with
-optimizer offload, ZeRO-3 with activation checkpointing and ZeRO-0 in bf16; rank 0 writes each
-run's per-step losses as JSON to argv[2]."""
+optimizer offload, ZeRO-3 with activation checkpointing, ZeRO-0 in bf16, LoRA under ZeRO 0
+and 3; rank 0 writes each run's per-step losses as JSON to argv[2]."""
 
 import json
 import sys
@@ -14,7 +14,10 @@ SETTINGS = {"zero0": ["train.zero_stage=0"], "zero1": ["train.zero_stage=1"],
             # blocks recomputed in the backward while ZeRO-3 gathers their partitioned weights
             "zero3_ckpt": ["train.zero_stage=3", "train.activation_checkpointing=true"],
             # bf16 without ZeRO: FusedAdamW's masters, DeepSpeed reducing bf16 gradients
-            "zero0_bf16": ["train.zero_stage=0", "train.precision=bf16"]}
+            "zero0_bf16": ["train.zero_stage=0", "train.precision=bf16"],
+            # LoRA adapters alone trained: frozen weights partitioned too under ZeRO-3
+            "zero0_lora": ["train.zero_stage=0", "model.lora.r=4"],
+            "zero3_lora": ["train.zero_stage=3", "model.lora.r=4"]}
 
 
 def main(data: str, out: str, overrides: list[str]) -> None:
