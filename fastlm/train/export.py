@@ -22,8 +22,9 @@ class ExportError(Exception):
     user_facing = True
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
-    """(model, run config dict) from a run directory / checkpoint directory / tag directory."""
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, *, merge: bool = True):
+    """(model, run config dict, run directory) from a run directory / checkpoint directory /
+    tag directory. A LoRA run's adapters are folded into the weights, unless ``merge=False``."""
     from fastlm.train.config import model_config
     from fastlm.train.model import hf_config, lm_class, pad_generation_with
 
@@ -58,7 +59,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
                           f"unexpected {sorted(unexpected)[:5]})")
     if tie:
         model.tie_weights()
-    if mcfg.lora is not None:
+    if mcfg.lora is not None and merge:
         from fastlm.train.lora import merge_lora
 
         merge_lora(model)  # a plain transformers model: the adapters folded into its weights
@@ -114,15 +115,25 @@ def _optimizer_masters(opt, model, run: dict) -> dict:
 
 
 def export(path: str | Path, out: str | Path, *, overwrite: bool = False,
-           dtype: torch.dtype = torch.float32) -> Path:
+           dtype: torch.dtype = torch.float32, adapter: bool = False) -> Path:
+    """Write the checkpoint at ``path`` to ``out`` as a Hugging Face model directory, or with
+    ``adapter`` (a LoRA run of a pretrained directory) as a PEFT adapter directory."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise ExportError(f"{out} exists; pass --overwrite to replace it")
-    model, run, run_dir = load_model(path, dtype)
+    model, run, run_dir = load_model(path, dtype, merge=not adapter)
+    files = _adapter(model, run) if adapter else None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if files is None:
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            from safetensors.torch import save_file
+
+            tensors, conf = files
+            save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+            conf.save_pretrained(str(tmp))
         tok = run_dir / "tokenizer"
         if not tok.is_dir():
             tok = Path(run["data"]["path"]) / "tokenizer"
@@ -138,16 +149,40 @@ def export(path: str | Path, out: str | Path, *, overwrite: bool = False,
     return out
 
 
+def _adapter(model, run: dict):
+    from fastlm.train.lora import adapter_files
+
+    lora, base = run["model"].get("lora"), run["model"].get("pretrained")
+    if lora is None:
+        raise ExportError("--adapter: this run trained every weight (no model.lora); export the "
+                          "whole model without --adapter")
+    if not base:
+        raise ExportError(f"--adapter: this run's adapters sit on a model built from the preset "
+                          f"{run['model'].get('preset')!r} (random weights no file holds); export "
+                          f"the merged model without --adapter")
+    return adapter_files(model, str(Path(base).resolve()))
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("checkpoint", help="run directory, checkpoints directory or checkpoint")
     parser.add_argument("out", help="output Hugging Face model directory")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.add_argument("--adapter", action="store_true",
+                        help="a LoRA run (model.lora) of a pretrained directory: write its "
+                             "adapters alone as a PEFT adapter directory (default: the model "
+                             "with the adapters merged into its weights)")
 
 
 def run(args) -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    out = export(args.checkpoint, args.out, overwrite=args.overwrite, dtype=dtype)
+    out = export(args.checkpoint, args.out, overwrite=args.overwrite, dtype=dtype,
+                 adapter=args.adapter)
+    if args.adapter:
+        print(f"exported the adapters of {args.checkpoint} -> {out} (load with "
+              f"PeftModel.from_pretrained(base_model, {str(out)!r}), or base_model"
+              f".load_adapter({str(out)!r}))")
+        return 0
     from transformers import AutoConfig
 
     from fastlm.train.model import lm_class

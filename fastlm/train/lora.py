@@ -10,6 +10,8 @@ plain Hugging Face model.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from fastlm.train.config import ConfigError, LoraSettings
@@ -62,6 +64,23 @@ def summary(model, spec: LoraSettings) -> str:
             f"({100 * trainable / total:.2f}%): rank {spec.r} adapters on {adapted} layers "
             f"({spec.target_modules})" + ("; the embeddings too (the data's vocabulary grew them)"
                                           if embeddings else ""))
+
+
+def adapter_files(model, base: str) -> tuple[dict, object]:
+    """(tensors, LoraConfig) of ``model``'s adapters in PEFT's saved layout, which
+    ``PeftModel.from_pretrained(base, DIR)`` and transformers' ``load_adapter(DIR)`` read."""
+    peft = _peft()
+    if model.get_input_embeddings().weight.requires_grad:
+        raise ConfigError("--adapter: the run trained the embeddings too (the data's vocabulary "
+                          "grew them), which adapters alone do not carry; export the merged "
+                          "model (without --adapter)")
+    conf = copy.deepcopy(model.peft_config["default"])  # as injected (GPT-2: fan_in_fan_out)
+    conf.base_model_name_or_path = base
+    conf.task_type = "CAUSAL_LM"
+    conf.inference_mode = True
+    tensors = peft.get_peft_model_state_dict(model, adapter_name="default")
+    # PeftModel's own names: its wrapper (base_model) around a LoraModel (model)
+    return {f"base_model.model.{k}": v.contiguous() for k, v in tensors.items()}, conf
 
 
 def merge_lora(model):

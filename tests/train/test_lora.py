@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from fastlm.train.config import ConfigError, load_config
+from fastlm.train.export import ExportError, export
 
 pytest.importorskip("peft")
 
@@ -82,6 +83,8 @@ def test_gpt2_adapters_alone_train_and_the_export_merges_them(tmp_path, tiny_dat
     with torch.no_grad():
         assert (hf(input_ids=IDS).logits - logits).abs().max() > 1e-2
     assert "model.lora: 8,192 of 141,120 parameters train" in capsys.readouterr().out
+    with pytest.raises(ExportError, match="built from the preset 'tiny-gpt2'.*without --adapter"):
+        export(run_dir, tmp_path / "adapter", adapter=True)
 
 
 def test_llama_directory_fine_tunes_with_lora_under_zero3_bf16(tmp_path, tiny_data):
@@ -134,6 +137,49 @@ def test_directory_whose_vocabulary_the_data_grows_exports(tmp_path, tiny_data, 
     torch.testing.assert_close(exported, logits, rtol=0, atol=1e-4)
     if lora:
         assert "the embeddings too" in capsys.readouterr().out
+    why = "trained the embeddings too" if lora else "trained every weight"
+    with pytest.raises((ConfigError, ExportError), match=why):
+        export(run_dir, tmp_path / "adapter", adapter=True)
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_adapters_export_alone_for_peft_and_transformers(tmp_path, tiny_data, capsys):
+    """--adapter writes PEFT's adapter directory: on the pretrained directory it names, PEFT
+    and transformers' load_adapter compute what the merged export computes (fp32, ZeRO-2)."""
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fastlm.train.export import add_arguments, run
+
+    conf = AutoConfig.for_model("llama", vocab_size=300, hidden_size=32, intermediate_size=64,
+                                num_hidden_layers=2, num_attention_heads=2)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(conf).save_pretrained(tmp_path / "base")
+    *_, run_dir = _run_capturing(tmp_path, tiny_data, f"model.pretrained={tmp_path / 'base'}",
+                                 "model.overrides={}", "model.lora.r=2", "train.zero_stage=2",
+                                 "train.max_steps=2")
+    _, merged = _exported_logits(run_dir)
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert run(parser.parse_args([str(run_dir), str(tmp_path / "adapter"), "--adapter"])) == 0
+    assert "PeftModel.from_pretrained" in capsys.readouterr().out
+    files = {f.name for f in (tmp_path / "adapter").iterdir()}  # + the run's tokenizer
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= files
+    assert "model.safetensors" not in files
+
+    def base():
+        return AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+
+    peft_model = PeftModel.from_pretrained(base(), tmp_path / "adapter").eval()
+    assert peft_model.peft_config["default"].base_model_name_or_path == str(tmp_path / "base")
+    hf = base()
+    hf.load_adapter(str(tmp_path / "adapter"))
+    with torch.no_grad():
+        for model in (peft_model, hf):
+            torch.testing.assert_close(model(input_ids=IDS).logits, merged, rtol=0, atol=1e-4)
+        assert (base()(input_ids=IDS).logits - merged).abs().max() > 1e-2  # adapters matter
 
 
 def test_resume_continues_the_adapters_curve(tmp_path, tiny_data):
