@@ -363,8 +363,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             no_decay.append(p)
         else:
             decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    # an empty group is left out (DeepSpeed drops it, and the export matches groups by count):
+    # LoRA trains matrices alone
+    return [g for g in ({"params": decay, "weight_decay": weight_decay},
+                        {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
 
 
 def cast_buffers_as_built(model, dtype: torch.dtype) -> None:
