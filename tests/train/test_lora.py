@@ -208,6 +208,22 @@ def _tiny_llama():
     return AutoModelForCausalLM.from_config(conf)
 
 
+def test_frozen_weights_count_four_flops_a_token_in_mfu():
+    """MFU's FLOPs: the forward (2) and the gradient through each weight (2) everywhere, the
+    weight's own gradient (2) only where it trains, so LoRA's MFU is not inflated by 6/4."""
+    from fastlm.train.config import LoraSettings
+    from fastlm.train.lora import apply_lora
+    from fastlm.train.model import flops_per_token
+
+    model = _tiny_llama()
+    full = flops_per_token(model, 16)
+    apply_lora(model, LoraSettings(r=2, target_modules=["q_proj"]))
+    adapters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert adapters == 32 * 2 + 2 * 32  # A and B of the one layer's q_proj
+    base = model.num_parameters() - adapters
+    assert flops_per_token(model, 16) == full + 6 * adapters - 2 * base
+
+
 @pytest.mark.parametrize("targets, message", [
     (["qkv"], r"target_modules=\['qkv'\].*linear layers: \[.*'q_proj'"),
     (["q_proj", "lm_head"], "adapts the LM head; leave it out"),
