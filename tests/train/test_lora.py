@@ -200,6 +200,21 @@ def test_resume_continues_the_adapters_curve(tmp_path, tiny_data):
     assert [x for _, x in resumed.history[-2:]] == [x for _, x in whole.history[-2:]]
 
 
+def test_activation_checkpointing_keeps_the_adapters_curve(tmp_path, tiny_data):
+    """Blocks recomputed in the backward whose inputs need no gradient (the embeddings are
+    frozen) still give the adapters theirs: the curve is the one without checkpointing."""
+    from fastlm.train.trainer import train
+
+    args = [*TINY[:-1], f"data.path={tiny_data}", "model.preset=tiny-llama",
+            "model.overrides={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
+            "num_attention_heads: 2, num_key_value_heads: 2}", "model.lora.r=2",
+            "train.max_steps=3", "log.every=1"]
+    curves = [[x for _, x in train(load_config(None, [
+        *args, f"train.activation_checkpointing={ckpt}", f"out_dir={tmp_path / str(ckpt)}"]
+    )).history] for ckpt in (False, True)]
+    assert curves[0] == pytest.approx(curves[1], rel=1e-6)
+
+
 def _tiny_llama():
     from transformers import AutoConfig, AutoModelForCausalLM
 
