@@ -144,7 +144,8 @@ def _loss_sum(model, ids: torch.Tensor, targets: torch.Tensor, fused: bool) -> t
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("model", help="HF model directory, run directory or checkpoint")
+    parser.add_argument("model", help="HF model directory, PEFT adapter directory (its base "
+                        "a local directory), run directory or checkpoint")
     parser.add_argument("data", help="a prepared dataset directory (fastlm prepare) or a text "
                                      "file (encoded with the model's tokenizer)")
     parser.add_argument("--split", default="val", help="split of a prepared dataset")

@@ -117,17 +117,35 @@ def sample_ids(model, ids: torch.Tensor, *, max_new_tokens: int, temperature: fl
 
 
 def load_model_dir(path: str | Path):
-    """(model, the directory its tokenizer would be in) from an HF directory, a run directory
-    or a checkpoint."""
+    """(model, the directory its tokenizer would be in) from an HF directory, a PEFT adapter
+    directory (its base + the adapters, merged), a run directory or a checkpoint."""
     path = Path(path)
     if (path / "config.json").is_file():
         from fastlm.train.model import load_lm
 
         return load_lm(path), path
+    if (path / "adapter_config.json").is_file():
+        return _load_adapter_dir(path)
     from fastlm.train.export import load_model
 
     model, _, run_dir = load_model(path)
     return model, run_dir
+
+
+def _load_adapter_dir(path: Path):
+    import json
+
+    from fastlm.train.lora import _peft
+    from fastlm.train.model import load_lm
+
+    base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base or not (Path(base) / "config.json").is_file():
+        raise GenerateError(f"{path} is an adapter directory whose base model {base!r} is not a "
+                            f"local Hugging Face directory (nothing is downloaded); set "
+                            f"base_model_name_or_path in its adapter_config.json to one")
+    model = _peft().PeftModel.from_pretrained(load_lm(base), str(path))
+    # the adapters folded in: a plain model, as fast as the base
+    return model.merge_and_unload(), (path if tokenizer_dir(path) else Path(base))
 
 
 def load_for_generation(path: str | Path):
@@ -136,7 +154,8 @@ def load_for_generation(path: str | Path):
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("model", help="HF model directory, run directory or checkpoint")
+    parser.add_argument("model", help="HF model directory, PEFT adapter directory (its base "
+                        "a local directory), run directory or checkpoint")
     parser.add_argument("--prompt", default="", help="text to continue (default: EOS)")
     parser.add_argument("--max-new-tokens", type=int, default=200)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")

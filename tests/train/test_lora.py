@@ -181,8 +181,13 @@ def test_adapters_export_alone_for_peft_and_transformers(tmp_path, tiny_data, ca
     assert peft_model.peft_config["default"].base_model_name_or_path == str(tmp_path / "base")
     hf = base()
     hf.load_adapter(str(tmp_path / "adapter"))
+    # fastlm generate / eval take the adapter directory: its base + the adapters, merged
+    from fastlm.train.generate import load_model_dir
+
+    ours, root = load_model_dir(tmp_path / "adapter")
+    assert root == tmp_path / "adapter" and not any("lora" in n for n in ours.state_dict())
     with torch.no_grad():
-        for model in (peft_model, hf):
+        for model in (peft_model, hf, ours.eval()):
             torch.testing.assert_close(model(input_ids=IDS).logits, merged, rtol=0, atol=1e-4)
         assert (base()(input_ids=IDS).logits - merged).abs().max() > 1e-2  # adapters matter
 
@@ -213,6 +218,15 @@ def test_activation_checkpointing_keeps_the_adapters_curve(tmp_path, tiny_data):
         *args, f"train.activation_checkpointing={ckpt}", f"out_dir={tmp_path / str(ckpt)}"]
     )).history] for ckpt in (False, True)]
     assert curves[0] == pytest.approx(curves[1], rel=1e-6)
+
+
+def test_adapter_directory_without_a_local_base_names_it(tmp_path):
+    from fastlm.train.generate import GenerateError, load_model_dir
+
+    (tmp_path / "adapter_config.json").write_text('{"base_model_name_or_path": "org/model"}')
+    with pytest.raises(GenerateError, match="base model 'org/model' is not a local Hugging "
+                                            "Face directory.*base_model_name_or_path"):
+        load_model_dir(tmp_path)
 
 
 def _tiny_llama():
