@@ -85,7 +85,13 @@ class OptimConfig:
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup_steps: int = 100
-    decay_steps: int | None = None  # cosine decay length after warmup; default max_steps
+    # after the linear warmup: "cosine" or "linear" decay to min_lr, "constant" at lr, or
+    # warmup-stable-decay: at lr, then a cooldown to min_lr at the end, "wsd" linear or
+    # "wsd_sqrt" 1 - sqrt (a stable-phase checkpoint resumes into a longer run)
+    schedule: str = "cosine"
+    # the decay's length: cosine/linear from the end of warmup (default: the rest of the run);
+    # wsd: the cooldown ending at max_steps (default: the last 20% of the run)
+    decay_steps: int | None = None
     weight_decay: float = 0.1
     betas: list = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
@@ -147,6 +153,7 @@ _CHOICES = {
     "train.precision": ("fp32", "bf16", "fp16", "auto"),
     "train.zero_stage": (0, 1, 2, 3),
     "optim.name": ("fused_adamw", "adamw"),
+    "optim.schedule": ("cosine", "linear", "constant", "wsd", "wsd_sqrt"),
 }
 
 
@@ -260,6 +267,14 @@ def validate(cfg: RunConfig) -> None:
     if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
         raise ConfigError(f"optim.lr must be > 0 and 0 <= optim.min_lr <= optim.lr, got "
                           f"lr={o.lr}, min_lr={o.min_lr}")
+    if o.warmup_steps < 0 or (o.decay_steps is not None and o.decay_steps < 1):
+        raise ConfigError(f"optim.warmup_steps must be >= 0 and optim.decay_steps >= 1 (or "
+                          f"null), got {o.warmup_steps} and {o.decay_steps}")
+    if o.schedule.startswith("wsd") and o.decay_steps is not None \
+            and o.warmup_steps + o.decay_steps > cfg.train.max_steps:
+        raise ConfigError(f"optim.schedule={o.schedule}: warmup ({o.warmup_steps}) and cooldown "
+                          f"(optim.decay_steps={o.decay_steps}) do not fit in "
+                          f"train.max_steps={cfg.train.max_steps}")
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
     lora = cfg.model.lora

@@ -140,19 +140,36 @@ def _optimizer_keeps_masters(cfg: RunConfig, ds: dict) -> bool:
 
 
 def lr_lambda(cfg: RunConfig):
-    """Linear warmup to optim.lr, then cosine to optim.min_lr, then flat at min_lr."""
+    """The multiplier of optim.lr at each step: a linear warmup to 1, then optim.schedule's
+    shape (see OptimConfig), flat at min_lr / lr once its decay is over."""
     o = cfg.optim
-    warm = max(0, o.warmup_steps)
-    decay = o.decay_steps if o.decay_steps is not None else max(1, cfg.train.max_steps - warm)
+    warm, total = o.warmup_steps, cfg.train.max_steps
     floor = o.min_lr / o.lr
+    if o.schedule.startswith("wsd"):
+        # the cooldown ends at max_steps; at least one step, and it starts after the warmup
+        cool = o.decay_steps if o.decay_steps is not None else max(1, round(0.2 * total))
+        start = max(warm, total - cool)
+    else:
+        cool = o.decay_steps if o.decay_steps is not None else max(1, total - warm)
+        start = warm
+    shape = _DECAYS[o.schedule]
 
     def factor(step: int) -> float:
         if step < warm:
             return (step + 1) / warm
-        t = min(1.0, (step - warm) / max(1, decay))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+        t = min(1.0, max(0.0, (step - start) / max(1, cool)))
+        return floor + (1 - floor) * shape(t)
 
     return factor
+
+
+_DECAYS = {  # t: 0 -> 1 over the decay; 1 = optim.lr, 0 = optim.min_lr
+    "cosine": lambda t: 0.5 * (1 + math.cos(math.pi * t)),
+    "linear": lambda t: 1 - t,
+    "constant": lambda t: 1.0,
+    "wsd": lambda t: 1 - t,
+    "wsd_sqrt": lambda t: 1 - math.sqrt(t),  # Hägele et al. 2024: better than linear
+}
 
 
 def make_optimizer(cfg: RunConfig, groups: list[dict]):

@@ -97,6 +97,11 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> RunState:
     if resume is None and ckpt_dir.is_dir() and (ckpt_dir / "latest").exists():
         raise ConfigError(f"{out_dir} already holds checkpoints: pass --resume auto to "
                           f"continue, or choose another out_dir")
+    if resume not in (None, "auto"):
+        try:  # before anything is built: a mistyped path was a traceback after the engine
+            ckpt.resolve(resume)
+        except (FileNotFoundError, RuntimeError) as exc:
+            raise ConfigError(f"--resume {resume}: {exc}") from exc
 
     data_dir = _ensure_data(cfg, rank)
     if cfg.model.pretrained:

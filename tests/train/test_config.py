@@ -158,3 +158,42 @@ def test_micro_and_global_given_derive_the_accumulation():
     assert resolve_batch(cfg.train, 2) == (2, 2, 8)
     assert resolve_batch(cfg.train, 1) == (2, 4, 8)  # the same run on fewer ranks
     assert resolve_batch(load_config(None, []).train, 1) == (8, 1, 8)
+
+
+def _factors(schedule, *extra, steps=11):
+    from fastlm.train.engine import lr_lambda
+
+    f = lr_lambda(load_config(None, ["train.max_steps=10", "optim.warmup_steps=2",
+                                     "optim.lr=1", "optim.min_lr=0.1",
+                                     f"optim.schedule={schedule}", *extra]))
+    return [f(i) for i in range(steps)]
+
+
+# max_steps 10, warmup 2, min_lr / lr = 0.1; values written out from each shape's definition
+@pytest.mark.parametrize("schedule, extra, expected", [
+    ("cosine", [], {1: 1.0, 2: 1.0, 6: 0.1 + 0.9 * 0.5, 10: 0.1}),  # cos(pi/2) halfway
+    ("linear", [], {2: 1.0, 4: 0.1 + 0.9 * 0.75, 6: 0.55, 10: 0.1}),
+    ("constant", [], {2: 1.0, 9: 1.0, 10: 1.0}),
+    # cooldown: the last 20% (2 steps) from 1 to min_lr, flat at 1 before
+    ("wsd", [], {2: 1.0, 8: 1.0, 9: 0.55, 10: 0.1}),
+    ("wsd_sqrt", [], {8: 1.0, 9: 0.1 + 0.9 * (1 - 0.5 ** 0.5), 10: 0.1}),
+    ("wsd", ["optim.decay_steps=4"], {6: 1.0, 7: 0.1 + 0.9 * 0.75, 8: 0.55, 10: 0.1}),
+])
+def test_lr_schedules(schedule, extra, expected):
+    got = _factors(schedule, *extra)
+    assert got[0] == 0.5  # every schedule warms up linearly: (step + 1) / warmup
+    for step, value in expected.items():
+        assert got[step] == pytest.approx(value, abs=1e-12), (step, got)
+    assert all(a >= b for a, b in zip(got[1:], got[2:]))  # never rises after the warmup
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["optim.schedule=step"], r"'optim.schedule' must be one of \['cosine', 'linear'"),
+    (["optim.schedule=wsd", "optim.warmup_steps=5", "optim.decay_steps=8",
+      "train.max_steps=10"], r"warmup \(5\) and cooldown \(optim.decay_steps=8\) do not fit"),
+    (["optim.decay_steps=0"], "optim.decay_steps >= 1"),
+    (["optim.warmup_steps=-1"], "optim.warmup_steps must be >= 0"),
+])
+def test_bad_schedule_settings_name_the_key(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)

@@ -312,6 +312,8 @@ def test_resume_refused_without_flag_and_bad_inputs(tmp_path, tiny_data):
         run(config(tmp_path / "m", tmp_path / "missing", "train.max_steps=1"))
     with pytest.raises(ConfigError, match="fp16 needs a GPU"):
         run(config(tmp_path / "h", tiny_data, "train.precision=fp16"))
+    with pytest.raises(ConfigError, match=r"--resume .*step_2: no checkpoint found"):
+        run(cfg, resume=str(tmp_path / "run" / "checkpoints" / "step_2"))
 
 
 def test_user_deepspeed_json_passes_through_and_is_checked(tmp_path, tiny_data):
@@ -1045,3 +1047,22 @@ def test_train_called_again_in_the_process_holds_nothing_of_the_last_run(tmp_pat
     with pytest.raises(ConfigError, match="was trained in bf16"):
         run(config(tmp_path / "0", tiny_data, *args, "train.precision=fp32"), resume="auto")
     assert_all_freed(3)
+
+
+def test_wsd_run_extends_from_a_stable_phase_checkpoint(tmp_path, tiny_data):
+    """Warmup-stable-decay's point: a checkpoint from the stable phase resumes into a longer
+    run, whose cooldown moves to its new end; the steps in between stay at the peak lr."""
+    args = ["train.micro_batch_size=2", "eval.every=0", "log.every=1", "optim.schedule=wsd",
+            "optim.warmup_steps=1", "optim.decay_steps=2", "optim.min_lr=1e-4",
+            "checkpoint.every=2", "checkpoint.keep_last=5"]
+    run(config(tmp_path, tiny_data, *args, "train.max_steps=6"))
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    short = [r["lr"] for r in rows if "lr" in r]
+    assert short[:4] == [1e-3] * 4 and short[-1] == pytest.approx(1e-4)  # cooled at step 6
+    ckpts = tmp_path / "run" / "checkpoints"
+    stable = sorted(d for d in ckpts.iterdir() if d.name.startswith("step"))[1]  # step 4
+    state = run(config(tmp_path, tiny_data, *args, "train.max_steps=10"), resume=str(stable))
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lr = {r["step"]: r["lr"] for r in rows if "lr" in r}  # the resumed run's steps last
+    assert state.step == 10
+    assert [lr[s] for s in (5, 6, 7, 8)] == [1e-3] * 4 and lr[10] == pytest.approx(1e-4)
