@@ -42,7 +42,63 @@ class Batch:
                      move(self.cu_seqlens), self.max_seqlen)
 
 
-class BlockLoader:
+class _SampleStream:
+    """What every loader shares: the global stream of samples cut into this rank's
+    micro-batches, the micro-batch counter as the whole state, batches built from
+    ``_row(c)`` = (the loader holding sample ``c``, its start)."""
+
+    _KEEP = ("seed", "mode", "block_size")  # a resume with another value is refused
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "seed": self.seed, "rank": self.rank,
+                "world_size": self.world_size, "mode": self.mode,
+                "batch_size": self.batch_size, "block_size": self.block_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue where ``state`` stopped. Another number of ranks or micro-batch size
+        continues at the same sample (the stream does not depend on them), provided the
+        samples read so far fill whole micro-batches of this run."""
+        if ("mix" in state) != hasattr(self, "mix"):
+            raise ValueError(f"loader state was saved {'with' if 'mix' in state else 'without'} "
+                             f"data.mix, this run has {'it' if hasattr(self, 'mix') else 'none'}: "
+                             f"resume with the same data settings")
+        for key in self._KEEP:
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(
+                    f"loader state was saved with {key}={state[key]!r}, this run has "
+                    f"{getattr(self, key)!r}: resume with the same data settings")
+        samples = int(state["step"]) * state.get("world_size", self.world_size) * \
+            state.get("batch_size", self.batch_size)
+        per_step = self.world_size * self.batch_size
+        if samples % per_step:
+            raise ValueError(
+                f"loader state: {samples} samples were read ({state.get('world_size')} ranks x "
+                f"micro-batch {state.get('batch_size')}), not a whole number of this run's "
+                f"micro-batches ({self.world_size} ranks x {self.batch_size}): resume with a "
+                f"micro-batch size that divides the saved run's global batch")
+        self.step = samples // per_step
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Batch:
+        batch = self.batch_at(self.step)
+        self.step += 1
+        return batch
+
+    def batch_at(self, step: int) -> Batch:
+        return build_batch(self._rows(step), self.block_size, self.boundaries)
+
+    def _rows(self, step: int) -> list[tuple[BlockLoader, int]]:
+        b = self.batch_size
+        first = (step * self.world_size + self.rank) * b  # this rank's samples of micro-batch
+        return [self._row(c) for c in range(first, first + b)]
+
+    def _row(self, c: int) -> tuple[BlockLoader, int]:
+        raise NotImplementedError
+
+
+class BlockLoader(_SampleStream):
     """Batches of ``batch_size`` blocks of ``block_size`` tokens (+1 for the shifted targets)."""
 
     def __init__(self, split: Split | str | Path, block_size: int, batch_size: int, *,
@@ -75,62 +131,13 @@ class BlockLoader:
         self._perm_cache: tuple[int, np.ndarray] | None = None
         self._chunk_cache: tuple[int, np.ndarray] | None = None
 
-    # -- state ----------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        return {"step": self.step, "seed": self.seed, "rank": self.rank,
-                "world_size": self.world_size, "mode": self.mode,
-                "batch_size": self.batch_size, "block_size": self.block_size}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Continue where ``state`` stopped. Another number of ranks or micro-batch size
-        continues at the same sample (the stream does not depend on them), provided the
-        samples read so far fill whole micro-batches of this run."""
-        for key in ("seed", "mode", "block_size"):
-            if key in state and state[key] != getattr(self, key):
-                raise ValueError(
-                    f"loader state was saved with {key}={state[key]!r}, this run has "
-                    f"{getattr(self, key)!r}: resume with the same data settings")
-        samples = int(state["step"]) * state.get("world_size", self.world_size) * \
-            state.get("batch_size", self.batch_size)
-        per_step = self.world_size * self.batch_size
-        if samples % per_step:
-            raise ValueError(
-                f"loader state: {samples} samples were read ({state.get('world_size')} ranks x "
-                f"micro-batch {state.get('batch_size')}), not a whole number of this run's "
-                f"micro-batches ({self.world_size} ranks x {self.batch_size}): resume with a "
-                f"micro-batch size that divides the saved run's global batch")
-        self.step = samples // per_step
-
     @property
     def tokens_per_epoch(self) -> int:
         return self._nblocks * self.block_size
 
-    # -- batches --------------------------------------------------------------------------------
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> Batch:
-        batch = self.batch_at(self.step)
-        self.step += 1
-        return batch
-
-    def batch_at(self, step: int) -> Batch:
-        starts = self._starts(step)
-        t = self.block_size
-        rows = np.stack([self._read(s, t + 1) for s in starts]).astype(np.int64)
-        x, y = torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
-        if self.split.shards[0].mask is not None:
-            keep = np.stack([self._read(s + 1, t, mask=True) for s in starts]).astype(bool)
-            y[~torch.from_numpy(keep)] = IGNORE_INDEX
-        batch = Batch(x, y)
-        if self.boundaries:
-            self._add_boundaries(batch, starts)
-        return batch
-
-    def _starts(self, step: int) -> np.ndarray:
-        b = self.batch_size
-        first = (step * self.world_size + self.rank) * b  # this rank's samples of micro-batch
-        return np.array([self._sample_start(c) for c in range(first, first + b)], np.int64)
+    # -- samples ------------------------------------------------------------------------------
+    def _row(self, c: int) -> tuple[BlockLoader, int]:
+        return self, self._sample_start(c)
 
     _CHUNK = 4096  # random starts are drawn per chunk of samples, from (seed, chunk) alone
 
@@ -163,17 +170,36 @@ class BlockLoader:
             pos, k = stop, k + 1
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def _add_boundaries(self, batch: Batch, starts: np.ndarray) -> None:
-        t = self.block_size
-        pos = np.empty((len(starts), t), dtype=np.int64)
-        cu = [0]
-        for i, s in enumerate(starts):
-            # document starts strictly inside the block cut it into segments
-            inner = self._doc_starts[(self._doc_starts > s) & (self._doc_starts < s + t)] - s
-            edges = np.concatenate([[0], inner, [t]])
-            for a, e in zip(edges[:-1], edges[1:]):
-                pos[i, a:e] = np.arange(e - a)
-                cu.append(i * t + int(e))
-        batch.position_ids = torch.from_numpy(pos)
-        batch.cu_seqlens = torch.tensor(cu, dtype=torch.int32)
-        batch.max_seqlen = int(np.max(np.diff(cu)))
+
+def build_batch(rows: list[tuple[BlockLoader, int]], block_size: int,
+                boundaries: bool) -> Batch:
+    """A batch of one block per (loader, start): its tokens, the next tokens as targets (none
+    where a loss mask says so), and with ``boundaries`` positions restarting at each document."""
+    t = block_size
+    tokens = np.stack([src._read(s, t + 1) for src, s in rows]).astype(np.int64)
+    x, y = torch.from_numpy(tokens[:, :-1].copy()), torch.from_numpy(tokens[:, 1:].copy())
+    if any(src.split.shards[0].mask is not None for src, _ in rows):
+        keep = np.stack([src._read(s + 1, t, mask=True).astype(bool)
+                         if src.split.shards[0].mask is not None else np.ones(t, bool)
+                         for src, s in rows])
+        y[~torch.from_numpy(keep)] = IGNORE_INDEX
+    batch = Batch(x, y)
+    if boundaries:
+        _add_boundaries(batch, rows, t)
+    return batch
+
+
+def _add_boundaries(batch: Batch, rows: list[tuple[BlockLoader, int]], t: int) -> None:
+    pos = np.empty((len(rows), t), dtype=np.int64)
+    cu = [0]
+    for i, (src, s) in enumerate(rows):
+        # document starts strictly inside the block cut it into segments
+        starts = src._doc_starts
+        inner = starts[(starts > s) & (starts < s + t)] - s
+        edges = np.concatenate([[0], inner, [t]])
+        for a, e in zip(edges[:-1], edges[1:]):
+            pos[i, a:e] = np.arange(e - a)
+            cu.append(i * t + int(e))
+    batch.position_ids = torch.from_numpy(pos)
+    batch.cu_seqlens = torch.tensor(cu, dtype=torch.int32)
+    batch.max_seqlen = int(np.max(np.diff(cu)))

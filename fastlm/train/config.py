@@ -48,6 +48,9 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     path: str = "data/demo"  # a directory written by `fastlm prepare`
+    # {prepared directory: weight, ...}: samples drawn from several datasets in these
+    # proportions, in place of data.path (validation: the same mix of their val splits)
+    mix: dict | None = None
     prepare: dict | None = None  # if set and `path` is missing: fastlm.data.prepare(**prepare)
     block_size: int = 256
     mode: str = "random"  # "random" windows or "sequential" epochs
@@ -277,6 +280,9 @@ def validate(cfg: RunConfig) -> None:
                           f"train.max_steps={cfg.train.max_steps}")
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
+    if cfg.data.mix is not None and cfg.data.prepare is not None:
+        raise ConfigError("data.mix takes prepared directories: prepare each with `fastlm "
+                          "prepare INPUT --out DIR` (one tokenizer for all) and drop data.prepare")
     lora = cfg.model.lora
     if lora is not None and (lora.r < 1 or lora.alpha <= 0 or not 0 <= lora.dropout < 1
                              or not lora.target_modules):

@@ -106,9 +106,8 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> RunState:
     data_dir = _ensure_data(cfg, rank)
     if cfg.model.pretrained:
         check_tokenizer(cfg.model.pretrained, data_dir)
-    train_loader = BlockLoader(data_dir, cfg.data.block_size, micro, split_name="train",
-                               rank=rank, world_size=world, seed=cfg.train.seed,
-                               mode=cfg.data.mode, boundaries=cfg.data.boundaries)
+    train_loader = _loader(cfg, data_dir, micro, "train", rank=rank, world_size=world,
+                           seed=cfg.train.seed, mode=cfg.data.mode)
     val_loader = _val_loader(cfg, data_dir, micro, rank, world)
     vocab = train_loader.split.vocab_size
 
@@ -424,6 +423,13 @@ def _resume(engine, resume: str, ckpt_dir: Path, rank: int, world: int, loader: 
 
 
 def _ensure_data(cfg: RunConfig, rank: int) -> Path:
+    """The prepared directory (with data.mix: the first; all share its tokenizer)."""
+    if cfg.data.mix is not None:
+        for p in cfg.data.mix:
+            if not (Path(p) / "meta.json").is_file():
+                raise ConfigError(f"data.mix: {p!r} is not a prepared dataset: run `fastlm "
+                                  f"prepare INPUT --out {p}` first")
+        return Path(next(iter(cfg.data.mix)))
     path = Path(cfg.data.path)
     if not (path / "meta.json").is_file():
         if cfg.data.prepare is None:
@@ -444,13 +450,26 @@ def _ensure_data(cfg: RunConfig, rank: int) -> Path:
     return path
 
 
+def _loader(cfg, data_dir, micro, split, **kw):
+    if cfg.data.mix is None:
+        return BlockLoader(data_dir, cfg.data.block_size, micro, split_name=split,
+                           boundaries=cfg.data.boundaries, **kw)
+    from fastlm.data.mix import MixedLoader
+
+    try:
+        return MixedLoader(cfg.data.mix, cfg.data.block_size, micro, split_name=split,
+                           boundaries=cfg.data.boundaries, **kw)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
 def _val_loader(cfg, data_dir, micro, rank, world) -> BlockLoader:
     try:
-        return BlockLoader(data_dir, cfg.data.block_size, micro, split_name="val", rank=rank,
-                           world_size=world, seed=cfg.train.seed + 1, mode="random",
-                           boundaries=cfg.data.boundaries)
+        return _loader(cfg, data_dir, micro, "val", rank=rank, world_size=world,
+                       seed=cfg.train.seed + 1, mode="random")
     except Exception as exc:
-        raise ConfigError(f"validation split of {data_dir} unusable: {exc}") from exc
+        where = data_dir if cfg.data.mix is None else f"data.mix {list(cfg.data.mix)}"
+        raise ConfigError(f"validation split of {where} unusable: {exc}") from exc
 
 
 def _save_run_files(cfg: RunConfig, out_dir: Path, data_dir: Path) -> None:

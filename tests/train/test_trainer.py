@@ -1066,3 +1066,21 @@ def test_wsd_run_extends_from_a_stable_phase_checkpoint(tmp_path, tiny_data):
     lr = {r["step"]: r["lr"] for r in rows if "lr" in r}  # the resumed run's steps last
     assert state.step == 10
     assert [lr[s] for s in (5, 6, 7, 8)] == [1e-3] * 4 and lr[10] == pytest.approx(1e-4)
+
+
+def test_data_mix_trains_and_resumes_exactly(tmp_path, tiny_data):
+    """data.mix: two prepared datasets (one tokenizer) in 3:1; the resumed curve is the
+    uninterrupted one (every source continues where it stopped)."""
+    from conftest import make_dataset
+
+    other = make_dataset(tmp_path / "other", n_docs=25)
+    args = ["train.micro_batch_size=2", "eval.every=2", "log.every=1",
+            f"data.mix={{{tiny_data}: 3, {other}: 1}}"]
+    whole = run(config(tmp_path / "a", tiny_data, *args, "train.max_steps=4"))
+    run(config(tmp_path / "b", tiny_data, *args, "train.max_steps=2"))
+    resumed = run(config(tmp_path / "b", tiny_data, *args, "train.max_steps=4"), resume="auto")
+    assert losses(resumed)[-2:] == losses(whole)[-2:]
+    assert math.isfinite(whole.best_val)
+    with pytest.raises(ConfigError, match="data.mix: '.*missing' is not a prepared dataset"):
+        run(config(tmp_path / "c", tiny_data, "train.max_steps=1",
+                   f"data.mix={{{tiny_data}: 1, {tmp_path / 'missing'}: 1}}"))
