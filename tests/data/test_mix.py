@@ -4,12 +4,11 @@ micro-batch-independent, exactly resumable; bad mixes named."""
 import numpy as np
 import pytest
 import torch
+from test_loader import prepared
 
 from fastlm.data.format import FormatError
 from fastlm.data.loader import IGNORE_INDEX, BlockLoader
 from fastlm.data.mix import MixedLoader
-
-from test_loader import prepared
 
 
 def _docs(low, high, seed, n=30):
