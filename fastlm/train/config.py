@@ -49,7 +49,8 @@ class ModelConfig:
 class DataConfig:
     path: str = "data/demo"  # a directory written by `fastlm prepare`
     # {prepared directory: weight, ...}: samples drawn from several datasets in these
-    # proportions, in place of data.path (validation: the same mix of their val splits)
+    # proportions, in place of data.path (validation: each source's val split, and their
+    # mix-weighted mean as val_loss)
     mix: dict | None = None
     prepare: dict | None = None  # if set and `path` is missing: fastlm.data.prepare(**prepare)
     block_size: int = 256

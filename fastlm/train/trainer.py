@@ -348,11 +348,17 @@ def evaluate_loss(engine, val_loader: BlockLoader, batches: int, dev, model_dtyp
 
 def _evaluate(cfg, engine, val_loader, state, log, ckpt_dir, rank, dev, model_dtype,
               loader, fused) -> bool:
-    val = evaluate_loss(engine, val_loader, cfg.eval.batches, dev, model_dtype,
-                        fused and cfg.train.zero_stage < 3)
+    parts = [(name, weight, evaluate_loss(engine, ld, cfg.eval.batches, dev, model_dtype,
+                                          fused and cfg.train.zero_stage < 3))
+             for name, weight, ld in val_loader]
+    # with data.mix: the mixture's expected loss, each source's weighted by its share
+    val = sum(weight * loss for _, weight, loss in parts)
     ppl = math.exp(min(val, 50.0))
-    log.log(state.step, val_loss=val, val_ppl=ppl)
-    log.write(f"step {state.step}: val loss {val:.4f}, perplexity {ppl:.2f}")
+    each = {f"val_loss/{name}": loss for name, _, loss in parts if name is not None}
+    log.log(state.step, val_loss=val, val_ppl=ppl, **each)
+    log.write(f"step {state.step}: val loss {val:.4f}, perplexity {ppl:.2f}"
+              + ("" if not each else " (" + ", ".join(
+                  f"{k[len('val_loss/'):]} {v:.4f}" for k, v in each.items()) + ")"))
     if val < state.best_val:
         state.best_val, state.evals_since_best = val, 0
         if cfg.checkpoint.keep_best:
@@ -463,13 +469,28 @@ def _loader(cfg, data_dir, micro, split, **kw):
         raise ConfigError(str(exc)) from exc
 
 
-def _val_loader(cfg, data_dir, micro, rank, world) -> BlockLoader:
-    try:
-        return _loader(cfg, data_dir, micro, "val", rank=rank, world_size=world,
-                       seed=cfg.train.seed + 1, mode="random")
-    except Exception as exc:
-        where = data_dir if cfg.data.mix is None else f"data.mix {list(cfg.data.mix)}"
-        raise ConfigError(f"validation split of {where} unusable: {exc}") from exc
+def _val_loader(cfg, data_dir, micro, rank, world) -> list[tuple[str | None, float, BlockLoader]]:
+    """[(name, weight, loader)]: the dataset's val split, or with data.mix each source's,
+    named by its directory (eval.batches batches each), weighted by its share of the mix."""
+    mix = {str(data_dir): 1.0} if cfg.data.mix is None else cfg.data.mix
+    total = sum(mix.values())
+    names = _short_names(list(mix)) if cfg.data.mix is not None else [None]
+    out = []
+    for name, (path, weight) in zip(names, mix.items()):
+        try:
+            ld = BlockLoader(path, cfg.data.block_size, micro, split_name="val", rank=rank,
+                             world_size=world, seed=cfg.train.seed + 1, mode="random",
+                             boundaries=cfg.data.boundaries)
+        except Exception as exc:
+            raise ConfigError(f"validation split of {path} unusable: {exc}") from exc
+        out.append((name, weight / total, ld))
+    return out
+
+
+def _short_names(paths: list[str]) -> list[str]:
+    """Each directory's last component, or its whole path where two share one."""
+    base = [Path(p).name or str(p) for p in paths]
+    return [b if base.count(b) == 1 else str(p) for b, p in zip(base, paths)]
 
 
 def _save_run_files(cfg: RunConfig, out_dir: Path, data_dir: Path) -> None:
