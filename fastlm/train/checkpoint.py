@@ -103,8 +103,14 @@ def latest_tag(ckpt_dir: Path) -> str | None:
 
 
 def resolve(path: str | Path) -> tuple[Path, str]:
-    """(checkpoints dir, tag) for a run directory, a checkpoints directory or a tag directory."""
+    """(checkpoints dir, tag) for a run directory, a checkpoints directory, a tag directory, or
+    the ``latest`` / ``best`` file of a checkpoints directory (the checkpoint it names)."""
     p = Path(path)
+    if p.is_file() and p.name in ("latest", "best"):
+        tag = p.read_text().strip()
+        if not (p.parent / tag / COMPLETE).exists():
+            raise RuntimeError(f"{p} names {tag}, which is not a complete checkpoint")
+        return p.parent, tag
     for ckpt_dir in (p / "checkpoints", p):
         if (ckpt_dir / "latest").is_file():
             return ckpt_dir, latest_tag(ckpt_dir)
@@ -112,7 +118,8 @@ def resolve(path: str | Path) -> tuple[Path, str]:
         return p.parent, p.name
     raise FileNotFoundError(
         f"{path}: no checkpoint found (expected a run directory with checkpoints/latest, a "
-        f"checkpoints directory, or a checkpoint directory holding {COMPLETE})")
+        f"checkpoints directory, a checkpoint directory holding {COMPLETE}, or "
+        f"checkpoints/best)")
 
 
 def saved_state(ckpt_dir: Path, tag: str) -> dict:

@@ -300,6 +300,17 @@ def test_early_stopping_with_patience(tmp_path, tiny_data):
                        "train.micro_batch_size=2", "train.max_steps=50", "eval.every=1",
                        "eval.patience=2"))
     assert state.step == 3
+    # the best checkpoint (the first evaluation's) is what checkpoints/best names for export,
+    # generate and eval, while the run directory means the latest
+    from fastlm.train.export import export
+
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert state.best_tag == "step00000001" and (ckpts / "latest").read_text() != state.best_tag
+    out = export(ckpts / "best", tmp_path / "best_hf")
+    assert (out / "model.safetensors").is_file()
+    with pytest.raises(ConfigError, match="--resume .*best.*not a complete checkpoint"):
+        (ckpts / "best").write_text("step00000099")
+        run(config(tmp_path, tiny_data, "train.max_steps=50"), resume=str(ckpts / "best"))
 
 
 def test_resume_refused_without_flag_and_bad_inputs(tmp_path, tiny_data):
