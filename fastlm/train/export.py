@@ -68,11 +68,19 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, *, merge: b
 
 def _consolidated_state_dict(ckpt_dir: Path, tag: str, model, run: dict) -> dict:
     tag_dir = ckpt_dir / tag
+    files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
     if any(tag_dir.glob("*zero_pp_rank_*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-    files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+        weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        if files:
+            # frozen weights (LoRA's base) hold no optimizer partition; with bf16 + ZeRO 1/2
+            # DeepSpeed records none of them either, but the model file holds them whole
+            saved = torch.load(files[0], map_location="cpu", weights_only=False)
+            for name, value in (saved.get("module") or {}).items():
+                if name not in weights and torch.is_tensor(value) and value.numel():
+                    weights[name] = value.float()
+        return weights
     if not files:
         raise ExportError(f"{tag_dir}: no model states found; is this a fastlm checkpoint?")
     saved = torch.load(files[0], map_location="cpu", weights_only=False)

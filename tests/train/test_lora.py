@@ -64,15 +64,16 @@ def _exported_logits(run_dir):
         return hf, hf(input_ids=IDS).logits.float()
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision, stage", [("fp32", 0), ("bf16", 0), ("bf16", 1)])
 def test_gpt2_adapters_alone_train_and_the_export_merges_them(tmp_path, tiny_data, capsys,
-                                                             precision):
-    """GPT-2's Conv1D layers (stored transposed) take adapters too; no ZeRO (in bf16 the
-    adapters' fp32 masters sit in FusedAdamW, in a single group: the export failed on it)."""
+                                                             precision, stage):
+    """GPT-2's Conv1D layers (stored transposed) take adapters too. The export failed in bf16
+    without ZeRO (the adapters' fp32 masters sit in FusedAdamW, in a single group) and with
+    ZeRO-1 (DeepSpeed's bf16 checkpoint records no frozen weight: the model file has them)."""
     before, after, logits, run_dir = _run_capturing(
         tmp_path, tiny_data, "model.preset=tiny-gpt2",
         "model.overrides={n_layer: 2, n_embd: 64, n_head: 2}", "model.lora.r=4",
-        "train.max_steps=4", f"train.precision={precision}")
+        "train.max_steps=4", f"train.precision={precision}", f"train.zero_stage={stage}")
     adapters = [n for n in after if ".lora_" in n]
     assert adapters and all(".lora_" in n or torch.equal(before[n], after[n]) for n in after)
     assert all(after[n].abs().max() > 0 for n in adapters if ".lora_B" in n)  # B starts at 0
