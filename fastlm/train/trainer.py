@@ -8,6 +8,7 @@ loader's position is the step; same dropout: every rank's RNG state is saved).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -157,8 +158,12 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> RunState:
                       ckpt_dir=ckpt_dir, rank=rank, dev=dev, accum=accum,
                       tokens_per_step=glob * cfg.data.block_size, fpt=fpt,
                       peak=peak * world if peak else None)
-            if rank == 0 and cfg.sample.tokens > 0 and state.step >= cfg.train.max_steps:
-                log.write(_sample(cfg, engine.module, data_dir, dev))
+            if cfg.sample.tokens > 0 and state.step >= cfg.train.max_steps:
+                # every rank enters: ZeRO-3 gathers the whole weights for rank 0 to generate
+                # alone (its per-layer gathers need every rank: on 2+ ranks it failed or hung)
+                with _whole_weights(engine):
+                    if rank == 0:
+                        log.write(_sample(cfg, engine.module, data_dir, dev))
         finally:
             log.close()
     finally:
@@ -545,6 +550,16 @@ def _peak_flops(dev: torch.device, precision: str = "fp32") -> float | None:
     # CPU with bf16 dot products)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     return matmul_peak_tflops("cpu", dtype, n=512) * 1e12
+
+
+def _whole_weights(engine):
+    """A context in which the model's weights are whole on every rank and ZeRO-3's gathering
+    hooks are off (collective: every rank enters); nothing to do without ZeRO-3."""
+    if not engine.zero_optimization_partition_weights():
+        return contextlib.nullcontext()
+    from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+    return unwrap_model_for_generation(engine)
 
 
 def _sample(cfg: RunConfig, model, data_dir: Path, dev) -> str:

@@ -1,6 +1,6 @@
 """Run under `deepspeed --num_gpus 2`: the same tiny run under ZeRO 0, 1, 2, 3, ZeRO-2 with
 optimizer offload, ZeRO-3 with activation checkpointing, ZeRO-0 in bf16, LoRA under ZeRO 0
-and 3; rank 0 writes each run's per-step losses as JSON to argv[2]."""
+and 3, ZeRO-3 sampling at the end; rank 0 writes each run's per-step losses as JSON to argv[2]."""
 
 import json
 import sys
@@ -17,12 +17,20 @@ SETTINGS = {"zero0": ["train.zero_stage=0"], "zero1": ["train.zero_stage=1"],
             "zero0_bf16": ["train.zero_stage=0", "train.precision=bf16"],
             # LoRA adapters alone trained: frozen weights partitioned too under ZeRO-3
             "zero0_lora": ["train.zero_stage=0", "model.lora.r=4"],
-            "zero3_lora": ["train.zero_stage=3", "model.lora.r=4"]}
+            "zero3_lora": ["train.zero_stage=3", "model.lora.r=4"],
+            # every weight partitioned (no small ones kept whole), then the end-of-run sample:
+            # rank 0 generating alone failed (its layers' gathers need every rank)
+            "zero3_sample": ["train.zero_stage=3", "train.deepspeed={ds}", "sample.tokens=4"]}
 
 
 def main(data: str, out: str, overrides: list[str]) -> None:
     results = {}
+    ds = out + "_zero3.json"
+    with open(ds, "w") as f:
+        json.dump({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}},
+                  f)
     for name, extra in SETTINGS.items():
+        extra = [e.format(ds=ds) for e in extra]
         cfg = load_config(None, [*overrides, f"data.path={data}", f"out_dir={out}_{name}", *extra])
         state = train(cfg)
         results[name] = [loss for _, loss in state.history]
