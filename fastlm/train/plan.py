@@ -1,0 +1,145 @@
+"""``fastlm train CONFIG --dry-run [--world-size N]``: what a run would do, before any of it.
+
+The model is built on the meta device (no weights are allocated or read), so the plan of a
+multi-billion-parameter run on N GPUs takes seconds on a laptop. It reports what the config
+resolves to (batch triple, tokens, precision, ZeRO, schedule), the model's parameters (and what
+trains under LoRA), FLOPs a token as MFU counts them, each rank's memory for weights, gradients
+and optimizer state under the ZeRO stage (activations are not included: they depend on the
+kernels, checkpointing and batch), and the DeepSpeed JSON fastlm would hand DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fastlm.train.config import ConfigError, RunConfig, resolve_batch
+
+
+@dataclass
+class Memory:
+    """Bytes a rank holds for the model state (ZeRO's split of it)."""
+
+    weights: float
+    gradients: float
+    optimizer: float
+    optimizer_on_cpu: bool
+
+
+def model_state_memory(params: int, trainable: int, precision: str, stage: int, world: int,
+                       offload: bool) -> Memory:
+    """Weights in the run's dtype, a gradient per trained weight in that dtype, and Adam's two
+    fp32 moments per trained weight plus an fp32 master copy when the weights are bf16/fp16.
+    ZeRO splits the optimizer state across ranks from stage 1, the gradients from stage 2, the
+    weights at stage 3."""
+    w = 2 if precision in ("bf16", "fp16") else 4
+    optimizer = trainable * (8 + (4 if w == 2 else 0))
+    return Memory(weights=params * w / (world if stage >= 3 else 1),
+                  gradients=trainable * w / (world if stage >= 2 else 1),
+                  optimizer=optimizer / (world if stage >= 1 else 1), optimizer_on_cpu=offload)
+
+
+def plan(cfg: RunConfig, world: int) -> dict:
+    """The resolved run as a dict (see the module docstring)."""
+    from fastlm.data.format import read_meta
+    from fastlm.train.engine import deepspeed_config, resolve_precision
+    from fastlm.train.model import flops_per_token, hf_config, hidden_size, lm_class
+
+    micro, accum, glob = resolve_batch(cfg.train, world)
+    data = Path(next(iter(cfg.data.mix)) if cfg.data.mix else cfg.data.path)
+    vocab = eos = None
+    if (data / "meta.json").is_file():
+        meta = read_meta(data)
+        vocab, eos = int(meta["vocab_size"]), int(meta["eos_id"])
+    conf = hf_config(cfg.model, vocab, cfg.data.block_size, eos)
+    if cfg.model.pretrained and vocab is not None:
+        conf.vocab_size = max(conf.vocab_size, vocab)  # the trainer grows the embeddings
+    with torch.device("meta"):
+        model = lm_class(conf).from_config(conf)
+        if cfg.model.lora is not None:
+            from fastlm.train.lora import apply_lora
+
+            apply_lora(model, cfg.model.lora)
+    params = {id(p): p for p in model.parameters()}.values()  # tied weights once
+    total = sum(p.numel() for p in params)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = resolve_precision(cfg.train.precision, dev)[0]
+    ds = deepspeed_config(cfg, micro, accum, glob, hidden_size=hidden_size(model))
+    stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+    offload = "offload_optimizer" in ds.get("zero_optimization", {})
+    fpt = flops_per_token(model, cfg.data.block_size)
+    tokens = glob * cfg.data.block_size
+    mem = model_state_memory(total, trainable, precision, stage, world, offload)
+    return {"model": type(model).__name__, "parameters": total, "trainable": trainable,
+            "vocab_size": conf.vocab_size if vocab is None else vocab,
+            "data": [str(p) for p in cfg.data.mix] if cfg.data.mix else str(data),
+            "data_prepared": vocab is not None,
+            "world_size": world, "micro_batch": micro, "grad_accum": accum,
+            "global_batch": glob, "tokens_per_step": tokens,
+            "tokens_total": tokens * cfg.train.max_steps, "precision": precision,
+            "zero_stage": stage, "flops_per_token": fpt, "flops_per_step": fpt * tokens,
+            "flops_total": fpt * tokens * cfg.train.max_steps,
+            "memory_per_rank": {"weights": mem.weights, "gradients": mem.gradients,
+                                "optimizer": mem.optimizer,
+                                "optimizer_on": "cpu" if offload else "device"},
+            "deepspeed": ds}
+
+
+def render(p: dict, cfg: RunConfig) -> str:
+    mem = p["memory_per_rank"]
+    on_device = mem["weights"] + mem["gradients"] + (0 if mem["optimizer_on"] == "cpu"
+                                                     else mem["optimizer"])
+    o = cfg.optim
+    trains = "" if p["trainable"] == p["parameters"] else \
+        f" ({_n(p['trainable'])} train: LoRA rank {cfg.model.lora.r})"
+    lines = [
+        f"model      {p['model']}, {_n(p['parameters'])} parameters{trains}, vocabulary "
+        f"{p['vocab_size']:,}",
+        f"data       {p['data']}, blocks of {cfg.data.block_size} tokens"
+        + ("" if p["data_prepared"] else " (not prepared yet: the vocabulary is the model "
+                                         "config's)"),
+        f"batch      micro {p['micro_batch']} x accumulation {p['grad_accum']} x "
+        f"{p['world_size']} rank(s) = {p['global_batch']} blocks = "
+        f"{_n(p['tokens_per_step'])} tokens a step; {cfg.train.max_steps:,} steps = "
+        f"{_n(p['tokens_total'])} tokens",
+        f"training   {p['precision']}, ZeRO stage {p['zero_stage']}, {o.name}, lr {o.lr:g} "
+        f"({o.schedule}, warmup {o.warmup_steps})",
+        f"compute    {_n(p['flops_per_token'])}FLOPs a token, {_n(p['flops_per_step'])}FLOPs a "
+        f"step, {_n(p['flops_total'])}FLOPs in all",
+        f"memory     a rank holds {_b(on_device)} of model state on the "
+        f"{'GPU' if torch.cuda.is_available() else 'device'}: weights {_b(mem['weights'])}, "
+        f"gradients {_b(mem['gradients'])}, optimizer {_b(mem['optimizer'])}"
+        + (" (in CPU memory: offload)" if mem["optimizer_on"] == "cpu" else "")
+        + "; activations come on top",
+        "deepspeed  " + json.dumps(p["deepspeed"], sort_keys=True),
+    ]
+    return "\n".join(lines)
+
+
+def _n(x: float) -> str:
+    for unit, size in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6),
+                       ("k", 1e3)):
+        if abs(x) >= size:
+            return f"{x / size:.3g} {unit}"
+    return f"{x:.3g} "
+
+
+def _b(x: float) -> str:
+    for unit, size in (("TiB", 2 ** 40), ("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if x >= size:
+            return f"{x / size:.3g} {unit}"
+    return f"{x:.0f} B"
+
+
+def world_size(explicit: int | None) -> int:
+    import os
+
+    if explicit is not None:
+        if explicit < 1:
+            raise ConfigError(f"--world-size must be >= 1, got {explicit}")
+        return explicit
+    return int(os.environ.get("WORLD_SIZE", "1"))
