@@ -5,7 +5,8 @@ Imports are lazy: ``import fastlm.data`` does not import datasets, tokenizers or
 
 from __future__ import annotations
 
-__all__ = ["prepare", "CleanConfig", "DataError", "BlockLoader", "load_tokenizer", "open_split"]
+__all__ = ["prepare", "CleanConfig", "DataError", "BlockLoader", "MixedLoader", "load_tokenizer",
+           "open_split"]
 
 
 def __getattr__(name: str):
@@ -25,6 +26,10 @@ def __getattr__(name: str):
         from fastlm.data.loader import BlockLoader
 
         return BlockLoader
+    if name == "MixedLoader":
+        from fastlm.data.mix import MixedLoader
+
+        return MixedLoader
     if name == "open_split":
         from fastlm.data.format import open_split
 
