@@ -49,11 +49,12 @@ def context_length(model) -> int | None:
 
 def sample(model, tokenizer, prompt: str, *, max_new_tokens: int, temperature: float = 0.8,
            top_k: int | None = 50, top_p: float | None = None, device=None,
-           seed: int | None = None, chat: bool = False) -> str:
+           seed: int | None = None, chat: bool = False,
+           history: list[dict] | None = None) -> str:
     """Prompt + up to ``max_new_tokens`` sampled tokens (fewer if EOS comes first), as text.
-    ``chat``: the prompt is a user's message, laid out by the tokenizer's chat template (the
-    layout `fastlm prepare --sft` fine-tuned on); the answer alone comes back, ended where the
-    template ends a response."""
+    ``chat``: the prompt is a user's message, after the conversation so far (``history``, chat
+    messages), laid out by the tokenizer's chat template (the layout `fastlm prepare --sft`
+    fine-tuned on); the answer alone comes back, ended where the template ends a response."""
     device = device or next(model.parameters()).device
     stops = tokenizer.eos_token_id
     if chat:
@@ -63,8 +64,9 @@ def sample(model, tokenizer, prompt: str, *, max_new_tokens: int, temperature: f
             raise GenerateError("--chat: the tokenizer has no chat template (`fastlm prepare "
                                 "--sft` saves one with the data a model is fine-tuned on); "
                                 "leave --chat out to continue plain text")
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                             add_generation_prompt=True, tokenize=False)
+        messages = [*(history or []), {"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                             tokenize=False)
         # the template writes its own special tokens (BOS among them) as text
         ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
         stops = response_stop_ids(tokenizer)
@@ -163,6 +165,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--chat", action="store_true", help="the prompt is a user's message "
                         "in the chat template of the model's fine-tuning data; print the reply")
+    parser.add_argument("--interactive", action="store_true",
+                        help="with --chat: a conversation on stdin, one user message a line "
+                        "(the replies keep the history; /reset starts over, /exit or EOF ends)")
+    parser.add_argument("--system", default=None,
+                        help="with --chat: a system message opening the conversation")
     parser.add_argument("--num-samples", type=int, default=1)
     parser.add_argument("--seed", type=int, default=None)
 
@@ -170,12 +177,51 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     if not Path(args.model).exists():
         raise GenerateError(f"{args.model} not found (give an HF directory or a fastlm run)")
+    if (args.interactive or args.system is not None) and not args.chat:
+        raise GenerateError("--interactive and --system are for chat models: add --chat")
     model, tok = load_for_generation(args.model)
+    if args.interactive:
+        return _converse(model, tok, args)
+    history = [] if args.system is None else [{"role": "system", "content": args.system}]
     for i in range(args.num_samples):
         text = sample(model, tok, args.prompt, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                      seed=None if args.seed is None else args.seed + i, chat=args.chat)
+                      seed=None if args.seed is None else args.seed + i, chat=args.chat,
+                      history=history)
         print(text)
         if i + 1 < args.num_samples:
             print("-" * 40)
     return 0
+
+
+def _converse(model, tok, args) -> int:
+    """Read user messages from stdin, print each reply; the conversation is the history."""
+    import sys
+
+    opening = [] if args.system is None else [{"role": "system", "content": args.system}]
+    history = list(opening)
+    prompt = "user> " if sys.stdin.isatty() else ""
+    for i, line in enumerate(_lines(prompt)):
+        message = line.strip()
+        if message in ("/exit", "/quit"):
+            break
+        if message == "/reset":
+            history = list(opening)
+            continue
+        if not message:
+            continue
+        reply = sample(model, tok, message, max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                       seed=None if args.seed is None else args.seed + i, chat=True,
+                       history=history)
+        print(reply, flush=True)
+        history += [{"role": "user", "content": message}, {"role": "assistant", "content": reply}]
+    return 0
+
+
+def _lines(prompt: str):
+    while True:
+        try:
+            yield input(prompt)
+        except EOFError:
+            return

@@ -391,7 +391,7 @@ def test_sft_and_continued_pretraining_from_an_export(tmp_path, tiny_data):
 
 
 
-def test_chat_fine_tuning_then_generate_chat(tmp_path, capsys):
+def test_chat_fine_tuning_then_generate_chat(tmp_path, capsys, monkeypatch):
     """The chat journey: conversations prepared with an instruct tokenizer's own template
     (ChatML here; its end of turn is not EOS), a model fine-tuned on them, and
     `fastlm generate --chat` laying the prompt out the same way and stopping at the end of
@@ -427,6 +427,26 @@ def test_chat_fine_tuning_then_generate_chat(tmp_path, capsys):
         assert main(["generate", str(tmp_path / "run"), "--chat", "--prompt", q,
                      "--temperature", "0", "--max-new-tokens", "40"]) == 0
         assert capsys.readouterr().out == a + "\n"
+    # --interactive: a conversation on stdin, each reply after the history so far
+    import io
+
+    from fastlm.train import generate
+
+    calls, real = [], generate.sample
+
+    def recording(model, tok, prompt, **kw):
+        calls.append((prompt, [dict(m) for m in kw["history"]]))
+        return real(model, tok, prompt, **kw)
+
+    monkeypatch.setattr(generate, "sample", recording)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi?\nBye?\n/reset\n\nHi?\n"))
+    assert main(["generate", str(tmp_path / "run"), "--chat", "--interactive",
+                 "--temperature", "0", "--max-new-tokens", "40"]) == 0
+    replies = capsys.readouterr().out.splitlines()
+    assert len(replies) == 3 and replies[0] == replies[2] == "Hey."
+    turn = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hey."}]
+    assert calls == [("Hi?", []), ("Bye?", turn), ("Hi?", [])]
+    assert main(["generate", str(tmp_path / "run"), "--interactive"]) == 2  # needs --chat
 
 
 def test_fine_tuning_data_from_another_tokenizer_is_refused(tmp_path, tiny_data):
