@@ -44,7 +44,9 @@ def test_loop_keeps_a_freeze_the_process_made():
         frozen = gc.get_freeze_count()
         with _gc.loop():
             pass
-        assert gc.get_freeze_count() == frozen
+        # untouched: not unfrozen (0). Not compared exactly: a frozen object another thread
+        # drops meanwhile (a logger's, a launcher's) leaves the permanent generation (CI saw -2)
+        assert gc.get_freeze_count() >= 0.99 * frozen > 0
     finally:
         gc.unfreeze()
 
