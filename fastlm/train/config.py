@@ -126,6 +126,7 @@ class LogConfig:
 class SampleConfig:
     prompt: str = "\n"
     tokens: int = 0  # 0 = no sample at the end
+    every: int = 0  # also sample every N steps while training (0: at the end only)
     temperature: float = 0.8
     top_k: int | None = 50
     top_p: float | None = None

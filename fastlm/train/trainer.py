@@ -157,13 +157,9 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> RunState:
                 _loop(cfg, engine, scheduler, train_loader, val_loader, state, log, signals,
                       ckpt_dir=ckpt_dir, rank=rank, dev=dev, accum=accum,
                       tokens_per_step=glob * cfg.data.block_size, fpt=fpt,
-                      peak=peak * world if peak else None)
+                      peak=peak * world if peak else None, data_dir=data_dir)
             if cfg.sample.tokens > 0 and state.step >= cfg.train.max_steps:
-                # every rank enters: ZeRO-3 gathers the whole weights for rank 0 to generate
-                # alone (its per-layer gathers need every rank: on 2+ ranks it failed or hung)
-                with _whole_weights(engine):
-                    if rank == 0:
-                        log.write(_sample(cfg, engine.module, data_dir, dev))
+                _log_sample(cfg, engine, log, rank, data_dir, dev)
         finally:
             log.close()
     finally:
@@ -178,7 +174,7 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> RunState:
 
 
 def _loop(cfg, engine, scheduler, loader, val_loader, state, log, signals, *, ckpt_dir, rank,
-          dev, accum, tokens_per_step, fpt, peak):
+          dev, accum, tokens_per_step, fpt, peak, data_dir=None):
     model_dtype = next(engine.module.parameters()).dtype
     fused = _fused_loss(cfg, engine.module)
     if fused and cfg.train.zero_stage == 3 and not _patched_loss(engine.module):
@@ -242,6 +238,9 @@ def _loop(cfg, engine, scheduler, loader, val_loader, state, log, signals, *, ck
         if (cfg.eval.every and state.step % cfg.eval.every == 0) or done:
             stop_early = _evaluate(cfg, engine, val_loader, state, log, ckpt_dir, rank, dev,
                                    model_dtype, loader, fused)
+        if cfg.sample.tokens > 0 and cfg.sample.every and state.step % cfg.sample.every == 0 \
+                and not done:
+            _log_sample(cfg, engine, log, rank, data_dir, dev, step=state.step)
         save_due = cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0
         interrupted = fdist.any_true(signals.received is not None, dev)
         if save_due or done or stop_early or interrupted:
@@ -550,6 +549,21 @@ def _peak_flops(dev: torch.device, precision: str = "fp32") -> float | None:
     # CPU with bf16 dot products)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     return matmul_peak_tflops("cpu", dtype, n=512) * 1e12
+
+
+def _log_sample(cfg, engine, log, rank, data_dir, dev, step: int | None = None) -> None:
+    """A sample from the model as it is now, on rank 0 (every rank enters: ZeRO-3 gathers the
+    whole weights for rank 0 to generate alone; its per-layer gathers need every rank, and on
+    2+ ranks rank 0 generating through them failed or hung). Drawn from the seed on a forked
+    RNG: samples along a run are comparable, and training's random streams (dropout) are the
+    ones a run without samples has."""
+    with _whole_weights(engine):
+        if rank != 0:
+            return
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            torch.manual_seed(cfg.train.seed)
+            text = _sample(cfg, engine.module, data_dir, dev)
+        log.write(text if step is None else f"step {step}: {text}")
 
 
 def _whole_weights(engine):

@@ -1122,3 +1122,18 @@ def test_data_mix_trains_and_resumes_exactly(tmp_path, tiny_data):
     with pytest.raises(ConfigError, match="data.mix: '.*missing' is not a prepared dataset"):
         run(config(tmp_path / "c", tiny_data, "train.max_steps=1",
                    f"data.mix={{{tiny_data}: 1, {tmp_path / 'missing'}: 1}}"))
+
+
+def test_samples_along_the_run_leave_the_training_streams_alone(tmp_path, tiny_data, capsys):
+    """sample.every: a sample every N steps (from the seed, on a forked RNG), so a run with
+    them has the loss curve of one without, dropout on (sampling at temperature 0.8 draws
+    from the RNG that dropout draws from)."""
+    args = ["train.micro_batch_size=2", "train.max_steps=4", "eval.every=0", "log.every=1",
+            "model.overrides={n_layer: 2, n_embd: 64, n_head: 2, resid_pdrop: 0.2, "
+            "embd_pdrop: 0.2, attn_pdrop: 0.2}", "sample.tokens=6", "sample.prompt=The"]
+    plain = run(config(tmp_path / "a", tiny_data, *args))
+    capsys.readouterr()
+    sampled = run(config(tmp_path / "b", tiny_data, *args, "sample.every=2"))
+    out = capsys.readouterr().out
+    assert losses(sampled) == losses(plain)
+    assert out.count("--- sample ---") == 2 and "step 2: --- sample ---\nThe" in out

@@ -18,9 +18,11 @@ SETTINGS = {"zero0": ["train.zero_stage=0"], "zero1": ["train.zero_stage=1"],
             # LoRA adapters alone trained: frozen weights partitioned too under ZeRO-3
             "zero0_lora": ["train.zero_stage=0", "model.lora.r=4"],
             "zero3_lora": ["train.zero_stage=3", "model.lora.r=4"],
-            # every weight partitioned (no small ones kept whole), then the end-of-run sample:
-            # rank 0 generating alone failed (its layers' gathers need every rank)
-            "zero3_sample": ["train.zero_stage=3", "train.deepspeed={ds}", "sample.tokens=4"]}
+            # every weight partitioned (no small ones kept whole), samples along the run and at
+            # the end, the losses unchanged (rank 0 generating alone through ZeRO-3's per-layer
+            # gathers failed: they need every rank)
+            "zero3_sample": ["train.zero_stage=3", "train.deepspeed={ds}", "sample.tokens=4",
+                             "sample.every=2"]}
 
 
 def main(data: str, out: str, overrides: list[str]) -> None:
