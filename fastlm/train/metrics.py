@@ -45,6 +45,8 @@ class MetricsLog:
             for k, v in values.items():
                 if isinstance(v, int | float):
                     self._tb.add_scalar(k, v, step)
+                elif isinstance(v, str):  # samples: TensorBoard's text tab
+                    self._tb.add_text(k, v, step)
 
     def progress(self, step: int, postfix: dict) -> None:
         if self._bar is not None:

@@ -159,7 +159,7 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> RunState:
                       tokens_per_step=glob * cfg.data.block_size, fpt=fpt,
                       peak=peak * world if peak else None, data_dir=data_dir)
             if cfg.sample.tokens > 0 and state.step >= cfg.train.max_steps:
-                _log_sample(cfg, engine, log, rank, data_dir, dev)
+                _log_sample(cfg, engine, log, rank, data_dir, dev, state.step, end=True)
         finally:
             log.close()
     finally:
@@ -240,7 +240,7 @@ def _loop(cfg, engine, scheduler, loader, val_loader, state, log, signals, *, ck
                                    model_dtype, loader, fused)
         if cfg.sample.tokens > 0 and cfg.sample.every and state.step % cfg.sample.every == 0 \
                 and not done:
-            _log_sample(cfg, engine, log, rank, data_dir, dev, step=state.step)
+            _log_sample(cfg, engine, log, rank, data_dir, dev, state.step)
         save_due = cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0
         interrupted = fdist.any_true(signals.received is not None, dev)
         if save_due or done or stop_early or interrupted:
@@ -551,7 +551,7 @@ def _peak_flops(dev: torch.device, precision: str = "fp32") -> float | None:
     return matmul_peak_tflops("cpu", dtype, n=512) * 1e12
 
 
-def _log_sample(cfg, engine, log, rank, data_dir, dev, step: int | None = None) -> None:
+def _log_sample(cfg, engine, log, rank, data_dir, dev, step: int, end: bool = False) -> None:
     """A sample from the model as it is now, on rank 0 (every rank enters: ZeRO-3 gathers the
     whole weights for rank 0 to generate alone; its per-layer gathers need every rank, and on
     2+ ranks rank 0 generating through them failed or hung). Drawn from the seed on a forked
@@ -562,8 +562,9 @@ def _log_sample(cfg, engine, log, rank, data_dir, dev, step: int | None = None) 
             return
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             torch.manual_seed(cfg.train.seed)
-            text = _sample(cfg, engine.module, data_dir, dev)
-        log.write(text if step is None else f"step {step}: {text}")
+            text, shown = _sample(cfg, engine.module, data_dir, dev)
+        log.write(shown if end else f"step {step}: {shown}")
+        log.log(step, sample=text)  # metrics.jsonl, and TensorBoard's text tab
 
 
 def _whole_weights(engine):
@@ -576,7 +577,8 @@ def _whole_weights(engine):
     return unwrap_model_for_generation(engine)
 
 
-def _sample(cfg: RunConfig, model, data_dir: Path, dev) -> str:
+def _sample(cfg: RunConfig, model, data_dir: Path, dev) -> tuple[str, str]:
+    """(the sample, as the console shows it)."""
     from fastlm.train.generate import load_tokenizer, sample
 
     tok = load_tokenizer(data_dir)
@@ -588,6 +590,6 @@ def _sample(cfg: RunConfig, model, data_dir: Path, dev) -> str:
                   temperature=cfg.sample.temperature, top_k=cfg.sample.top_k,
                   top_p=cfg.sample.top_p, device=dev, chat=chat)
     if chat:
-        return f"--- sample (chat) ---\nuser: {cfg.sample.prompt}\nassistant: {text}\n" \
+        return text, f"--- sample (chat) ---\nuser: {cfg.sample.prompt}\nassistant: {text}\n" \
                f"--------------"
-    return f"--- sample ---\n{text}\n--------------"
+    return text, f"--- sample ---\n{text}\n--------------"

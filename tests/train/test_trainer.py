@@ -1137,3 +1137,7 @@ def test_samples_along_the_run_leave_the_training_streams_alone(tmp_path, tiny_d
     out = capsys.readouterr().out
     assert losses(sampled) == losses(plain)
     assert out.count("--- sample ---") == 2 and "step 2: --- sample ---\nThe" in out
+    rows = [json.loads(x) for x in (tmp_path / "b" / "run" / "metrics.jsonl").read_text()
+            .splitlines() if '"sample"' in x]
+    assert [r["step"] for r in rows] == [2, 4] and all(r["sample"].startswith("The")
+                                                     for r in rows)
