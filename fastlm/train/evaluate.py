@@ -36,6 +36,10 @@ class EvalResult:
     windows: int
     block_size: int
     stride: int
+    # tokenizer-independent: the scored targets' nats in bits over the UTF-8 bytes of their
+    # text (None without a tokenizer to decode them); comparable across vocabularies
+    bits_per_byte: float | None = None
+    bytes: int | None = None
 
 
 def token_stream(data: str | Path, split: str, tokenizer=None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -62,6 +66,18 @@ def token_stream(data: str | Path, split: str, tokenizer=None) -> tuple[np.ndarr
                         f"MODEL_DIR --out DIR` and evaluate DIR")
     text = path.read_text(encoding="utf-8", errors="replace")
     return np.asarray(tokenizer(text).input_ids, dtype=np.int64), None
+
+
+def scored_bytes(tokens: np.ndarray, keep: np.ndarray | None, tokenizer) -> int:
+    """UTF-8 bytes of the text of the targets :func:`evaluate` scores (every token after the
+    first; SFT: those the mask keeps), decoded run by run; special tokens (EOS) are no text."""
+    scored = np.ones(len(tokens), bool)
+    scored[0] = False
+    if keep is not None:
+        scored &= keep.astype(bool)
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], scored.astype(np.int8), [0]])))
+    return sum(len(tokenizer.decode(tokens[a:b].tolist(), skip_special_tokens=True)
+                   .encode("utf-8")) for a, b in zip(edges[::2], edges[1::2]))
 
 
 def windows(n: int, block: int, stride: int):
@@ -208,8 +224,14 @@ def run(args) -> int:
                         f"vocabulary of {vocab}: it was tokenized for another model")
     result = evaluate(model, tokens, keep, block_size=block, stride=args.stride,
                       batch_size=args.batch_size, fused=not args.no_kernels)
-    print(f"loss {result.loss:.4f}, perplexity {result.perplexity:.2f} over {result.tokens} "
-          f"tokens ({result.windows} windows of {result.block_size}, stride {result.stride})")
+    if tok is not None:
+        result.bytes = scored_bytes(tokens, keep, tok)
+        if result.bytes:
+            result.bits_per_byte = result.loss * result.tokens / (math.log(2) * result.bytes)
+    bpb = "" if result.bits_per_byte is None else f", {result.bits_per_byte:.4f} bits/byte"
+    print(f"loss {result.loss:.4f}, perplexity {result.perplexity:.2f}{bpb} over "
+          f"{result.tokens} tokens ({result.windows} windows of {result.block_size}, stride "
+          f"{result.stride})")
     if args.json:
         out = Path(args.json)
         tmp = out.with_name(out.name + ".tmp")

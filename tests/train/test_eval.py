@@ -123,6 +123,11 @@ def test_command_on_a_split_and_on_a_text_file(tmp_path, tiny_data, capsys):
     want, count = _reference(model, ids, 32, 16)
     res = json.loads(out.read_text())
     assert res["tokens"] == count and res["loss"] == pytest.approx(want, rel=1e-5)
+    # bits per byte: one byte a token here (byte-level), so the nats of every scored target,
+    # in bits, over the text's bytes after the first
+    assert res["bytes"] == len(text.read_bytes()) - 1 == count
+    assert res["bits_per_byte"] == pytest.approx(want * count / math.log(2) / res["bytes"])
+    assert "bits/byte" in capsys.readouterr().out
 
 
 def test_bf16_command_keeps_rope_frequencies_fp32(tmp_path, tiny_data, monkeypatch):
@@ -167,3 +172,15 @@ def test_data_from_another_tokenizer_is_refused(tmp_path, tiny_data, capsys):
         shutil.copy(f, hf / f.name)  # the model now ships a char-level tokenizer
     assert cli.main(["eval", str(hf), str(tiny_data)]) == 2
     assert "tokenized with another vocabulary than the model" in capsys.readouterr().err
+
+
+def test_scored_bytes_follow_the_sft_mask_and_skip_special_tokens(tmp_path):
+    from fastlm.train.evaluate import scored_bytes
+
+    tok = byte_level(tmp_path / "tok")
+    ids = np.asarray(tok("héllo").input_ids + [tok.eos_token_id] + tok("ab").input_ids)
+    # every target after the first: "éllo" (5 bytes: é is 2), EOS (no text), "ab"
+    assert scored_bytes(ids, None, tok) == 5 + 2
+    keep = np.zeros(len(ids), np.int8)
+    keep[-2:] = 1  # only "ab" is trained on
+    assert scored_bytes(ids, keep, tok) == 2
