@@ -106,6 +106,10 @@ class EvalConfig:
     every: int = 250  # steps; 0 = only at the end
     batches: int = 20
     patience: int | None = None  # stop after this many evals without a new best
+    # a JSONL file of multiple-choice records (HellaSwag's ctx/endings/label): accuracy by
+    # completion likelihood at every evaluation (choices_acc, choices_acc_norm)
+    choices: str | None = None
+    choices_limit: int | None = None  # the first N records only
 
 
 @dataclass

@@ -180,6 +180,9 @@ def add_arguments(parser) -> None:
                         help="run transformers' own code (no fastlm.patch, the loss from the "
                              "full logits), to compare")
     parser.add_argument("--json", default=None, help="also write the result to this file")
+    parser.add_argument("--choices", action="store_true",
+                        help="DATA is a JSONL file of multiple-choice records (HellaSwag's "
+                             "ctx/endings/label): report accuracy by completion likelihood")
 
 
 def run(args) -> int:
@@ -211,6 +214,8 @@ def run(args) -> int:
 
         fastlm.patch(model)
     ctx = context_length(model)
+    if args.choices:
+        return _run_choices(args, model, tok, device, ctx)
     block = args.block_size or min(ctx or 1024, 1024)
     if block < 1 or (ctx is not None and block > ctx):
         raise EvalError(f"--block-size {block} is outside the model's context (1..{ctx})")
@@ -233,9 +238,27 @@ def run(args) -> int:
           f"{result.tokens} tokens ({result.windows} windows of {result.block_size}, stride "
           f"{result.stride})")
     if args.json:
-        out = Path(args.json)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(dict(asdict(result), model=str(args.model),
-                                       data=str(args.data), split=args.split), indent=2))
-        os.replace(tmp, out)
+        _write_json(args.json, dict(asdict(result), model=str(args.model), data=str(args.data),
+                                    split=args.split))
     return 0
+
+
+def _run_choices(args, model, tok, device, ctx) -> int:
+    from fastlm.train.choices import accuracy, read_choices
+
+    if tok is None:
+        raise EvalError(f"--choices: {args.model} comes with no tokenizer to encode the records")
+    records = read_choices(args.data)
+    result = accuracy(model, tok, records, device=device, max_length=ctx, progress=True)
+    print(f"accuracy {result.acc:.4f} (by mean loss per ending token: {result.acc_norm:.4f}) "
+          f"over {result.examples} records")
+    if args.json:
+        _write_json(args.json, dict(asdict(result), model=str(args.model), data=str(args.data)))
+    return 0
+
+
+def _write_json(path: str, payload: dict) -> None:
+    out = Path(path)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, out)

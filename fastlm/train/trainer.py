@@ -110,6 +110,7 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> RunState:
     train_loader = _loader(cfg, data_dir, micro, "train", rank=rank, world_size=world,
                            seed=cfg.train.seed, mode=cfg.data.mode)
     val_loader = _val_loader(cfg, data_dir, micro, rank, world)
+    choices = _choices(cfg, data_dir)
     vocab = train_loader.split.vocab_size
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
@@ -157,7 +158,8 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> RunState:
                 _loop(cfg, engine, scheduler, train_loader, val_loader, state, log, signals,
                       ckpt_dir=ckpt_dir, rank=rank, dev=dev, accum=accum,
                       tokens_per_step=glob * cfg.data.block_size, fpt=fpt,
-                      peak=peak * world if peak else None, data_dir=data_dir)
+                      peak=peak * world if peak else None, data_dir=data_dir,
+                      choices=choices)
             if cfg.sample.tokens > 0 and state.step >= cfg.train.max_steps:
                 _log_sample(cfg, engine, log, rank, data_dir, dev, state.step, end=True)
         finally:
@@ -174,7 +176,7 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> RunState:
 
 
 def _loop(cfg, engine, scheduler, loader, val_loader, state, log, signals, *, ckpt_dir, rank,
-          dev, accum, tokens_per_step, fpt, peak, data_dir=None):
+          dev, accum, tokens_per_step, fpt, peak, data_dir=None, choices=None):
     model_dtype = next(engine.module.parameters()).dtype
     fused = _fused_loss(cfg, engine.module)
     if fused and cfg.train.zero_stage == 3 and not _patched_loss(engine.module):
@@ -237,7 +239,7 @@ def _loop(cfg, engine, scheduler, loader, val_loader, state, log, signals, *, ck
         stop_early = False
         if (cfg.eval.every and state.step % cfg.eval.every == 0) or done:
             stop_early = _evaluate(cfg, engine, val_loader, state, log, ckpt_dir, rank, dev,
-                                   model_dtype, loader, fused)
+                                   model_dtype, loader, fused, choices)
         if cfg.sample.tokens > 0 and cfg.sample.every and state.step % cfg.sample.every == 0 \
                 and not done:
             _log_sample(cfg, engine, log, rank, data_dir, dev, state.step)
@@ -351,7 +353,7 @@ def evaluate_loss(engine, val_loader: BlockLoader, batches: int, dev, model_dtyp
 
 
 def _evaluate(cfg, engine, val_loader, state, log, ckpt_dir, rank, dev, model_dtype,
-              loader, fused) -> bool:
+              loader, fused, choices=None) -> bool:
     parts = [(name, weight, evaluate_loss(engine, ld, cfg.eval.batches, dev, model_dtype,
                                           fused and cfg.train.zero_stage < 3))
              for name, weight, ld in val_loader]
@@ -359,10 +361,21 @@ def _evaluate(cfg, engine, val_loader, state, log, ckpt_dir, rank, dev, model_dt
     val = sum(weight * loss for _, weight, loss in parts)
     ppl = math.exp(min(val, 50.0))
     each = {f"val_loss/{name}": loss for name, _, loss in parts if name is not None}
+    said = ""
+    if choices is not None:  # multiple-choice accuracy (eval.choices), every rank a share
+        from fastlm.train.choices import accuracy
+        from fastlm.train.generate import context_length
+
+        records, tok = choices
+        res = accuracy(engine.module, tok, records, device=dev,
+                       max_length=context_length(engine.module), rank=rank,
+                       world=engine.dp_world_size)
+        each.update(choices_acc=res.acc, choices_acc_norm=res.acc_norm)
+        said = f"; choices accuracy {res.acc:.4f} (per token {res.acc_norm:.4f})"
     log.log(state.step, val_loss=val, val_ppl=ppl, **each)
+    sources = ", ".join(f"{name} {loss:.4f}" for name, _, loss in parts if name is not None)
     log.write(f"step {state.step}: val loss {val:.4f}, perplexity {ppl:.2f}"
-              + ("" if not each else " (" + ", ".join(
-                  f"{k[len('val_loss/'):]} {v:.4f}" for k, v in each.items()) + ")"))
+              + (f" ({sources})" if sources else "") + said)
     if val < state.best_val:
         state.best_val, state.evals_since_best = val, 0
         if cfg.checkpoint.keep_best:
@@ -458,6 +471,20 @@ def _ensure_data(cfg: RunConfig, rank: int) -> Path:
             prepare(resolve_inputs(list(inputs), path.parent / "sources"), path, **kwargs)
         fdist.barrier()
     return path
+
+
+def _choices(cfg, data_dir):
+    """(records, tokenizer) for eval.choices, read before anything is built, or None."""
+    if cfg.eval.choices is None:
+        return None
+    from fastlm.train.choices import ChoicesError, read_choices
+    from fastlm.train.generate import load_tokenizer
+
+    try:
+        records = read_choices(cfg.eval.choices, cfg.eval.choices_limit)
+    except ChoicesError as exc:
+        raise ConfigError(f"eval.choices: {exc}") from exc
+    return records, load_tokenizer(data_dir)
 
 
 def _loader(cfg, data_dir, micro, split, **kw):

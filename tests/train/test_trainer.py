@@ -1141,3 +1141,28 @@ def test_samples_along_the_run_leave_the_training_streams_alone(tmp_path, tiny_d
             .splitlines() if '"sample"' in x]
     assert [r["step"] for r in rows] == [2, 4] and all(r["sample"].startswith("The")
                                                      for r in rows)
+
+
+def test_multiple_choice_accuracy_at_each_evaluation(tmp_path, tiny_data, capsys):
+    """eval.choices: the records' accuracy by completion likelihood is logged with the
+    validation loss, equal to what `fastlm eval --choices` computes on the exported model."""
+    from fastlm.train.choices import accuracy, read_choices
+    from fastlm.train.generate import load_tokenizer
+
+    records = [{"ctx": f"Topic {i}: the", "endings": [" list", " class of objects", " of"],
+                "label": i % 3} for i in range(7)]
+    path = tmp_path / "mc.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    run(config(tmp_path, tiny_data, "train.micro_batch_size=2", "train.max_steps=2",
+               "eval.every=1", f"eval.choices={path}", "export=true"))
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text()
+            .splitlines() if "choices_acc" in x]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert "choices accuracy" in capsys.readouterr().out
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "hf")
+    res = accuracy(hf, load_tokenizer(tmp_path / "run" / "hf"), read_choices(path))
+    assert (rows[-1]["choices_acc"], rows[-1]["choices_acc_norm"]) == (res.acc, res.acc_norm)
+    with pytest.raises(ConfigError, match=r"eval.choices: .*nope.jsonl not found"):
+        run(config(tmp_path / "x", tiny_data, f"eval.choices={tmp_path / 'nope.jsonl'}"))

@@ -20,9 +20,9 @@ SETTINGS = {"zero0": ["train.zero_stage=0"], "zero1": ["train.zero_stage=1"],
             "zero3_lora": ["train.zero_stage=3", "model.lora.r=4"],
             # every weight partitioned (no small ones kept whole), samples along the run and at
             # the end, the losses unchanged (rank 0 generating alone through ZeRO-3's per-layer
-            # gathers failed: they need every rank)
+            # gathers failed: they need every rank); multiple-choice accuracy split over ranks
             "zero3_sample": ["train.zero_stage=3", "train.deepspeed={ds}", "sample.tokens=4",
-                             "sample.every=2"]}
+                             "sample.every=2", "eval.choices={mc}"]}
 
 
 def main(data: str, out: str, overrides: list[str]) -> None:
@@ -31,8 +31,13 @@ def main(data: str, out: str, overrides: list[str]) -> None:
     with open(ds, "w") as f:
         json.dump({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}},
                   f)
+    mc = out + "_choices.jsonl"  # 3 records on 2 ranks: one rank scores a filler, uncounted
+    with open(mc, "w") as f:
+        for i in range(3):
+            f.write(json.dumps({"ctx": f"Topic {i}:", "endings": [" a", " b c"], "label": 0})
+                    + "\n")
     for name, extra in SETTINGS.items():
-        extra = [e.format(ds=ds) for e in extra]
+        extra = [e.format(ds=ds, mc=mc) for e in extra]
         cfg = load_config(None, [*overrides, f"data.path={data}", f"out_dir={out}_{name}", *extra])
         state = train(cfg)
         results[name] = [loss for _, loss in state.history]
