@@ -98,6 +98,29 @@ def to_messages(row: dict, where: str) -> list[dict]:
     return out
 
 
+def to_preference(row: dict, where: str) -> tuple[list[dict], list[dict]]:
+    """A preference record as (chosen, rejected) conversations, each ending in the answer
+    compared: ``prompt`` (a string or messages) + ``chosen`` / ``rejected`` (a string or the
+    answer's messages), or ``chosen`` / ``rejected`` as whole conversations (Anthropic's HH
+    layout) that differ in their last answer."""
+    if row.get("chosen") is None or row.get("rejected") is None:
+        raise DataError(f"{where}: a preference record needs 'chosen' and 'rejected' (with a "
+                        f"'prompt', or as whole conversations): {str(row)[:200]}")
+
+    def messages(value, role: str) -> list[dict]:
+        if isinstance(value, str):
+            return [{"role": role, "content": value}]
+        return to_messages({"messages": value}, where)
+
+    prompt = [] if row.get("prompt") is None else messages(row["prompt"], "user")
+    pair = tuple(prompt + messages(row[k], "assistant") for k in ("chosen", "rejected"))
+    for name, conv in zip(("chosen", "rejected"), pair):
+        if len(conv) < 2 or conv[-1]["role"] != "assistant":
+            raise DataError(f"{where}: the {name} conversation must end in an assistant's "
+                            f"answer after a prompt: {str(conv)[:200]}")
+    return pair
+
+
 def _text(content, where: str) -> str:
     """A message's content as text: a string, or OpenAI's list of content parts (the text
     parts joined; an image or audio part cannot go into a text model's data: an error)."""
@@ -149,6 +172,21 @@ class ChatTemplate:
                 f"{where}: the chat template ({self.source}) does not render message "
                 f"{turn.args[0]} as the continuation of its generation prompt, so the response "
                 f"cannot be told apart; pass --chat-template fastlm or a template file") from None
+        except DataError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - jinja errors, raise_exception() in templates
+            raise DataError(f"{where}: the chat template ({self.source}) failed: "
+                            f"{type(exc).__name__}: {exc}") from exc
+
+    def final_answer(self, messages: list[dict], where: str) -> list[tuple[str, int]]:
+        """(text, trained) pieces of the conversation with its last answer alone trained."""
+        try:
+            return self._pieces(messages, last_only=True)
+        except _Rewritten as turn:
+            raise DataError(
+                f"{where}: the chat template ({self.source}) does not render message "
+                f"{turn.args[0]} as the continuation of its generation prompt; pass "
+                f"--chat-template fastlm or a template file") from None
         except DataError:
             raise
         except Exception as exc:  # noqa: BLE001 - jinja errors, raise_exception() in templates

@@ -25,6 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how .txt files divide into documents")
     parser.add_argument("--encoding-errors", default="replace", choices=["replace", "strict"],
                         help="bytes that are not UTF-8: replace and count, or stop")
+    parser.add_argument("--preference", action="store_true",
+                        help="preference pairs for DPO (train.objective=dpo): records with "
+                        "'prompt' + 'chosen' + 'rejected' (strings or messages), or 'chosen' "
+                        "and 'rejected' whole conversations; laid out as --sft is")
     parser.add_argument("--sft", action="store_true", help="fine-tuning data: prompt/response "
                         "(or messages) records; loss only on responses")
     parser.add_argument("--chat-template", default="auto", metavar="auto|fastlm|FILE",
@@ -54,7 +58,7 @@ def run(args) -> int:
         inputs, args.out, text_field=args.text_field, tokenizer=args.tokenizer,
         vocab_size=args.vocab_size, val_fraction=args.val_fraction, doc_split=args.doc_split,
         split=args.split,
-        encoding_errors=args.encoding_errors, sft=args.sft, overwrite=args.overwrite,
+        encoding_errors=args.encoding_errors, sft=args.sft, preference=args.preference, overwrite=args.overwrite,
         chat_template=args.chat_template,
         num_proc=args.num_proc, seed=args.seed, min_chars=args.min_chars,
         max_chars=args.max_chars, repetition=not args.no_repetition, dedup=not args.no_dedup,

@@ -36,7 +36,8 @@ def prepare(inputs, out_dir, *, text_field: str = "text", tokenizer: str = "bpe"
             doc_split: str = "blank-lines", encoding_errors: str = "replace", sft: bool = False,
             overwrite: bool = False, num_proc: int | None = None, seed: int = 0,
             shard_tokens: int = 1 << 28, split: str = "hash", progress: bool = True,
-            chat_template: str = "auto", **clean_overrides) -> Path:
+            chat_template: str = "auto", preference: bool = False,
+            **clean_overrides) -> Path:
     """Prepare ``inputs`` into ``out_dir``; returns ``out_dir``. Re-running with unchanged
     inputs and settings reuses the result. Keyword arguments naming :class:`CleanConfig`
     fields (``min_chars=...``, ``near_dedup=False``) override the cleaning config.
@@ -56,6 +57,10 @@ def prepare(inputs, out_dir, *, text_field: str = "text", tokenizer: str = "bpe"
                 "doc_split": doc_split, "encoding_errors": encoding_errors, "seed": seed,
                 "shard_tokens": shard_tokens, "split": split}
     chat = None
+    if preference:  # pairs of answers to one prompt, for preference tuning (DPO)
+        sft = True
+        settings["sft"] = True
+        settings["preference"] = True  # only when set: earlier data keeps its settings
     if sft:
         from fastlm.data.chat import resolve
 
@@ -118,15 +123,18 @@ def _up_to_date(out: Path, files, settings) -> bool:
 def _build(inputs, tmp: Path, cfg: C.CleanConfig, settings: dict, files, num_proc, progress,
            chat=None):
     sft = settings["sft"]
+    preference = settings.get("preference", False)
     clock = _Stopwatch()
     ds, stats = readers.load(inputs, text_field=settings["text_field"],
                              doc_split=settings["doc_split"],
                              encoding_errors=settings["encoding_errors"],
-                             sft=sft)
+                             sft=sft and not preference, preference=preference)
     report = {"docs_in": len(ds), "chars_in": 0, "dropped": {}, "replaced_chars":
               stats.replaced_chars}
     clock.lap("read")
-    if sft:
+    if preference:
+        records = _preference_records(ds, cfg, chat, progress)
+    elif sft:
         records = _sft_records(ds, cfg, chat, progress)
     else:
         records = _clean_documents(ds, cfg, num_proc, report, progress)
@@ -159,6 +167,9 @@ def _build(inputs, tmp: Path, cfg: C.CleanConfig, settings: dict, files, num_pro
     dtype = "uint16" if vocab <= 65535 else "uint32"
     splits = {}
     for name, docs in (("train", train), ("val", val)):
+        if preference:  # each pair as two documents, chosen then rejected
+            docs = [d for r in docs for d in ({"segments": r["segments"]},
+                                              {"segments": r["rejected"]})]
         tokens, masks = _tokenize(tok, docs, eos, sft, progress, name)
         clock.lap("tokenize")
         splits[name] = write_split(tmp, name, tokens, dtype=dtype, masks=masks,
@@ -168,7 +179,8 @@ def _build(inputs, tmp: Path, cfg: C.CleanConfig, settings: dict, files, num_pro
     report["val"] = {"docs": splits["val"]["docs"], "tokens": splits["val"]["tokens"]}
     report["seconds"] = clock.laps
     return {"format": FORMAT, "dtype": dtype, "vocab_size": vocab, "eos_id": eos,
-            "tokenizer": "tokenizer", "sft": sft, "splits": splits, "report": report,
+            "tokenizer": "tokenizer", "sft": sft, **({"preference": True} if preference else {}),
+            "splits": splits, "report": report,
             "inputs": files, "config": settings}
 
 
@@ -233,6 +245,26 @@ def _sft_records(ds, cfg: C.CleanConfig, chat, progress):
             "the chat template (%s) renders earlier turns otherwise once later ones follow, so "
             "%d multi-turn record(s) were split into one example per assistant turn (earlier "
             "turns as untrained context; more tokens than one example each)", chat.source, split)
+    return records
+
+
+def _preference_records(ds, cfg: C.CleanConfig, chat, progress):
+    """Pairs -> records of the chosen conversation (``text``, ``segments``: its last answer
+    alone trained) and the rejected one's segments; the pair is one record, so deduplication
+    and the split keep its two answers together."""
+    records = []
+    for n, row in enumerate(_progress(ds, progress, "rendering preference pairs")):
+        where = f"preference record {n} ({row['source']})"
+        pair = [chat.final_answer([{"role": m["role"], "content": C.normalize(m["content"], cfg)}
+                                   for m in row[k]], where) for k in ("chosen", "rejected")]
+        if pair[0] == pair[1]:
+            raise DataError(f"{where}: the chosen and rejected answers are the same")
+        text = "".join(t for t, _ in pair[0])
+        other = "".join(t for t, _ in pair[1])
+        records.append({"text": text, "segments": pair[0], "rejected": pair[1],
+                        "chars_in": len(text) + len(other), "sig": None,
+                        "key": hashlib.blake2b((text + "\0" + other).encode(),
+                                               digest_size=16).hexdigest()})
     return records
 
 

@@ -88,9 +88,10 @@ def _decode(path: Path, data: bytes, errors: str, stats: ReadStats) -> str:
 
 
 def load(inputs: list[str], *, text_field: str = "text", doc_split: str = "blank-lines",
-         encoding_errors: str = "replace", sft: bool = False):
+         encoding_errors: str = "replace", sft: bool = False, preference: bool = False):
     """(Dataset, ReadStats). ``sft``: fine-tuning records, read as one column of chat
-    messages whatever their layout (see :data:`fastlm.data.chat.FORMATS`)."""
+    messages whatever their layout (see :data:`fastlm.data.chat.FORMATS`); ``preference``:
+    preference records, read as ``chosen`` and ``rejected`` conversations."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -108,7 +109,7 @@ def load(inputs: list[str], *, text_field: str = "text", doc_split: str = "blank
                                     f"(has {list(ds)})")
                 ds = ds["train"]
         elif path.suffix in TEXT_SUFFIXES:
-            if sft:
+            if sft or preference:
                 raise DataError(f"{path}: fine-tuning data must be JSONL, JSON or parquet "
                                 f"records of conversations, not plain text")
             text = _decode(path, path.read_bytes(), encoding_errors, stats)
@@ -123,7 +124,7 @@ def load(inputs: list[str], *, text_field: str = "text", doc_split: str = "blank
             except Exception as exc:
                 raise DataError(f"{path}: cannot read as {kind} ({_why(path, kind, exc)})") \
                     from exc
-        parts.append(_select(ds, path, text_field, sft))
+        parts.append(_select(ds, path, text_field, sft, preference))
     ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     return ds, stats
 
@@ -152,8 +153,17 @@ def _why(path: Path, kind: str, exc: Exception) -> str:
     return f"{type(root).__name__}: {str(root)[:300]}"
 
 
-def _select(ds, path: Path, text_field: str, sft: bool):
-    if sft:  # every layout of conversation becomes one column of messages
+def _select(ds, path: Path, text_field: str, sft: bool, preference: bool = False):
+    if preference:
+        from fastlm.data.chat import to_preference
+
+        def pair(row, i):
+            chosen, rejected = to_preference(row, f"{path}: record {i}")
+            return {"chosen": chosen, "rejected": rejected}
+
+        ds = ds.map(pair, with_indices=True, remove_columns=ds.column_names,
+                    keep_in_memory=True, load_from_cache_file=False)
+    elif sft:  # every layout of conversation becomes one column of messages
         from fastlm.data.chat import detect_format, to_messages
 
         detect_format(ds.column_names, str(path))

@@ -72,6 +72,10 @@ class TrainConfig:
     precision: str = "fp32"
     zero_stage: int = 0
     offload_optimizer: bool = False
+    # "lm": next-token loss (pretraining, SFT); "dpo": preference pairs (`fastlm prepare
+    # --preference`), the model against its starting point (see fastlm.train.dpo)
+    objective: str = "lm"
+    dpo_beta: float = 0.1  # how far the policy may move from the reference
     grad_clip: float = 1.0  # 0 = off
     seed: int = 1337
     max_consecutive_skips: int = 20  # fp16: abort after this many overflowing steps in a row
@@ -162,6 +166,7 @@ _CHOICES = {
     "train.precision": ("fp32", "bf16", "fp16", "auto"),
     "train.zero_stage": (0, 1, 2, 3),
     "optim.name": ("fused_adamw", "adamw"),
+    "train.objective": ("lm", "dpo"),
     "optim.schedule": ("cosine", "linear", "constant", "wsd", "wsd_sqrt"),
 }
 
@@ -289,6 +294,9 @@ def validate(cfg: RunConfig) -> None:
     if cfg.data.mix is not None and cfg.data.prepare is not None:
         raise ConfigError("data.mix takes prepared directories: prepare each with `fastlm "
                           "prepare INPUT --out DIR` (one tokenizer for all) and drop data.prepare")
+    if cfg.train.objective == "dpo" and (cfg.data.mix is not None or cfg.train.dpo_beta <= 0):
+        raise ConfigError("train.objective=dpo takes one prepared directory of preference "
+                          "pairs (data.path, not data.mix) and train.dpo_beta > 0")
     lora = cfg.model.lora
     if lora is not None and (lora.r < 1 or lora.alpha <= 0 or not 0 <= lora.dropout < 1
                              or not lora.target_modules):

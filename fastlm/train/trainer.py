@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from fastlm import _gc
+from fastlm.data.format import FormatError
 from fastlm.data.loader import IGNORE_INDEX, Batch, BlockLoader
 from fastlm.train import checkpoint as ckpt
 from fastlm.train import dist as fdist
@@ -131,6 +132,12 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> RunState:
         # export could not load)
         model.compile()
     fpt = flops_per_token(model, cfg.data.block_size)
+    dpo = None
+    if cfg.train.objective == "dpo":
+        from fastlm.train.dpo import objective
+
+        dpo = objective(cfg, model, dev)  # its reference: the starting weights
+        fpt = None  # rows of pairs, padded: no MFU
     engine, _, scheduler = initialize(cfg, model, param_groups(model, cfg.optim.weight_decay),
                                       deepspeed_config(cfg, micro, accum, glob,
                                                        hidden_size=hidden_size(model)))
@@ -159,7 +166,7 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> RunState:
                       ckpt_dir=ckpt_dir, rank=rank, dev=dev, accum=accum,
                       tokens_per_step=glob * cfg.data.block_size, fpt=fpt,
                       peak=peak * world if peak else None, data_dir=data_dir,
-                      choices=choices)
+                      choices=choices, dpo=dpo)
             if cfg.sample.tokens > 0 and state.step >= cfg.train.max_steps:
                 _log_sample(cfg, engine, log, rank, data_dir, dev, state.step, end=True)
         finally:
@@ -176,7 +183,7 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> RunState:
 
 
 def _loop(cfg, engine, scheduler, loader, val_loader, state, log, signals, *, ckpt_dir, rank,
-          dev, accum, tokens_per_step, fpt, peak, data_dir=None, choices=None):
+          dev, accum, tokens_per_step, fpt, peak, data_dir=None, choices=None, dpo=None):
     model_dtype = next(engine.module.parameters()).dtype
     fused = _fused_loss(cfg, engine.module)
     if fused and cfg.train.zero_stage == 3 and not _patched_loss(engine.module):
@@ -184,7 +191,7 @@ def _loop(cfg, engine, scheduler, loader, val_loader, state, log, signals, *, ck
                        "this model does not have (model.patch=false or an unsupported type): "
                        "training computes the full logits")
     skipped_before, consecutive_skips = _skipped(engine), 0
-    window_t0, window_steps, window_loss = time.perf_counter(), 0, 0.0
+    window_t0, window_steps, window_loss, window_acc = time.perf_counter(), 0, 0.0, 0.0
     kill_at = os.environ.get("FASTLM_TEST_KILL_AT_STEP")
     overflow_at = os.environ.get("FASTLM_TEST_OVERFLOW_AT_STEP")
     # DeepSpeed records the global gradient norm in its ZeRO/fp16/bf16 optimizers only; without
@@ -196,11 +203,15 @@ def _loop(cfg, engine, scheduler, loader, val_loader, state, log, signals, *, ck
                          and getattr(engine, "fastlm_clip_reports_norm", False)))
     grad_norm = None
     while state.step < cfg.train.max_steps:
-        loss_sum = 0.0
+        loss_sum = acc_sum = 0.0
         log_step = (state.step + 1) % cfg.log.every == 0 or state.step + 1 == cfg.train.max_steps
         for micro in range(accum):
             batch = next(loader).to(dev)
-            loss = _loss(engine, batch, model_dtype, fused)
+            if dpo is None:
+                loss = _loss(engine, batch, model_dtype, fused)
+            else:
+                loss, acc = dpo.loss(engine, batch)
+                acc_sum += acc.item()
             if overflow_at is not None and state.step + 1 == int(overflow_at):
                 loss = loss * float("inf")  # fault injection: an fp16 overflow this step
             engine.backward(loss)
@@ -222,24 +233,28 @@ def _loop(cfg, engine, scheduler, loader, val_loader, state, log, signals, *, ck
         state.history.append((state.step, step_loss))
         window_steps += 1
         window_loss += step_loss
+        if dpo is not None:
+            window_acc += fdist.mean(acc_sum / accum, dev)
         if state.step % cfg.log.every == 0 or state.step == cfg.train.max_steps:
             dt = time.perf_counter() - window_t0
             tps = tokens_per_step * window_steps / dt
             row = {"loss": window_loss / window_steps, "lr": scheduler.get_last_lr()[0],
-                   "tokens_per_s": tps, "mfu": tps * fpt / peak if peak else None,
+                   "tokens_per_s": tps, "mfu": tps * fpt / peak if peak and fpt else None,
                    "grad_norm": grad_norm if own_norm else _grad_norm(engine),
                    "loss_scale": _loss_scale(engine),
                    "skipped_steps": skipped_now}
+            if dpo is not None:  # pairs whose implicit reward ranks the chosen answer first
+                row["reward_acc"] = window_acc / window_steps
             log.log(state.step, **row)
             log.progress(state.step, {"loss": f"{row['loss']:.4f}", "lr": f"{row['lr']:.2e}",
                                       "tok/s": f"{tps:,.0f}",
                                       "mfu": f"{row['mfu']:.1%}" if row["mfu"] else None})
-            window_t0, window_steps, window_loss = time.perf_counter(), 0, 0.0
+            window_t0, window_steps, window_loss, window_acc = time.perf_counter(), 0, 0.0, 0.0
         done = state.step >= cfg.train.max_steps
         stop_early = False
         if (cfg.eval.every and state.step % cfg.eval.every == 0) or done:
             stop_early = _evaluate(cfg, engine, val_loader, state, log, ckpt_dir, rank, dev,
-                                   model_dtype, loader, fused, choices)
+                                   model_dtype, loader, fused, choices, dpo)
         if cfg.sample.tokens > 0 and cfg.sample.every and state.step % cfg.sample.every == 0 \
                 and not done:
             _log_sample(cfg, engine, log, rank, data_dir, dev, state.step)
@@ -352,14 +367,33 @@ def evaluate_loss(engine, val_loader: BlockLoader, batches: int, dev, model_dtyp
     return fdist.mean(total / batches, dev)
 
 
+@torch.no_grad()
+def _evaluate_dpo(engine, val_loader, batches: int, dev, dpo) -> tuple[float, float]:
+    """Mean DPO loss and reward accuracy over the same ``batches`` val batches, all ranks."""
+    engine.eval()
+    loss = acc = 0.0
+    for i in range(batches):
+        batch_loss, batch_acc = dpo.loss(engine, val_loader.batch_at(i).to(dev))
+        loss, acc = loss + batch_loss.item(), acc + batch_acc.item()
+    engine.train()
+    return fdist.mean(loss / batches, dev), fdist.mean(acc / batches, dev)
+
+
 def _evaluate(cfg, engine, val_loader, state, log, ckpt_dir, rank, dev, model_dtype,
-              loader, fused, choices=None) -> bool:
-    parts = [(name, weight, evaluate_loss(engine, ld, cfg.eval.batches, dev, model_dtype,
-                                          fused and cfg.train.zero_stage < 3))
-             for name, weight, ld in val_loader]
+              loader, fused, choices=None, dpo=None) -> bool:
+    quality = {}  # per-objective measures logged with the validation loss
+    if dpo is not None:
+        loss, acc = _evaluate_dpo(engine, val_loader[0][2], cfg.eval.batches, dev, dpo)
+        parts = [(None, 1.0, loss)]
+        quality["val_reward_acc"] = acc
+    else:
+        parts = [(name, weight, evaluate_loss(engine, ld, cfg.eval.batches, dev, model_dtype,
+                                              fused and cfg.train.zero_stage < 3))
+                 for name, weight, ld in val_loader]
     # with data.mix: the mixture's expected loss, each source's weighted by its share
     val = sum(weight * loss for _, weight, loss in parts)
-    ppl = math.exp(min(val, 50.0))
+    if dpo is None:
+        quality["val_ppl"] = math.exp(min(val, 50.0))
     each = {f"val_loss/{name}": loss for name, _, loss in parts if name is not None}
     said = ""
     if choices is not None:  # multiple-choice accuracy (eval.choices), every rank a share
@@ -372,9 +406,11 @@ def _evaluate(cfg, engine, val_loader, state, log, ckpt_dir, rank, dev, model_dt
                        world=engine.dp_world_size)
         each.update(choices_acc=res.acc, choices_acc_norm=res.acc_norm)
         said = f"; choices accuracy {res.acc:.4f} (per token {res.acc_norm:.4f})"
-    log.log(state.step, val_loss=val, val_ppl=ppl, **each)
+    log.log(state.step, val_loss=val, **quality, **each)
     sources = ", ".join(f"{name} {loss:.4f}" for name, _, loss in parts if name is not None)
-    log.write(f"step {state.step}: val loss {val:.4f}, perplexity {ppl:.2f}"
+    measure = (f"perplexity {quality['val_ppl']:.2f}" if dpo is None else
+               f"reward accuracy {quality['val_reward_acc']:.3f} (DPO loss)")
+    log.write(f"step {state.step}: val loss {val:.4f}, {measure}"
               + (f" ({sources})" if sources else "") + said)
     if val < state.best_val:
         state.best_val, state.evals_since_best = val, 0
@@ -488,6 +524,14 @@ def _choices(cfg, data_dir):
 
 
 def _loader(cfg, data_dir, micro, split, **kw):
+    if cfg.train.objective == "dpo":
+        from fastlm.data.pairs import PairLoader
+
+        kw.pop("mode", None)
+        try:
+            return PairLoader(data_dir, cfg.data.block_size, micro, split_name=split, **kw)
+        except (ValueError, FormatError) as exc:
+            raise ConfigError(f"train.objective=dpo: {exc}") from exc
     if cfg.data.mix is None:
         return BlockLoader(data_dir, cfg.data.block_size, micro, split_name=split,
                            boundaries=cfg.data.boundaries, **kw)
@@ -509,9 +553,13 @@ def _val_loader(cfg, data_dir, micro, rank, world) -> list[tuple[str | None, flo
     out = []
     for name, (path, weight) in zip(names, mix.items()):
         try:
-            ld = BlockLoader(path, cfg.data.block_size, micro, split_name="val", rank=rank,
-                             world_size=world, seed=cfg.train.seed + 1, mode="random",
-                             boundaries=cfg.data.boundaries)
+            if cfg.train.objective == "dpo":
+                ld = _loader(cfg, path, micro, "val", rank=rank, world_size=world,
+                             seed=cfg.train.seed + 1)
+            else:
+                ld = BlockLoader(path, cfg.data.block_size, micro, split_name="val", rank=rank,
+                                 world_size=world, seed=cfg.train.seed + 1, mode="random",
+                                 boundaries=cfg.data.boundaries)
         except Exception as exc:
             raise ConfigError(f"validation split of {path} unusable: {exc}") from exc
         out.append((name, weight / total, ld))

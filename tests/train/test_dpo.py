@@ -1,0 +1,230 @@
+"""DPO (train.objective=dpo): preference pairs prepared and read a pair at a time, the loss
+against float64, the LoRA reference = the model with its adapters off, and a run that learns
+to prefer the chosen answers."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fastlm.data.errors import DataError
+from fastlm.data.loader import IGNORE_INDEX, Batch
+from fastlm.train.config import ConfigError, load_config
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _env(launcher_env):
+    yield
+
+
+def _pairs(root, rows, **kw):
+    from fastlm.data import prepare
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return prepare([root / "prefs.jsonl"], root / "data", tokenizer="byte", preference=True,
+                   dedup=False, progress=False, **kw)
+
+
+ROWS = [{"prompt": f"Say yes {i}?", "chosen": "Yes.", "rejected": "No!"} for i in range(24)]
+
+
+@pytest.fixture(scope="module")
+def prefs(tmp_path_factory):
+    hh = {"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hey"}],
+          "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Go"}]}
+    return _pairs(tmp_path_factory.mktemp("prefs"), [*ROWS, hh], val_fraction=0.15, seed=1)
+
+
+def _decode(root, ids):
+    from fastlm.train.generate import load_tokenizer
+
+    return load_tokenizer(root / "tokenizer").decode([int(i) for i in ids])
+
+
+def test_pairs_are_consecutive_documents_with_the_last_answer_trained(prefs):
+    from fastlm.data.format import open_split, read_meta
+
+    meta = read_meta(prefs)
+    assert meta["preference"] and meta["sft"]
+    shard = open_split(prefs, "train").shards[0]
+    starts = shard.doc_starts
+    assert (len(starts) - 1) % 2 == 0
+    seen = set()
+    for k in range(0, len(starts) - 1, 2):
+        docs = []
+        for d in (k, k + 1):
+            toks = np.asarray(shard.tokens[starts[d]:starts[d + 1]])
+            keep = np.asarray(shard.mask[starts[d]:starts[d + 1]]).astype(bool)
+            docs.append((_decode(prefs, toks), _decode(prefs, toks[keep])))
+        (chosen, c_ans), (rejected, r_ans) = docs
+        # one prompt, two answers: the text before each answer is the same
+        assert chosen[:-len(c_ans)] == rejected[:-len(r_ans)]
+        seen.add((c_ans, r_ans))
+    assert seen <= {("Yes.<|endoftext|>", "No!<|endoftext|>"),
+                    ("Hey<|endoftext|>", "Go<|endoftext|>")}
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "a", "chosen": "b"}, "needs 'chosen' and 'rejected'"),
+    ({"prompt": "a", "chosen": "b", "rejected": "b"}, "chosen and rejected answers are the same"),
+    ({"chosen": [{"role": "user", "content": "a"}], "rejected": "b"},
+     "the chosen conversation must end in an assistant's answer"),
+])
+def test_bad_pairs_name_the_record(tmp_path, row, message):
+    with pytest.raises(DataError, match=message):
+        _pairs(tmp_path, [row, *ROWS])
+
+
+def test_pair_loader_rows_and_stream(prefs):
+    from fastlm.data.pairs import PairLoader
+
+    ld = PairLoader(prefs, 64, 3, seed=0)
+    batch = ld.batch_at(0)
+    assert batch.input_ids.shape[0] == 6
+    for i in range(3):  # row i and row 3 + i: one prompt, chosen then rejected
+        c, r = batch.input_ids[i], batch.input_ids[3 + i]
+        answer = [t for t in batch.targets[i].tolist() if t != IGNORE_INDEX]
+        assert _decode(prefs, answer) in ("Yes.<|endoftext|>", "Hey<|endoftext|>")
+        n = int((batch.targets[i] != IGNORE_INDEX).nonzero()[0])  # where the answer starts
+        assert torch.equal(c[:n + 1], r[:n + 1])
+    # an epoch reads every pair once; any ranks x micro-batch read the same pairs in a step
+    one = [ld._pair(c) for c in range(ld.pairs)]
+    assert sorted(one) == list(range(ld.pairs))
+    two = torch.cat([PairLoader(prefs, 64, 3, seed=0, rank=r, world_size=2).batch_at(1)
+                     .input_ids for r in (0, 1)])
+    whole = PairLoader(prefs, 64, 6, seed=0).batch_at(1).input_ids
+    width = min(two.shape[1], whole.shape[1])
+    ordered = torch.cat([two[:3], two[6:9], two[3:6], two[9:]])  # chosen, then rejected
+    assert torch.equal(ordered[:, :width], whole[:, :width])
+
+
+def test_pair_loader_refuses_plain_data(tiny_data):
+    from fastlm.data.format import FormatError
+    from fastlm.data.pairs import PairLoader
+
+    with pytest.raises(FormatError, match="no preference pairs.*--preference"):
+        PairLoader(tiny_data, 32, 2)
+
+
+def test_dpo_loss_against_float64():
+    from fastlm.train.dpo import dpo_loss
+
+    g = torch.Generator().manual_seed(0)
+    policy, ref = torch.randn(10, generator=g) * 5, torch.randn(10, generator=g) * 5
+    loss, acc = dpo_loss(policy, ref, beta=0.3)
+    p, r = policy.double(), ref.double()
+    m = 0.3 * ((p[:5] - r[:5]) - (p[5:] - r[5:]))
+    want = torch.log1p(torch.exp(-m)).mean()
+    assert abs(loss.item() - want.item()) <= 1e-6 * want.item()
+    assert acc.item() == pytest.approx((m > 0).double().mean().item())
+
+
+def _tiny(lora=False):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    conf = AutoConfig.for_model("llama", vocab_size=300, hidden_size=32, intermediate_size=64,
+                                num_hidden_layers=2, num_attention_heads=2)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(conf)
+
+
+def test_sequence_logps_of_padded_rows_are_each_rows_alone():
+    from fastlm.train.dpo import sequence_logps
+
+    model = _tiny().eval()
+    ids = torch.randint(0, 300, (3, 9), generator=torch.Generator().manual_seed(1))
+    targets = torch.randint(0, 300, (3, 9), generator=torch.Generator().manual_seed(2))
+    lengths = [9, 5, 7]
+    for i, n in enumerate(lengths):
+        targets[i, n:] = IGNORE_INDEX
+        targets[i, :2] = IGNORE_INDEX  # the prompt
+    got = sequence_logps(model, Batch(ids, targets))
+    for i, n in enumerate(lengths):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids[i:i + 1, :n]).logits[0].double(), -1)
+        want = logp[torch.arange(2, n), targets[i, 2:n]].sum()
+        assert abs(got[i].item() - want.item()) <= 1e-5 * abs(want.item())
+
+
+def test_reference_under_lora_is_the_model_before_its_adapters():
+    from fastlm.train.config import LoraSettings
+    from fastlm.train.dpo import adapters_off
+    from fastlm.train.lora import apply_lora
+
+    base = _tiny().eval()
+    model = _tiny().eval()
+    apply_lora(model, LoraSettings(r=2))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p)
+    ids = torch.randint(0, 300, (2, 7))
+    with torch.no_grad():
+        assert (model(ids).logits - base(ids).logits).abs().max() > 1e-3
+        with adapters_off(model):
+            torch.testing.assert_close(model(ids).logits, base(ids).logits)
+        assert (model(ids).logits - base(ids).logits).abs().max() > 1e-3  # back on
+    assert all(p.requires_grad == (".lora_" in n) for n, p in model.named_parameters())
+
+
+def _dpo_run(tmp_path, data, *extra, resume=None):
+    from fastlm.train.trainer import train
+
+    return train(load_config(None, [
+        f"data.path={data}", f"out_dir={tmp_path / 'run'}", "model.preset=tiny-llama",
+        "train.objective=dpo", "data.block_size=64", "train.micro_batch_size=4",
+        "optim.lr=5e-3", "optim.warmup_steps=2", "eval.every=0", "eval.batches=2",
+        "log.every=1", "log.progress=false", "log.tensorboard=false", *extra]), resume=resume)
+
+
+def test_lora_dpo_run_learns_to_prefer_the_chosen_answers(tmp_path, prefs, capsys):
+    state = _dpo_run(tmp_path, prefs, "model.lora.r=8", "train.max_steps=25")
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    acc = [r["reward_acc"] for r in rows if "reward_acc" in r]
+    val = [r for r in rows if "val_reward_acc" in r][-1]
+    # every pair ranked right, the losses under log 2 (where policy = reference), training's
+    # well under
+    assert acc[-1] == 1.0 and val["val_reward_acc"] == 1.0
+    assert state.history[-1][1] < 0.5 * math.log(2) and val["val_loss"] < math.log(2)
+    assert "reward accuracy 1.000 (DPO loss)" in capsys.readouterr().out
+
+
+def test_full_weight_dpo_keeps_a_frozen_reference_and_zero3_needs_lora(tmp_path, prefs,
+                                                                       monkeypatch):
+    from fastlm.train import dpo as fdpo
+
+    made = []
+    real = fdpo.objective
+
+    def keep(cfg, model, dev):
+        made.append((real(cfg, model, dev), {n: p.detach().clone()
+                                             for n, p in model.named_parameters()}))
+        return made[-1][0]
+
+    monkeypatch.setattr(fdpo, "objective", keep)
+    state = _dpo_run(tmp_path / "a", prefs, "train.max_steps=3", "train.precision=bf16")
+    objective, start = made[-1]
+    ref = objective.reference
+    assert ref is not None and next(ref.parameters()).dtype == torch.bfloat16
+    assert not any(p.requires_grad for p in ref.parameters())
+    # the reference stays the starting weights (in the run's dtype) while the model trains
+    for name, p in ref.named_parameters():
+        assert torch.equal(p, start[name].to(torch.bfloat16)), name
+    assert len(state.history) == 3 and all(math.isfinite(x) for _, x in state.history)
+    with pytest.raises(ConfigError, match="without model.lora.*ZeRO-3.*use model.lora"):
+        _dpo_run(tmp_path / "b", prefs, "train.max_steps=1", "train.zero_stage=3")
+
+
+def test_dpo_on_plain_data_names_the_fix(tmp_path, tiny_data):
+    with pytest.raises(ConfigError, match="dpo: .*no preference pairs.*--preference"):
+        _dpo_run(tmp_path, tiny_data, "train.max_steps=1")
+
+
+def test_dpo_resumes_exactly(tmp_path, prefs):
+    args = ["model.lora.r=4", "checkpoint.every=2"]
+    whole = _dpo_run(tmp_path / "a", prefs, *args, "train.max_steps=4")
+    _dpo_run(tmp_path / "b", prefs, *args, "train.max_steps=2")
+    resumed = _dpo_run(tmp_path / "b", prefs, *args, "train.max_steps=4", resume="auto")
+    assert [x for _, x in resumed.history[-2:]] == [x for _, x in whole.history[-2:]]
