@@ -643,13 +643,32 @@ def _log_sample(cfg, engine, log, rank, data_dir, dev, step: int, end: bool = Fa
 
 
 def _whole_weights(engine):
-    """A context in which the model's weights are whole on every rank and ZeRO-3's gathering
-    hooks are off (collective: every rank enters); nothing to do without ZeRO-3."""
+    """A context in which the model's weights are whole on every rank and ZeRO-3's hooks are
+    off (collective: every rank enters); nothing to do without ZeRO-3."""
     if not engine.zero_optimization_partition_weights():
         return contextlib.nullcontext()
+    return _zero3_unhooked(engine)
+
+
+@contextlib.contextmanager
+def _zero3_unhooked(engine):
+    """DeepSpeed's generation context (whole weights, the per-layer hooks removed) with the
+    top module's start-of-forward hook off too: that hook resets the parameter coordinator's
+    step, which checks its trace against every rank (a collective: rank 0 generating alone
+    crashed there on gloo after DPO's reference forwards, and would hang on NCCL)."""
     from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
 
-    return unwrap_model_for_generation(engine)
+    offload = getattr(engine.optimizer, "parameter_offload", None)
+    handle = getattr(offload, "fwd_pre_hook", None)
+    with unwrap_model_for_generation(engine):
+        hooks = engine.module._forward_pre_hooks
+        hook = hooks.pop(handle.id, None) if handle is not None else None
+        try:
+            yield
+        finally:
+            if hook is not None:  # back in its place, first
+                hooks[handle.id] = hook
+                hooks.move_to_end(handle.id, last=False)
 
 
 def _sample(cfg: RunConfig, model, data_dir: Path, dev) -> tuple[str, str]:

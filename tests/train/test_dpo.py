@@ -228,3 +228,31 @@ def test_dpo_resumes_exactly(tmp_path, prefs):
     _dpo_run(tmp_path / "b", prefs, *args, "train.max_steps=2")
     resumed = _dpo_run(tmp_path / "b", prefs, *args, "train.max_steps=4", resume="auto")
     assert [x for _, x in resumed.history[-2:]] == [x for _, x in whole.history[-2:]]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_ranks_follow_one_and_sample_under_zero3(tmp_path, prefs, child_env):
+    """2 ranks x 2 pairs = 1 rank x 4 pairs a step (the same pairs, the same curve), LoRA under
+    ZeRO-3; the samples along the run and at its end, where rank 0 generates alone (it crashed
+    in ZeRO-3's start-of-forward hook after DPO's reference forwards), and the export."""
+    import subprocess
+
+    from test_distributed import LAUNCHER
+
+    args = ["model.lora.r=4", "train.zero_stage=3", "train.max_steps=4", "eval.every=2"]
+    one = _dpo_run(tmp_path / "one", prefs, *args)
+    out = tmp_path / "two"
+    sets = [f"data.path={prefs}", f"out_dir={out}", "model.preset=tiny-llama",
+            "train.objective=dpo", "data.block_size=64", "train.micro_batch_size=2",
+            "optim.lr=5e-3", "optim.warmup_steps=2", "eval.batches=2", "log.every=1",
+            "log.progress=false", "log.tensorboard=false", *args, "sample.tokens=4",
+            "sample.every=2", "export=true"]
+    proc = subprocess.run([LAUNCHER, "--num_gpus", "2", "--module", "fastlm.train",
+                           *sum((["--set", s] for s in sets), [])], env=child_env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    two = [r["loss"] for r in rows if "loss" in r]
+    assert two == pytest.approx([x for _, x in one.history], rel=2e-5)
+    assert (out / "hf" / "model.safetensors").is_file()
