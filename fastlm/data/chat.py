@@ -20,6 +20,7 @@ guessed mask.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from pathlib import Path
 
@@ -160,33 +161,30 @@ class ChatTemplate:
         reasoning then), the characters of that turn cannot be found in the whole rendering:
         one example per assistant turn instead, that turn last and the only one trained (the
         caller announces it)."""
-        try:
+        with self._errors(where):
             try:
                 return [self._pieces(messages, last_only=False)]
             except _Rewritten:
                 pass
             turns = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
             return [self._pieces(messages[:i + 1], last_only=True) for i in turns]
+
+    def final_answer(self, messages: list[dict], where: str) -> list[tuple[str, int]]:
+        """(text, trained) pieces of the conversation with its last answer alone trained."""
+        with self._errors(where):
+            return self._pieces(messages, last_only=True)
+
+    @contextlib.contextmanager
+    def _errors(self, where: str):
+        """A response the template does not render as its prompt's continuation, or the
+        template failing, as a DataError naming the record."""
+        try:
+            yield
         except _Rewritten as turn:
             raise DataError(
                 f"{where}: the chat template ({self.source}) does not render message "
                 f"{turn.args[0]} as the continuation of its generation prompt, so the response "
                 f"cannot be told apart; pass --chat-template fastlm or a template file") from None
-        except DataError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - jinja errors, raise_exception() in templates
-            raise DataError(f"{where}: the chat template ({self.source}) failed: "
-                            f"{type(exc).__name__}: {exc}") from exc
-
-    def final_answer(self, messages: list[dict], where: str) -> list[tuple[str, int]]:
-        """(text, trained) pieces of the conversation with its last answer alone trained."""
-        try:
-            return self._pieces(messages, last_only=True)
-        except _Rewritten as turn:
-            raise DataError(
-                f"{where}: the chat template ({self.source}) does not render message "
-                f"{turn.args[0]} as the continuation of its generation prompt; pass "
-                f"--chat-template fastlm or a template file") from None
         except DataError:
             raise
         except Exception as exc:  # noqa: BLE001 - jinja errors, raise_exception() in templates
