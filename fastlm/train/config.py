@@ -76,6 +76,11 @@ class TrainConfig:
     # --preference`), the model against its starting point (see fastlm.train.dpo)
     objective: str = "lm"
     dpo_beta: float = 0.1  # how far the policy may move from the reference
+    # "sigmoid": DPO's loss; "ipo": IPO's squared loss (Azar et al. 2023), which does not push
+    # the margin on to infinity on pairs it already ranks right
+    dpo_loss: str = "sigmoid"
+    # conservative DPO: the share of pairs assumed mislabelled (sigmoid loss only)
+    dpo_label_smoothing: float = 0.0
     grad_clip: float = 1.0  # 0 = off
     seed: int = 1337
     max_consecutive_skips: int = 20  # fp16: abort after this many overflowing steps in a row
@@ -167,6 +172,7 @@ _CHOICES = {
     "train.zero_stage": (0, 1, 2, 3),
     "optim.name": ("fused_adamw", "adamw"),
     "train.objective": ("lm", "dpo"),
+    "train.dpo_loss": ("sigmoid", "ipo"),
     "optim.schedule": ("cosine", "linear", "constant", "wsd", "wsd_sqrt"),
 }
 
@@ -294,9 +300,12 @@ def validate(cfg: RunConfig) -> None:
     if cfg.data.mix is not None and cfg.data.prepare is not None:
         raise ConfigError("data.mix takes prepared directories: prepare each with `fastlm "
                           "prepare INPUT --out DIR` (one tokenizer for all) and drop data.prepare")
-    if cfg.train.objective == "dpo" and (cfg.data.mix is not None or cfg.train.dpo_beta <= 0):
+    t = cfg.train
+    if t.objective == "dpo" and (cfg.data.mix is not None or t.dpo_beta <= 0
+                                 or not 0 <= t.dpo_label_smoothing < 0.5):
         raise ConfigError("train.objective=dpo takes one prepared directory of preference "
-                          "pairs (data.path, not data.mix) and train.dpo_beta > 0")
+                          "pairs (data.path, not data.mix), train.dpo_beta > 0 and "
+                          "train.dpo_label_smoothing in [0, 0.5)")
     lora = cfg.model.lora
     if lora is not None and (lora.r < 1 or lora.alpha <= 0 or not 0 <= lora.dropout < 1
                              or not lora.target_modules):

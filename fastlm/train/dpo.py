@@ -22,8 +22,9 @@ from fastlm.train.config import ConfigError, RunConfig
 
 
 class DpoObjective:
-    def __init__(self, beta: float, reference: torch.nn.Module | None):
-        self.beta = beta
+    def __init__(self, beta: float, reference: torch.nn.Module | None, kind: str = "sigmoid",
+                 label_smoothing: float = 0.0):
+        self.beta, self.kind, self.label_smoothing = beta, kind, label_smoothing
         self.reference = reference  # None: the trained model with its LoRA adapters off
 
     def loss(self, engine, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,14 +36,23 @@ class DpoObjective:
                     ref = sequence_logps(engine.module, batch)
             else:
                 ref = sequence_logps(self.reference, batch)
-        return dpo_loss(policy, ref, self.beta)
+        return dpo_loss(policy, ref, self.beta, self.kind, self.label_smoothing)
 
 
-def dpo_loss(policy: torch.Tensor, ref: torch.Tensor, beta: float):
-    """Sequence log-probs of 2B rows (B chosen, then B rejected) -> (loss, reward accuracy)."""
+def dpo_loss(policy: torch.Tensor, ref: torch.Tensor, beta: float, kind: str = "sigmoid",
+             label_smoothing: float = 0.0):
+    """Sequence log-probs of 2B rows (B chosen, then B rejected) -> (loss, reward accuracy).
+    ``sigmoid``: -log sigmoid(beta h), with ``label_smoothing`` e the conservative form
+    -(1 - e) log sigmoid(beta h) - e log sigmoid(-beta h); ``ipo``: (h - 1 / (2 beta))^2, where
+    h is the chosen answer's log-ratio minus the rejected one's."""
     b = policy.shape[0] // 2
-    margin = beta * ((policy[:b] - ref[:b]) - (policy[b:] - ref[b:]))
-    return -F.logsigmoid(margin).mean(), (margin > 0).float().mean()
+    h = (policy[:b] - ref[:b]) - (policy[b:] - ref[b:])
+    if kind == "ipo":
+        loss = (h - 1 / (2 * beta)) ** 2
+    else:
+        loss = -(1 - label_smoothing) * F.logsigmoid(beta * h) \
+            - label_smoothing * F.logsigmoid(-beta * h)
+    return loss.mean(), (h > 0).float().mean()
 
 
 def sequence_logps(model, batch: Batch) -> torch.Tensor:
@@ -74,7 +84,8 @@ def objective(cfg: RunConfig, model, dev) -> DpoObjective:
     """The DPO objective of a run; call before the engine is built (the reference copy is of
     the starting weights)."""
     if cfg.model.lora is not None:
-        return DpoObjective(cfg.train.dpo_beta, None)
+        return DpoObjective(cfg.train.dpo_beta, None, cfg.train.dpo_loss,
+                            cfg.train.dpo_label_smoothing)
     if cfg.train.zero_stage == 3:
         raise ConfigError("train.objective=dpo without model.lora keeps a whole frozen copy of "
                           "the model as its reference, which ZeRO-3 would have to partition "
@@ -85,4 +96,5 @@ def objective(cfg: RunConfig, model, dev) -> DpoObjective:
         from fastlm.train.model import to_dtype
 
         to_dtype(reference, torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16)
-    return DpoObjective(cfg.train.dpo_beta, reference)
+    return DpoObjective(cfg.train.dpo_beta, reference, cfg.train.dpo_loss,
+                        cfg.train.dpo_label_smoothing)

@@ -109,17 +109,22 @@ def test_pair_loader_refuses_plain_data(tiny_data):
         PairLoader(tiny_data, 32, 2)
 
 
-def test_dpo_loss_against_float64():
+@pytest.mark.parametrize("kind, smoothing", [("sigmoid", 0.0), ("sigmoid", 0.2), ("ipo", 0.0)])
+def test_dpo_loss_against_float64(kind, smoothing):
     from fastlm.train.dpo import dpo_loss
 
     g = torch.Generator().manual_seed(0)
     policy, ref = torch.randn(10, generator=g) * 5, torch.randn(10, generator=g) * 5
-    loss, acc = dpo_loss(policy, ref, beta=0.3)
+    loss, acc = dpo_loss(policy, ref, 0.3, kind, smoothing)
     p, r = policy.double(), ref.double()
-    m = 0.3 * ((p[:5] - r[:5]) - (p[5:] - r[5:]))
-    want = torch.log1p(torch.exp(-m)).mean()
+    h = (p[:5] - r[:5]) - (p[5:] - r[5:])
+    if kind == "ipo":
+        want = ((h - 1 / 0.6) ** 2).mean()
+    else:  # -log sigmoid(x) = log(1 + exp(-x)); a smoothed share e of labels flipped
+        want = ((1 - smoothing) * torch.log1p(torch.exp(-0.3 * h))
+                + smoothing * torch.log1p(torch.exp(0.3 * h))).mean()
     assert abs(loss.item() - want.item()) <= 1e-6 * want.item()
-    assert acc.item() == pytest.approx((m > 0).double().mean().item())
+    assert acc.item() == pytest.approx((h > 0).double().mean().item())
 
 
 def _tiny(lora=False):
@@ -256,3 +261,19 @@ def test_two_ranks_follow_one_and_sample_under_zero3(tmp_path, prefs, child_env)
     two = [r["loss"] for r in rows if "loss" in r]
     assert two == pytest.approx([x for _, x in one.history], rel=2e-5)
     assert (out / "hf" / "model.safetensors").is_file()
+
+
+def test_loss_settings_reach_the_objective_and_bad_ones_are_named():
+    from fastlm.train.dpo import objective
+
+    cfg = load_config(None, ["train.objective=dpo", "train.dpo_loss=ipo", "train.dpo_beta=0.5",
+                             "model.lora.r=2"])
+    got = objective(cfg, _tiny(), torch.device("cpu"))
+    assert (got.kind, got.beta, got.reference) == ("ipo", 0.5, None)
+    cfg = load_config(None, ["train.objective=dpo", "train.dpo_label_smoothing=0.1"])
+    got = objective(cfg, _tiny(), torch.device("cpu"))
+    assert got.label_smoothing == 0.1 and got.reference is not None
+    with pytest.raises(ConfigError, match="'train.dpo_loss' must be one of"):
+        load_config(None, ["train.objective=dpo", "train.dpo_loss=kto"])
+    with pytest.raises(ConfigError, match=r"dpo_label_smoothing in \[0, 0.5\)"):
+        load_config(None, ["train.objective=dpo", "train.dpo_label_smoothing=0.5"])
