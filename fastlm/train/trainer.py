@@ -523,18 +523,23 @@ def _choices(cfg, data_dir):
     return records, load_tokenizer(data_dir)
 
 
-def _loader(cfg, data_dir, micro, split, **kw):
+def _source_loader(cfg, path, micro, split, **kw):
+    """The loader of one prepared directory: pairs for DPO, else blocks."""
     if cfg.train.objective == "dpo":
         from fastlm.data.pairs import PairLoader
 
         kw.pop("mode", None)
         try:
-            return PairLoader(data_dir, cfg.data.block_size, micro, split_name=split, **kw)
+            return PairLoader(path, cfg.data.block_size, micro, split_name=split, **kw)
         except (ValueError, FormatError) as exc:
             raise ConfigError(f"train.objective=dpo: {exc}") from exc
+    return BlockLoader(path, cfg.data.block_size, micro, split_name=split,
+                       boundaries=cfg.data.boundaries, **kw)
+
+
+def _loader(cfg, data_dir, micro, split, **kw):
     if cfg.data.mix is None:
-        return BlockLoader(data_dir, cfg.data.block_size, micro, split_name=split,
-                           boundaries=cfg.data.boundaries, **kw)
+        return _source_loader(cfg, data_dir, micro, split, **kw)
     from fastlm.data.mix import MixedLoader
 
     try:
@@ -553,13 +558,8 @@ def _val_loader(cfg, data_dir, micro, rank, world) -> list[tuple[str | None, flo
     out = []
     for name, (path, weight) in zip(names, mix.items()):
         try:
-            if cfg.train.objective == "dpo":
-                ld = _loader(cfg, path, micro, "val", rank=rank, world_size=world,
-                             seed=cfg.train.seed + 1)
-            else:
-                ld = BlockLoader(path, cfg.data.block_size, micro, split_name="val", rank=rank,
-                                 world_size=world, seed=cfg.train.seed + 1, mode="random",
-                                 boundaries=cfg.data.boundaries)
+            ld = _source_loader(cfg, path, micro, "val", rank=rank, world_size=world,
+                                seed=cfg.train.seed + 1, mode="random")
         except Exception as exc:
             raise ConfigError(f"validation split of {path} unusable: {exc}") from exc
         out.append((name, weight / total, ld))
