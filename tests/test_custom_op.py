@@ -33,6 +33,8 @@ def _cases():
         "attention": (lambda q, k, v: attention(q, k, v, causal=True), (q, k, torch.randn_like(k))),
         "cross_entropy": (lambda h, w: fused_linear_cross_entropy(h.reshape(15, 16), w, labels),
                           (x, head)),
+        "cross_entropy_rows": (lambda h, w: fused_linear_cross_entropy(
+            h.reshape(15, 16), w, labels, reduction="none", chunk_size=4), (x, head)),
     }
 
 
@@ -71,7 +73,12 @@ def test_opcheck_of_the_registered_ops():
                           test_utils=tests)
     head = torch.randn(11, 16, requires_grad=True)
     torch.library.opcheck(
-        _fused.op, (x, head, torch.randint(0, 11, (6,)), None, -100, 0.0, 0.0, False, 0, True, ""),
+        _fused.op, (x, head, torch.randint(0, 11, (6,)), None, -100, 0.0, 0.0, False, 0, True, True, ""),
+        test_utils=tests)
+    from fastlm.ops.cross_entropy import _rows
+    bias = torch.randn(11, requires_grad=True)
+    torch.library.opcheck(
+        _rows.op, (x, head, torch.randint(0, 11, (6,)), bias, -100, 0.1, 2.0, 4, ""),
         test_utils=tests)
 
 
@@ -93,7 +100,7 @@ def test_eager_path_hands_no_zeros_for_saved_outputs():
     _fused._backward = spy
     try:
         loss, dh, dw, _ = _fused(h, w, torch.randint(0, 11, (6,)), None, -100, 0.0, 0.0, False,
-                                 0, True, "")
+                                 0, True, True, "")
         assert loss.requires_grad and not dh.requires_grad and not dw.requires_grad
         (loss * 3).backward()
     finally:

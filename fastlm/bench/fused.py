@@ -7,7 +7,10 @@ functions a transformers model calls. The two are timed in alternation call by c
 
 ``--ops linear_cross_entropy`` (not in the default list: it takes a vocabulary, ``--vocab``)
 times the fused LM head + loss against the unfused ``F.cross_entropy((h @ W.T).float(), y)``
-that transformers' causal-LM loss computes (and, on a GPU, records the peak memory of each).
+that transformers' causal-LM loss computes (and, on a GPU, records the peak memory of each);
+``linear_cross_entropy_rows`` the same with a loss per token (``reduction="none"``, what DPO's
+sequence log-probabilities and multiple-choice scoring take), each row's loss weighted
+differently in the backward.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ def add_arguments(parser) -> None:
                         type=harness.comma_list(int))
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--ops", default="rms_norm,layer_norm,gelu_tanh,swiglu",
-                        help="comma list; also linear_cross_entropy (LM head + loss, --vocab)")
+                        help="comma list; also linear_cross_entropy and "
+                             "linear_cross_entropy_rows (LM head + loss, --vocab)")
     parser.add_argument("--vocab", type=int, default=32000,
                         help="vocabulary of linear_cross_entropy's LM head")
     parser.add_argument("--modes", default="fwd,fwd_bwd", help="comma list of fwd,fwd_bwd",
@@ -54,34 +58,39 @@ def _ops():
                       lambda x: F.gelu(x, approximate="tanh")),
         "swiglu": (2, False, fo.swiglu, lambda g, u: F.silu(g) * u),
         "linear_cross_entropy": None,  # see _loss_steps
+        "linear_cross_entropy_rows": None,
     }
 
 
-def _loss_steps(dtype, tokens, hidden, vocab, mode, device):
+def _loss_steps(dtype, tokens, hidden, vocab, mode, device, rows=False):
     """The fused LM head + cross-entropy and the unfused one (logits in the inputs' dtype,
-    the loss in fp32, as transformers computes it), on the same inputs."""
+    the loss in fp32, as transformers computes it), on the same inputs; ``rows``: a loss per
+    row, the backward seeded with a different weight per row."""
     import fastlm.ops as fo
 
     grad = mode == "fwd_bwd"
     h = torch.randn(tokens, hidden, device=device, dtype=dtype, requires_grad=grad)
     w = (torch.randn(vocab, hidden, device=device) / hidden**0.5).to(dtype).requires_grad_(grad)
     y = torch.randint(0, vocab, (tokens,), device=device)
+    reduction = "none" if rows else "mean"
+    seed = torch.randn(tokens, device=device) if rows else None
 
     def step(fn):
         def call(_i):
             loss = fn()
             if grad:
-                torch.autograd.grad(loss, (h, w))
+                torch.autograd.grad(loss, (h, w), seed)
         return call
 
-    return {"fastlm": step(lambda: fo.fused_linear_cross_entropy(h, w, y)),
-            "torch": step(lambda: F.cross_entropy((h @ w.T).float(), y))}
+    return {"fastlm": step(lambda: fo.fused_linear_cross_entropy(h, w, y, reduction=reduction)),
+            "torch": step(lambda: F.cross_entropy((h @ w.T).float(), y, reduction=reduction))}
 
 
 def _steps(op, dtype, tokens, hidden, mode, device, vocab=32000):
     """{"fastlm": step(i), "torch": step(i)} on the same inputs."""
-    if op == "linear_cross_entropy":
-        return _loss_steps(dtype, tokens, hidden, vocab, mode, device)
+    if op.startswith("linear_cross_entropy"):
+        return _loss_steps(dtype, tokens, hidden, vocab, mode, device,
+                           rows=op.endswith("_rows"))
     n_in, weighted, ours, theirs = _ops()[op]
     grad = mode == "fwd_bwd"
     xs = [torch.randn(tokens, hidden, device=device, dtype=dtype, requires_grad=grad)
@@ -123,7 +132,7 @@ def run(args) -> int:
         paired = harness.paired_speedup(timings, "fastlm", ["torch"])
         for impl, t in timings.items():
             extra = ({"vocab": args.vocab, "peak_gb": peaks[impl]}
-                     if op == "linear_cross_entropy" else {})
+                     if op.startswith("linear_cross_entropy") else {})
             report.add(op=op, impl=impl, case=f"{dname} {mode}", dtype=dname, mode=mode,
                        tokens=tokens, hidden=args.hidden, ms=t.median_ms, p20_ms=t.p20_ms,
                        p80_ms=t.p80_ms, vs_torch=paired if impl == "fastlm" else 1.0, **extra)

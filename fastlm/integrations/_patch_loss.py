@@ -88,6 +88,16 @@ def loss_unsupported(model) -> str | None:
     return None
 
 
+def fusable_head(model) -> bool:
+    """Whether :func:`head_loss` can run on the model's final hidden states here: its
+    head-to-loss path is known, and the head's weight is whole (not a ZeRO-3 partition) or is
+    gathered by the call of its head module, patched by fastlm.patch."""
+    if loss_unsupported(model) is not None:
+        return False
+    head = model.get_output_embeddings()
+    return not hasattr(head.weight, "ds_id") or bool(head.__dict__.get("_fastlm_patched"))
+
+
 def logit_scale(model) -> float:
     """The constant HF's forward multiplies the logits by before the loss (1 for most)."""
     scale = SCALED_MODEL_TYPES.get(getattr(model.config, "model_type", None))
@@ -104,17 +114,26 @@ def head_loss(model, hidden: torch.Tensor, targets: torch.Tensor, *, ignore_inde
     if scale != 1.0:
         hidden = hidden * scale
     softcap = getattr(model.config, "final_logit_softcapping", None) or 0.0
+    if head.__dict__.get("_fastlm_patched"):
+        # inside the head module's call, where ZeRO-3 gathers its partitioned weight (and
+        # gathers it again for the backward of reduction="none", which reads it)
+        return head(hidden, labels=targets, ignore_index=ignore_index, reduction=reduction,
+                    softcap=softcap)
     return fused_linear_cross_entropy(hidden, head.weight, targets, getattr(head, "bias", None),
                                       ignore_index=ignore_index, softcap=softcap,
                                       reduction=reduction)
 
 
-def head_forward(self, x, labels=None, num_items_in_batch=None, ignore_index=-100):
+def head_forward(self, x, labels=None, num_items_in_batch=None, ignore_index=-100,
+                 reduction=None, softcap=None):
     if labels is not None:
+        if softcap is None:  # set for the call by the patched model's forward (Gemma 2/3)
+            softcap = self.__dict__.get("_fastlm_softcap") or 0.0
+        if reduction is None:
+            reduction = "mean" if num_items_in_batch is None else "sum"
         loss = fused_linear_cross_entropy(
-            x, self.weight, labels, self.bias, ignore_index=ignore_index,
-            reduction="mean" if num_items_in_batch is None else "sum",
-            softcap=self.__dict__.get("_fastlm_softcap") or 0.0)
+            x, self.weight, labels, self.bias, ignore_index=ignore_index, reduction=reduction,
+            softcap=softcap)
         if num_items_in_batch is not None:
             loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
         return loss

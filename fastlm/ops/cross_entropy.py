@@ -104,17 +104,15 @@ def _chunk_rows(n: int, vocab: int, chunk_size: int | None, itemsize: int = 4,
     return max(1, min(n, rows))
 
 
-@custom_op("fastlm::linear_cross_entropy")
-def _fused(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-           bias: torch.Tensor | None, ignore_index: int, smoothing: float, softcap: float,
-           sum_reduction: bool, chunk_size: int, want_grads: bool, backend: str
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    impl = _op.launchers(Call.of(hidden), backend or None)
+def _chunked(impl, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+             bias: torch.Tensor | None, row_scale: torch.Tensor, ignore_index: int,
+             smoothing: float, softcap: float, chunk_size: int, want_grads: bool,
+             head_grads: bool = True):
+    """One pass over the rows in chunks: (loss per row fp32, and if want_grads the gradients
+    of sum(row_scale * loss) in hidden, and if head_grads too in weight and bias (fp32); a
+    frozen head (LoRA) skips the weight-gradient GEMM, a third of the head's work)."""
     n, vocab = hidden.shape[0], weight.shape[0]
-    n_valid = int((labels != ignore_index).sum())
-    scale = 1.0 if sum_reduction else 1.0 / max(n_valid, 1)
-    # float64 across chunks: the per-chunk sums are fp32, the running total should not drift
-    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
     dh = torch.empty_like(hidden) if want_grads else hidden.new_empty(0)
     step = _chunk_rows(n, vocab, chunk_size, hidden.element_size(), hidden.shape[1])
     # One chunk of bf16/fp16 logits: the weight gradient is computed as the unfused LM head's
@@ -126,24 +124,25 @@ def _fused(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
     # copies; the cpu backend's own one (csrc/cpu/bf16_matmul.cpp) runs it on AMX tiles at
     # 2.4-3.4x that, where the CPU has them (elsewhere the fp32 GEMM is as fast).
     low_single = hidden.dtype in (torch.bfloat16, torch.float16) and n <= step
-    amx_acc = (want_grads and not low_single and hidden.dtype == torch.bfloat16
+    head_grads = want_grads and head_grads
+    amx_acc = (head_grads and not low_single and hidden.dtype == torch.bfloat16
                and _amx_matmul(impl))
     # written by the first chunk's matmul, accumulated in place after (no zero fill, no temp)
-    dw = (torch.empty_like(weight, dtype=torch.float32) if want_grads and not low_single
+    dw = (torch.empty_like(weight, dtype=torch.float32) if head_grads and not low_single
           else hidden.new_empty(0))
     db = (torch.zeros(vocab, dtype=torch.float32, device=hidden.device)
-          if want_grads and bias is not None else hidden.new_empty(0))
-    row_scale = torch.full((min(step, n),), scale, dtype=torch.float32, device=hidden.device)
+          if head_grads and bias is not None else hidden.new_empty(0))
     for s in range(0, n, step):
         h = hidden[s:s + step]
         logits = h @ weight.T  # (chunk, V) in the inputs' dtype, as the unfused LM head
         if bias is not None:
             logits = logits + bias
-        loss = impl.ce_rows(logits, labels[s:s + step], row_scale[:h.shape[0]], ignore_index,
-                            smoothing, softcap, want_grads)
-        total += loss.sum(dtype=torch.float64)
+        losses[s:s + step] = impl.ce_rows(logits, labels[s:s + step], row_scale[s:s + step],
+                                          ignore_index, smoothing, softcap, want_grads)
         if want_grads:  # logits now hold row_scale * dloss/dlogits
             torch.mm(logits, weight, out=dh[s:s + step])
+            if not head_grads:
+                continue
             if low_single:
                 dw = torch.mm(logits.T, h).float()
             elif amx_acc:
@@ -157,17 +156,36 @@ def _fused(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                     dw.addmm_(g.T, hf)
             if bias is not None:
                 db += logits.sum(0, dtype=torch.float32)
-    # a tensor of its own, not a view (reshape): callers add to the loss in place (MoE models'
+    return losses, dh, dw, db
+
+
+@custom_op("fastlm::linear_cross_entropy")
+def _fused(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+           bias: torch.Tensor | None, ignore_index: int, smoothing: float, softcap: float,
+           sum_reduction: bool, chunk_size: int, want_grads: bool, head_grads: bool,
+           backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    impl = _op.launchers(Call.of(hidden), backend or None)
+    n_valid = int((labels != ignore_index).sum())
+    scale = 1.0 if sum_reduction else 1.0 / max(n_valid, 1)
+    row_scale = torch.full((hidden.shape[0],), scale, dtype=torch.float32,
+                           device=hidden.device)
+    losses, dh, dw, db = _chunked(impl, hidden, weight, labels, bias, row_scale, ignore_index,
+                                  smoothing, softcap, chunk_size, want_grads, head_grads)
+    # summed in float64: the per-row losses are fp32, a long running total should not drift.
+    # A tensor of its own, not a view (reshape): callers add to the loss in place (MoE models'
     # router loss), which autograd refuses on a view made inside a custom Function
-    return (total * scale).float(), dh, dw, db
+    return (losses.sum(dtype=torch.float64) * scale).float(), dh, dw, db
 
 
 @_fused.register_fake
 def _(hidden, weight, labels, bias, ignore_index, smoothing, softcap, sum_reduction,
-      chunk_size, want_grads, backend):
-    return (hidden.new_empty((), dtype=torch.float32), torch.empty_like(hidden),
-            torch.empty_like(weight, dtype=torch.float32),
-            hidden.new_empty(weight.shape[0] if bias is not None else 0, dtype=torch.float32))
+      chunk_size, want_grads, head_grads, backend):
+    head = want_grads and head_grads
+    return (hidden.new_empty((), dtype=torch.float32),
+            torch.empty_like(hidden) if want_grads else hidden.new_empty(0),
+            torch.empty_like(weight, dtype=torch.float32) if head else hidden.new_empty(0),
+            hidden.new_empty(weight.shape[0] if head and bias is not None else 0,
+                             dtype=torch.float32))
 
 
 def _setup(ctx, inputs, output):
@@ -201,20 +219,84 @@ def _backward(ctx, dloss, _dh, _dw, _db):
     dh, dw, db = ctx.saved_tensors
     w_dtype, b_dtype = ctx.dtypes
     want_b = b_dtype is not None and db.numel() > 0
+    want_w = dw.numel() > 0  # not computed for a frozen head
     g = dloss.to(torch.float32)
+    options = (None,) * 8  # labels and the non-tensor arguments
     if _last_use(dloss):
         if not bool(g == 1.0):  # gradient accumulation and loss scaling seed other values
             dh.mul_(g.to(dh.dtype))
             dw.mul_(g)
             db.mul_(g)
-        return (dh, dw.to(w_dtype), None, db.to(b_dtype) if want_b else None, None, None, None,
-                None, None, None, None)
+        return (dh, dw.to(w_dtype) if want_w else None, None,
+                db.to(b_dtype) if want_b else None) + options
+    grad_w = (dw * g).to(w_dtype) if want_w else None
     grad_b = (db * g).to(b_dtype) if want_b else None
-    return ((dh * g.to(dh.dtype)), (dw * g).to(w_dtype), None, grad_b, None, None, None, None,
-            None, None, None)
+    return (dh * g.to(dh.dtype), grad_w, None, grad_b) + options
 
 
 _fused.register_autograd(_backward, setup_context=_setup)
+
+
+# reduction="none": a loss per row, so the backward's incoming gradient differs per row and the
+# gradients cannot be computed ahead in the forward (the weight's sums over rows before it
+# would be scaled). The forward keeps only the per-row losses (no gradient buffers, nothing of
+# size vocab); the backward runs the chunks again, each chunk's logits recomputed and turned
+# into dloss[row] * dloss/dlogits by the same row kernel. One matmul more than the unfused head
+# (4 instead of 3), still never the (rows x vocab) logits; a forward under no_grad (DPO's
+# reference, evaluation) is one matmul in chunks.
+@custom_op("fastlm::linear_cross_entropy_rows")
+def _rows(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+          bias: torch.Tensor | None, ignore_index: int, smoothing: float, softcap: float,
+          chunk_size: int, backend: str) -> torch.Tensor:
+    impl = _op.launchers(Call.of(hidden), backend or None)
+    no_scale = hidden.new_empty(0, dtype=torch.float32)  # read only with gradients
+    losses, *_ = _chunked(impl, hidden, weight, labels, bias, no_scale, ignore_index, smoothing,
+                          softcap, chunk_size, False)
+    return losses
+
+
+@_rows.register_fake
+def _(hidden, weight, labels, bias, ignore_index, smoothing, softcap, chunk_size, backend):
+    return hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+
+
+@custom_op("fastlm::linear_cross_entropy_rows_bwd")
+def _rows_bwd(dloss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
+              labels: torch.Tensor, bias: torch.Tensor | None, ignore_index: int,
+              smoothing: float, softcap: float, chunk_size: int, head_grads: bool, backend: str
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    impl = _op.launchers(Call.of(hidden), backend or None)
+    _, dh, dw, db = _chunked(impl, hidden, weight, labels, bias,
+                             dloss.to(torch.float32).contiguous(), ignore_index, smoothing,
+                             softcap, chunk_size, True, head_grads)
+    return (dh, dw.to(weight.dtype) if head_grads else dw,
+            db.to(bias.dtype) if head_grads and bias is not None else db)
+
+
+@_rows_bwd.register_fake
+def _(dloss, hidden, weight, labels, bias, ignore_index, smoothing, softcap, chunk_size,
+      head_grads, backend):
+    return (torch.empty_like(hidden),
+            torch.empty_like(weight) if head_grads else hidden.new_empty(0),
+            torch.empty_like(bias) if head_grads and bias is not None else hidden.new_empty(0))
+
+
+def _rows_setup(ctx, inputs, output):
+    hidden, weight, labels, bias = inputs[:4]
+    ctx.save_for_backward(hidden, weight, labels, bias)
+    ctx.options = inputs[4:]
+
+
+def _rows_backward(ctx, dloss):
+    hidden, weight, labels, bias = ctx.saved_tensors
+    head = ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[3])
+    *options, backend = ctx.options
+    dh, dw, db = _rows_bwd(dloss, hidden, weight, labels, bias, *options, head, backend)
+    return (dh, dw if head else None, None,
+            db if head and bias is not None else None) + (None,) * len(ctx.options)
+
+
+_rows.register_autograd(_rows_backward, setup_context=_rows_setup)
 
 
 def fused_linear_cross_entropy(
@@ -237,11 +319,14 @@ def fused_linear_cross_entropy(
         weight: (V, H) LM-head weight, same dtype; bias: (V,) or None.
         labels: (N,) int64 targets in [0, V) or ``ignore_index``.
         label_smoothing, softcap: as torch's cross_entropy and Gemma's final-logit soft-cap.
-        reduction: "mean" (over non-ignored labels) or "sum".
+        reduction: "mean" (over non-ignored labels), "sum", or "none" (the loss of each row,
+            shaped as labels, 0 where ignored; its backward recomputes the logits chunk by
+            chunk, one matmul more than the unfused head, still never all of them).
         chunk_size: rows per chunk (default: about 16 MB of logits per chunk, 4M in fp32,
             and at least 256 rows from hidden size 512).
     Returns:
-        the fp32 scalar loss; differentiable in hidden, weight and bias.
+        the fp32 loss (a scalar, or per row for "none"); differentiable in hidden, weight and
+        bias.
     """
     op = "fused_linear_cross_entropy"
     hidden, weight, bias = autocast_inputs("lower", hidden, weight, bias)
@@ -260,13 +345,19 @@ def fused_linear_cross_entropy(
                     f"({hidden2.shape[0]}), got {labels.dtype} {tuple(labels.shape)}")
     if bias is not None:
         fc.check_vector(op, "bias", bias, weight.T)
-    if reduction not in ("mean", "sum"):
-        fc.fail(op, f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if reduction not in ("mean", "sum", "none"):
+        fc.fail(op, f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if not 0.0 <= label_smoothing < 1.0 or softcap < 0 or not math.isfinite(softcap):
         fc.fail(op, "label_smoothing must be in [0, 1) and softcap >= 0")
-    want = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if reduction == "none":
+        rows = _rows(hidden2.contiguous(), weight.contiguous(), labels2.contiguous(), bias,
+                     int(ignore_index), float(label_smoothing), float(softcap),
+                     int(chunk_size or 0), backend or "")
+        return rows.view(labels.shape)
+    grad = torch.is_grad_enabled()
+    want = grad and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    head = grad and any(t is not None and t.requires_grad for t in (weight, bias))
     loss, *_ = _fused(hidden2.contiguous(), weight.contiguous(), labels2.contiguous(), bias,
                       int(ignore_index), float(label_smoothing), float(softcap),
-                      reduction == "sum", int(chunk_size or 0), want, backend or "")
+                      reduction == "sum", int(chunk_size or 0), want, head, backend or "")
     return loss

@@ -16,6 +16,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fastlm.integrations._patch_loss import fusable_head, head_loss
+
+_IGNORE = -100  # targets outside the endings
+
 
 class ChoicesError(Exception):
     user_facing = True
@@ -67,10 +71,12 @@ def read_choices(path: str | Path, limit: int | None = None) -> list[Choice]:
 
 
 @torch.no_grad()
-def ending_losses(model, tokenizer, choice: Choice, device=None,
-                  max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def ending_losses(model, tokenizer, choice: Choice, device=None, max_length: int | None = None,
+                  fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed loss, token count) of each ending after the context, all endings in one batch
-    (right-padded; the attention mask keeps the padding out)."""
+    (right-padded; the attention mask keeps the padding out). ``fused``: where the model's
+    head allows, the LM head runs in chunks on the final hidden states with the per-token
+    losses (fastlm's fused linear cross-entropy), never the (endings x tokens x vocab) logits."""
     device = device or next(model.parameters()).device
     ctx = tokenizer(choice.context, add_special_tokens=False).input_ids
     rows, spans = [], []
@@ -94,17 +100,26 @@ def ending_losses(model, tokenizer, choice: Choice, device=None,
     for i, r in enumerate(rows):
         ids[i, :len(r)] = torch.tensor(r)
         mask[i, :len(r)] = 1
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                   use_cache=False).logits.float()
-    losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:].to(device),
-                             reduction="none")  # (n, width - 1): loss of token t + 1
-    total = torch.stack([losses[i, a - 1:b - 1].sum() for i, (a, b) in enumerate(spans)])
+    targets = torch.full((len(rows), width - 1), _IGNORE)  # token t + 1, the ending's only
+    for i, (a, b) in enumerate(spans):
+        targets[i, a - 1:b - 1] = ids[i, a:b]
+    inputs = dict(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+    targets = targets.to(device)
+    if fused and fusable_head(model):
+        hidden = model(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+        losses = head_loss(model, hidden[:, :-1], targets, ignore_index=_IGNORE,
+                           reduction="none")
+    else:
+        logits = model(**inputs).logits.float()
+        losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=_IGNORE,
+                                 reduction="none")
     count = torch.tensor([b - a for a, b in spans], dtype=torch.float32)
-    return total.cpu(), count
+    return losses.sum(-1).cpu(), count
 
 
 def accuracy(model, tokenizer, choices: list[Choice], *, device=None, max_length=None,
-             progress: bool = False, rank: int = 0, world: int = 1) -> ChoicesResult:
+             progress: bool = False, rank: int = 0, world: int = 1,
+             fused: bool = True) -> ChoicesResult:
     """Accuracy over ``choices``; with ``world`` > 1 each rank scores every world-th record
     and the counts are summed over the ranks (every rank runs as many forwards: ZeRO-3's
     gathers need them all)."""
@@ -118,7 +133,7 @@ def accuracy(model, tokenizer, choices: list[Choice], *, device=None, max_length
     try:
         for i in tqdm(range(per_rank), desc="choices", unit="record", disable=not progress):
             c = mine[i] if i < len(mine) else choices[0]  # a filler forward, not counted
-            total, count = ending_losses(model, tokenizer, c, device, max_length)
+            total, count = ending_losses(model, tokenizer, c, device, max_length, fused)
             if i < len(mine):
                 right += int(total.argmin()) == c.label
                 right_norm += int((total / count).argmin()) == c.label

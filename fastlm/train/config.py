@@ -77,10 +77,13 @@ class TrainConfig:
     objective: str = "lm"
     dpo_beta: float = 0.1  # how far the policy may move from the reference
     # "sigmoid": DPO's loss; "ipo": IPO's squared loss (Azar et al. 2023), which does not push
-    # the margin on to infinity on pairs it already ranks right
+    # the margin on to infinity on pairs it already ranks right; without a reference model:
+    # "simpo" (Meng et al. 2024; its paper's beta is 2-2.5) and "orpo" (Hong et al. 2024: beta
+    # is its lambda, the odds-ratio term's weight beside the chosen answers' token loss)
     dpo_loss: str = "sigmoid"
-    # conservative DPO: the share of pairs assumed mislabelled (sigmoid loss only)
+    # conservative DPO: the share of pairs assumed mislabelled (sigmoid and simpo losses)
     dpo_label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5  # SimPO's target margin between the answers' mean log-probs
     grad_clip: float = 1.0  # 0 = off
     seed: int = 1337
     max_consecutive_skips: int = 20  # fp16: abort after this many overflowing steps in a row
@@ -172,7 +175,7 @@ _CHOICES = {
     "train.zero_stage": (0, 1, 2, 3),
     "optim.name": ("fused_adamw", "adamw"),
     "train.objective": ("lm", "dpo"),
-    "train.dpo_loss": ("sigmoid", "ipo"),
+    "train.dpo_loss": ("sigmoid", "ipo", "simpo", "orpo"),
     "optim.schedule": ("cosine", "linear", "constant", "wsd", "wsd_sqrt"),
 }
 
@@ -302,10 +305,13 @@ def validate(cfg: RunConfig) -> None:
                           "prepare INPUT --out DIR` (one tokenizer for all) and drop data.prepare")
     t = cfg.train
     if t.objective == "dpo" and (cfg.data.mix is not None or t.dpo_beta <= 0
-                                 or not 0 <= t.dpo_label_smoothing < 0.5):
+                                 or not 0 <= t.dpo_label_smoothing < 0.5 or t.simpo_gamma < 0):
         raise ConfigError("train.objective=dpo takes one prepared directory of preference "
-                          "pairs (data.path, not data.mix), train.dpo_beta > 0 and "
-                          "train.dpo_label_smoothing in [0, 0.5)")
+                          "pairs (data.path, not data.mix), train.dpo_beta > 0, "
+                          "train.dpo_label_smoothing in [0, 0.5) and train.simpo_gamma >= 0")
+    if t.dpo_label_smoothing and t.dpo_loss not in ("sigmoid", "simpo"):
+        raise ConfigError(f"train.dpo_label_smoothing applies to the sigmoid and simpo losses, "
+                          f"not train.dpo_loss={t.dpo_loss}: drop one of them")
     lora = cfg.model.lora
     if lora is not None and (lora.r < 1 or lora.alpha <= 0 or not 0 <= lora.dropout < 1
                              or not lora.target_modules):

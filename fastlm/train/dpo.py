@@ -7,6 +7,13 @@ For a prompt with a chosen answer ``c`` and a rejected one ``r``, the loss is
 The reference costs no second copy under LoRA: it is the same model with its adapters off.
 Without LoRA it is a frozen copy of the starting weights (refused under ZeRO-3, which would have
 to partition it too: use ``model.lora`` there).
+
+``train.dpo_loss`` picks the loss on the pair's log-probabilities: ``sigmoid`` (DPO), ``ipo``
+(Azar et al. 2023), and two without a reference model (no reference forward, no copy, any ZeRO
+stage), both on the answers' mean log-probability per token: ``simpo`` (Meng et al. 2024),
+``-log sigmoid(beta (mean log p(c) - mean log p(r)) - gamma)`` with the target margin
+``train.simpo_gamma``, and ``orpo`` (Hong et al. 2024), the chosen answer's mean token loss plus
+``beta`` times ``-log sigmoid`` of the log odds ratio of the two answers' mean probabilities.
 """
 
 from __future__ import annotations
@@ -20,43 +27,88 @@ import torch.nn.functional as F
 from fastlm.data.loader import IGNORE_INDEX, Batch
 from fastlm.train.config import ConfigError, RunConfig
 
+# losses on the policy's log-probabilities alone
+REFERENCE_FREE = ("simpo", "orpo")
+
 
 class DpoObjective:
     def __init__(self, beta: float, reference: torch.nn.Module | None, kind: str = "sigmoid",
-                 label_smoothing: float = 0.0):
+                 label_smoothing: float = 0.0, gamma: float = 0.5):
         self.beta, self.kind, self.label_smoothing = beta, kind, label_smoothing
-        self.reference = reference  # None: the trained model with its LoRA adapters off
+        self.gamma = gamma
+        # None: the trained model with its LoRA adapters off (no reference at all for the
+        # reference-free losses)
+        self.reference = reference
 
-    def loss(self, engine, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean DPO loss, fraction of pairs whose implicit reward ranks chosen first)."""
-        policy = sequence_logps(engine, batch)
-        with torch.no_grad():
-            if self.reference is None:
-                with adapters_off(engine.module):
-                    ref = sequence_logps(engine.module, batch)
-            else:
-                ref = sequence_logps(self.reference, batch)
-        return dpo_loss(policy, ref, self.beta, self.kind, self.label_smoothing)
+    def loss(self, engine, batch: Batch, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean DPO loss, fraction of pairs whose implicit reward ranks chosen first);
+        ``fused``: the LM head and log-probabilities chunked, never the full logits."""
+        ref = None
+        if self.kind not in REFERENCE_FREE:
+            with torch.no_grad():  # first: its activations are freed before the policy's
+                if self.reference is None:
+                    with adapters_off(engine.module):
+                        ref = sequence_logps(engine.module, batch, fused)
+                else:
+                    ref = sequence_logps(self.reference, batch, fused)
+        policy = sequence_logps(engine, batch, fused)
+        counts = (batch.targets != IGNORE_INDEX).sum(-1)
+        return dpo_loss(policy, ref, self.beta, self.kind, self.label_smoothing,
+                        counts=counts, gamma=self.gamma)
 
 
-def dpo_loss(policy: torch.Tensor, ref: torch.Tensor, beta: float, kind: str = "sigmoid",
-             label_smoothing: float = 0.0):
+def dpo_loss(policy: torch.Tensor, ref: torch.Tensor | None, beta: float, kind: str = "sigmoid",
+             label_smoothing: float = 0.0, *, counts: torch.Tensor | None = None,
+             gamma: float = 0.5):
     """Sequence log-probs of 2B rows (B chosen, then B rejected) -> (loss, reward accuracy).
+
+    With h the chosen answer's log-ratio (policy over ``ref``) minus the rejected one's:
     ``sigmoid``: -log sigmoid(beta h), with ``label_smoothing`` e the conservative form
-    -(1 - e) log sigmoid(beta h) - e log sigmoid(-beta h); ``ipo``: (h - 1 / (2 beta))^2, where
-    h is the chosen answer's log-ratio minus the rejected one's."""
+    -(1 - e) log sigmoid(beta h) - e log sigmoid(-beta h); ``ipo``: (h - 1 / (2 beta))^2.
+    Reference-free, on the mean log-probability per answer token (``counts`` tokens a row):
+    ``simpo``: as sigmoid, of beta h - ``gamma`` with h the chosen mean minus the rejected
+    one; ``orpo``: the chosen answer's mean token loss - beta log sigmoid(h), h the log odds
+    ratio log(p_c / (1 - p_c)) - log(p_r / (1 - p_r)) of the mean probabilities p = exp(mean).
+    The accuracy counts the pairs with h > 0."""
     b = policy.shape[0] // 2
+
+    def smoothed_sigmoid(z):
+        return -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+
+    if kind in REFERENCE_FREE:
+        mean = policy / counts.to(policy.dtype).clamp(min=1)
+        if kind == "simpo":
+            h = mean[:b] - mean[b:]
+            loss = smoothed_sigmoid(beta * h - gamma)
+        else:
+            # log(p / (1 - p)) = mean - log(1 - exp(mean)); a mean of exactly 0 (p = 1) would
+            # give an infinite odds: held just below
+            mean = mean.clamp(max=-1e-6)
+            log_odds = mean - torch.log(-torch.expm1(mean))
+            h = log_odds[:b] - log_odds[b:]
+            loss = -mean[:b] - beta * F.logsigmoid(h)
+        return loss.mean(), (h > 0).float().mean()
     h = (policy[:b] - ref[:b]) - (policy[b:] - ref[b:])
-    if kind == "ipo":
-        loss = (h - 1 / (2 * beta)) ** 2
-    else:
-        loss = -(1 - label_smoothing) * F.logsigmoid(beta * h) \
-            - label_smoothing * F.logsigmoid(-beta * h)
+    loss = (h - 1 / (2 * beta)) ** 2 if kind == "ipo" else smoothed_sigmoid(beta * h)
     return loss.mean(), (h > 0).float().mean()
 
 
-def sequence_logps(model, batch: Batch) -> torch.Tensor:
-    """Each row's summed log-probability of its scored targets (the answer), fp32."""
+def sequence_logps(model, batch: Batch, fused: bool = False) -> torch.Tensor:
+    """Each row's summed log-probability of its scored targets (the answer), fp32.
+
+    ``fused`` (a model whose head-to-loss path :func:`loss_unsupported` accepts): the model stops
+    at its final hidden states and the LM head runs in chunks with the per-token losses
+    (fastlm's fused linear cross-entropy, reduction="none"), so neither the forward nor the
+    saved activations hold (2 x pairs x tokens x vocab) fp32 logits: with a 128k vocabulary,
+    4 pairs of 2048 tokens, that was 8 GB."""
+    if fused:
+        from fastlm.integrations._patch_loss import head_loss
+
+        out = model(input_ids=batch.input_ids, use_cache=False, output_hidden_states=True,
+                    logits_to_keep=1)
+        nll = head_loss(getattr(model, "module", model), out.hidden_states[-1], batch.targets,
+                        ignore_index=IGNORE_INDEX, reduction="none")
+        return -nll.sum(-1)
     logits = model(input_ids=batch.input_ids, use_cache=False).logits.float()
     nll = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(),
                           ignore_index=IGNORE_INDEX, reduction="none")
@@ -80,21 +132,31 @@ def adapters_off(model):
             m._disable_adapters = was
 
 
-def objective(cfg: RunConfig, model, dev) -> DpoObjective:
-    """The DPO objective of a run; call before the engine is built (the reference copy is of
-    the starting weights)."""
-    if cfg.model.lora is not None:
-        return DpoObjective(cfg.train.dpo_beta, None, cfg.train.dpo_loss,
-                            cfg.train.dpo_label_smoothing)
-    if cfg.train.zero_stage == 3:
+def needs_reference_copy(cfg: RunConfig) -> bool:
+    """Whether the run keeps a frozen copy of its starting weights as DPO's reference (a loss
+    with a reference, without LoRA); under ZeRO-3 that is refused with the alternatives."""
+    t = cfg.train
+    if t.objective != "dpo" or cfg.model.lora is not None or t.dpo_loss in REFERENCE_FREE:
+        return False
+    if t.zero_stage == 3:
         raise ConfigError("train.objective=dpo without model.lora keeps a whole frozen copy of "
                           "the model as its reference, which ZeRO-3 would have to partition "
                           "too: use model.lora (the reference is then the model with its "
-                          "adapters off) or train.zero_stage <= 2")
+                          "adapters off), a loss without a reference (train.dpo_loss=simpo or "
+                          "orpo) or train.zero_stage <= 2")
+    return True
+
+
+def objective(cfg: RunConfig, model, dev) -> DpoObjective:
+    """The DPO objective of a run; call before the engine is built (the reference copy is of
+    the starting weights)."""
+    t = cfg.train
+    if not needs_reference_copy(cfg):
+        return DpoObjective(t.dpo_beta, None, t.dpo_loss, t.dpo_label_smoothing, t.simpo_gamma)
     reference = copy.deepcopy(model).to(dev).eval().requires_grad_(False)
-    if cfg.train.precision in ("bf16", "fp16"):
+    if t.precision in ("bf16", "fp16"):
         from fastlm.train.model import to_dtype
 
-        to_dtype(reference, torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16)
-    return DpoObjective(cfg.train.dpo_beta, reference, cfg.train.dpo_loss,
-                        cfg.train.dpo_label_smoothing)
+        to_dtype(reference, torch.bfloat16 if t.precision == "bf16" else torch.float16)
+    return DpoObjective(t.dpo_beta, reference, t.dpo_loss, t.dpo_label_smoothing,
+                        t.simpo_gamma)

@@ -249,7 +249,8 @@ def _run_choices(args, model, tok, device, ctx) -> int:
     if tok is None:
         raise EvalError(f"--choices: {args.model} comes with no tokenizer to encode the records")
     records = read_choices(args.data)
-    result = accuracy(model, tok, records, device=device, max_length=ctx, progress=True)
+    result = accuracy(model, tok, records, device=device, max_length=ctx, progress=True,
+                      fused=not args.no_kernels)
     print(f"accuracy {result.acc:.4f} (by mean loss per ending token: {result.acc_norm:.4f}) "
           f"over {result.examples} records")
     if args.json:

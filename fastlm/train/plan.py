@@ -74,6 +74,11 @@ def plan(cfg: RunConfig, world: int) -> dict:
     fpt = flops_per_token(model, cfg.data.block_size)
     tokens = glob * cfg.data.block_size
     mem = model_state_memory(total, trainable, precision, stage, world, offload)
+    from fastlm.train.dpo import needs_reference_copy
+
+    # DPO's frozen copy of the starting weights, whole on every rank in the run's dtype
+    reference = total * (2 if precision in ("bf16", "fp16") else 4) \
+        if needs_reference_copy(cfg) else 0
     return {"model": type(model).__name__, "parameters": total, "trainable": trainable,
             "vocab_size": conf.vocab_size if vocab is None else vocab,
             "data": [str(p) for p in cfg.data.mix] if cfg.data.mix else str(data),
@@ -84,15 +89,15 @@ def plan(cfg: RunConfig, world: int) -> dict:
             "zero_stage": stage, "flops_per_token": fpt, "flops_per_step": fpt * tokens,
             "flops_total": fpt * tokens * cfg.train.max_steps,
             "memory_per_rank": {"weights": mem.weights, "gradients": mem.gradients,
-                                "optimizer": mem.optimizer,
+                                "optimizer": mem.optimizer, "reference": reference,
                                 "optimizer_on": "cpu" if offload else "device"},
             "deepspeed": ds}
 
 
 def render(p: dict, cfg: RunConfig) -> str:
     mem = p["memory_per_rank"]
-    on_device = mem["weights"] + mem["gradients"] + (0 if mem["optimizer_on"] == "cpu"
-                                                     else mem["optimizer"])
+    on_device = mem["weights"] + mem["gradients"] + mem["reference"] + (
+        0 if mem["optimizer_on"] == "cpu" else mem["optimizer"])
     o = cfg.optim
     trains = "" if p["trainable"] == p["parameters"] else \
         f" ({_n(p['trainable'])} train: LoRA rank {cfg.model.lora.r})"
@@ -114,6 +119,7 @@ def render(p: dict, cfg: RunConfig) -> str:
         f"{'GPU' if torch.cuda.is_available() else 'device'}: weights {_b(mem['weights'])}, "
         f"gradients {_b(mem['gradients'])}, optimizer {_b(mem['optimizer'])}"
         + (" (in CPU memory: offload)" if mem["optimizer_on"] == "cpu" else "")
+        + (f", DPO's reference copy {_b(mem['reference'])}" if mem["reference"] else "")
         + "; activations come on top",
         "deepspeed  " + json.dumps(p["deepspeed"], sort_keys=True),
     ]

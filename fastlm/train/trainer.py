@@ -186,6 +186,7 @@ def _loop(cfg, engine, scheduler, loader, val_loader, state, log, signals, *, ck
           dev, accum, tokens_per_step, fpt, peak, data_dir=None, choices=None, dpo=None):
     model_dtype = next(engine.module.parameters()).dtype
     fused = _fused_loss(cfg, engine.module)
+    head_fused = _head_fused(cfg, engine, fused)
     if fused and cfg.train.zero_stage == 3 and not _patched_loss(engine.module):
         logger.warning("train.fused_loss under ZeRO-3 runs through fastlm.patch's loss, which "
                        "this model does not have (model.patch=false or an unsupported type): "
@@ -210,7 +211,7 @@ def _loop(cfg, engine, scheduler, loader, val_loader, state, log, signals, *, ck
             if dpo is None:
                 loss = _loss(engine, batch, model_dtype, fused)
             else:
-                loss, acc = dpo.loss(engine, batch)
+                loss, acc = dpo.loss(engine, batch, head_fused)
                 acc_sum += acc.item()
             if overflow_at is not None and state.step + 1 == int(overflow_at):
                 loss = loss * float("inf")  # fault injection: an fp16 overflow this step
@@ -290,6 +291,13 @@ def _fused_loss(cfg, module) -> bool:
     return True
 
 
+def _head_fused(cfg, engine, fused: bool) -> bool:
+    """Whether the fused LM head + loss can run on the final hidden states (evaluation, DPO):
+    it reads the head's weight, which ZeRO-3 gathers only inside the head module's call, where
+    fastlm.patch's head computes it."""
+    return fused and (cfg.train.zero_stage < 3 or _patched_loss(engine.module))
+
+
 def _patched_loss(module) -> bool:
     handle = module.__dict__.get("_fastlm_patch")
     return handle is not None and "loss" in handle.swapped
@@ -313,9 +321,9 @@ def _loss(engine, batch: Batch, model_dtype, fused: bool = False) -> torch.Tenso
         # fastlm.patch's fused loss: computed inside the LM head module's call, where ZeRO-3
         # has gathered its weight; the loader's targets are already the next tokens
         return engine(**kwargs, labels=batch.targets, shift_labels=batch.targets).loss
-    # below: the trainer's own fused loss reads the head weight outside the head module, so
-    # not under ZeRO-3 (partitioned weight), where the full logits are computed instead
-    if fused and engine.zero_optimization_stage() < 3:
+    # below: the fused loss on the final hidden states; under ZeRO-3 only through a patched
+    # head (its module call gathers the partitioned weight), else the full logits
+    if fused and (engine.zero_optimization_stage() < 3 or _patched_loss(engine.module)):
         # the model stops at the final hidden states (logits for one position only); the
         # LM head and the loss run chunked, never holding (B*T, V) logits
         out = engine(**kwargs, output_hidden_states=True, logits_to_keep=1)
@@ -368,12 +376,13 @@ def evaluate_loss(engine, val_loader: BlockLoader, batches: int, dev, model_dtyp
 
 
 @torch.no_grad()
-def _evaluate_dpo(engine, val_loader, batches: int, dev, dpo) -> tuple[float, float]:
+def _evaluate_dpo(engine, val_loader, batches: int, dev, dpo,
+                  fused: bool = False) -> tuple[float, float]:
     """Mean DPO loss and reward accuracy over the same ``batches`` val batches, all ranks."""
     engine.eval()
     loss = acc = 0.0
     for i in range(batches):
-        batch_loss, batch_acc = dpo.loss(engine, val_loader.batch_at(i).to(dev))
+        batch_loss, batch_acc = dpo.loss(engine, val_loader.batch_at(i).to(dev), fused)
         loss, acc = loss + batch_loss.item(), acc + batch_acc.item()
     engine.train()
     return fdist.mean(loss / batches, dev), fdist.mean(acc / batches, dev)
@@ -383,12 +392,13 @@ def _evaluate(cfg, engine, val_loader, state, log, ckpt_dir, rank, dev, model_dt
               loader, fused, choices=None, dpo=None) -> bool:
     quality = {}  # per-objective measures logged with the validation loss
     if dpo is not None:
-        loss, acc = _evaluate_dpo(engine, val_loader[0][2], cfg.eval.batches, dev, dpo)
+        loss, acc = _evaluate_dpo(engine, val_loader[0][2], cfg.eval.batches, dev, dpo,
+                                  _head_fused(cfg, engine, fused))
         parts = [(None, 1.0, loss)]
         quality["val_reward_acc"] = acc
     else:
         parts = [(name, weight, evaluate_loss(engine, ld, cfg.eval.batches, dev, model_dtype,
-                                              fused and cfg.train.zero_stage < 3))
+                                              _head_fused(cfg, engine, fused)))
                  for name, weight, ld in val_loader]
     # with data.mix: the mixture's expected loss, each source's weighted by its share
     val = sum(weight * loss for _, weight, loss in parts)
@@ -403,7 +413,7 @@ def _evaluate(cfg, engine, val_loader, state, log, ckpt_dir, rank, dev, model_dt
         records, tok = choices
         res = accuracy(engine.module, tok, records, device=dev,
                        max_length=context_length(engine.module), rank=rank,
-                       world=engine.dp_world_size)
+                       world=engine.dp_world_size, fused=fused)
         each.update(choices_acc=res.acc, choices_acc_norm=res.acc_norm)
         said = f"; choices accuracy {res.acc:.4f} (per token {res.acc_norm:.4f})"
     log.log(state.step, val_loss=val, **quality, **each)

@@ -58,6 +58,62 @@ def test_matches_float64(backend, dtype, n, h, v, chunk, opts, bias):
         assert_within(g, g64, gb, factor=GRAD_FACTOR)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n, h, v, chunk", [(1, 8, 5, None), (48, 32, 211, None), (37, 16, 101, 8),
+                                            (64, 33, 257, 7)])
+@pytest.mark.parametrize("opts", [dict(), dict(label_smoothing=0.1), dict(softcap=3.0)], ids=str)
+@pytest.mark.parametrize("bias", [False, True])
+def test_per_row_losses_match_float64(backend, dtype, n, h, v, chunk, opts, bias):
+    """reduction="none": each row's loss (0 where ignored), and gradients under a different
+    incoming gradient per row (the backward recomputes the logits chunk by chunk)."""
+    hidden, weight, b, labels = _inputs(n, h, v, dtype, bias)
+    labels = labels.view(-1, 1) if n == 1 else labels.view(n // 2 if n % 2 == 0 else n, -1)
+    seed = torch.randn(labels.shape, dtype=torch.float64)
+
+    def weighted(rows):
+        return (rows * seed.to(rows.dtype)).sum()
+
+    def fused(hh, ww, bb=None):
+        rows = fused_linear_cross_entropy(hh, ww, labels, bb, chunk_size=chunk, backend=backend,
+                                          reduction="none", **opts)
+        assert rows.shape == labels.shape and rows.dtype == torch.float32
+        fused.rows = rows.detach()
+        return weighted(rows)
+
+    def ref(upcast):
+        def run(hh, ww, bb=None):
+            rows = linear_cross_entropy_ref(hh, ww, labels.flatten(), bias=bb, upcast=upcast,
+                                            reduction="none", **opts).view(labels.shape)
+            run.rows = rows.detach()
+            return weighted(rows)
+        return run
+
+    tensors = [hidden, weight] + ([b] if bias else [])
+    _, grads = _run(fused, tensors)
+    base, ref64 = ref(False), ref(True)
+    _, base_grads = _run(base, tensors)
+    _, grads64 = _run(ref64, [t.double() for t in tensors])
+    assert (fused.rows[labels == -100] == 0).all()
+    assert_within(fused.rows, ref64.rows, base.rows, factor=2, floor=2e-7)
+    for g, g64, gb in zip(grads, grads64, base_grads):
+        assert g.dtype == dtype
+        assert_within(g, g64, gb, factor=GRAD_FACTOR)
+
+
+def test_per_row_losses_sum_to_the_sum_reduction():
+    hidden, weight, b, labels = _inputs(29, 12, 53, torch.float32, True)
+    h = hidden.requires_grad_()
+    rows = fused_linear_cross_entropy(h, weight, labels, b, reduction="none", chunk_size=5)
+    total = fused_linear_cross_entropy(h, weight, labels, b, reduction="sum", chunk_size=5)
+    torch.testing.assert_close(rows.sum(), total, rtol=1e-6, atol=1e-6)
+    g_rows, = torch.autograd.grad(rows.sum(), h)
+    g_sum, = torch.autograd.grad(total, h)
+    torch.testing.assert_close(g_rows, g_sum, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():  # no graph: the forward alone
+        assert not fused_linear_cross_entropy(h, weight, labels, b, reduction="none").requires_grad
+
+
 def test_all_ignored_gives_zero_loss_and_grads():
     hidden, weight, _, labels = _inputs(6, 8, 11, torch.float32, False)
     labels[:] = -100
@@ -86,8 +142,8 @@ def test_bad_inputs():
         fused_linear_cross_entropy(hidden, weight[:, :5], labels)
     with pytest.raises(ValueError, match="labels must be int64"):
         fused_linear_cross_entropy(hidden, weight, labels.int())
-    with pytest.raises(ValueError, match="reduction"):
-        fused_linear_cross_entropy(hidden, weight, labels, reduction="none")
+    with pytest.raises(ValueError, match="reduction must be 'mean', 'sum' or 'none'"):
+        fused_linear_cross_entropy(hidden, weight, labels, reduction="rows")
     bad = labels.clone()
     bad[1] = 99
     with pytest.raises(RuntimeError, match="outside"):
@@ -150,3 +206,36 @@ def test_last_backward_scales_the_saved_gradients_in_place(monkeypatch):
         torch.testing.assert_close(g1, 3 * want, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(g2, 3 * want, rtol=1e-5, atol=1e-6)
     assert decisions == [True, True, False, True]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_frozen_head_skips_its_gradients(reduction, bias, monkeypatch):
+    """LoRA freezes the LM head: the hidden states' gradient is the same, the head's weight
+    gradient GEMM is not run (a third of the head's work) and nothing is returned for it."""
+    from fastlm.ops import cross_entropy as ce
+
+    flags = []
+    real = ce._chunked
+    monkeypatch.setattr(ce, "_chunked", lambda *a: flags.append(
+        (a[10], a[11] if len(a) > 11 else True)) or real(*a))
+    hidden, weight, b, labels = _inputs(23, 16, 41, torch.float32, bias)
+    seed = torch.randn(23)
+
+    def grads(frozen):
+        h = hidden.clone().requires_grad_()
+        w = weight.clone().requires_grad_(not frozen)
+        bb = None if b is None else b.clone().requires_grad_(not frozen)
+        out = fused_linear_cross_entropy(h, w, labels, bb, reduction=reduction, chunk_size=6)
+        (out * seed).sum().backward() if reduction == "none" else out.backward()
+        return h.grad, w.grad, None if bb is None else bb.grad
+
+    trained, frozen = grads(False), grads(True)
+    torch.testing.assert_close(frozen[0], trained[0], rtol=0, atol=0)
+    assert frozen[1] is None and frozen[2] is None
+    assert trained[1] is not None and (trained[2] is not None) == bias
+    # (want_grads, head_grads) of each pass: the forward, and for "none" its recomputation
+    if reduction == "mean":
+        assert flags == [(True, True), (True, False)]
+    else:
+        assert flags == [(False, True), (True, True), (False, True), (True, False)]

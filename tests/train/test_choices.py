@@ -10,6 +10,7 @@ from test_eval import _hf_dir
 from transformers import AutoModelForCausalLM
 
 from fastlm import cli
+from fastlm.integrations._patch_loss import head_loss
 from fastlm.train.choices import Choice, ChoicesError, accuracy, ending_losses, read_choices
 from fastlm.train.generate import load_tokenizer
 
@@ -29,16 +30,24 @@ def _alone(model, tok, context, ending):
         len(full) - n
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "logits"])
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
-def test_padded_batch_scores_each_ending_as_alone(tmp_path, kind):
+def test_padded_batch_scores_each_ending_as_alone(tmp_path, kind, fused, monkeypatch):
+    """Through the fused head (per-token losses in chunks) or the full logits alike."""
+    from fastlm.train import choices
+
     path = _hf_dir(tmp_path, kind)
     model, tok = AutoModelForCausalLM.from_pretrained(path).eval(), load_tokenizer(path)
+    calls = []
+    monkeypatch.setattr(choices, "head_loss",
+                        lambda *a, **k: calls.append(1) or head_loss(*a, **k))
     for c in RECORDS:
-        total, count = ending_losses(model, tok, c)
+        total, count = ending_losses(model, tok, c, fused=fused)
         want = [_alone(model, tok, c.context, e) for e in c.endings]
         assert count.tolist() == [n for _, n in want]
         torch.testing.assert_close(total, torch.tensor([w for w, _ in want]), rtol=1e-5,
                                    atol=1e-5)
+    assert len(calls) == (len(RECORDS) if fused else 0)
 
 
 def test_accuracy_picks_the_likeliest_ending_by_sum_and_by_mean(tmp_path):

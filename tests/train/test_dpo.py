@@ -127,6 +127,28 @@ def test_dpo_loss_against_float64(kind, smoothing):
     assert acc.item() == pytest.approx((h > 0).double().mean().item())
 
 
+@pytest.mark.parametrize("kind, smoothing", [("simpo", 0.0), ("simpo", 0.1), ("orpo", 0.0)])
+def test_reference_free_losses_against_float64(kind, smoothing):
+    from fastlm.train.dpo import dpo_loss
+
+    g = torch.Generator().manual_seed(1)
+    counts = torch.randint(1, 9, (8,), generator=g)
+    policy = -torch.rand(8, generator=g) * 3 * counts  # summed log-probs: below 0
+    loss, acc = dpo_loss(policy, None, 2.0, kind, smoothing, counts=counts, gamma=0.7)
+    mean = policy.double() / counts.double()
+    if kind == "simpo":
+        h = mean[:4] - mean[4:]
+        z = 2.0 * h - 0.7
+        want = ((1 - smoothing) * torch.log1p(torch.exp(-z)) + smoothing * torch.log1p(torch.exp(z)))
+    else:  # the odds p / (1 - p) of the mean token probability p
+        p = torch.exp(mean)
+        odds = torch.log(p / (1 - p))
+        h = odds[:4] - odds[4:]
+        want = -mean[:4] + 2.0 * torch.log1p(torch.exp(-h))
+    assert abs(loss.item() - want.mean().item()) <= 1e-6 * abs(want.mean().item())
+    assert acc.item() == pytest.approx((h > 0).double().mean().item())
+
+
 def _tiny(lora=False):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -152,6 +174,54 @@ def test_sequence_logps_of_padded_rows_are_each_rows_alone():
             logp = torch.log_softmax(model(ids[i:i + 1, :n]).logits[0].double(), -1)
         want = logp[torch.arange(2, n), targets[i, 2:n]].sum()
         assert abs(got[i].item() - want.item()) <= 1e-5 * abs(want.item())
+
+
+@pytest.mark.parametrize("patched", [False, True], ids=["plain", "patched"])
+def test_fused_sequence_logps_equal_the_full_logits_ones(patched):
+    """fused=True (the head in chunks, per-token losses, no full logits): the same log-probs
+    and parameter gradients as from the full logits, directly or through fastlm.patch's head
+    module (the path ZeRO-3 takes)."""
+    import fastlm
+    from fastlm.train.dpo import sequence_logps
+
+    model = _tiny()
+    if patched:
+        fastlm.patch(model, attention=False)
+    ids = torch.randint(0, 300, (4, 11), generator=torch.Generator().manual_seed(3))
+    targets = torch.randint(0, 300, (4, 11), generator=torch.Generator().manual_seed(4))
+    targets[:, :3] = IGNORE_INDEX
+    targets[1, 6:] = IGNORE_INDEX
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0])  # DPO's gradient differs per row
+
+    def run(fused):
+        model.zero_grad()
+        logps = sequence_logps(model, Batch(ids, targets), fused)
+        (logps * weights).sum().backward()
+        return logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    full, full_grads = run(False)
+    fused, fused_grads = run(True)
+    torch.testing.assert_close(fused, full, rtol=1e-5, atol=1e-5)
+    for name, g in full_grads.items():
+        torch.testing.assert_close(fused_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_dpo_runs_the_head_in_chunks_and_follows_the_full_logits(tmp_path, prefs,
+                                                                        monkeypatch):
+    from fastlm.integrations import _patch_loss
+
+    calls = []
+    real = _patch_loss.head_loss
+    monkeypatch.setattr(_patch_loss, "head_loss",
+                        lambda *a, **k: calls.append(k["reduction"]) or real(*a, **k))
+    args = ["model.lora.r=4", "train.max_steps=3", "eval.every=3"]
+    fused = _dpo_run(tmp_path / "a", prefs, *args)
+    # 3 steps and 2 val batches, each a reference and a policy forward
+    assert calls == ["none"] * 10
+    full = _dpo_run(tmp_path / "b", prefs, *args, "train.fused_loss=false")
+    assert len(calls) == 10
+    assert [x for _, x in fused.history] == pytest.approx([x for _, x in full.history],
+                                                           rel=1e-5)
 
 
 def test_reference_under_lora_is_the_model_before_its_adapters():
@@ -222,6 +292,27 @@ def test_full_weight_dpo_keeps_a_frozen_reference_and_zero3_needs_lora(tmp_path,
         _dpo_run(tmp_path / "b", prefs, "train.max_steps=1", "train.zero_stage=3")
 
 
+@pytest.mark.parametrize("kind", ["simpo", "orpo"])
+def test_reference_free_runs_keep_no_reference_and_learn(tmp_path, prefs, monkeypatch, kind):
+    """SimPO and ORPO: no reference copy and no reference forward (one pass of the model a
+    micro-batch), full weights under ZeRO-3 accepted, and every pair ranked right."""
+    from fastlm.train import dpo as fdpo
+
+    made, forwards = [], []
+    real, real_logps = fdpo.objective, fdpo.sequence_logps
+    monkeypatch.setattr(fdpo, "objective", lambda *a: made.append(real(*a)) or made[-1])
+    monkeypatch.setattr(fdpo, "sequence_logps",
+                        lambda m, *a: forwards.append(m) or real_logps(m, *a))
+    beta = "2.0" if kind == "simpo" else "0.5"
+    state = _dpo_run(tmp_path, prefs, f"train.dpo_loss={kind}", f"train.dpo_beta={beta}",
+                     "train.zero_stage=3", "train.max_steps=20", "eval.every=20")
+    assert made[0].reference is None and made[0].kind == kind
+    assert len(forwards) == 20 + 2  # the steps and the 2 validation batches
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r for r in rows if "val_reward_acc" in r][-1]["val_reward_acc"] == 1.0
+    assert state.history[-1][1] < state.history[0][1]
+
+
 def test_dpo_on_plain_data_names_the_fix(tmp_path, tiny_data):
     with pytest.raises(ConfigError, match="dpo: .*no preference pairs.*--preference"):
         _dpo_run(tmp_path, tiny_data, "train.max_steps=1")
@@ -277,3 +368,12 @@ def test_loss_settings_reach_the_objective_and_bad_ones_are_named():
         load_config(None, ["train.objective=dpo", "train.dpo_loss=kto"])
     with pytest.raises(ConfigError, match=r"dpo_label_smoothing in \[0, 0.5\)"):
         load_config(None, ["train.objective=dpo", "train.dpo_label_smoothing=0.5"])
+    with pytest.raises(ConfigError, match="simpo_gamma >= 0"):
+        load_config(None, ["train.objective=dpo", "train.dpo_loss=simpo", "train.simpo_gamma=-1"])
+    with pytest.raises(ConfigError, match="label_smoothing applies to the sigmoid and simpo"):
+        load_config(None, ["train.objective=dpo", "train.dpo_loss=ipo",
+                           "train.dpo_label_smoothing=0.1"])
+    cfg = load_config(None, ["train.objective=dpo", "train.dpo_loss=simpo", "train.simpo_gamma=1",
+                             "train.zero_stage=3"])
+    got = objective(cfg, _tiny(), torch.device("cpu"))
+    assert (got.kind, got.gamma, got.reference) == ("simpo", 1.0, None)

@@ -46,6 +46,27 @@ def test_zero_stages_split_the_model_state(stage, split):
     assert (m.weights, m.gradients, m.optimizer) == tuple(w / s for w, s in zip(whole, split))
 
 
+@pytest.mark.parametrize("sets, copy", [([], True), (["model.lora.r=2"], False),
+                                        (["train.dpo_loss=simpo"], False)])
+def test_dpo_plans_its_reference_copy(tiny_data, sets, copy):
+    """DPO without LoRA keeps a whole copy of the starting weights on every rank (ZeRO-3 is
+    refused as the run refuses it); LoRA's reference and the reference-free losses cost none."""
+    from fastlm.train.plan import plan, render
+
+    base = [f"data.path={tiny_data}", "model.preset=tiny-llama", "train.precision=bf16",
+            "train.objective=dpo", *sets]
+    cfg = load_config(None, base + ["train.zero_stage=2"])
+    p = plan(cfg, world=2)
+    assert p["memory_per_rank"]["reference"] == (p["parameters"] * 2 if copy else 0)
+    assert ("DPO's reference copy" in render(p, cfg)) == copy
+    stage3 = load_config(None, base + ["train.zero_stage=3"])
+    if copy:
+        with pytest.raises(ConfigError, match="ZeRO-3.*use model.lora.*simpo or orpo"):
+            plan(stage3, world=2)
+    else:
+        assert plan(stage3, world=2)["memory_per_rank"]["reference"] == 0
+
+
 def _train_command(argv):
     import argparse
 
