@@ -35,6 +35,8 @@ def _cases():
                           (x, head)),
         "cross_entropy_rows": (lambda h, w: fused_linear_cross_entropy(
             h.reshape(15, 16), w, labels, reduction="none", chunk_size=4), (x, head)),
+        "cross_entropy_rows_frozen_head": (lambda h: fused_linear_cross_entropy(
+            h.reshape(15, 16), head, labels, reduction="none", chunk_size=4), (x,)),
     }
 
 
@@ -77,9 +79,10 @@ def test_opcheck_of_the_registered_ops():
         test_utils=tests)
     from fastlm.ops.cross_entropy import _rows
     bias = torch.randn(11, requires_grad=True)
-    torch.library.opcheck(
-        _rows.op, (x, head, torch.randint(0, 11, (6,)), bias, -100, 0.1, 2.0, 4, ""),
-        test_utils=tests)
+    for ahead in (False, True):  # the frozen head's precomputed hidden gradient
+        torch.library.opcheck(
+            _rows.op, (x, head, torch.randint(0, 11, (6,)), bias, -100, 0.1, 2.0, 4, ahead, ""),
+            test_utils=tests)
 
 
 def test_eager_path_hands_no_zeros_for_saved_outputs():

@@ -10,7 +10,8 @@ times the fused LM head + loss against the unfused ``F.cross_entropy((h @ W.T).f
 that transformers' causal-LM loss computes (and, on a GPU, records the peak memory of each);
 ``linear_cross_entropy_rows`` the same with a loss per token (``reduction="none"``, what DPO's
 sequence log-probabilities and multiple-choice scoring take), each row's loss weighted
-differently in the backward.
+differently in the backward; ``--frozen-head`` times both with the head's weight frozen (LoRA),
+the gradient of the hidden states alone.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def add_arguments(parser) -> None:
                              "linear_cross_entropy_rows (LM head + loss, --vocab)")
     parser.add_argument("--vocab", type=int, default=32000,
                         help="vocabulary of linear_cross_entropy's LM head")
+    parser.add_argument("--frozen-head", action="store_true",
+                        help="linear_cross_entropy*: the head's weight frozen (LoRA)")
     parser.add_argument("--modes", default="fwd,fwd_bwd", help="comma list of fwd,fwd_bwd",
                         type=harness.comma_list(choices=("fwd", "fwd_bwd")))
     parser.add_argument("--repeat", type=int, default=30)
@@ -62,15 +65,18 @@ def _ops():
     }
 
 
-def _loss_steps(dtype, tokens, hidden, vocab, mode, device, rows=False):
+def _loss_steps(dtype, tokens, hidden, vocab, mode, device, rows=False, frozen=False):
     """The fused LM head + cross-entropy and the unfused one (logits in the inputs' dtype,
     the loss in fp32, as transformers computes it), on the same inputs; ``rows``: a loss per
-    row, the backward seeded with a different weight per row."""
+    row, the backward seeded with a different weight per row; ``frozen``: the head's weight
+    a constant."""
     import fastlm.ops as fo
 
     grad = mode == "fwd_bwd"
     h = torch.randn(tokens, hidden, device=device, dtype=dtype, requires_grad=grad)
-    w = (torch.randn(vocab, hidden, device=device) / hidden**0.5).to(dtype).requires_grad_(grad)
+    w = (torch.randn(vocab, hidden, device=device) / hidden**0.5).to(dtype)
+    w.requires_grad_(grad and not frozen)
+    wrt = (h,) if frozen else (h, w)
     y = torch.randint(0, vocab, (tokens,), device=device)
     reduction = "none" if rows else "mean"
     seed = torch.randn(tokens, device=device) if rows else None
@@ -79,18 +85,18 @@ def _loss_steps(dtype, tokens, hidden, vocab, mode, device, rows=False):
         def call(_i):
             loss = fn()
             if grad:
-                torch.autograd.grad(loss, (h, w), seed)
+                torch.autograd.grad(loss, wrt, seed)
         return call
 
     return {"fastlm": step(lambda: fo.fused_linear_cross_entropy(h, w, y, reduction=reduction)),
             "torch": step(lambda: F.cross_entropy((h @ w.T).float(), y, reduction=reduction))}
 
 
-def _steps(op, dtype, tokens, hidden, mode, device, vocab=32000):
+def _steps(op, dtype, tokens, hidden, mode, device, vocab=32000, frozen=False):
     """{"fastlm": step(i), "torch": step(i)} on the same inputs."""
     if op.startswith("linear_cross_entropy"):
         return _loss_steps(dtype, tokens, hidden, vocab, mode, device,
-                           rows=op.endswith("_rows"))
+                           rows=op.endswith("_rows"), frozen=frozen)
     n_in, weighted, ours, theirs = _ops()[op]
     grad = mode == "fwd_bwd"
     xs = [torch.randn(tokens, hidden, device=device, dtype=dtype, requires_grad=grad)
@@ -126,12 +132,14 @@ def run(args) -> int:
     cases = [(op, d, t, m) for op in args.ops.split(",") for d in args.dtypes.split(",")
              for t in (int(x) for x in args.tokens.split(",")) for m in args.modes.split(",")]
     for op, dname, tokens, mode in tqdm(cases, desc="fused"):
-        fns = _steps(op, DTYPES[dname], tokens, args.hidden, mode, device, args.vocab)
+        fns = _steps(op, DTYPES[dname], tokens, args.hidden, mode, device, args.vocab,
+                     args.frozen_head)
         timings, peaks = harness.time_interleaved(fns, device=device, warmup=3,
                                                   repeat=args.repeat)
         paired = harness.paired_speedup(timings, "fastlm", ["torch"])
         for impl, t in timings.items():
-            extra = ({"vocab": args.vocab, "peak_gb": peaks[impl]}
+            extra = ({"vocab": args.vocab, "frozen_head": args.frozen_head,
+                      "peak_gb": peaks[impl]}
                      if op.startswith("linear_cross_entropy") else {})
             report.add(op=op, impl=impl, case=f"{dname} {mode}", dtype=dname, mode=mode,
                        tokens=tokens, hidden=args.hidden, ms=t.median_ms, p20_ms=t.p20_ms,

@@ -238,26 +238,33 @@ _fused.register_autograd(_backward, setup_context=_setup)
 
 
 # reduction="none": a loss per row, so the backward's incoming gradient differs per row and the
-# gradients cannot be computed ahead in the forward (the weight's sums over rows before it
-# would be scaled). The forward keeps only the per-row losses (no gradient buffers, nothing of
-# size vocab); the backward runs the chunks again, each chunk's logits recomputed and turned
-# into dloss[row] * dloss/dlogits by the same row kernel. One matmul more than the unfused head
-# (4 instead of 3), still never the (rows x vocab) logits; a forward under no_grad (DPO's
-# reference, evaluation) is one matmul in chunks.
+# weight's gradient cannot be computed ahead in the forward (its sum over rows would have to be
+# taken before the rows' scales are known). The forward keeps only the per-row losses (no
+# gradient buffers, nothing of size vocab); the backward runs the chunks again, each chunk's
+# logits recomputed and turned into dloss[row] * dloss/dlogits by the same row kernel. One
+# matmul more than the unfused head (4 instead of 3), still never the (rows x vocab) logits.
+# With the head frozen (LoRA: DPO's usual setting) only the hidden states' gradient is wanted,
+# and its rows scale independently: the forward computes it unscaled (rows x hidden) and the
+# backward multiplies each row by its incoming gradient, the unfused head's 2 matmuls. A
+# forward without gradients (DPO's reference, evaluation) is one matmul in chunks.
 @custom_op("fastlm::linear_cross_entropy_rows")
 def _rows(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
           bias: torch.Tensor | None, ignore_index: int, smoothing: float, softcap: float,
-          chunk_size: int, backend: str) -> torch.Tensor:
+          chunk_size: int, hidden_grad_ahead: bool, backend: str
+          ) -> tuple[torch.Tensor, torch.Tensor]:
     impl = _op.launchers(Call.of(hidden), backend or None)
-    no_scale = hidden.new_empty(0, dtype=torch.float32)  # read only with gradients
-    losses, *_ = _chunked(impl, hidden, weight, labels, bias, no_scale, ignore_index, smoothing,
-                          softcap, chunk_size, False)
-    return losses
+    ones = (torch.ones(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+            if hidden_grad_ahead else hidden.new_empty(0, dtype=torch.float32))
+    losses, dh, _, _ = _chunked(impl, hidden, weight, labels, bias, ones, ignore_index,
+                                smoothing, softcap, chunk_size, hidden_grad_ahead, False)
+    return losses, dh
 
 
 @_rows.register_fake
-def _(hidden, weight, labels, bias, ignore_index, smoothing, softcap, chunk_size, backend):
-    return hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+def _(hidden, weight, labels, bias, ignore_index, smoothing, softcap, chunk_size,
+      hidden_grad_ahead, backend):
+    return (hidden.new_empty(hidden.shape[0], dtype=torch.float32),
+            torch.empty_like(hidden) if hidden_grad_ahead else hidden.new_empty(0))
 
 
 @custom_op("fastlm::linear_cross_entropy_rows_bwd")
@@ -282,18 +289,21 @@ def _(dloss, hidden, weight, labels, bias, ignore_index, smoothing, softcap, chu
 
 
 def _rows_setup(ctx, inputs, output):
-    hidden, weight, labels, bias = inputs[:4]
-    ctx.save_for_backward(hidden, weight, labels, bias)
     ctx.options = inputs[4:]
+    ctx.ahead = inputs[8]  # hidden_grad_ahead: the forward computed it, unscaled
+    ctx.save_for_backward(*((output[1],) if ctx.ahead else inputs[:4]))
 
 
-def _rows_backward(ctx, dloss):
+def _rows_backward(ctx, dloss, _ddh):
+    nones = (None,) * len(ctx.options)
+    if ctx.ahead:
+        dh, = ctx.saved_tensors
+        return ((dh.float() * dloss.float()[:, None]).to(dh.dtype), None, None, None) + nones
     hidden, weight, labels, bias = ctx.saved_tensors
     head = ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[3])
-    *options, backend = ctx.options
+    *options, _ahead, backend = ctx.options
     dh, dw, db = _rows_bwd(dloss, hidden, weight, labels, bias, *options, head, backend)
-    return (dh, dw if head else None, None,
-            db if head and bias is not None else None) + (None,) * len(ctx.options)
+    return (dh, dw if head else None, None, db if head and bias is not None else None) + nones
 
 
 _rows.register_autograd(_rows_backward, setup_context=_rows_setup)
@@ -349,14 +359,14 @@ def fused_linear_cross_entropy(
         fc.fail(op, f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if not 0.0 <= label_smoothing < 1.0 or softcap < 0 or not math.isfinite(softcap):
         fc.fail(op, "label_smoothing must be in [0, 1) and softcap >= 0")
-    if reduction == "none":
-        rows = _rows(hidden2.contiguous(), weight.contiguous(), labels2.contiguous(), bias,
-                     int(ignore_index), float(label_smoothing), float(softcap),
-                     int(chunk_size or 0), backend or "")
-        return rows.view(labels.shape)
     grad = torch.is_grad_enabled()
     want = grad and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     head = grad and any(t is not None and t.requires_grad for t in (weight, bias))
+    if reduction == "none":
+        rows, _ = _rows(hidden2.contiguous(), weight.contiguous(), labels2.contiguous(), bias,
+                        int(ignore_index), float(label_smoothing), float(softcap),
+                        int(chunk_size or 0), want and not head, backend or "")
+        return rows.view(labels.shape)
     loss, *_ = _fused(hidden2.contiguous(), weight.contiguous(), labels2.contiguous(), bias,
                       int(ignore_index), float(label_smoothing), float(softcap),
                       reduction == "sum", int(chunk_size or 0), want, head, backend or "")

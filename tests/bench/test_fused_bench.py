@@ -34,14 +34,15 @@ def test_fused_bench_refuses_unknown_ops_and_dtypes(capsys):
 
 
 @pytest.mark.parametrize("op", ["linear_cross_entropy", "linear_cross_entropy_rows"])
-def test_fused_bench_times_the_fused_loss_beside_the_unfused_head(tmp_path, op):
+@pytest.mark.parametrize("frozen", [False, True])
+def test_fused_bench_times_the_fused_loss_beside_the_unfused_head(tmp_path, op, frozen):
     argv = ["bench", "fused", "--device", "cpu", "--dtypes", "fp32,bf16", "--tokens", "7",
             "--hidden", "24", "--vocab", "50", "--ops", op, "--repeat", "3",
-            "--out", str(tmp_path), "--name", "loss"]
+            "--out", str(tmp_path), "--name", "loss"] + (["--frozen-head"] if frozen else [])
     assert cli.main(argv) == 0
     rows = json.loads((tmp_path / "loss.json").read_text())["rows"]
     assert [(r["dtype"], r["mode"], r["impl"]) for r in rows] == [
         (d, m, i) for d in ("fp32", "bf16") for m in ("fwd", "fwd_bwd") for i in ("fastlm", "torch")]
-    assert all(r["op"] == op and r["vocab"] == 50 and r["ms"] > 0
+    assert all(r["op"] == op and r["vocab"] == 50 and r["frozen_head"] == frozen and r["ms"] > 0
                for r in rows)
     assert all(r["vs_torch"] > 0 for r in rows if r["impl"] == "fastlm")
