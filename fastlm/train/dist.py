@@ -71,10 +71,15 @@ def _all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
 
 def mean(value: float, dev: torch.device) -> float:
     """Mean of a Python float over all ranks."""
+    return means([value], dev)[0]
+
+
+def means(values: list[float], dev: torch.device) -> list[float]:
+    """Means of Python floats over all ranks, in one all-reduce."""
     if dist.get_world_size() == 1:
-        return float(value)
-    t = _all_reduce(torch.tensor([float(value)], dtype=torch.float64, device=dev))
-    return float(t.item()) / dist.get_world_size()
+        return [float(v) for v in values]
+    t = _all_reduce(torch.tensor([float(v) for v in values], dtype=torch.float64, device=dev))
+    return [float(x) / dist.get_world_size() for x in t.tolist()]
 
 
 def any_true(flag: bool, dev: torch.device) -> bool:

@@ -29,6 +29,11 @@ from fastlm.train.config import ConfigError, RunConfig
 
 # losses on the policy's log-probabilities alone
 REFERENCE_FREE = ("simpo", "orpo")
+# what a step logs beside the loss, as TRL's trainers do: the pairs whose implicit reward ranks
+# the chosen answer first, the mean reward margin (beta h, h as in dpo_loss), and the mean
+# summed log-probability of the chosen and of the rejected answers (both falling while the
+# margin grows is DPO's known drift, which these make visible)
+STATS = ("reward_acc", "reward_margin", "logp_chosen", "logp_rejected")
 
 
 class DpoObjective:
@@ -41,8 +46,8 @@ class DpoObjective:
         self.reference = reference
 
     def loss(self, engine, batch: Batch, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean DPO loss, fraction of pairs whose implicit reward ranks chosen first);
-        ``fused``: the LM head and log-probabilities chunked, never the full logits."""
+        """(mean loss, the :data:`STATS` as a detached tensor); ``fused``: the LM head and the
+        log-probabilities chunked, never the full logits."""
         ref = None
         if self.kind not in REFERENCE_FREE:
             with torch.no_grad():  # first: its activations are freed before the policy's
@@ -53,14 +58,18 @@ class DpoObjective:
                     ref = sequence_logps(self.reference, batch, fused)
         policy = sequence_logps(engine, batch, fused)
         counts = (batch.targets != IGNORE_INDEX).sum(-1)
-        return dpo_loss(policy, ref, self.beta, self.kind, self.label_smoothing,
-                        counts=counts, gamma=self.gamma)
+        loss, acc, margin = dpo_loss(policy, ref, self.beta, self.kind, self.label_smoothing,
+                                     counts=counts, gamma=self.gamma)
+        b = policy.shape[0] // 2
+        logps = policy.detach()
+        return loss, torch.stack([acc, margin, logps[:b].mean(), logps[b:].mean()])
 
 
 def dpo_loss(policy: torch.Tensor, ref: torch.Tensor | None, beta: float, kind: str = "sigmoid",
              label_smoothing: float = 0.0, *, counts: torch.Tensor | None = None,
              gamma: float = 0.5):
-    """Sequence log-probs of 2B rows (B chosen, then B rejected) -> (loss, reward accuracy).
+    """Sequence log-probs of 2B rows (B chosen, then B rejected) -> (loss, reward accuracy,
+    reward margin), the last two detached.
 
     With h the chosen answer's log-ratio (policy over ``ref``) minus the rejected one's:
     ``sigmoid``: -log sigmoid(beta h), with ``label_smoothing`` e the conservative form
@@ -69,7 +78,7 @@ def dpo_loss(policy: torch.Tensor, ref: torch.Tensor | None, beta: float, kind: 
     ``simpo``: as sigmoid, of beta h - ``gamma`` with h the chosen mean minus the rejected
     one; ``orpo``: the chosen answer's mean token loss - beta log sigmoid(h), h the log odds
     ratio log(p_c / (1 - p_c)) - log(p_r / (1 - p_r)) of the mean probabilities p = exp(mean).
-    The accuracy counts the pairs with h > 0."""
+    The accuracy counts the pairs with h > 0; the margin is the mean of beta h."""
     b = policy.shape[0] // 2
 
     def smoothed_sigmoid(z):
@@ -87,10 +96,11 @@ def dpo_loss(policy: torch.Tensor, ref: torch.Tensor | None, beta: float, kind: 
             log_odds = mean - torch.log(-torch.expm1(mean))
             h = log_odds[:b] - log_odds[b:]
             loss = -mean[:b] - beta * F.logsigmoid(h)
-        return loss.mean(), (h > 0).float().mean()
-    h = (policy[:b] - ref[:b]) - (policy[b:] - ref[b:])
-    loss = (h - 1 / (2 * beta)) ** 2 if kind == "ipo" else smoothed_sigmoid(beta * h)
-    return loss.mean(), (h > 0).float().mean()
+    else:
+        h = (policy[:b] - ref[:b]) - (policy[b:] - ref[b:])
+        loss = (h - 1 / (2 * beta)) ** 2 if kind == "ipo" else smoothed_sigmoid(beta * h)
+    h = h.detach()
+    return loss.mean(), (h > 0).float().mean(), beta * h.mean()
 
 
 def sequence_logps(model, batch: Batch, fused: bool = False) -> torch.Tensor:

@@ -28,6 +28,7 @@ from fastlm.data.loader import IGNORE_INDEX, Batch, BlockLoader
 from fastlm.train import checkpoint as ckpt
 from fastlm.train import dist as fdist
 from fastlm.train.config import ConfigError, RunConfig, resolve_batch
+from fastlm.train.dpo import STATS as DPO_STATS
 from fastlm.train.engine import deepspeed_config, initialize, release, resolve_precision
 from fastlm.train.metrics import MetricsLog
 from fastlm.train.model import (
@@ -192,7 +193,8 @@ def _loop(cfg, engine, scheduler, loader, val_loader, state, log, signals, *, ck
                        "this model does not have (model.patch=false or an unsupported type): "
                        "training computes the full logits")
     skipped_before, consecutive_skips = _skipped(engine), 0
-    window_t0, window_steps, window_loss, window_acc = time.perf_counter(), 0, 0.0, 0.0
+    window_t0, window_steps, window_loss = time.perf_counter(), 0, 0.0
+    window_stats = [0.0] * len(DPO_STATS)  # DPO's reward accuracy, margin and log-probs
     kill_at = os.environ.get("FASTLM_TEST_KILL_AT_STEP")
     overflow_at = os.environ.get("FASTLM_TEST_OVERFLOW_AT_STEP")
     # DeepSpeed records the global gradient norm in its ZeRO/fp16/bf16 optimizers only; without
@@ -204,15 +206,15 @@ def _loop(cfg, engine, scheduler, loader, val_loader, state, log, signals, *, ck
                          and getattr(engine, "fastlm_clip_reports_norm", False)))
     grad_norm = None
     while state.step < cfg.train.max_steps:
-        loss_sum = acc_sum = 0.0
+        loss_sum, stats_sum = 0.0, [0.0] * len(DPO_STATS)
         log_step = (state.step + 1) % cfg.log.every == 0 or state.step + 1 == cfg.train.max_steps
         for micro in range(accum):
             batch = next(loader).to(dev)
             if dpo is None:
                 loss = _loss(engine, batch, model_dtype, fused)
             else:
-                loss, acc = dpo.loss(engine, batch, head_fused)
-                acc_sum += acc.item()
+                loss, stats = dpo.loss(engine, batch, head_fused)
+                stats_sum = [a + b for a, b in zip(stats_sum, stats.tolist())]
             if overflow_at is not None and state.step + 1 == int(overflow_at):
                 loss = loss * float("inf")  # fault injection: an fp16 overflow this step
             engine.backward(loss)
@@ -230,12 +232,12 @@ def _loop(cfg, engine, scheduler, loader, val_loader, state, log, signals, *, ck
                 f"fp16 gradients (loss scale {_loss_scale(engine)}); the run is diverging: "
                 f"lower optim.lr, use train.precision=bf16, or raise "
                 f"train.max_consecutive_skips")
-        step_loss = fdist.mean(loss_sum / accum, dev)
+        step_loss, *step_stats = fdist.means(
+            [loss_sum / accum] + ([x / accum for x in stats_sum] if dpo is not None else []), dev)
         state.history.append((state.step, step_loss))
         window_steps += 1
         window_loss += step_loss
-        if dpo is not None:
-            window_acc += fdist.mean(acc_sum / accum, dev)
+        window_stats = [a + b for a, b in zip(window_stats, step_stats)] or window_stats
         if state.step % cfg.log.every == 0 or state.step == cfg.train.max_steps:
             dt = time.perf_counter() - window_t0
             tps = tokens_per_step * window_steps / dt
@@ -244,13 +246,14 @@ def _loop(cfg, engine, scheduler, loader, val_loader, state, log, signals, *, ck
                    "grad_norm": grad_norm if own_norm else _grad_norm(engine),
                    "loss_scale": _loss_scale(engine),
                    "skipped_steps": skipped_now}
-            if dpo is not None:  # pairs whose implicit reward ranks the chosen answer first
-                row["reward_acc"] = window_acc / window_steps
+            if dpo is not None:  # see fastlm.train.dpo.STATS
+                row.update({k: v / window_steps for k, v in zip(DPO_STATS, window_stats)})
             log.log(state.step, **row)
             log.progress(state.step, {"loss": f"{row['loss']:.4f}", "lr": f"{row['lr']:.2e}",
                                       "tok/s": f"{tps:,.0f}",
                                       "mfu": f"{row['mfu']:.1%}" if row["mfu"] else None})
-            window_t0, window_steps, window_loss, window_acc = time.perf_counter(), 0, 0.0, 0.0
+            window_t0, window_steps, window_loss = time.perf_counter(), 0, 0.0
+            window_stats = [0.0] * len(DPO_STATS)
         done = state.step >= cfg.train.max_steps
         stop_early = False
         if (cfg.eval.every and state.step % cfg.eval.every == 0) or done:
@@ -378,24 +381,25 @@ def evaluate_loss(engine, val_loader: BlockLoader, batches: int, dev, model_dtyp
 @torch.no_grad()
 def _evaluate_dpo(engine, val_loader, batches: int, dev, dpo,
                   fused: bool = False) -> tuple[float, float]:
-    """Mean DPO loss and reward accuracy over the same ``batches`` val batches, all ranks."""
+    """Mean DPO loss and reward accuracy and margin over the same ``batches`` val batches,
+    all ranks."""
     engine.eval()
-    loss = acc = 0.0
+    sums = [0.0] * 3
     for i in range(batches):
-        batch_loss, batch_acc = dpo.loss(engine, val_loader.batch_at(i).to(dev), fused)
-        loss, acc = loss + batch_loss.item(), acc + batch_acc.item()
+        batch_loss, stats = dpo.loss(engine, val_loader.batch_at(i).to(dev), fused)
+        sums = [a + b for a, b in zip(sums, [batch_loss.item(), *stats.tolist()[:2]])]
     engine.train()
-    return fdist.mean(loss / batches, dev), fdist.mean(acc / batches, dev)
+    return tuple(fdist.means([x / batches for x in sums], dev))
 
 
 def _evaluate(cfg, engine, val_loader, state, log, ckpt_dir, rank, dev, model_dtype,
               loader, fused, choices=None, dpo=None) -> bool:
     quality = {}  # per-objective measures logged with the validation loss
     if dpo is not None:
-        loss, acc = _evaluate_dpo(engine, val_loader[0][2], cfg.eval.batches, dev, dpo,
-                                  _head_fused(cfg, engine, fused))
+        loss, acc, margin = _evaluate_dpo(engine, val_loader[0][2], cfg.eval.batches, dev, dpo,
+                                          _head_fused(cfg, engine, fused))
         parts = [(None, 1.0, loss)]
-        quality["val_reward_acc"] = acc
+        quality.update(val_reward_acc=acc, val_reward_margin=margin)
     else:
         parts = [(name, weight, evaluate_loss(engine, ld, cfg.eval.batches, dev, model_dtype,
                                               _head_fused(cfg, engine, fused)))

@@ -115,7 +115,7 @@ def test_dpo_loss_against_float64(kind, smoothing):
 
     g = torch.Generator().manual_seed(0)
     policy, ref = torch.randn(10, generator=g) * 5, torch.randn(10, generator=g) * 5
-    loss, acc = dpo_loss(policy, ref, 0.3, kind, smoothing)
+    loss, acc, margin = dpo_loss(policy, ref, 0.3, kind, smoothing)
     p, r = policy.double(), ref.double()
     h = (p[:5] - r[:5]) - (p[5:] - r[5:])
     if kind == "ipo":
@@ -125,6 +125,7 @@ def test_dpo_loss_against_float64(kind, smoothing):
                 + smoothing * torch.log1p(torch.exp(0.3 * h))).mean()
     assert abs(loss.item() - want.item()) <= 1e-6 * want.item()
     assert acc.item() == pytest.approx((h > 0).double().mean().item())
+    assert margin.item() == pytest.approx(0.3 * h.mean().item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("kind, smoothing", [("simpo", 0.0), ("simpo", 0.1), ("orpo", 0.0)])
@@ -134,7 +135,7 @@ def test_reference_free_losses_against_float64(kind, smoothing):
     g = torch.Generator().manual_seed(1)
     counts = torch.randint(1, 9, (8,), generator=g)
     policy = -torch.rand(8, generator=g) * 3 * counts  # summed log-probs: below 0
-    loss, acc = dpo_loss(policy, None, 2.0, kind, smoothing, counts=counts, gamma=0.7)
+    loss, acc, margin = dpo_loss(policy, None, 2.0, kind, smoothing, counts=counts, gamma=0.7)
     mean = policy.double() / counts.double()
     if kind == "simpo":
         h = mean[:4] - mean[4:]
@@ -147,6 +148,7 @@ def test_reference_free_losses_against_float64(kind, smoothing):
         want = -mean[:4] + 2.0 * torch.log1p(torch.exp(-h))
     assert abs(loss.item() - want.mean().item()) <= 1e-6 * abs(want.mean().item())
     assert acc.item() == pytest.approx((h > 0).double().mean().item())
+    assert margin.item() == pytest.approx(2.0 * h.mean().item(), rel=1e-5)
 
 
 def _tiny(lora=False):
@@ -262,6 +264,12 @@ def test_lora_dpo_run_learns_to_prefer_the_chosen_answers(tmp_path, prefs, capsy
     # every pair ranked right, the losses under log 2 (where policy = reference), training's
     # well under
     assert acc[-1] == 1.0 and val["val_reward_acc"] == 1.0
+    # the margin grows from 0 (policy = reference at the start); the chosen answers' log-probs
+    # above the rejected ones' by the end
+    steps = [r for r in rows if "reward_margin" in r]
+    assert abs(steps[0]["reward_margin"]) < 1e-6 and steps[-1]["reward_margin"] > 0.5
+    assert val["val_reward_margin"] > 0.05  # (the val loss under log 2)
+    assert steps[-1]["logp_chosen"] > steps[-1]["logp_rejected"]
     assert state.history[-1][1] < 0.5 * math.log(2) and val["val_loss"] < math.log(2)
     assert "reward accuracy 1.000 (DPO loss)" in capsys.readouterr().out
 
