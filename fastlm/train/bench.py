@@ -1,6 +1,10 @@
 """``fastlm bench train``: training throughput of fastlm's trainer against a plain Hugging Face
 Trainer (+SDPA) on the same model, batch and precision.
 
+``--lora R``: LoRA fine-tuning of the same model, each the way its users adapt one: fastlm's
+``model.lora`` (adapters injected, fastlm's kernels around them) against PEFT's
+``get_peft_model`` under the Trainer (rank R, alpha 2R, every linear layer but the head).
+
 Each contender runs in its own process (so peak memory is its own, and neither inherits the
 other's threads or allocator state) on random tokens: this measures the training step, not
 data loading. Rows: tokens/s, MFU against the peak used by the trainer's own logging, peak
@@ -32,6 +36,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
                         default="bf16" if torch.cuda.is_available() else "fp32")
     parser.add_argument("--impls", default=",".join(IMPLS))
+    parser.add_argument("--lora", type=int, default=0, metavar="R",
+                        help="LoRA fine-tuning at rank R (HF Trainer: PEFT's get_peft_model)")
     parser.add_argument("--out", default=None, help="directory for JSON, markdown and PNG")
     parser.add_argument("--name", default=None)
     parser.add_argument("--vs-nanogpt", default=None, metavar="DIR",
@@ -59,6 +65,10 @@ def run(args) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.vs_nanogpt:
         return _recipe(args, device)
+    if args.lora < 0:
+        from fastlm.cli import UserError
+
+        raise UserError(f"--lora must be a rank >= 1 (0: no LoRA), got {args.lora}")
     report = harness.Report(
         name=args.name or f"train_{device}", command="fastlm bench train " + shlex.join(
             a for a in sys.argv[3:]) if sys.argv[1:3] == ["bench", "train"] else
@@ -70,7 +80,8 @@ def run(args) -> int:
             raise UserError(f"--impls: unknown {impl!r}; choose from {list(IMPLS)}")
         res = _spawn(impl, args)
         report.add(impl=impl, preset=args.preset, block=args.block_size,
-                   micro_batch=args.micro_batch, precision=args.precision, **res)
+                   micro_batch=args.micro_batch, precision=args.precision,
+                   lora=args.lora or None, **res)
     base = next((r for r in report.rows if r["impl"] == "hf_trainer"), None)
     for r in report.rows:
         r["vs_hf_trainer"] = (r["tokens_per_s"] / base["tokens_per_s"]
@@ -100,7 +111,8 @@ def _spawn(impl: str, args) -> dict:
     argv = [sys.executable, "-m", "fastlm.cli", "bench", "train", "--worker", impl,
             "--preset", args.preset, "--block-size", str(args.block_size),
             "--micro-batch", str(args.micro_batch), "--steps", str(args.steps),
-            "--warmup", str(args.warmup), "--precision", args.precision]
+            "--warmup", str(args.warmup), "--precision", args.precision,
+            "--lora", str(args.lora)]
     if args.vocab_size:
         argv += ["--vocab-size", str(args.vocab_size)]
     proc = subprocess.run(argv, capture_output=True, text=True)
@@ -129,6 +141,8 @@ def _worker(impl: str, args) -> dict:
     if impl == "hf_trainer":
         mcfg.attn_implementation, mcfg.patch = "sdpa", False
     model = build_model(mcfg, args.vocab_size, args.block_size).to(dev)
+    if args.lora:
+        model = _with_lora(model, impl, args.lora)
     vocab = model.config.vocab_size
     fpt = flops_per_token(model, args.block_size)
     from fastlm.train.trainer import _peak_flops
@@ -139,8 +153,22 @@ def _worker(impl: str, args) -> dict:
     seconds = (_time_fastlm if impl == "fastlm" else _time_hf_trainer)(model, vocab, args, dev)
     tokens = args.steps * args.micro_batch * args.block_size
     tps = tokens / seconds
-    return {"tokens_per_s": tps, "ms_per_step": seconds / args.steps * 1e3,
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"trained_params": trained, "tokens_per_s": tps,
+            "ms_per_step": seconds / args.steps * 1e3,
             "mfu": tps * fpt / peak if peak else None, "peak_mem_gb": _peak_mem(dev)}
+
+
+def _with_lora(model, impl: str, r: int):
+    if impl == "fastlm":
+        from fastlm.train.config import LoraSettings
+        from fastlm.train.lora import apply_lora
+
+        return apply_lora(model, LoraSettings(r=r, alpha=2.0 * r))
+    import peft
+
+    return peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
+                                                      target_modules="all-linear", bias="none"))
 
 
 def _peak_mem(dev) -> float:

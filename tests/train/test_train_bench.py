@@ -26,6 +26,26 @@ def test_bench_train_side_by_side_with_hf_trainer(tmp_path):
     assert cli.main(["bench", "train", "--impls", "fastlm,keras"]) == 2
 
 
+def test_bench_train_lora_adapts_the_same_layers_in_both(tmp_path, capsys):
+    """--lora: fastlm's model.lora and PEFT's get_peft_model under the Trainer train the same
+    number of adapter weights (every linear layer but the head), far fewer than the model's."""
+    argv = ["bench", "train", "--preset", "tiny-llama", "--vocab-size", "300", "--block-size",
+            "32", "--micro-batch", "2", "--steps", "2", "--warmup", "1", "--lora", "4",
+            "--out", str(tmp_path), "--name", "lora"]
+    assert cli.main(argv) == 0
+    rows = json.loads((tmp_path / "lora.json").read_text())["rows"]
+    assert [(r["impl"], r["lora"]) for r in rows] == [("fastlm", 4), ("hf_trainer", 4)]
+    assert rows[0]["trained_params"] == rows[1]["trained_params"] > 0
+    assert all(r["tokens_per_s"] > 0 for r in rows)
+    plain = json.loads((tmp_path / "lora.json").read_text())  # the same model without LoRA
+    assert cli.main(argv[:-6] + ["--impls", "fastlm", "--out", str(tmp_path), "--name",
+                                 "full"]) == 0
+    full = json.loads((tmp_path / "full.json").read_text())["rows"][0]
+    assert plain["rows"][0]["trained_params"] < full["trained_params"] / 5
+    assert cli.main(["bench", "train", "--lora", "-1"]) == 2
+    assert "--lora must be a rank >= 1" in capsys.readouterr().err
+
+
 FAKE_NANOGPT = '''
 import sys, time
 # prints nanoGPT's evaluation lines: val loss 4.0 at step 0, then 0.5 lower every 250 steps
