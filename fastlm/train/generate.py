@@ -56,28 +56,81 @@ def sample(model, tokenizer, prompt: str, *, max_new_tokens: int, temperature: f
     messages), laid out by the tokenizer's chat template (the layout `fastlm prepare --sft`
     fine-tuned on); the answer alone comes back, ended where the template ends a response."""
     device = device or next(model.parameters()).device
-    stops = tokenizer.eos_token_id
-    if chat:
-        from fastlm.data.chat import response_stop_ids
-
-        if not isinstance(tokenizer.chat_template, str):
-            raise GenerateError("--chat: the tokenizer has no chat template (`fastlm prepare "
-                                "--sft` saves one with the data a model is fine-tuned on); "
-                                "leave --chat out to continue plain text")
-        messages = [*(history or []), {"role": "user", "content": prompt}]
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                             tokenize=False)
-        # the template writes its own special tokens (BOS among them) as text
-        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
-        stops = response_stop_ids(tokenizer)
-    else:
-        ids = tokenizer(prompt or tokenizer.eos_token, return_tensors="pt").input_ids
+    ids, stops = encode_prompt(tokenizer, prompt, chat=chat, history=history)
+    ids = torch.tensor([ids])
     if seed is not None:
         torch.manual_seed(seed)
     out = sample_ids(model, ids.to(device), max_new_tokens=max_new_tokens,
                      temperature=temperature, top_k=top_k, top_p=top_p,
                      pad_token_id=tokenizer.eos_token_id, eos_token_id=stops)
     return tokenizer.decode(out[0, ids.shape[1]:] if chat else out[0], skip_special_tokens=True)
+
+
+def encode_prompt(tokenizer, prompt: str, *, chat: bool = False,
+                  history: list[dict] | None = None) -> tuple[list[int], int | list[int]]:
+    """(the prompt's token ids, the token id(s) that end the answer). ``chat``: the prompt is
+    a user's message after ``history``, laid out by the tokenizer's chat template."""
+    if not chat:
+        return tokenizer(prompt or tokenizer.eos_token).input_ids, tokenizer.eos_token_id
+    from fastlm.data.chat import response_stop_ids
+
+    if not isinstance(tokenizer.chat_template, str):
+        raise GenerateError("--chat: the tokenizer has no chat template (`fastlm prepare "
+                            "--sft` saves one with the data a model is fine-tuned on); "
+                            "leave --chat out to continue plain text")
+    messages = [*(history or []), {"role": "user", "content": prompt}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    # the template writes its own special tokens (BOS among them) as text
+    return (tokenizer(text, add_special_tokens=False).input_ids,
+            response_stop_ids(tokenizer))
+
+
+@torch.no_grad()
+def complete_batch(model, tokenizer, prompts: list[str], *, max_new_tokens: int,
+                   temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = None,
+                   chat: bool = False, system: str | None = None, device=None) -> list[str]:
+    """The completion (the new text alone) of each prompt, all in one ``generate`` call:
+    left-padded, each row attending to its own tokens, the KV cache shared, each row ended at
+    its own stop token. Greedy, every completion is the one :func:`sample` gives the prompt
+    alone. A prompt longer than the context less ``max_new_tokens`` keeps its last tokens
+    (one warning)."""
+    device = device or next(model.parameters()).device
+    history = [] if system is None else [{"role": "system", "content": system}]
+    encoded = [encode_prompt(tokenizer, p, chat=chat, history=history) for p in prompts]
+    stops = encoded[0][1]
+    stop_set = set(stops if isinstance(stops, list) else [stops]) - {None}
+    ctx = context_length(model)
+    room = None if ctx is None else ctx - max_new_tokens
+    if room is not None and room < 1:
+        raise GenerateError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt "
+                            f"in the model's context of {ctx} tokens: lower it")
+    rows = [ids for ids, _ in encoded]
+    if room is not None and any(len(r) > room for r in rows):
+        logger.warning("prompts longer than %d tokens (the context of %d less "
+                       "--max-new-tokens) keep their last %d", room, ctx, room)
+        rows = [r[-room:] for r in rows]
+    pad = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    was_training = model.training
+    model.eval()
+    try:
+        out = model.generate(
+            ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+            do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
+            top_k=top_k if temperature > 0 else None, top_p=top_p if temperature > 0 else None,
+            pad_token_id=pad, **({"eos_token_id": stops} if stop_set else {}))
+    finally:
+        model.train(was_training)
+    texts = []
+    for row in out[:, width:].tolist():
+        end = next((i for i, t in enumerate(row) if t in stop_set), len(row))
+        texts.append(tokenizer.decode(row[:end], skip_special_tokens=True))
+    return texts
 
 
 @torch.no_grad()
@@ -172,6 +225,13 @@ def add_arguments(parser) -> None:
                         help="with --chat: a system message opening the conversation")
     parser.add_argument("--num-samples", type=int, default=1)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--prompts", default=None, metavar="FILE",
+                        help="complete every prompt of FILE (.jsonl records with a 'prompt', "
+                        "or text, a prompt a line), --batch-size at a time; JSONL "
+                        "{prompt, sample, completion} rows to --out or stdout")
+    parser.add_argument("--out", default=None, help="with --prompts: the JSONL file to write")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="with --prompts: prompts completed together")
 
 
 def run(args) -> int:
@@ -179,7 +239,18 @@ def run(args) -> int:
         raise GenerateError(f"{args.model} not found (give an HF directory or a fastlm run)")
     if (args.interactive or args.system is not None) and not args.chat:
         raise GenerateError("--interactive and --system are for chat models: add --chat")
+    if args.prompts is not None:
+        if args.interactive or args.prompt:
+            raise GenerateError("--prompts completes a file of prompts: drop --prompt and "
+                                "--interactive")
+        prompts = read_prompts(args.prompts)
+        if args.batch_size < 1 or args.num_samples < 1:
+            raise GenerateError("--batch-size and --num-samples must be >= 1")
+    elif args.out is not None:
+        raise GenerateError("--out writes the completions of --prompts FILE: add --prompts")
     model, tok = load_for_generation(args.model)
+    if args.prompts is not None:
+        return _complete_file(model, tok, prompts, args)
     if args.interactive:
         return _converse(model, tok, args)
     history = [] if args.system is None else [{"role": "system", "content": args.system}]
@@ -225,3 +296,79 @@ def _lines(prompt: str):
             yield input(prompt)
         except EOFError:
             return
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """The prompts of a .jsonl file (records with a string 'prompt') or a text file (one a
+    line, blank lines skipped)."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise GenerateError(f"--prompts: {path} not found")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if path.suffix != ".jsonl":
+        prompts = [line for line in lines if line.strip()]
+    else:
+        prompts = []
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise GenerateError(f"--prompts: {path}:{n} is not JSON ({exc.msg})") from exc
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise GenerateError(f"--prompts: {path}:{n} has no string 'prompt' (records "
+                                    f"are {{\"prompt\": \"...\"}})")
+            prompts.append(record["prompt"])
+    if not prompts:
+        raise GenerateError(f"--prompts: {path} holds no prompt")
+    return prompts
+
+
+def _complete_file(model, tok, prompts: list[str], args) -> int:
+    """Every prompt's --num-samples completions, --batch-size prompts a generate call, as JSONL
+    rows in the prompts' order; --out is written whole or not at all (a temporary file renamed
+    at the end)."""
+    import json
+    import os
+    import sys
+    import tempfile
+
+    from tqdm import tqdm
+
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    jobs = [(p, k) for p in prompts for k in range(args.num_samples)]
+    out = sys.stdout
+    tmp = None
+    if args.out is not None:
+        target = Path(args.out)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        out = os.fdopen(fd, "w", encoding="utf-8")
+    try:
+        with tqdm(total=len(jobs), desc="generate", unit="completion",
+                  disable=args.out is None) as bar:
+            for i in range(0, len(jobs), args.batch_size):
+                batch = jobs[i:i + args.batch_size]
+                texts = complete_batch(
+                    model, tok, [p for p, _ in batch], max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    chat=args.chat, system=args.system)
+                for (prompt, k), text in zip(batch, texts):
+                    out.write(json.dumps({"prompt": prompt, "sample": k, "completion": text},
+                                         ensure_ascii=False) + "\n")
+                out.flush()
+                bar.update(len(batch))
+        if tmp is not None:
+            out.close()
+            os.replace(tmp, args.out)
+            tmp = None
+            print(f"wrote {len(jobs)} completions to {args.out}", file=sys.stderr)
+    finally:
+        if tmp is not None:
+            out.close()
+            os.unlink(tmp)
+    return 0

@@ -2,7 +2,9 @@
 an index past them crashed with an IndexError) it continues from the last half-context."""
 
 import logging
+import re
 
+import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -60,3 +62,123 @@ def test_chat_without_a_chat_template_says_why(tmp_path):
     tok = byte_level(tmp_path / "tok")
     with pytest.raises(GenerateError, match="no chat template .*fastlm prepare --sft"):
         sample(_model(16), tok, "Hi?", max_new_tokens=2, chat=True)
+
+
+def _lm(kind, n_positions=64):
+    conf = (AutoConfig.for_model("gpt2", vocab_size=300, n_embd=32, n_layer=2, n_head=2,
+                                 n_positions=n_positions, bos_token_id=256, eos_token_id=256)
+            if kind == "gpt2" else
+            AutoConfig.for_model("llama", vocab_size=300, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=2,
+                                 max_position_embeddings=n_positions, bos_token_id=256,
+                                 eos_token_id=256))
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(conf).eval()
+
+
+PROMPTS = ["a", "hello there", "xyz!", "0123456789abcdef", "Q"]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_a_batch_completes_each_prompt_as_alone(tmp_path, kind):
+    """Left-padded prompts of different lengths in one generate call: greedy, each completion
+    is what the prompt alone gives (GPT-2's learned positions and Llama's rotary ones count
+    from each row's first real token)."""
+    from fastlm.data.tokenizer import byte_level
+    from fastlm.train.generate import complete_batch, sample
+
+    tok = byte_level(tmp_path / "tok")
+    model = _lm(kind)
+    batch = complete_batch(model, tok, PROMPTS, max_new_tokens=7, temperature=0)
+    for prompt, text in zip(PROMPTS, batch):
+        assert sample(model, tok, prompt, max_new_tokens=7, temperature=0) == prompt + text
+    assert any(text for text in batch)
+
+
+def test_a_batch_keeps_the_end_of_prompts_past_the_context(tmp_path, caplog):
+    from fastlm.data.tokenizer import byte_level
+    from fastlm.train.generate import GenerateError, complete_batch, sample
+
+    tok = byte_level(tmp_path / "tok")
+    model = _lm("gpt2", n_positions=16)
+    long = "abcdefghijklmnopqrstuvwxyz"
+    with caplog.at_level(logging.WARNING, logger="fastlm"):
+        got = complete_batch(model, tok, [long, "ab"], max_new_tokens=4, temperature=0)
+    assert sum("keep their last 12" in r.message for r in caplog.records) == 1
+    assert sample(model, tok, long[-12:], max_new_tokens=4, temperature=0) == long[-12:] + got[0]
+    with pytest.raises(GenerateError, match="--max-new-tokens 16 leaves no room"):
+        complete_batch(model, tok, ["ab"], max_new_tokens=16)
+
+
+def _model_dir(tmp_path):
+    from fastlm.data.tokenizer import byte_level
+
+    path = tmp_path / "model"
+    _lm("llama").save_pretrained(path)
+    byte_level(path)
+    return path
+
+
+def test_generate_prompts_file_writes_every_completion(tmp_path, capsys, monkeypatch):
+    import json
+
+    from fastlm.cli import main
+    from fastlm.train import generate
+
+    path = _model_dir(tmp_path)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p, "id": i}) + "\n"
+                               for i, p in enumerate(PROMPTS)) + "\n")
+    out = tmp_path / "out" / "completions.jsonl"
+    argv = ["generate", str(path), "--prompts", str(prompts), "--out", str(out),
+            "--temperature", "0", "--max-new-tokens", "5", "--num-samples", "2",
+            "--batch-size", "3"]
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["prompt"], r["sample"]) for r in rows] == [(p, k) for p in PROMPTS for k in (0, 1)]
+    model, tok = generate.load_for_generation(path)
+    for r in rows:  # greedy: both samples are the prompt's own completion
+        assert generate.sample(model, tok, r["prompt"], max_new_tokens=5, temperature=0) == \
+            r["prompt"] + r["completion"]
+    # a text file, a prompt a line, to stdout
+    (tmp_path / "prompts.txt").write_text("a\n\nQ\n")
+    assert main(["generate", str(path), "--prompts", str(tmp_path / "prompts.txt"),
+                 "--temperature", "0", "--max-new-tokens", "5"]) == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["prompt"] for r in printed] == ["a", "Q"]
+    assert [r["completion"] for r in printed] == [rows[0]["completion"], rows[-1]["completion"]]
+    # a failure midway leaves neither the output nor a temporary file behind
+    calls = []
+    real = generate.complete_batch
+    monkeypatch.setattr(generate, "complete_batch", lambda *a, **k: (
+        calls.append(1), real(*a, **k) if len(calls) < 2 else 1 / 0)[1])
+    with pytest.raises(ZeroDivisionError):
+        main(argv[:5] + [str(tmp_path / "fail.jsonl")] + argv[6:])
+    assert sorted(p.name for p in tmp_path.iterdir() if "fail" in p.name) == []
+
+
+@pytest.mark.parametrize("content, extra, message", [
+    ('{"prompt": "a"}\nnot json\n', [], r"prompts.jsonl:2 is not JSON"),
+    ('{"text": "a"}\n', [], r"prompts.jsonl:1 has no string 'prompt'"),
+    ("\n", [], "holds no prompt"),
+    ('{"prompt": "a"}\n', ["--prompt", "b"], "drop --prompt"),
+    ('{"prompt": "a"}\n', ["--batch-size", "0"], "--batch-size and --num-samples must be"),
+])
+def test_bad_prompt_files_are_named(tmp_path, capsys, content, extra, message):
+    from fastlm.cli import main
+
+    path = _model_dir(tmp_path)
+    (tmp_path / "prompts.jsonl").write_text(content)
+    assert main(["generate", str(path), "--prompts", str(tmp_path / "prompts.jsonl"),
+                 *extra]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_out_without_prompts_and_a_missing_file_are_refused(tmp_path, capsys):
+    from fastlm.cli import main
+
+    path = _model_dir(tmp_path)
+    assert main(["generate", str(path), "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert "--out writes the completions of --prompts FILE" in capsys.readouterr().err
+    assert main(["generate", str(path), "--prompts", str(tmp_path / "none.jsonl")]) == 2
+    assert "none.jsonl not found" in capsys.readouterr().err

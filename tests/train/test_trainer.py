@@ -447,6 +447,13 @@ def test_chat_fine_tuning_then_generate_chat(tmp_path, capsys, monkeypatch):
     turn = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hey."}]
     assert calls == [("Hi?", []), ("Bye?", turn), ("Hi?", [])]
     assert main(["generate", str(tmp_path / "run"), "--interactive"]) == 2  # needs --chat
+    # --prompts: the questions in one batch (left-padded, each ended at its own end of turn)
+    (tmp_path / "questions.txt").write_text("".join(q + "\n" for q in pairs))
+    assert main(["generate", str(tmp_path / "run"), "--chat", "--prompts",
+                 str(tmp_path / "questions.txt"), "--out", str(tmp_path / "answers.jsonl"),
+                 "--temperature", "0", "--max-new-tokens", "40"]) == 0
+    answers = [json.loads(x) for x in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert {r["prompt"]: r["completion"] for r in answers} == pairs
 
 
 def test_fine_tuning_data_from_another_tokenizer_is_refused(tmp_path, tiny_data):
