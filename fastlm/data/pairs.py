@@ -47,7 +47,11 @@ class PairLoader(_SampleStream):
     def batch_at(self, step: int) -> Batch:
         b = self.batch_size
         first = (step * self.world_size + self.rank) * b
-        pairs = [self._pair(c) for c in range(first, first + b)]
+        return self.batch_of([self._pair(c) for c in range(first, first + b)])
+
+    def batch_of(self, pairs: list[int]) -> Batch:
+        """The rows of these pairs (indices in the split's stored order): the chosen answers,
+        then the rejected ones."""
         rows = [self._doc(2 * p) for p in pairs] + [self._doc(2 * p + 1) for p in pairs]
         width = max(len(tokens) for tokens, _ in rows) - 1
         x = torch.full((len(rows), width), self._pad, dtype=torch.long)

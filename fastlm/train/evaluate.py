@@ -7,6 +7,8 @@ shorter than the block is the sliding-window perplexity of transformers' guide: 
 token but the first block's is predicted from at least ``block - stride`` tokens of context.
 SFT data scores the response tokens only, as training does. The loss is the training loss
 (fastlm's fused LM head + cross-entropy where it applies, the full logits elsewhere).
+Preference pairs are scored by answer instead (fastlm.train.pair_eval), multiple-choice
+records with ``--choices`` (fastlm.train.choices).
 """
 
 from __future__ import annotations
@@ -162,8 +164,9 @@ def _loss_sum(model, ids: torch.Tensor, targets: torch.Tensor, fused: bool) -> t
 def add_arguments(parser) -> None:
     parser.add_argument("model", help="HF model directory, PEFT adapter directory (its base "
                         "a local directory), run directory or checkpoint")
-    parser.add_argument("data", help="a prepared dataset directory (fastlm prepare) or a text "
-                                     "file (encoded with the model's tokenizer)")
+    parser.add_argument("data", help="a prepared dataset directory (fastlm prepare; of "
+                                     "preference pairs: how the model ranks their answers) or "
+                                     "a text file (encoded with the model's tokenizer)")
     parser.add_argument("--split", default="val", help="split of a prepared dataset")
     parser.add_argument("--block-size", type=int, default=None,
                         help="tokens per window (default: the model's context, at most 1024)")
@@ -180,6 +183,12 @@ def add_arguments(parser) -> None:
                         help="run transformers' own code (no fastlm.patch, the loss from the "
                              "full logits), to compare")
     parser.add_argument("--json", default=None, help="also write the result to this file")
+    parser.add_argument("--reference", default=None, metavar="MODEL",
+                        help="DATA of preference pairs (fastlm prepare --preference): the model "
+                             "the preference tuning started from; reports DPO's implicit "
+                             "reward accuracy, margin and loss")
+    parser.add_argument("--beta", type=float, default=0.1,
+                        help="with --reference: DPO's beta (train.dpo_beta)")
     parser.add_argument("--choices", action="store_true",
                         help="DATA is a JSONL file of multiple-choice records (HellaSwag's "
                              "ctx/endings/label): report accuracy by completion likelihood")
@@ -188,13 +197,21 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from fastlm.train.config import ConfigError
     from fastlm.train.generate import context_length, load_model_dir, load_tokenizer, tokenizer_dir
-    from fastlm.train.model import check_tokenizer, to_dtype
+    from fastlm.train.model import check_tokenizer
 
     if not Path(args.model).exists():
         raise EvalError(f"{args.model} not found (give an HF directory or a fastlm run)")
     if not Path(args.data).exists():
         raise EvalError(f"{args.data} not found: give a prepared dataset directory (fastlm "
                         f"prepare) or a text file")
+    pairs = _is_pairs(args.data)
+    if args.reference is not None and not pairs:
+        raise EvalError(f"--reference compares answers of preference pairs: {args.data} is not "
+                        f"a directory prepared with `fastlm prepare --preference`")
+    if args.reference is not None and not Path(args.reference).exists():
+        raise EvalError(f"--reference {args.reference} not found")
+    if args.beta <= 0:
+        raise EvalError(f"--beta must be > 0, got {args.beta}")
     model, root = load_model_dir(args.model)
     tok_dir = tokenizer_dir(root)
     tok = None if tok_dir is None else load_tokenizer(tok_dir)
@@ -207,15 +224,22 @@ def run(args) -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
         args.dtype or ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported()
                        else "fp32"))
-    model.to(device=device)
-    to_dtype(model, dtype)  # RoPE's inv_freq stays fp32, as transformers builds it
-    if not args.no_kernels:
-        import fastlm
-
-        fastlm.patch(model)
+    _prepare(model, device, dtype, kernels=not args.no_kernels)
     ctx = context_length(model)
     if args.choices:
         return _run_choices(args, model, tok, device, ctx)
+    if pairs:
+        reference = None
+        if args.reference is not None:
+            reference, ref_root = load_model_dir(args.reference)
+            if tokenizer_dir(ref_root) is not None:
+                try:
+                    check_tokenizer(str(tokenizer_dir(ref_root)), Path(args.data),
+                                    what="the reference")
+                except ConfigError as exc:
+                    raise EvalError(str(exc)) from exc
+            _prepare(reference, device, dtype, kernels=not args.no_kernels)
+        return _run_pairs(args, model, reference, min(ctx or 1024, 1024))
     block = args.block_size or min(ctx or 1024, 1024)
     if block < 1 or (ctx is not None and block > ctx):
         raise EvalError(f"--block-size {block} is outside the model's context (1..{ctx})")
@@ -240,6 +264,42 @@ def run(args) -> int:
     if args.json:
         _write_json(args.json, dict(asdict(result), model=str(args.model), data=str(args.data),
                                     split=args.split))
+    return 0
+
+
+def _prepare(model, device, dtype, *, kernels: bool) -> None:
+    from fastlm.train.model import to_dtype
+
+    model.to(device=device)
+    to_dtype(model, dtype)  # RoPE's inv_freq stays fp32, as transformers builds it
+    if kernels:
+        import fastlm
+
+        fastlm.patch(model)
+
+
+def _is_pairs(data: str) -> bool:
+    from fastlm.data.format import read_meta
+
+    path = Path(data)
+    return (path / "meta.json").is_file() and bool(read_meta(path).get("preference"))
+
+
+def _run_pairs(args, model, reference, block: int) -> int:
+    from fastlm.data.format import FormatError
+    from fastlm.data.pairs import PairLoader
+    from fastlm.train.pair_eval import describe, evaluate_pairs
+
+    try:
+        loader = PairLoader(args.data, args.block_size or block, 1, split_name=args.split)
+    except (FormatError, FileNotFoundError) as exc:
+        raise EvalError(f"{args.data}: {exc}") from exc
+    result = evaluate_pairs(model, loader, reference=reference, beta=args.beta,
+                            batch_size=args.batch_size, fused=not args.no_kernels)
+    print(describe(result))
+    if args.json:
+        _write_json(args.json, dict(asdict(result), model=str(args.model), data=str(args.data),
+                                    split=args.split, reference=args.reference))
     return 0
 
 
