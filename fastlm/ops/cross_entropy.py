@@ -330,8 +330,9 @@ def fused_linear_cross_entropy(
         labels: (N,) int64 targets in [0, V) or ``ignore_index``.
         label_smoothing, softcap: as torch's cross_entropy and Gemma's final-logit soft-cap.
         reduction: "mean" (over non-ignored labels), "sum", or "none" (the loss of each row,
-            shaped as labels, 0 where ignored; its backward recomputes the logits chunk by
-            chunk, one matmul more than the unfused head, still never all of them).
+            shaped as labels, 0 where ignored; with a trainable head its backward recomputes
+            the logits chunk by chunk, one matmul more than the unfused head, still never all
+            of them; with a frozen one the forward computes the hidden states' gradient).
         chunk_size: rows per chunk (default: about 16 MB of logits per chunk, 4M in fp32,
             and at least 256 rows from hidden size 512).
     Returns:

@@ -65,6 +65,38 @@ class DpoObjective:
         return loss, torch.stack([acc, margin, logps[:b].mean(), logps[b:].mean()])
 
 
+def row_lengths(batch: Batch) -> torch.Tensor:
+    """Each row's real tokens: rows end with their answer (right-padded after it), so a row
+    runs to its last scored target."""
+    scored = batch.targets != IGNORE_INDEX
+    width = scored.shape[1]
+    last = width - scored.flip(1).int().argmax(1)
+    return torch.where(scored.any(1), last, torch.zeros_like(last))
+
+
+class PairFlops:
+    """The FLOPs of a DPO micro-batch as MFU counts them (fastlm.train.model.flops_per_token):
+    the policy's forward and backward and, for the losses with a reference, its forward, each
+    row at its own length (the attention's part grows with it; padding is not counted)."""
+
+    def __init__(self, model, with_reference: bool):
+        self.model, self.with_reference = model, with_reference
+        self._by_length: dict[int, float] = {}
+
+    def of(self, lengths: list[int]) -> float:
+        from fastlm.train.model import flops_per_token
+
+        total = 0.0
+        for n in lengths:
+            if n not in self._by_length:
+                per = flops_per_token(self.model, n)
+                if self.with_reference:
+                    per += flops_per_token(self.model, n, forward_only=True)
+                self._by_length[n] = per * n
+            total += self._by_length[n]
+        return total
+
+
 def dpo_loss(policy: torch.Tensor, ref: torch.Tensor | None, beta: float, kind: str = "sigmoid",
              label_smoothing: float = 0.0, *, counts: torch.Tensor | None = None,
              gamma: float = 0.5):

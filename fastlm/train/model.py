@@ -440,21 +440,27 @@ def hidden_size(model: torch.nn.Module) -> int | None:
     return getattr(conf, "hidden_size", None) or getattr(conf, "n_embd", None)
 
 
-def flops_per_token(model: torch.nn.Module, block_size: int) -> float:
+def flops_per_token(model: torch.nn.Module, block_size: int, *,
+                    forward_only: bool = False) -> float:
     """Training FLOPs per token: 6N for the weights (N without embeddings' lookups, counted
     once: tied heads are a matmul, so they stay in N; the language model's and the head's: a
     vision-language model's vision tower does no work on text) plus the attention scores and
     their weighted sum, as PaLM's appendix B counts them (12 L d T, no halving for causality),
     layer by layer: see :func:`_attention_flops`. A frozen weight (LoRA's base) costs 4 FLOPs a
-    token, not 6: the backward passes the gradient through it but computes none for it."""
+    token, not 6: the backward passes the gradient through it but computes none for it.
+    ``forward_only``: a forward alone (DPO's reference), 2 a weight and a third of the
+    attention's."""
     conf = text_config(model)
     params = {id(p): p for p in _language_model(model).parameters()}
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if isinstance(head, torch.nn.Module):
         params.update({id(p): p for p in head.parameters()})
     n = sum(p.numel() for p in params.values())
+    attention = _attention_flops(conf, hidden_size(model), block_size)
+    if forward_only:
+        return 2.0 * n + attention / 3
     frozen = sum(p.numel() for p in params.values() if not p.requires_grad)
-    return 6.0 * n - 2.0 * frozen + _attention_flops(conf, hidden_size(model), block_size)
+    return 6.0 * n - 2.0 * frozen + attention
 
 
 def _attention_flops(conf, width: int | None, block_size: int) -> float:

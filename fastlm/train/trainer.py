@@ -28,6 +28,7 @@ from fastlm.data.loader import IGNORE_INDEX, Batch, BlockLoader
 from fastlm.train import checkpoint as ckpt
 from fastlm.train import dist as fdist
 from fastlm.train.config import ConfigError, RunConfig, resolve_batch
+from fastlm.train.dpo import REFERENCE_FREE, PairFlops, row_lengths
 from fastlm.train.dpo import STATS as DPO_STATS
 from fastlm.train.engine import deepspeed_config, initialize, release, resolve_precision
 from fastlm.train.metrics import MetricsLog
@@ -138,7 +139,7 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> RunState:
         from fastlm.train.dpo import objective
 
         dpo = objective(cfg, model, dev)  # its reference: the starting weights
-        fpt = None  # rows of pairs, padded: no MFU
+        fpt = None  # rows of pairs of their own lengths: counted a batch at a time
     engine, _, scheduler = initialize(cfg, model, param_groups(model, cfg.optim.weight_decay),
                                       deepspeed_config(cfg, micro, accum, glob,
                                                        hidden_size=hidden_size(model)))
@@ -187,14 +188,18 @@ def _loop(cfg, engine, scheduler, loader, val_loader, state, log, signals, *, ck
           dev, accum, tokens_per_step, fpt, peak, data_dir=None, choices=None, dpo=None):
     model_dtype = next(engine.module.parameters()).dtype
     fused = _fused_loss(cfg, engine.module)
-    head_fused = _head_fused(cfg, engine, fused)
+    head_fused = _head_fused(engine, fused)
     if fused and cfg.train.zero_stage == 3 and not _patched_loss(engine.module):
         logger.warning("train.fused_loss under ZeRO-3 runs through fastlm.patch's loss, which "
                        "this model does not have (model.patch=false or an unsupported type): "
                        "training computes the full logits")
     skipped_before, consecutive_skips = _skipped(engine), 0
     window_t0, window_steps, window_loss = time.perf_counter(), 0, 0.0
-    window_stats = [0.0] * len(DPO_STATS)  # DPO's reward accuracy, margin and log-probs
+    # DPO's reward accuracy, margin and log-probs; its pairs' tokens and FLOPs
+    window_stats, window_tokens, window_flops = [0.0] * len(DPO_STATS), 0.0, 0.0
+    world = engine.dp_world_size
+    if dpo is not None:
+        dpo_flops = PairFlops(engine.module, dpo.kind not in REFERENCE_FREE)
     kill_at = os.environ.get("FASTLM_TEST_KILL_AT_STEP")
     overflow_at = os.environ.get("FASTLM_TEST_OVERFLOW_AT_STEP")
     # DeepSpeed records the global gradient norm in its ZeRO/fp16/bf16 optimizers only; without
@@ -206,7 +211,7 @@ def _loop(cfg, engine, scheduler, loader, val_loader, state, log, signals, *, ck
                          and getattr(engine, "fastlm_clip_reports_norm", False)))
     grad_norm = None
     while state.step < cfg.train.max_steps:
-        loss_sum, stats_sum = 0.0, [0.0] * len(DPO_STATS)
+        loss_sum, stats_sum, pair_tokens, pair_flops = 0.0, [0.0] * len(DPO_STATS), 0, 0.0
         log_step = (state.step + 1) % cfg.log.every == 0 or state.step + 1 == cfg.train.max_steps
         for micro in range(accum):
             batch = next(loader).to(dev)
@@ -215,6 +220,9 @@ def _loop(cfg, engine, scheduler, loader, val_loader, state, log, signals, *, ck
             else:
                 loss, stats = dpo.loss(engine, batch, head_fused)
                 stats_sum = [a + b for a, b in zip(stats_sum, stats.tolist())]
+                lengths = row_lengths(batch).tolist()
+                pair_tokens += sum(lengths)
+                pair_flops += dpo_flops.of(lengths)
             if overflow_at is not None and state.step + 1 == int(overflow_at):
                 loss = loss * float("inf")  # fault injection: an fp16 overflow this step
             engine.backward(loss)
@@ -233,16 +241,25 @@ def _loop(cfg, engine, scheduler, loader, val_loader, state, log, signals, *, ck
                 f"lower optim.lr, use train.precision=bf16, or raise "
                 f"train.max_consecutive_skips")
         step_loss, *step_stats = fdist.means(
-            [loss_sum / accum] + ([x / accum for x in stats_sum] if dpo is not None else []), dev)
+            [loss_sum / accum] + ([x / accum for x in stats_sum] + [pair_tokens, pair_flops]
+                                  if dpo is not None else []), dev)
         state.history.append((state.step, step_loss))
         window_steps += 1
         window_loss += step_loss
-        window_stats = [a + b for a, b in zip(window_stats, step_stats)] or window_stats
+        if dpo is not None:  # the pairs' tokens and FLOPs: a rank's mean times the ranks
+            *step_stats, tokens, flops = step_stats
+            window_stats = [a + b for a, b in zip(window_stats, step_stats)]
+            window_tokens += tokens * world
+            window_flops += flops * world
         if state.step % cfg.log.every == 0 or state.step == cfg.train.max_steps:
             dt = time.perf_counter() - window_t0
-            tps = tokens_per_step * window_steps / dt
+            if dpo is None:
+                tps = tokens_per_step * window_steps / dt
+                mfu = tps * fpt / peak if peak and fpt else None
+            else:
+                tps, mfu = window_tokens / dt, window_flops / dt / peak if peak else None
             row = {"loss": window_loss / window_steps, "lr": scheduler.get_last_lr()[0],
-                   "tokens_per_s": tps, "mfu": tps * fpt / peak if peak and fpt else None,
+                   "tokens_per_s": tps, "mfu": mfu,
                    "grad_norm": grad_norm if own_norm else _grad_norm(engine),
                    "loss_scale": _loss_scale(engine),
                    "skipped_steps": skipped_now}
@@ -253,7 +270,7 @@ def _loop(cfg, engine, scheduler, loader, val_loader, state, log, signals, *, ck
                                       "tok/s": f"{tps:,.0f}",
                                       "mfu": f"{row['mfu']:.1%}" if row["mfu"] else None})
             window_t0, window_steps, window_loss = time.perf_counter(), 0, 0.0
-            window_stats = [0.0] * len(DPO_STATS)
+            window_stats, window_tokens, window_flops = [0.0] * len(DPO_STATS), 0.0, 0.0
         done = state.step >= cfg.train.max_steps
         stop_early = False
         if (cfg.eval.every and state.step % cfg.eval.every == 0) or done:
@@ -294,11 +311,11 @@ def _fused_loss(cfg, module) -> bool:
     return True
 
 
-def _head_fused(cfg, engine, fused: bool) -> bool:
+def _head_fused(engine, fused: bool) -> bool:
     """Whether the fused LM head + loss can run on the final hidden states (evaluation, DPO):
     it reads the head's weight, which ZeRO-3 gathers only inside the head module's call, where
     fastlm.patch's head computes it."""
-    return fused and (cfg.train.zero_stage < 3 or _patched_loss(engine.module))
+    return fused and (engine.zero_optimization_stage() < 3 or _patched_loss(engine.module))
 
 
 def _patched_loss(module) -> bool:
@@ -326,7 +343,7 @@ def _loss(engine, batch: Batch, model_dtype, fused: bool = False) -> torch.Tenso
         return engine(**kwargs, labels=batch.targets, shift_labels=batch.targets).loss
     # below: the fused loss on the final hidden states; under ZeRO-3 only through a patched
     # head (its module call gathers the partitioned weight), else the full logits
-    if fused and (engine.zero_optimization_stage() < 3 or _patched_loss(engine.module)):
+    if _head_fused(engine, fused):
         # the model stops at the final hidden states (logits for one position only); the
         # LM head and the loss run chunked, never holding (B*T, V) logits
         out = engine(**kwargs, output_hidden_states=True, logits_to_keep=1)
@@ -397,12 +414,12 @@ def _evaluate(cfg, engine, val_loader, state, log, ckpt_dir, rank, dev, model_dt
     quality = {}  # per-objective measures logged with the validation loss
     if dpo is not None:
         loss, acc, margin = _evaluate_dpo(engine, val_loader[0][2], cfg.eval.batches, dev, dpo,
-                                          _head_fused(cfg, engine, fused))
+                                          _head_fused(engine, fused))
         parts = [(None, 1.0, loss)]
         quality.update(val_reward_acc=acc, val_reward_margin=margin)
     else:
         parts = [(name, weight, evaluate_loss(engine, ld, cfg.eval.batches, dev, model_dtype,
-                                              _head_fused(cfg, engine, fused)))
+                                              _head_fused(engine, fused)))
                  for name, weight, ld in val_loader]
     # with data.mix: the mixture's expected loss, each source's weighted by its share
     val = sum(weight * loss for _, weight, loss in parts)

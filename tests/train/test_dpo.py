@@ -226,6 +226,27 @@ def test_fused_dpo_runs_the_head_in_chunks_and_follows_the_full_logits(tmp_path,
                                                            rel=1e-5)
 
 
+def test_pairs_count_their_real_tokens_and_flops():
+    """tokens/s and MFU of a DPO run: each row at its own length (it ends with its answer,
+    padding after it is not counted), the policy's training FLOPs and, with a reference, its
+    forward's (a third of a fully trained step's)."""
+    from fastlm.train.dpo import PairFlops, row_lengths
+    from fastlm.train.model import flops_per_token
+
+    targets = torch.full((3, 8), IGNORE_INDEX)
+    targets[0, 2:5] = 1
+    targets[1, 3:8] = 1
+    assert row_lengths(Batch(torch.zeros_like(targets), targets)).tolist() == [5, 8, 0]
+    model = _tiny()
+    with_ref, alone = PairFlops(model, True), PairFlops(model, False)
+    assert with_ref.of([5, 8, 5]) == pytest.approx(sum(
+        (flops_per_token(model, n) + flops_per_token(model, n, forward_only=True)) * n
+        for n in (5, 8, 5)))
+    assert alone.of([5]) == flops_per_token(model, 5) * 5
+    assert flops_per_token(model, 64, forward_only=True) == pytest.approx(
+        flops_per_token(model, 64) / 3)
+
+
 def test_reference_under_lora_is_the_model_before_its_adapters():
     from fastlm.train.config import LoraSettings
     from fastlm.train.dpo import adapters_off
@@ -264,6 +285,7 @@ def test_lora_dpo_run_learns_to_prefer_the_chosen_answers(tmp_path, prefs, capsy
     # every pair ranked right, the losses under log 2 (where policy = reference), training's
     # well under
     assert acc[-1] == 1.0 and val["val_reward_acc"] == 1.0
+    assert all(0 < r["mfu"] < 1 and r["tokens_per_s"] > 0 for r in rows if "reward_acc" in r)
     # the margin grows from 0 (policy = reference at the start); the chosen answers' log-probs
     # above the rejected ones' by the end
     steps = [r for r in rows if "reward_margin" in r]
