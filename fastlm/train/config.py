@@ -84,6 +84,9 @@ class TrainConfig:
     # conservative DPO: the share of pairs assumed mislabelled (sigmoid and simpo losses)
     dpo_label_smoothing: float = 0.0
     simpo_gamma: float = 0.5  # SimPO's target margin between the answers' mean log-probs
+    # RPO: the chosen answers' mean token loss added at this weight (not with orpo, which has
+    # its own)
+    dpo_nll_weight: float = 0.0
     grad_clip: float = 1.0  # 0 = off
     seed: int = 1337
     max_consecutive_skips: int = 20  # fp16: abort after this many overflowing steps in a row
@@ -305,10 +308,15 @@ def validate(cfg: RunConfig) -> None:
                           "prepare INPUT --out DIR` (one tokenizer for all) and drop data.prepare")
     t = cfg.train
     if t.objective == "dpo" and (cfg.data.mix is not None or t.dpo_beta <= 0
-                                 or not 0 <= t.dpo_label_smoothing < 0.5 or t.simpo_gamma < 0):
+                                 or not 0 <= t.dpo_label_smoothing < 0.5 or t.simpo_gamma < 0
+                                 or t.dpo_nll_weight < 0):
         raise ConfigError("train.objective=dpo takes one prepared directory of preference "
                           "pairs (data.path, not data.mix), train.dpo_beta > 0, "
-                          "train.dpo_label_smoothing in [0, 0.5) and train.simpo_gamma >= 0")
+                          "train.dpo_label_smoothing in [0, 0.5), train.simpo_gamma >= 0 and "
+                          "train.dpo_nll_weight >= 0")
+    if t.dpo_nll_weight and t.dpo_loss == "orpo":
+        raise ConfigError("train.dpo_nll_weight adds the chosen answers' token loss, which "
+                          "train.dpo_loss=orpo has already: drop one of them")
     if t.dpo_label_smoothing and t.dpo_loss not in ("sigmoid", "simpo"):
         raise ConfigError(f"train.dpo_label_smoothing applies to the sigmoid and simpo losses, "
                           f"not train.dpo_loss={t.dpo_loss}: drop one of them")

@@ -14,6 +14,9 @@ stage), both on the answers' mean log-probability per token: ``simpo`` (Meng et 
 ``-log sigmoid(beta (mean log p(c) - mean log p(r)) - gamma)`` with the target margin
 ``train.simpo_gamma``, and ``orpo`` (Hong et al. 2024), the chosen answer's mean token loss plus
 ``beta`` times ``-log sigmoid`` of the log odds ratio of the two answers' mean probabilities.
+``train.dpo_nll_weight`` adds the chosen answers' mean token loss at that weight to the others
+(RPO, Pang et al. 2024; Llama 3's DPO kept it too): the chosen answers' likelihood then does
+not fall while the margin grows.
 """
 
 from __future__ import annotations
@@ -38,9 +41,9 @@ STATS = ("reward_acc", "reward_margin", "logp_chosen", "logp_rejected")
 
 class DpoObjective:
     def __init__(self, beta: float, reference: torch.nn.Module | None, kind: str = "sigmoid",
-                 label_smoothing: float = 0.0, gamma: float = 0.5):
+                 label_smoothing: float = 0.0, gamma: float = 0.5, nll_weight: float = 0.0):
         self.beta, self.kind, self.label_smoothing = beta, kind, label_smoothing
-        self.gamma = gamma
+        self.gamma, self.nll_weight = gamma, nll_weight
         # None: the trained model with its LoRA adapters off (no reference at all for the
         # reference-free losses)
         self.reference = reference
@@ -61,6 +64,8 @@ class DpoObjective:
         loss, acc, margin = dpo_loss(policy, ref, self.beta, self.kind, self.label_smoothing,
                                      counts=counts, gamma=self.gamma)
         b = policy.shape[0] // 2
+        if self.nll_weight:  # RPO: the chosen answers' mean token loss too
+            loss = loss - self.nll_weight * (policy[:b] / counts[:b].clamp(min=1)).mean()
         logps = policy.detach()
         return loss, torch.stack([acc, margin, logps[:b].mean(), logps[b:].mean()])
 
@@ -193,12 +198,13 @@ def objective(cfg: RunConfig, model, dev) -> DpoObjective:
     """The DPO objective of a run; call before the engine is built (the reference copy is of
     the starting weights)."""
     t = cfg.train
+    settings = dict(kind=t.dpo_loss, label_smoothing=t.dpo_label_smoothing,
+                    gamma=t.simpo_gamma, nll_weight=t.dpo_nll_weight)
     if not needs_reference_copy(cfg):
-        return DpoObjective(t.dpo_beta, None, t.dpo_loss, t.dpo_label_smoothing, t.simpo_gamma)
+        return DpoObjective(t.dpo_beta, None, **settings)
     reference = copy.deepcopy(model).to(dev).eval().requires_grad_(False)
     if t.precision in ("bf16", "fp16"):
         from fastlm.train.model import to_dtype
 
         to_dtype(reference, torch.bfloat16 if t.precision == "bf16" else torch.float16)
-    return DpoObjective(t.dpo_beta, reference, t.dpo_loss, t.dpo_label_smoothing,
-                        t.simpo_gamma)
+    return DpoObjective(t.dpo_beta, reference, **settings)

@@ -247,6 +247,23 @@ def test_pairs_count_their_real_tokens_and_flops():
         flops_per_token(model, 64) / 3)
 
 
+def test_nll_weight_adds_the_chosen_answers_token_loss(prefs):
+    """RPO (train.dpo_nll_weight): the loss grows by the weight times the chosen answers' mean
+    token loss, and nothing else moves."""
+    from fastlm.data.pairs import PairLoader
+    from fastlm.train.dpo import DpoObjective, sequence_logps
+
+    model = _tiny()
+    batch = PairLoader(prefs, 64, 3).batch_at(0)
+    plain, _ = DpoObjective(0.5, None, "simpo").loss(model, batch)
+    rpo, _ = DpoObjective(0.5, None, "simpo", nll_weight=0.3).loss(model, batch)
+    with torch.no_grad():
+        logps = sequence_logps(model, batch)
+    counts = (batch.targets != IGNORE_INDEX).sum(-1)
+    nll = -(logps[:3] / counts[:3]).mean()
+    assert (rpo - plain).item() == pytest.approx(0.3 * nll.item(), rel=1e-4)
+
+
 def test_reference_under_lora_is_the_model_before_its_adapters():
     from fastlm.train.config import LoraSettings
     from fastlm.train.dpo import adapters_off
@@ -403,6 +420,13 @@ def test_loss_settings_reach_the_objective_and_bad_ones_are_named():
     with pytest.raises(ConfigError, match="label_smoothing applies to the sigmoid and simpo"):
         load_config(None, ["train.objective=dpo", "train.dpo_loss=ipo",
                            "train.dpo_label_smoothing=0.1"])
+    with pytest.raises(ConfigError, match="dpo_nll_weight >= 0"):
+        load_config(None, ["train.objective=dpo", "train.dpo_nll_weight=-1"])
+    with pytest.raises(ConfigError, match="orpo has already"):
+        load_config(None, ["train.objective=dpo", "train.dpo_loss=orpo",
+                           "train.dpo_nll_weight=0.5"])
+    cfg = load_config(None, ["train.objective=dpo", "train.dpo_nll_weight=0.2", "model.lora.r=2"])
+    assert objective(cfg, _tiny(), torch.device("cpu")).nll_weight == 0.2
     cfg = load_config(None, ["train.objective=dpo", "train.dpo_loss=simpo", "train.simpo_gamma=1",
                              "train.zero_stage=3"])
     got = objective(cfg, _tiny(), torch.device("cpu"))
