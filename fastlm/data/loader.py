@@ -35,11 +35,14 @@ class Batch:
     position_ids: torch.Tensor | None = None  # (B, T), restarting at each document
     cu_seqlens: torch.Tensor | None = None  # (docs+1,) int32 over the flattened batch
     max_seqlen: int = 0
+    # preference pairs with DPO's reference precomputed: each row's summed log-probability
+    # under the starting model (fastlm.train.dpo.reference_logps)
+    ref_logps: torch.Tensor | None = None
 
     def to(self, device) -> Batch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Batch(move(self.input_ids), move(self.targets), move(self.position_ids),
-                     move(self.cu_seqlens), self.max_seqlen)
+                     move(self.cu_seqlens), self.max_seqlen, move(self.ref_logps))
 
 
 class _SampleStream:

@@ -43,6 +43,9 @@ class PairLoader(_SampleStream):
         self.step = 0
         self._perm_cache: tuple[int, np.ndarray] | None = None
         self._pad = split.eos_id
+        # (pairs, 2) float64: each pair's chosen and rejected log-probability under DPO's
+        # reference, when precomputed (train.dpo_precompute_reference); batches carry theirs
+        self.reference: torch.Tensor | None = None
 
     def batch_at(self, step: int) -> Batch:
         b = self.batch_size
@@ -62,7 +65,10 @@ class PairLoader(_SampleStream):
             target = torch.from_numpy(tokens[1:].copy())
             target[~torch.from_numpy(keep[1:].astype(bool))] = IGNORE_INDEX
             y[i, :n] = target
-        return Batch(x, y)
+        ref = None
+        if self.reference is not None:
+            ref = torch.cat([self.reference[pairs, 0], self.reference[pairs, 1]])
+        return Batch(x, y, ref_logps=ref)
 
     def _pair(self, c: int) -> int:
         epoch, j = divmod(c, self.pairs)

@@ -69,6 +69,11 @@ def _all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     return t
 
 
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over all ranks, in place."""
+    return t if dist.get_world_size() == 1 else _all_reduce(t)
+
+
 def mean(value: float, dev: torch.device) -> float:
     """Mean of a Python float over all ranks."""
     return means([value], dev)[0]

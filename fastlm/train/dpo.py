@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +53,9 @@ class DpoObjective:
         """(mean loss, the :data:`STATS` as a detached tensor); ``fused``: the LM head and the
         log-probabilities chunked, never the full logits."""
         ref = None
-        if self.kind not in REFERENCE_FREE:
+        if batch.ref_logps is not None:  # precomputed at the start of the run
+            ref = batch.ref_logps.to(torch.float32)
+        elif self.kind not in REFERENCE_FREE:
             with torch.no_grad():  # first: its activations are freed before the policy's
                 if self.reference is None:
                     with adapters_off(engine.module):
@@ -183,14 +186,16 @@ def needs_reference_copy(cfg: RunConfig) -> bool:
     """Whether the run keeps a frozen copy of its starting weights as DPO's reference (a loss
     with a reference, without LoRA); under ZeRO-3 that is refused with the alternatives."""
     t = cfg.train
-    if t.objective != "dpo" or cfg.model.lora is not None or t.dpo_loss in REFERENCE_FREE:
+    if (t.objective != "dpo" or cfg.model.lora is not None or t.dpo_loss in REFERENCE_FREE
+            or t.dpo_precompute_reference):
         return False
     if t.zero_stage == 3:
         raise ConfigError("train.objective=dpo without model.lora keeps a whole frozen copy of "
                           "the model as its reference, which ZeRO-3 would have to partition "
                           "too: use model.lora (the reference is then the model with its "
-                          "adapters off), a loss without a reference (train.dpo_loss=simpo or "
-                          "orpo) or train.zero_stage <= 2")
+                          "adapters off), train.dpo_precompute_reference=true (its "
+                          "log-probabilities computed once at the start), a loss without a "
+                          "reference (train.dpo_loss=simpo or orpo) or train.zero_stage <= 2")
     return True
 
 
@@ -208,3 +213,36 @@ def objective(cfg: RunConfig, model, dev) -> DpoObjective:
 
         to_dtype(reference, torch.bfloat16 if t.precision == "bf16" else torch.float16)
     return DpoObjective(t.dpo_beta, reference, **settings)
+
+
+@torch.no_grad()
+def reference_logps(engine, loader, batch_size: int, rank: int, world: int, dev,
+                    fused: bool = False, progress: bool = False) -> torch.Tensor:
+    """(pairs, 2) float64: the summed log-probability of every pair's chosen and rejected
+    answer under the model as it is now (a run's start: DPO's reference), LoRA's adapters off,
+    in eval mode. The ranks share the pairs and sum their tables; each runs as many forwards
+    (ZeRO-3 gathers the weights with every rank)."""
+    from tqdm import tqdm
+
+    model = engine.module
+    table = torch.zeros(loader.pairs, 2, dtype=torch.float64, device=dev)
+    mine = list(range(rank, loader.pairs, world))
+    per_rank = math.ceil(loader.pairs / world)
+    batches = math.ceil(per_rank / batch_size)
+    was = model.training
+    model.eval()
+    lora = any(".lora_" in n for n, _ in model.named_parameters())
+    try:
+        with adapters_off(model) if lora else contextlib.nullcontext():
+            for i in tqdm(range(batches), desc="reference log-probs", unit="batch",
+                          disable=not progress):
+                ids = mine[i * batch_size:(i + 1) * batch_size]
+                batch = loader.batch_of(ids or [0]).to(dev)  # [0]: a filler forward
+                logps = sequence_logps(model, batch, fused).double()
+                if ids:
+                    table[ids, 0], table[ids, 1] = logps[:len(ids)], logps[len(ids):]
+    finally:
+        model.train(was)
+    from fastlm.train import dist as fdist
+
+    return fdist.all_sum(table).cpu()

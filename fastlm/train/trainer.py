@@ -162,6 +162,9 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> RunState:
         if rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
             _save_run_files(cfg, out_dir, data_dir)
+        if dpo is not None and cfg.train.dpo_precompute_reference:
+            _precomputed_reference(cfg, engine, train_loader, val_loader, state, log, rank,
+                                   world, dev, micro)
         try:
             with _Signals() as signals, _gc.loop():
                 _loop(cfg, engine, scheduler, train_loader, val_loader, state, log, signals,
@@ -471,6 +474,45 @@ def _save(engine, cfg, ckpt_dir, state, loader, rank) -> None:
 def _stage_family(stage: int) -> int:
     """ZeRO stages whose checkpoints load into each other: 0, 1-2 (one layout), 3."""
     return {0: 0, 1: 1, 2: 1}.get(stage, 3)
+
+
+REFERENCE_FILE = "reference_logps.pt"
+
+
+def _precomputed_reference(cfg, engine, train_loader, val_loader, state, log, rank, world, dev,
+                           micro) -> None:
+    """train.dpo_precompute_reference: every pair's log-probabilities under the starting model,
+    computed by all ranks when the run starts and saved beside its checkpoints (a resumed run's
+    model is no longer the reference: it reads them back), handed to the pair loaders."""
+    from fastlm.train.dpo import reference_logps
+
+    path = Path(cfg.out_dir) / REFERENCE_FILE
+    loaders = {"train": train_loader, "val": val_loader[0][2]}
+    if state.step == 0:
+        log.write(f"computing the reference's log-probabilities of "
+                  f"{sum(ld.pairs for ld in loaders.values())} pairs (train.dpo_precompute_"
+                  f"reference)")
+        fused = _head_fused(engine, _fused_loss(cfg, engine.module))
+        tables = {name: reference_logps(engine, ld, micro, rank, world, dev, fused,
+                                        progress=rank == 0 and cfg.log.progress)
+                  for name, ld in loaders.items()}
+        if rank == 0:
+            tmp = path.with_name(path.name + ".tmp")
+            torch.save(tables, tmp)
+            os.replace(tmp, path)
+        fdist.barrier()
+    else:
+        if not path.is_file():
+            raise ConfigError(f"train.dpo_precompute_reference: {path} is missing (the run "
+                              f"started without the setting, or the file was removed): resume "
+                              f"with --set train.dpo_precompute_reference=false")
+        tables = torch.load(path, map_location="cpu", weights_only=True)
+        for name, ld in loaders.items():
+            if tables[name].shape[0] != ld.pairs:
+                raise ConfigError(f"{path} holds {tables[name].shape[0]} {name} pairs, the data "
+                                  f"{ld.pairs}: the run started on other data")
+    for name, ld in loaders.items():
+        ld.reference = tables[name]
 
 
 def _resume(engine, resume: str, ckpt_dir: Path, rank: int, world: int, loader: BlockLoader,

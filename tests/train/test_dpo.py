@@ -360,6 +360,56 @@ def test_reference_free_runs_keep_no_reference_and_learn(tmp_path, prefs, monkey
     assert state.history[-1][1] < state.history[0][1]
 
 
+def test_precomputed_reference_follows_the_live_one(tmp_path, prefs, monkeypatch):
+    """train.dpo_precompute_reference: the reference's log-probabilities of every pair once at
+    the start, then no reference forward a step; the curve is the live reference's (LoRA's
+    adapters off), and validation uses the val pairs' own table."""
+    from fastlm.train import dpo as fdpo
+
+    args = ["model.lora.r=4", "train.max_steps=4", "eval.every=2"]
+    live = _dpo_run(tmp_path / "live", prefs, *args)
+    forwards = []
+    real = fdpo.sequence_logps
+    monkeypatch.setattr(fdpo, "sequence_logps", lambda m, *a: forwards.append(1) or real(m, *a))
+    pre = _dpo_run(tmp_path / "pre", prefs, *args, "train.dpo_precompute_reference=true")
+    assert [x for _, x in pre.history] == pytest.approx([x for _, x in live.history], rel=1e-5)
+    tables = torch.load(tmp_path / "pre" / "run" / "reference_logps.pt")
+    pairs = tables["train"].shape[0] + tables["val"].shape[0]
+    # the tables (ceil(pairs / 4) batches each), then one policy forward a step and val batch
+    assert len(forwards) == -(-tables["train"].shape[0] // 4) + -(-tables["val"].shape[0] // 4) \
+        + 4 + 2 * 2
+    assert pairs == len(ROWS) + 1 and (tables["train"] < 0).all()
+    rows = [json.loads(x) for x in (tmp_path / "pre" / "run" / "metrics.jsonl").read_text()
+            .splitlines()]
+    want = [json.loads(x) for x in (tmp_path / "live" / "run" / "metrics.jsonl").read_text()
+            .splitlines()]
+    assert [r["val_loss"] for r in rows if "val_loss" in r] == pytest.approx(
+        [r["val_loss"] for r in want if "val_loss" in r], rel=1e-5)
+
+
+def test_precomputed_reference_runs_full_weights_under_zero3_and_resumes(tmp_path, prefs):
+    """No frozen copy: full-weight DPO under ZeRO-3; a resumed run reads the table saved at
+    the start (its model is no longer the reference) and repeats the uninterrupted losses; a
+    run resumed without the table is refused with the fix."""
+    from fastlm.train.dpo import objective
+
+    args = ["train.zero_stage=3", "train.dpo_precompute_reference=true", "checkpoint.every=2"]
+    cfg = load_config(None, ["train.objective=dpo", *args])
+    assert objective(cfg, _tiny(), torch.device("cpu")).reference is None
+    whole = _dpo_run(tmp_path / "a", prefs, *args, "train.max_steps=4")
+    _dpo_run(tmp_path / "b", prefs, *args, "train.max_steps=2")
+    before = (tmp_path / "b" / "run" / "reference_logps.pt").read_bytes()
+    resumed = _dpo_run(tmp_path / "b", prefs, *args, "train.max_steps=4", resume="auto")
+    assert [x for _, x in resumed.history[-2:]] == [x for _, x in whole.history[-2:]]
+    assert (tmp_path / "b" / "run" / "reference_logps.pt").read_bytes() == before
+    (tmp_path / "b" / "run" / "reference_logps.pt").unlink()
+    with pytest.raises(ConfigError, match="reference_logps.pt is missing"):
+        _dpo_run(tmp_path / "b", prefs, *args, "train.max_steps=6", resume="auto")
+    with pytest.raises(ConfigError, match="simpo has no reference"):
+        load_config(None, ["train.objective=dpo", "train.dpo_loss=simpo",
+                           "train.dpo_precompute_reference=true"])
+
+
 def test_dpo_on_plain_data_names_the_fix(tmp_path, tiny_data):
     with pytest.raises(ConfigError, match="dpo: .*no preference pairs.*--preference"):
         _dpo_run(tmp_path, tiny_data, "train.max_steps=1")
@@ -431,3 +481,34 @@ def test_loss_settings_reach_the_objective_and_bad_ones_are_named():
                              "train.zero_stage=3"])
     got = objective(cfg, _tiny(), torch.device("cpu"))
     assert (got.kind, got.gamma, got.reference) == ("simpo", 1.0, None)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_ranks_share_the_precomputed_reference(tmp_path, prefs, child_env):
+    """Full-weight DPO under ZeRO-3 with the reference precomputed: the 2 ranks split the
+    pairs (as many forwards each: ZeRO-3 gathers with both), sum their tables and follow the
+    one-rank curve; the table is the one-rank run's."""
+    import subprocess
+
+    from test_distributed import LAUNCHER
+
+    args = ["train.zero_stage=3", "train.dpo_precompute_reference=true", "train.max_steps=3",
+            "eval.every=3"]
+    one = _dpo_run(tmp_path / "one", prefs, *args)
+    out = tmp_path / "two"
+    sets = [f"data.path={prefs}", f"out_dir={out}", "model.preset=tiny-llama",
+            "train.objective=dpo", "data.block_size=64", "train.micro_batch_size=2",
+            "optim.lr=5e-3", "optim.warmup_steps=2", "eval.batches=2", "log.every=1",
+            "log.progress=false", "log.tensorboard=false", *args]
+    proc = subprocess.run([LAUNCHER, "--num_gpus", "2", "--module", "fastlm.train",
+                           *sum((["--set", s] for s in sets), [])], env=child_env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in rows if "loss" in r] == pytest.approx(
+        [x for _, x in one.history], rel=2e-5)
+    mine = torch.load(out / "reference_logps.pt")
+    theirs = torch.load(tmp_path / "one" / "run" / "reference_logps.pt")
+    for split in ("train", "val"):
+        torch.testing.assert_close(mine[split], theirs[split], rtol=1e-6, atol=1e-6)
