@@ -47,7 +47,8 @@ def test_zero_stages_split_the_model_state(stage, split):
 
 
 @pytest.mark.parametrize("sets, copy", [([], True), (["model.lora.r=2"], False),
-                                        (["train.dpo_loss=simpo"], False)])
+                                        (["train.dpo_loss=simpo"], False),
+                                        (["train.dpo_precompute_reference=true"], False)])
 def test_dpo_plans_its_reference_copy(tiny_data, sets, copy):
     """DPO without LoRA keeps a whole copy of the starting weights on every rank (ZeRO-3 is
     refused as the run refuses it); LoRA's reference and the reference-free losses cost none."""
