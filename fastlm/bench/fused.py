@@ -7,7 +7,8 @@ functions a transformers model calls. The two are timed in alternation call by c
 
 ``--ops linear_cross_entropy`` (not in the default list: it takes a vocabulary, ``--vocab``)
 times the fused LM head + loss against the unfused ``F.cross_entropy((h @ W.T).float(), y)``
-that transformers' causal-LM loss computes (and, on a GPU, records the peak memory of each);
+that transformers' causal-LM loss computes, and records the peak memory of each (a GPU's
+allocator, or the process's resident memory on a Linux CPU);
 ``linear_cross_entropy_rows`` the same with a loss per token (``reduction="none"``, what DPO's
 sequence log-probabilities and multiple-choice scoring take), each row's loss weighted
 differently in the backward; ``--frozen-head`` times both with the head's weight frozen (LoRA),
@@ -134,8 +135,9 @@ def run(args) -> int:
     for op, dname, tokens, mode in tqdm(cases, desc="fused"):
         fns = _steps(op, DTYPES[dname], tokens, args.hidden, mode, device, args.vocab,
                      args.frozen_head)
-        timings, peaks = harness.time_interleaved(fns, device=device, warmup=3,
-                                                  repeat=args.repeat)
+        timings, peaks = harness.time_interleaved(
+            fns, device=device, warmup=3, repeat=args.repeat,
+            cpu_memory=op.startswith("linear_cross_entropy"))
         paired = harness.paired_speedup(timings, "fastlm", ["torch"])
         for impl, t in timings.items():
             extra = ({"vocab": args.vocab, "frozen_head": args.frozen_head,

@@ -11,6 +11,7 @@ ratio like "% of peak" never mixes numbers from different machines or moments.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -104,13 +105,16 @@ def time_interleaved(
     device: str = "cpu",
     warmup: int = 1,
     repeat: int = 5,
+    cpu_memory: bool = False,
 ) -> tuple[dict[str, Timing], dict[str, float | None]]:
     """Time several implementations of one step in alternation: round r runs each once, in an
     order rotated by r. On a shared or throttling machine, speed drifts over seconds; timing
     A's calls then B's lets the drift land on one of them, alternating spreads it over all.
     Returns (Timing per name, peak GPU memory in GiB per name; None on the CPU). The peak is
     what a call needed above what was allocated when it began (activations, gradients created
-    in it, temporaries), so the other implementations' resident weights never count."""
+    in it, temporaries), so the other implementations' resident weights never count.
+    ``cpu_memory`` on the CPU: the same from the process's peak resident memory, measured in
+    one more, untimed call per implementation (:func:`cpu_peak_gb`; None where unsupported)."""
     names = list(fns)
     for name in names:
         for i in range(warmup):
@@ -130,11 +134,40 @@ def time_interleaved(
             if device.startswith("cuda"):
                 gb = (torch.cuda.max_memory_allocated() - base) / 2**30
                 peaks[name] = max(peaks[name] or 0.0, gb)
+    if cpu_memory and not device.startswith("cuda"):
+        for name in names:
+            peaks[name] = cpu_peak_gb(functools.partial(fns[name], repeat))
     out = {}
     for name, ts in times.items():
         q = statistics.quantiles(ts, n=5) if len(ts) >= 2 else [ts[0]] * 4
         out[name] = Timing(statistics.median(ts), q[0], q[3], len(ts), tuple(ts))
     return out, peaks
+
+
+def _proc_status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"no {key} in /proc/self/status")
+
+
+def cpu_peak_gb(call: Callable[[], object]) -> float | None:
+    """GiB the process's resident memory rose to above where it stood before ``call``: Linux's
+    peak (VmHWM) reset through /proc/self/clear_refs, after glibc gave its cached free memory
+    back (malloc_trim), so memory the call frees and allocates again counts once and memory an
+    earlier call left cached does not hide its need. None where Linux's interface is missing."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _proc_status("VmRSS")
+    except OSError:
+        return None
+    call()
+    return max(0, _proc_status("VmHWM") - base) / 2**30
 
 
 def paired_speedup(timings: dict, ours: str, peers: Sequence[str]) -> float | None:

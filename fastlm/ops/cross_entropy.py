@@ -92,15 +92,21 @@ def _chunk_rows(n: int, vocab: int, chunk_size: int | None, itemsize: int = 4,
                 hidden: int = 0) -> int:
     if chunk_size:
         return chunk_size
-    # ~16 MB of logits per chunk (2^22 in fp32, 2^23 in bf16/fp16). From hidden 512 at least
-    # 256 rows: there the matmuls dominate, and the LM-head matmul runs at ~70% of its rate
-    # at 83 rows (hidden 768, GPT-2's 50k vocabulary in fp32; ~80% at 166 in bf16) and at
-    # full rate from ~256-332 (measured on the CPU); such a chunk exceeds 16 MB (50 MB at
-    # 50k in fp32), still far from N x V. Below, passes over the logits dominate and smaller
-    # chunks are faster (hidden 128, 50k, bf16: 191 / 209 / 233 ms at 128 / 166 / 256 rows).
+    # ~16 MB of logits per chunk (2^22 in fp32, 2^23 in bf16/fp16), but not so few rows that
+    # the LM-head GEMMs stop being compute-bound: every chunk reads the whole (vocab x hidden)
+    # weight again, in the forward and twice in the gradients. From hidden 512 at least 256
+    # rows: the LM-head matmul runs at ~70% of its rate at 83 rows (hidden 768, GPT-2's 50k
+    # vocabulary in fp32; ~80% at 166 in bf16) and at full rate from ~256-332 (measured on the
+    # CPU); such a chunk exceeds 16 MB (50 MB at 50k in fp32), still far from N x V. From hidden
+    # 128 too (a 128k vocabulary left the 16 MB rule 32 fp32 rows or 65 bf16 ones: at hidden
+    # 256, 2048 rows, fwd+bwd took 4.8 s in fp32 and 2.2 s in bf16, 3.2 s and 2.0 s at 256 and
+    # 128 rows), at least 256 rows in fp32 and 128 in bf16/fp16, where passes over the
+    # logits weigh more (hidden 128, 50k, bf16: 191 / 209 / 233 ms at 128 / 166 / 256 rows).
     rows = (1 << 24) // itemsize // max(1, vocab)
-    if hidden >= 512:
+    if hidden >= 512 or (itemsize == 4 and hidden >= 128):
         rows = max(rows, _MIN_CHUNK_ROWS)
+    elif hidden >= 128:
+        rows = max(rows, _MIN_CHUNK_ROWS // 2)
     return max(1, min(n, rows))
 
 

@@ -166,3 +166,21 @@ def test_results_name_the_cpu_vector_level(monkeypatch, flags, level):
     monkeypatch.setattr(build, "cpu_features", lambda: frozenset(flags))
     assert harness.cpu_simd_level() == level
     assert harness.environment("cpu")["device"].endswith(f"cores, {level})")
+
+
+def test_cpu_peak_counts_what_a_call_allocates():
+    """The process's peak resident memory above its level before the call (Linux): a call
+    that touches 256 MiB and frees it reports ~256 MiB, a call that allocates nothing ~0, and
+    time_interleaved's cpu_memory measures each implementation so."""
+    import sys
+
+    import torch
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the peak comes from Linux's /proc/self")
+    big = harness.cpu_peak_gb(lambda: torch.ones(64, 2**20).sum())
+    small = harness.cpu_peak_gb(lambda: None)
+    assert 0.24 < big < 0.30 and small < 0.01
+    fns = {"big": lambda i: torch.ones(32, 2**20).sum(), "none": lambda i: None}
+    _, peaks = harness.time_interleaved(fns, warmup=0, repeat=1, cpu_memory=True)
+    assert 0.12 < peaks["big"] < 0.15 and peaks["none"] < 0.01

@@ -253,3 +253,18 @@ def test_a_frozen_head_skips_its_gradients(reduction, bias, monkeypatch):
         assert flags == [(True, True), (True, False)]
     else:
         assert flags == [(False, False), (True, True), (True, False)]
+
+
+@pytest.mark.parametrize("hidden, vocab, itemsize, rows", [
+    (256, 128256, 4, 256),  # the 16 MB rule alone: 32 rows, each reading the 128 MB weight
+    (256, 128256, 2, 128),
+    (768, 50257, 4, 256),
+    (64, 128256, 4, 32),  # tiny hidden: passes over the logits dominate, 16 MB chunks
+    (128, 8000, 2, 1048),  # a small vocabulary: 16 MB of logits is more than the floor
+])
+def test_chunks_keep_enough_rows_for_the_head_gemm(hidden, vocab, itemsize, rows):
+    from fastlm.ops.cross_entropy import _chunk_rows
+
+    assert _chunk_rows(1 << 20, vocab, None, itemsize, hidden) == rows
+    assert _chunk_rows(7, vocab, None, itemsize, hidden) == 7  # never more rows than there are
+    assert _chunk_rows(1 << 20, vocab, 5, itemsize, hidden) == 5  # an explicit chunk_size
