@@ -3,7 +3,6 @@ training, generation and the exported model all load the same one with transform
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -89,8 +88,25 @@ def train_bpe(texts: Iterable[str], vocab_size: int, path: str | Path):
     return _save(tok, path)
 
 
+# what a model directory holds beside its tokenizer: never part of a tokenizer's files
+_MODEL_FILES = {"config.json", "generation_config.json"}
+_MODEL_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5",
+                   ".onnx", ".index.json")
+
+
+def tokenizer_files(src: str | Path) -> list[Path]:
+    """The files of a tokenizer directory to copy: the model's config and weights left out,
+    which a tokenizer directory prepared from a model directory before fastlm saved the
+    tokenizer alone still holds (an export copying them overwrote the trained weights)."""
+    return sorted(f for f in Path(src).iterdir()
+                  if f.is_file() and f.name not in _MODEL_FILES
+                  and not f.name.endswith(_MODEL_SUFFIXES))
+
+
 def copy_pretrained(src: str | Path, path: str | Path):
-    """A local Hugging Face tokenizer directory, copied; it must define an EOS token."""
+    """A local Hugging Face tokenizer (a model's directory, usually) saved alone: the
+    tokenizer's own files as transformers writes them, not the model's weights and config
+    beside them. It must define an EOS token."""
     from transformers import AutoTokenizer
 
     src = Path(src)
@@ -104,7 +120,7 @@ def copy_pretrained(src: str | Path, path: str | Path):
     if tok.eos_token_id is None:
         raise DataError(f"tokenizer {src} has no EOS token; documents are separated by EOS, "
                         f"so set one (tokenizer.eos_token) or use --tokenizer bpe")
-    shutil.copytree(src, path)
+    tok.save_pretrained(str(path))
     return tok
 
 

@@ -146,8 +146,11 @@ def export(path: str | Path, out: str | Path, *, overwrite: bool = False,
         if not tok.is_dir():
             tok = Path(run["data"]["path"]) / "tokenizer"
         if tok.is_dir():
-            for f in tok.iterdir():
-                shutil.copy2(f, tmp / f.name)
+            from fastlm.data.tokenizer import tokenizer_files
+
+            for f in tokenizer_files(tok):
+                if not (tmp / f.name).exists():  # never over what the model wrote
+                    shutil.copy2(f, tmp / f.name)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -654,9 +654,13 @@ def _save_run_files(cfg: RunConfig, out_dir: Path, data_dir: Path) -> None:
     if src.is_dir() and not dst.exists():
         import shutil
 
+        from fastlm.data.tokenizer import tokenizer_files
+
         tmp = out_dir / ".tokenizer.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(src, tmp)
+        tmp.mkdir()
+        for f in tokenizer_files(src):
+            shutil.copy2(f, tmp / f.name)
         os.replace(tmp, dst)
 
 

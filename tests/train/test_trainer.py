@@ -1173,3 +1173,57 @@ def test_multiple_choice_accuracy_at_each_evaluation(tmp_path, tiny_data, capsys
     assert (rows[-1]["choices_acc"], rows[-1]["choices_acc_norm"]) == (res.acc, res.acc_norm)
     with pytest.raises(ConfigError, match=r"eval.choices: .*nope.jsonl not found"):
         run(config(tmp_path / "x", tiny_data, f"eval.choices={tmp_path / 'nope.jsonl'}"))
+
+
+def test_export_of_a_fine_tune_is_the_trained_model_not_its_base(tmp_path):
+    """A pretrained directory holds its tokenizer beside its weights, as every HF model
+    directory does. `fastlm prepare --tokenizer DIR` copied the whole directory as the data's
+    tokenizer, the run copied it on, and the export copied its files over the model's: the
+    exported "fine-tune" was the base model (weights and config). Now the tokenizer is saved
+    alone, and an export never writes over the model's files (data prepared before the fix)."""
+    import shutil
+
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from fastlm.data import prepare
+    from fastlm.data.tokenizer import byte_level
+    from fastlm.train.export import export, load_model
+
+    base = tmp_path / "base"
+    conf = AutoConfig.for_model("gpt2", vocab_size=257, n_embd=32, n_layer=1, n_head=2,
+                                n_positions=64)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(conf).save_pretrained(base)
+    byte_level(base)
+    (tmp_path / "text.txt").write_text("".join(f"line {i} of some text.\n\n" for i in range(300)))
+    data = prepare([tmp_path / "text.txt"], tmp_path / "data", tokenizer=str(base),
+                   dedup=False, progress=False, val_fraction=0.1)
+    saved = sorted(p.name for p in (data / "tokenizer").iterdir())
+    assert "model.safetensors" not in saved and "config.json" not in saved
+    assert AutoTokenizer.from_pretrained(data / "tokenizer").get_vocab() == \
+        AutoTokenizer.from_pretrained(base).get_vocab()
+    cfg = load_config(None, [f"data.path={data}", f"out_dir={tmp_path / 'run'}",
+                             f"model.pretrained={base}", "data.block_size=32",
+                             "train.max_steps=3", "optim.lr=1e-2", "eval.every=0",
+                             "log.progress=false", "log.tensorboard=false", "export=true"])
+    run(cfg)
+    trained, _, _ = load_model(tmp_path / "run")
+    want = {k: v for k, v in trained.state_dict().items() if "attn.bias" not in k}
+
+    def check(hf_dir):
+        got = load_file(hf_dir / "model.safetensors")
+        before = load_file(base / "model.safetensors")
+        for name, value in got.items():
+            if name in want:
+                torch.testing.assert_close(value, want[name], rtol=0, atol=0, msg=name)
+        assert any(not torch.equal(got[k], before[k]) for k in got if k in before)
+
+    check(tmp_path / "run" / "hf")
+    # data prepared before the fix: the run's tokenizer directory holds the base's files
+    for name in ("model.safetensors", "config.json"):
+        shutil.copy(base / name, tmp_path / "run" / "tokenizer" / name)
+    export(tmp_path / "run", tmp_path / "hf2")
+    check(tmp_path / "hf2")
+    assert json.loads((tmp_path / "hf2" / "config.json").read_text()) == \
+        json.loads((tmp_path / "run" / "hf" / "config.json").read_text())
