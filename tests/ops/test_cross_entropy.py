@@ -268,3 +268,25 @@ def test_chunks_keep_enough_rows_for_the_head_gemm(hidden, vocab, itemsize, rows
     assert _chunk_rows(1 << 20, vocab, None, itemsize, hidden) == rows
     assert _chunk_rows(7, vocab, None, itemsize, hidden) == 7  # never more rows than there are
     assert _chunk_rows(1 << 20, vocab, 5, itemsize, hidden) == 5  # an explicit chunk_size
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["head", "frozen_head"])
+def test_per_row_losses_compile(frozen):
+    """reduction="none" inside torch.compile (fullgraph): the registered ops and their fake
+    implementations trace, and the compiled gradients are the eager ones."""
+    hidden, weight, _, labels = _inputs(21, 16, 37, torch.float32, False)
+    seed = torch.randn(21)
+
+    def step(h, w):
+        return (fused_linear_cross_entropy(h, w, labels, reduction="none", chunk_size=8)
+                * seed).sum()
+
+    def grads(fn):
+        h = hidden.clone().requires_grad_()
+        w = weight.clone().requires_grad_(not frozen)
+        loss = fn(h, w)
+        return [loss.detach()] + list(torch.autograd.grad(loss, [h] + ([] if frozen else [w])))
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    for got, want in zip(grads(compiled), grads(step)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
