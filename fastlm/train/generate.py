@@ -86,17 +86,26 @@ def encode_prompt(tokenizer, prompt: str, *, chat: bool = False,
 
 
 @torch.no_grad()
-def complete_batch(model, tokenizer, prompts: list[str], *, max_new_tokens: int,
+def complete_batch(model, tokenizer, prompts: list[str | list[dict]], *, max_new_tokens: int,
                    temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = None,
                    chat: bool = False, system: str | None = None, device=None) -> list[str]:
     """The completion (the new text alone) of each prompt, all in one ``generate`` call:
     left-padded, each row attending to its own tokens, the KV cache shared, each row ended at
     its own stop token. Greedy, every completion is the one :func:`sample` gives the prompt
     alone. A prompt longer than the context less ``max_new_tokens`` keeps its last tokens
-    (one warning)."""
+    (one warning). With ``chat`` a prompt may be a conversation (chat messages ending in the
+    user's): the reply to its last message, the earlier ones its history."""
     device = device or next(model.parameters()).device
-    history = [] if system is None else [{"role": "system", "content": system}]
-    encoded = [encode_prompt(tokenizer, p, chat=chat, history=history) for p in prompts]
+    opening = [] if system is None else [{"role": "system", "content": system}]
+    encoded = []
+    for p in prompts:
+        if isinstance(p, list):
+            if not chat:
+                raise GenerateError("prompts given as chat messages need --chat")
+            encoded.append(encode_prompt(tokenizer, p[-1]["content"], chat=True,
+                                         history=opening + p[:-1]))
+        else:
+            encoded.append(encode_prompt(tokenizer, p, chat=chat, history=opening))
     stops = encoded[0][1]
     stop_set = set(stops if isinstance(stops, list) else [stops]) - {None}
     ctx = context_length(model)
@@ -227,8 +236,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--prompts", default=None, metavar="FILE",
                         help="complete every prompt of FILE (.jsonl records with a 'prompt', "
-                        "or text, a prompt a line), --batch-size at a time; JSONL "
-                        "{prompt, sample, completion} rows to --out or stdout")
+                        "or with --chat 'messages' ending in the user's; or text, a prompt a "
+                        "line), --batch-size at a time; JSONL {prompt, sample, completion} "
+                        "rows to --out or stdout")
     parser.add_argument("--out", default=None, help="with --prompts: the JSONL file to write")
     parser.add_argument("--batch-size", type=int, default=8,
                         help="with --prompts: prompts completed together")
@@ -244,6 +254,9 @@ def run(args) -> int:
             raise GenerateError("--prompts completes a file of prompts: drop --prompt and "
                                 "--interactive")
         prompts = read_prompts(args.prompts)
+        if not args.chat and any(isinstance(p, list) for p in prompts):
+            raise GenerateError("--prompts: records with 'messages' are conversations: add "
+                                "--chat")
         if args.batch_size < 1 or args.num_samples < 1:
             raise GenerateError("--batch-size and --num-samples must be >= 1")
     elif args.out is not None:
@@ -298,9 +311,10 @@ def _lines(prompt: str):
             return
 
 
-def read_prompts(path: str | Path) -> list[str]:
-    """The prompts of a .jsonl file (records with a string 'prompt') or a text file (one a
-    line, blank lines skipped)."""
+def read_prompts(path: str | Path) -> list[str | list[dict]]:
+    """The prompts of a .jsonl file (records with a string 'prompt', or 'messages': a chat
+    conversation ending in the user's message) or a text file (one a line, blank lines
+    skipped)."""
     import json
 
     path = Path(path)
@@ -318,16 +332,30 @@ def read_prompts(path: str | Path) -> list[str]:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise GenerateError(f"--prompts: {path}:{n} is not JSON ({exc.msg})") from exc
+            if isinstance(record, dict) and "messages" in record:
+                prompts.append(_conversation(record["messages"], f"{path}:{n}"))
+                continue
             if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
                 raise GenerateError(f"--prompts: {path}:{n} has no string 'prompt' (records "
-                                    f"are {{\"prompt\": \"...\"}})")
+                                    f"are {{\"prompt\": \"...\"}} or {{\"messages\": "
+                                    f"[...]}})")
             prompts.append(record["prompt"])
     if not prompts:
         raise GenerateError(f"--prompts: {path} holds no prompt")
     return prompts
 
 
-def _complete_file(model, tok, prompts: list[str], args) -> int:
+def _conversation(messages, where: str) -> list[dict]:
+    ok = (isinstance(messages, list) and messages
+          and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                  and isinstance(m.get("content"), str) for m in messages))
+    if not ok or messages[-1]["role"] != "user":
+        raise GenerateError(f"--prompts: {where}: 'messages' must be a list of {{role, "
+                            f"content}} messages ending in the user's")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _complete_file(model, tok, prompts: list[str | list[dict]], args) -> int:
     """Every prompt's --num-samples completions, --batch-size prompts a generate call, as JSONL
     rows in the prompts' order; --out is written whole or not at all (a temporary file renamed
     at the end)."""

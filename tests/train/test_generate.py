@@ -182,3 +182,53 @@ def test_out_without_prompts_and_a_missing_file_are_refused(tmp_path, capsys):
     assert "--out writes the completions of --prompts FILE" in capsys.readouterr().err
     assert main(["generate", str(path), "--prompts", str(tmp_path / "none.jsonl")]) == 2
     assert "none.jsonl not found" in capsys.readouterr().err
+
+
+def _chat_tokenizer(path):
+    from fastlm.data.tokenizer import byte_level
+
+    tok = byte_level(path)
+    tok.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+    tok.chat_template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+        "'<|im_end|>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    return tok
+
+
+def test_chat_prompts_may_be_conversations(tmp_path):
+    """--chat: a prompt is a user's message or a conversation ending in one; each reply in
+    the batch is the one sample() gives with the earlier messages as its history."""
+    from fastlm.train.generate import complete_batch, sample
+
+    tok = _chat_tokenizer(tmp_path / "tok")
+    model = _lm("llama")
+    conversation = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hey."},
+                    {"role": "user", "content": "And?"}]
+    prompts = ["Hi?", conversation, [{"role": "user", "content": "x"}]]
+    got = complete_batch(model, tok, prompts, max_new_tokens=6, temperature=0, chat=True,
+                         system="Be brief.")
+    system = [{"role": "system", "content": "Be brief."}]
+    want = [sample(model, tok, "Hi?", max_new_tokens=6, temperature=0, chat=True, history=system),
+            sample(model, tok, "And?", max_new_tokens=6, temperature=0, chat=True,
+                   history=system + conversation[:2]),
+            sample(model, tok, "x", max_new_tokens=6, temperature=0, chat=True, history=system)]
+    assert got == want and all(got)
+
+
+@pytest.mark.parametrize("record, extra, message", [
+    ({"messages": [{"role": "user", "content": "a"}]}, [], "add --chat"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+     ["--chat"], r"prompts.jsonl:1: 'messages' must be .* ending in the user's"),
+    ({"messages": "hi"}, ["--chat"], "'messages' must be a list"),
+])
+def test_bad_conversation_prompts_are_named(tmp_path, capsys, record, extra, message):
+    import json
+
+    from fastlm.cli import main
+
+    path = _model_dir(tmp_path)
+    (tmp_path / "prompts.jsonl").write_text(json.dumps(record) + "\n")
+    assert main(["generate", str(path), "--prompts", str(tmp_path / "prompts.jsonl"),
+                 *extra]) == 2
+    assert re.search(message, capsys.readouterr().err)
