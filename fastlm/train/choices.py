@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fastlm.integrations._patch_loss import fusable_head, head_loss
+from fastlm.train.model import eval_mode
 
 _IGNORE = -100  # targets outside the endings
 
@@ -127,18 +128,14 @@ def accuracy(model, tokenizer, choices: list[Choice], *, device=None, max_length
 
     mine = choices[rank::world]
     per_rank = -(-len(choices) // world)
-    was_training = model.training
-    model.eval()
     right = right_norm = 0
-    try:
+    with eval_mode(model):
         for i in tqdm(range(per_rank), desc="choices", unit="record", disable=not progress):
             c = mine[i] if i < len(mine) else choices[0]  # a filler forward, not counted
             total, count = ending_losses(model, tokenizer, c, device, max_length, fused)
             if i < len(mine):
                 right += int(total.argmin()) == c.label
                 right_norm += int((total / count).argmin()) == c.label
-    finally:
-        model.train(was_training)
     if world > 1:
         import torch.distributed as dist
 

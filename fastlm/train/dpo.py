@@ -224,25 +224,22 @@ def reference_logps(engine, loader, batch_size: int, rank: int, world: int, dev,
     (ZeRO-3 gathers the weights with every rank)."""
     from tqdm import tqdm
 
+    from fastlm.train.model import eval_mode
+
     model = engine.module
     table = torch.zeros(loader.pairs, 2, dtype=torch.float64, device=dev)
     mine = list(range(rank, loader.pairs, world))
     per_rank = math.ceil(loader.pairs / world)
     batches = math.ceil(per_rank / batch_size)
-    was = model.training
-    model.eval()
     lora = any(".lora_" in n for n, _ in model.named_parameters())
-    try:
-        with adapters_off(model) if lora else contextlib.nullcontext():
-            for i in tqdm(range(batches), desc="reference log-probs", unit="batch",
-                          disable=not progress):
-                ids = mine[i * batch_size:(i + 1) * batch_size]
-                batch = loader.batch_of(ids or [0]).to(dev)  # [0]: a filler forward
-                logps = sequence_logps(model, batch, fused).double()
-                if ids:
-                    table[ids, 0], table[ids, 1] = logps[:len(ids)], logps[len(ids):]
-    finally:
-        model.train(was)
+    with eval_mode(model), adapters_off(model) if lora else contextlib.nullcontext():
+        for i in tqdm(range(batches), desc="reference log-probs", unit="batch",
+                      disable=not progress):
+            ids = mine[i * batch_size:(i + 1) * batch_size]
+            batch = loader.batch_of(ids or [0]).to(dev)  # [0]: a filler forward
+            logps = sequence_logps(model, batch, fused).double()
+            if ids:
+                table[ids, 0], table[ids, 1] = logps[:len(ids)], logps[len(ids):]
     from fastlm.train import dist as fdist
 
     return fdist.all_sum(table).cpu()

@@ -108,12 +108,12 @@ def evaluate(model, tokens: np.ndarray, keep: np.ndarray | None = None, *, block
     device = next(model.parameters()).device
     plan = list(windows(len(tokens), block_size, stride))
     total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
     from tqdm import tqdm
 
-    bar = tqdm(total=len(plan), desc="eval", unit="window", disable=not progress)
-    try:
+    from fastlm.train.model import eval_mode
+
+    with eval_mode(model), tqdm(total=len(plan), desc="eval", unit="window",
+                                disable=not progress) as bar:
         i = 0
         while i < len(plan):
             length = plan[i][1] - plan[i][0]
@@ -134,9 +134,6 @@ def evaluate(model, tokens: np.ndarray, keep: np.ndarray | None = None, *, block
             count += n
             i += len(group)
             bar.update(len(group))
-    finally:
-        bar.close()
-        model.train(was_training)
     if count == 0:
         raise EvalError("no target was scored (SFT data whose responses are all masked?)")
     loss = total / count

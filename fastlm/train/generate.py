@@ -125,21 +125,25 @@ def complete_batch(model, tokenizer, prompts: list[str | list[dict]], *, max_new
     for i, r in enumerate(rows):
         ids[i, width - len(r):] = torch.tensor(r)
         mask[i, width - len(r):] = 1
-    was_training = model.training
-    model.eval()
-    try:
+    from fastlm.train.model import eval_mode
+
+    with eval_mode(model):
         out = model.generate(
             ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-            do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
-            top_k=top_k if temperature > 0 else None, top_p=top_p if temperature > 0 else None,
-            pad_token_id=pad, **({"eos_token_id": stops} if stop_set else {}))
-    finally:
-        model.train(was_training)
+            pad_token_id=pad, **_sampling(temperature, top_k, top_p),
+            **({"eos_token_id": stops} if stop_set else {}))
     texts = []
     for row in out[:, width:].tolist():
         end = next((i for i, t in enumerate(row) if t in stop_set), len(row))
         texts.append(tokenizer.decode(row[:end], skip_special_tokens=True))
     return texts
+
+
+def _sampling(temperature: float, top_k: int | None, top_p: float | None) -> dict:
+    """generate()'s sampling arguments: greedy at temperature 0 (its sampling knobs unset)."""
+    on = temperature > 0
+    return {"do_sample": on, "temperature": temperature if on else None,
+            "top_k": top_k if on else None, "top_p": top_p if on else None}
 
 
 @torch.no_grad()
@@ -150,11 +154,11 @@ def sample_ids(model, ids: torch.Tensor, *, max_new_tokens: int, temperature: fl
     half-context of tokens (as nanoGPT crops its context): one warning says so, and each window
     is generated with the KV cache. A prompt longer than the context is read from its last
     half-context the same way. ``eos_token_id``: where to stop (default: the model's own)."""
+    from fastlm.train.model import eval_mode
+
     ctx = context_length(model)
-    was_training = model.training
-    model.eval()
     out, remaining, warned = ids, max_new_tokens, False
-    try:
+    with eval_mode(model):
         while remaining > 0:
             context = out
             if ctx is not None and out.shape[1] >= ctx:
@@ -166,17 +170,13 @@ def sample_ids(model, ids: torch.Tensor, *, max_new_tokens: int, temperature: fl
             step = remaining if ctx is None else min(remaining, ctx - context.shape[1])
             new = model.generate(
                 context, attention_mask=torch.ones_like(context), max_new_tokens=step,
-                do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
-                top_k=top_k if temperature > 0 else None,
-                top_p=top_p if temperature > 0 else None, pad_token_id=pad_token_id,
+                pad_token_id=pad_token_id, **_sampling(temperature, top_k, top_p),
                 **({} if eos_token_id is None else {"eos_token_id": eos_token_id}),
             )[:, context.shape[1]:]
             out = torch.cat([out, new], dim=1)
             remaining -= new.shape[1]
             if new.shape[1] < step:  # it stopped at EOS
                 break
-    finally:
-        model.train(was_training)
     return out
 
 

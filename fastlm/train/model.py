@@ -7,6 +7,7 @@ fastlm's kernels go in through the public drop-in (``attn_implementation="fastlm
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from pathlib import Path
@@ -279,6 +280,20 @@ def check_tokenizer(pretrained: str, data_dir: Path, what: str = "model.pretrain
             f"{what} {str(model_dir)!r} ({len(differ)} of its {len(theirs)} tokens "
             f"differ, e.g. {differ[0]!r}); prepare the data with the model's tokenizer: "
             f"`fastlm prepare INPUT --tokenizer {model_dir} --out DIR`")
+
+
+@contextlib.contextmanager
+def eval_mode(*models):
+    """The models in eval mode (dropout off) for the block, each back in its own mode after."""
+    models = [m for m in models if m is not None]
+    was = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, w in zip(models, was):
+            m.train(w)
 
 
 def check_context(model, block_size: int) -> None:

@@ -44,15 +44,12 @@ def evaluate_pairs(model, loader, *, reference=None, beta: float = 0.1, batch_si
     from tqdm import tqdm
 
     from fastlm.train.dpo import dpo_loss, sequence_logps
+    from fastlm.train.model import eval_mode
 
     device = device or next(model.parameters()).device
-    models = [m for m in (model, reference) if m is not None]
-    was = [m.training for m in models]
-    for m in models:
-        m.eval()
     sums = {"pref": 0.0, "norm": 0.0, "chosen": 0.0, "rejected": 0.0, "reward": 0.0,
             "margin": 0.0, "loss": 0.0}
-    try:
+    with eval_mode(model, reference):
         for first in tqdm(range(0, loader.pairs, batch_size), desc="pairs", unit="batch",
                           disable=not progress):
             pairs = list(range(first, min(first + batch_size, loader.pairs)))
@@ -71,9 +68,6 @@ def evaluate_pairs(model, loader, *, reference=None, beta: float = 0.1, batch_si
                 sums["reward"] += float(acc) * b
                 sums["margin"] += float(margin) * b
                 sums["loss"] += float(loss) * b
-    finally:
-        for m, w in zip(models, was):
-            m.train(w)
     n = loader.pairs
     result = PairResult(pairs=n, pref_acc=sums["pref"] / n, pref_acc_norm=sums["norm"] / n,
                         logp_chosen=sums["chosen"] / n, logp_rejected=sums["rejected"] / n)

@@ -162,13 +162,14 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> RunState:
         if rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
             _save_run_files(cfg, out_dir, data_dir)
+        fused = _fused_loss(cfg, engine.module)
         if dpo is not None and cfg.train.dpo_precompute_reference:
             _precomputed_reference(cfg, engine, train_loader, val_loader, state, log, rank,
-                                   world, dev, micro)
+                                   world, dev, micro, _head_fused(engine, fused))
         try:
             with _Signals() as signals, _gc.loop():
                 _loop(cfg, engine, scheduler, train_loader, val_loader, state, log, signals,
-                      ckpt_dir=ckpt_dir, rank=rank, dev=dev, accum=accum,
+                      fused=fused, ckpt_dir=ckpt_dir, rank=rank, dev=dev, accum=accum,
                       tokens_per_step=glob * cfg.data.block_size, fpt=fpt,
                       peak=peak * world if peak else None, data_dir=data_dir,
                       choices=choices, dpo=dpo)
@@ -187,10 +188,9 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> RunState:
     return state
 
 
-def _loop(cfg, engine, scheduler, loader, val_loader, state, log, signals, *, ckpt_dir, rank,
-          dev, accum, tokens_per_step, fpt, peak, data_dir=None, choices=None, dpo=None):
+def _loop(cfg, engine, scheduler, loader, val_loader, state, log, signals, *, fused, ckpt_dir,
+          rank, dev, accum, tokens_per_step, fpt, peak, data_dir=None, choices=None, dpo=None):
     model_dtype = next(engine.module.parameters()).dtype
-    fused = _fused_loss(cfg, engine.module)
     head_fused = _head_fused(engine, fused)
     if fused and cfg.train.zero_stage == 3 and not _patched_loss(engine.module):
         logger.warning("train.fused_loss under ZeRO-3 runs through fastlm.patch's loss, which "
@@ -400,7 +400,7 @@ def evaluate_loss(engine, val_loader: BlockLoader, batches: int, dev, model_dtyp
 
 @torch.no_grad()
 def _evaluate_dpo(engine, val_loader, batches: int, dev, dpo,
-                  fused: bool = False) -> tuple[float, float]:
+                  fused: bool = False) -> tuple[float, float, float]:
     """Mean DPO loss and reward accuracy and margin over the same ``batches`` val batches,
     all ranks."""
     engine.eval()
@@ -480,7 +480,7 @@ REFERENCE_FILE = "reference_logps.pt"
 
 
 def _precomputed_reference(cfg, engine, train_loader, val_loader, state, log, rank, world, dev,
-                           micro) -> None:
+                           micro, fused: bool) -> None:
     """train.dpo_precompute_reference: every pair's log-probabilities under the starting model,
     computed by all ranks when the run starts and saved beside its checkpoints (a resumed run's
     model is no longer the reference: it reads them back), handed to the pair loaders."""
@@ -492,7 +492,6 @@ def _precomputed_reference(cfg, engine, train_loader, val_loader, state, log, ra
         log.write(f"computing the reference's log-probabilities of "
                   f"{sum(ld.pairs for ld in loaders.values())} pairs (train.dpo_precompute_"
                   f"reference)")
-        fused = _head_fused(engine, _fused_loss(cfg, engine.module))
         tables = {name: reference_logps(engine, ld, micro, rank, world, dev, fused,
                                         progress=rank == 0 and cfg.log.progress)
                   for name, ld in loaders.items()}
