@@ -276,9 +276,11 @@ def _loop(cfg, engine, scheduler, loader, val_loader, state, log, signals, *, fu
             window_stats, window_tokens, window_flops = [0.0] * len(DPO_STATS), 0.0, 0.0
         done = state.step >= cfg.train.max_steps
         stop_early = False
+        paused_at = time.perf_counter()  # validation, samples and saves are not training time
         if (cfg.eval.every and state.step % cfg.eval.every == 0) or done:
-            stop_early = _evaluate(cfg, engine, val_loader, state, log, ckpt_dir, rank, dev,
-                                   model_dtype, loader, fused, choices, dpo)
+            with _eager(engine):
+                stop_early = _evaluate(cfg, engine, val_loader, state, log, ckpt_dir, rank, dev,
+                                       model_dtype, loader, fused, choices, dpo)
         if cfg.sample.tokens > 0 and cfg.sample.every and state.step % cfg.sample.every == 0 \
                 and not done:
             _log_sample(cfg, engine, log, rank, data_dir, dev, state.step)
@@ -286,6 +288,9 @@ def _loop(cfg, engine, scheduler, loader, val_loader, state, log, signals, *, fu
         interrupted = fdist.any_true(signals.received is not None, dev)
         if save_due or done or stop_early or interrupted:
             _save(engine, cfg, ckpt_dir, state, loader, rank)
+        # off the window's clock: tokens/s and MFU fell ~20x in the window after each
+        # validation and checkpoint
+        window_t0 += time.perf_counter() - paused_at
         if kill_at is not None and state.step == int(kill_at):
             os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the resume tests
         if interrupted:
@@ -711,11 +716,19 @@ def _log_sample(cfg, engine, log, rank, data_dir, dev, step: int, end: bool = Fa
     with _whole_weights(engine):
         if rank != 0:
             return
-        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), _eager(engine):
             torch.manual_seed(cfg.train.seed)
             text, shown = _sample(cfg, engine.module, data_dir, dev)
         log.write(shown if end else f"step {step}: {shown}")
         log.log(step, sample=text)  # metrics.jsonl, and TensorBoard's text tab
+
+
+def _eager(engine):
+    """Generation off the compiled graph (train.compile): every decoding step has new shapes,
+    and each recompiled until dynamo's recompile limit, with a wall of warnings."""
+    if getattr(engine.module, "_compiled_call_impl", None) is None:
+        return contextlib.nullcontext()
+    return torch.compiler.set_stance("force_eager")
 
 
 def _whole_weights(engine):

@@ -2,6 +2,7 @@
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -860,6 +861,56 @@ def test_compiled_training_runs_the_kernels_and_exports(tmp_path, tiny_data, mon
         assert abs(a - b) <= 1e-5 * abs(b), (losses(compiled), losses(plain))
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "c" / "run" / "hf")
     assert not any(k.startswith("_orig_mod") for k in hf.state_dict())
+
+
+def test_compiled_run_validates_and_samples_off_the_graph(tmp_path, tiny_data, monkeypatch):
+    """train.compile: validation and samples run the model uncompiled. Compiled, their no-grad
+    forwards (and each decoding step's new shapes) were traced into more graphs, filling
+    dynamo's recompile limit: a sample of 30 tokens hit it, and training after the first
+    validation ran ~25% slower. Every graph is now traced with gradients on."""
+    from torch._dynamo.backends.debugging import aot_eager
+
+    traced_grad_modes = []
+
+    def backend(gm, example_inputs, **kw):
+        traced_grad_modes.append(torch.is_grad_enabled())
+        return aot_eager(gm, example_inputs, **kw)
+
+    real = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda self, **kw: real(self, **{**kw, "backend": backend}))
+    state = run(config(tmp_path, tiny_data, "train.max_steps=2", "eval.every=1",
+                       "sample.every=1", "sample.tokens=4", "sample.prompt=The",
+                       "train.compile=true"))
+    assert state.step == 2 and traced_grad_modes and all(traced_grad_modes), traced_grad_modes
+
+
+def test_throughput_leaves_out_validation_samples_and_saves(tmp_path, tiny_data, monkeypatch):
+    """tokens/s and MFU count training time: the window after a validation and a checkpoint
+    took them in (tokens/s fell ~20x there in a real run). Here each of them takes 1000 s of a
+    clock the trainer reads; the logged rate stays that of the steps alone."""
+    import types
+
+    from fastlm.train import trainer
+
+    offset = [0.0]
+    monkeypatch.setattr(trainer, "time", types.SimpleNamespace(
+        perf_counter=lambda: time.perf_counter() + offset[0]))
+    for name in ("_evaluate", "_log_sample", "_save"):
+        real = getattr(trainer, name)
+
+        def slow(*a, _real=real, **k):
+            offset[0] += 1000.0
+            return _real(*a, **k)
+
+        monkeypatch.setattr(trainer, name, slow)
+    run(config(tmp_path, tiny_data, "train.max_steps=4", "eval.every=2", "log.every=2",
+               "checkpoint.every=2", "sample.every=2", "sample.tokens=2", "train.micro_batch_size=2"))
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rates = {r["step"]: r["tokens_per_s"] for r in rows if "tokens_per_s" in r}
+    assert offset[0] >= 4000.0 and set(rates) == {2, 4}
+    # 2 steps of 2 x 32 tokens: 1000 s in the window would give under 0.13 tokens/s
+    assert rates[4] > 2 * 2 * 32 / 100.0, rates
 
 
 def test_activation_checkpointing_recomputes_blocks_with_the_same_losses(tmp_path, tiny_data,
