@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ class MetricsLog:
         if not self.enabled:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
+        _purge(out_dir / "metrics.jsonl", start)
         self._file = open(out_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
         if tensorboard:
             try:
@@ -69,3 +71,24 @@ class MetricsLog:
             self._tb.close()
         if self._file is not None:
             self._file.close()
+
+
+def _purge(path: Path, step: int) -> None:
+    """A run drops the rows logged after the step it starts from (the steps it runs again), as
+    TensorBoard's purge_step does for its events: a resume after a crash, or from an earlier
+    checkpoint, had left each re-run step in the file twice (a run killed before its first
+    checkpoint starts again from step 0). A line cut short by the crash goes
+    too. Rewritten to a temporary file, then renamed: a crash here leaves the old file whole."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= step:
+            keep.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
