@@ -189,30 +189,62 @@ def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
     return best
 
 
+_BLOCK_BITS = 14  # NearDedup's signatures: 16384 a block (8 MB at 128 permutations)
+_BLOCK_MASK = (1 << _BLOCK_BITS) - 1
+
+
 class NearDedup:
     """Near-duplicate detection with MinHash LSH: signatures are cut into bands; documents
     sharing a band are candidates, and a candidate whose estimated Jaccard similarity (share
     of equal signature values) reaches the threshold makes the later document a duplicate.
     Banding is a dict lookup per band (about 10 per document), so the index keeps up with the
-    vectorised signatures."""
+    vectorised signatures.
+
+    Memory is what a large corpus needs of it, ~1 KB a kept document: the kept signatures in
+    one uint32 array (their values are < 2^32), each band's key a 64-bit hash of its values,
+    and a table entry holding an index, a list only where documents share the band. (Byte
+    strings of each band, lists everywhere and one array object a signature took 3.4 KB.)"""
 
     def __init__(self, cfg: CleanConfig):
         self.threshold = cfg.near_dedup_threshold
         self.bands, self.rows = lsh_params(cfg.near_dedup_threshold, cfg.num_perm)
         self.tables: list[dict] = [{} for _ in range(self.bands)]
-        self.kept: list[np.ndarray] = []
+        # blocks of rows, never copied as they grow (a doubling array held the old and the new
+        # copy at once, 2-3x the signatures' bytes)
+        self._blocks: list[np.ndarray] = []
+        self._n = 0
+        # odd multipliers: a band's key is sum(value_i * m_i) mod 2^64, which two different
+        # bands share with negligible probability (and a shared key only adds a candidate,
+        # whose similarity is then checked)
+        rng = np.random.default_rng(12345)
+        self._mult = rng.integers(0, 1 << 63, size=(self.bands, self.rows), dtype=np.uint64) \
+            * np.uint64(2) + np.uint64(1)
 
     def is_duplicate(self, key: str, signature: np.ndarray) -> bool:
-        r = self.rows
-        band_keys = [signature[i * r:(i + 1) * r].tobytes() for i in range(self.bands)]
+        b, r = self.bands, self.rows
+        with np.errstate(over="ignore"):
+            band_keys = (signature[:b * r].astype(np.uint64).reshape(b, r) * self._mult) \
+                .sum(axis=1, dtype=np.uint64).tolist()
         candidates = set()
         for table, bk in zip(self.tables, band_keys):
-            candidates.update(table.get(bk, ()))
+            hit = table.get(bk)
+            if hit is not None:
+                candidates.update(hit if isinstance(hit, list) else (hit,))
         for c in candidates:
-            if np.mean(self.kept[c] == signature) >= self.threshold:
+            kept = self._blocks[c >> _BLOCK_BITS][c & _BLOCK_MASK]
+            if np.mean(kept == signature) >= self.threshold:
                 return True
-        idx = len(self.kept)
-        self.kept.append(signature)
+        idx = self._n
+        if idx & _BLOCK_MASK == 0:
+            self._blocks.append(np.empty((_BLOCK_MASK + 1, len(signature)), dtype=np.uint32))
+        self._blocks[-1][idx & _BLOCK_MASK] = signature
+        self._n += 1
         for table, bk in zip(self.tables, band_keys):
-            table.setdefault(bk, []).append(idx)
+            hit = table.get(bk)
+            if hit is None:
+                table[bk] = idx
+            elif isinstance(hit, list):
+                hit.append(idx)
+            else:
+                table[bk] = [hit, idx]
         return False

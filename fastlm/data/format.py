@@ -101,36 +101,64 @@ def write_split(root: str | Path, split: str, docs: list, *, dtype: str = "uint1
                 masks: list | None = None, shard_tokens: int = 1 << 28) -> dict:
     """Write ``docs`` (token sequences, EOS already appended) as shards of ``split`` under
     ``root``; returns the split's meta entry. Documents are never split across shards."""
-    import hashlib
-
-    root = Path(root)
-    np_dtype = np.dtype(dtype).newbyteorder("<")
-    entry = {"tokens": 0, "docs": 0, "shards": []}
-    groups, cur, size = [], [], 0
+    writer = SplitWriter(root, split, dtype=dtype, masks=masks is not None,
+                         shard_tokens=shard_tokens)
     for i, d in enumerate(docs):
-        if cur and size + len(d) > shard_tokens:
-            groups.append(cur)
-            cur, size = [], 0
-        cur.append(i)
-        size += len(d)
-    if cur:
-        groups.append(cur)
-    for n, group in enumerate(groups):
-        name = f"{split}_{n:05d}"
-        toks = np.concatenate([np.asarray(docs[i], dtype=np_dtype) for i in group])
-        starts = np.concatenate([[0], np.cumsum([len(docs[i]) for i in group])]).astype(np.int64)
-        (root / f"{name}.bin").write_bytes(toks.tobytes())
-        np.save(root / f"{name}.idx.npy", starts)
-        mask_file = None
-        if masks is not None:
-            mask_file = f"{name}.mask.bin"
-            m = np.concatenate([np.asarray(masks[i], dtype=np.uint8) for i in group])
-            (root / mask_file).write_bytes(m.tobytes())
-        entry["shards"].append({
-            "file": f"{name}.bin", "tokens": int(len(toks)), "docs": len(group),
-            "sha256": hashlib.sha256(toks.tobytes()).hexdigest(),
-            "index": f"{name}.idx.npy", "mask": mask_file,
+        writer.add(d, masks[i] if masks is not None else None)
+    return writer.close()
+
+
+class SplitWriter:
+    """The shards of one split, written as the documents arrive: each document's tokens go
+    straight to the open shard's file (memory holds the shard's document offsets alone, so a
+    corpus of any size streams through), and the next shard opens when a document would not
+    fit in this one (documents never span shards)."""
+
+    def __init__(self, root: str | Path, split: str, *, dtype: str = "uint16",
+                 masks: bool = False, shard_tokens: int = 1 << 28):
+        self.root, self.split, self.masks = Path(root), split, masks
+        self.dtype = np.dtype(dtype).newbyteorder("<")
+        self.shard_tokens = shard_tokens
+        self.entry = {"tokens": 0, "docs": 0, "shards": []}
+        self._bin = self._mask = None
+
+    def add(self, doc, mask=None) -> None:
+        import hashlib
+
+        toks = np.asarray(doc, dtype=self.dtype)
+        if self._bin is not None and self._size + len(toks) > self.shard_tokens:
+            self._close_shard()
+        if self._bin is None:
+            self._name = f"{self.split}_{len(self.entry['shards']):05d}"
+            self._bin = open(self.root / f"{self._name}.bin", "wb")  # noqa: SIM115
+            if self.masks:
+                self._mask = open(self.root / f"{self._name}.mask.bin", "wb")  # noqa: SIM115
+            self._sha, self._size, self._starts = hashlib.sha256(), 0, [0]
+        data = toks.tobytes()
+        self._bin.write(data)
+        self._sha.update(data)
+        if self.masks:
+            self._mask.write(np.asarray(mask, dtype=np.uint8).tobytes())
+        self._size += len(toks)
+        self._starts.append(self._size)
+
+    def close(self) -> dict:
+        """The split's meta entry."""
+        if self._bin is not None:
+            self._close_shard()
+        return self.entry
+
+    def _close_shard(self) -> None:
+        self._bin.close()
+        if self._mask is not None:
+            self._mask.close()
+        np.save(self.root / f"{self._name}.idx.npy", np.asarray(self._starts, dtype=np.int64))
+        docs = len(self._starts) - 1
+        self.entry["shards"].append({
+            "file": f"{self._name}.bin", "tokens": self._size, "docs": docs,
+            "sha256": self._sha.hexdigest(), "index": f"{self._name}.idx.npy",
+            "mask": f"{self._name}.mask.bin" if self.masks else None,
         })
-        entry["tokens"] += int(len(toks))
-        entry["docs"] += len(group)
-    return entry
+        self.entry["tokens"] += self._size
+        self.entry["docs"] += docs
+        self._bin = self._mask = None

@@ -5,6 +5,9 @@ Steps: read (``readers``) -> normalise + filter (parallel ``datasets.map``) -> e
 deduplication (sequential: they compare documents) -> train/validation split by a hash of each
 document (independent of order and of the number of processes) -> tokenizer -> tokens + EOS
 -> shards. The output is built in a temporary sibling directory and renamed into place.
+Plain documents stream: cleaning writes them to Arrow files there, the later steps read them a
+batch at a time (memory holds the deduplication index, not the text); fine-tuning records,
+small sets, are held in memory.
 
 Cleaning and BPE encoding run fastlm's C++ text kernels (``csrc/text``, see
 :mod:`fastlm.data.native`), which give the same results as the Python references and the
@@ -28,7 +31,7 @@ from fastlm.data import clean as C
 from fastlm.data import clean_native, native, readers
 from fastlm.data.bpe_native import encode_documents
 from fastlm.data.errors import DataError
-from fastlm.data.format import FORMAT, write_split
+from fastlm.data.format import FORMAT, SplitWriter
 
 
 def prepare(inputs, out_dir, *, text_field: str = "text", tokenizer: str = "bpe",
@@ -132,49 +135,38 @@ def _build(inputs, tmp: Path, cfg: C.CleanConfig, settings: dict, files, num_pro
     report = {"docs_in": len(ds), "chars_in": 0, "dropped": {}, "replaced_chars":
               stats.replaced_chars}
     clock.lap("read")
-    if preference:
-        records = _preference_records(ds, cfg, chat, progress)
-    elif sft:
-        records = _sft_records(ds, cfg, chat, progress)
-    else:
-        records = _clean_documents(ds, cfg, num_proc, report, progress)
-    clock.lap("clean")
-    kept = _deduplicate(records, cfg, report, progress)
-    clock.lap("dedup")
-    report["docs_out"] = len(kept)
-    report["chars_out"] = sum(len(r["text"]) for r in kept)
-    if not kept:
-        raise DataError("cleaning removed every document: " + _dropped_summary(report) +
-                        "; relax the filters (e.g. --min-chars, --no-repetition) or check the "
-                        "input and --text-field")
-    if settings["split"] == "tail":  # the last documents in input order (nanoGPT's convention)
-        n_val = int(round(len(kept) * settings["val_fraction"]))
-        train, val = kept[:len(kept) - n_val], kept[len(kept) - n_val:]
-    else:
-        train, val = _split(kept, settings["val_fraction"], settings["seed"])
-    # a character vocabulary covers the validation text too (as nanoGPT's does): a character
-    # seen only there would otherwise be unknown; BPE learns its merges from train alone
-    vocab_docs = kept if settings["tokenizer"] == "char" else train
-    tok = _tokenizer(settings, [r["text"] for r in vocab_docs], tmp / "tokenizer")
-    if chat is not None and tok.chat_template != chat.template:
-        # the layout the model is fine-tuned on goes with its tokenizer: into the run, the
-        # export, `fastlm generate --chat` and transformers' apply_chat_template
-        tok.chat_template = chat.template
-        tok.save_pretrained(str(tmp / "tokenizer"))
-    clock.lap("tokenizer")
-    eos = tok.eos_token_id
-    vocab = len(tok)
-    dtype = "uint16" if vocab <= 65535 else "uint32"
-    splits = {}
-    for name, docs in (("train", train), ("val", val)):
-        if preference:  # each pair as two documents, chosen then rejected
-            docs = [d for r in docs for d in ({"segments": r["segments"]},
-                                              {"segments": r["rejected"]})]
-        tokens, masks = _tokenize(tok, docs, eos, sft, progress, name)
-        clock.lap("tokenize")
-        splits[name] = write_split(tmp, name, tokens, dtype=dtype, masks=masks,
-                                   shard_tokens=settings["shard_tokens"])
-        clock.lap("write")
+    scratch = tmp / ".scratch"  # the cleaned documents, on disk; removed before the rename
+    try:
+        if preference:
+            docs = _Records(_preference_records(ds, cfg, chat, progress))
+        elif sft:
+            docs = _Records(_sft_records(ds, cfg, chat, progress))
+        else:
+            docs = _clean_documents(ds, cfg, num_proc, progress, scratch)
+        del ds
+        clock.lap("clean")
+        flags, lengths = _select(docs, cfg, settings, report, progress)
+        clock.lap("dedup")
+        # a character vocabulary covers the validation text too (as nanoGPT's does): a
+        # character seen only there would otherwise be unknown; BPE learns its merges from
+        # train alone
+        tok = _tokenizer(settings, docs, flags, lengths, tmp / "tokenizer")
+        if chat is not None and tok.chat_template != chat.template:
+            # the layout the model is fine-tuned on goes with its tokenizer: into the run, the
+            # export, `fastlm generate --chat` and transformers' apply_chat_template
+            tok.chat_template = chat.template
+            tok.save_pretrained(str(tmp / "tokenizer"))
+        clock.lap("tokenizer")
+        eos = tok.eos_token_id
+        vocab = len(tok)
+        dtype = "uint16" if vocab <= 65535 else "uint32"
+        writers = {name: SplitWriter(tmp, name, dtype=dtype, masks=sft,
+                                     shard_tokens=settings["shard_tokens"])
+                   for name in ("train", "val")}
+        _write_tokens(tok, docs, flags, writers, eos, sft, preference, progress, clock)
+        splits = {name: w.close() for name, w in writers.items()}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     report["train"] = {"docs": splits["train"]["docs"], "tokens": splits["train"]["tokens"]}
     report["val"] = {"docs": splits["val"]["docs"], "tokens": splits["val"]["tokens"]}
     report["seconds"] = clock.laps
@@ -184,19 +176,29 @@ def _build(inputs, tmp: Path, cfg: C.CleanConfig, settings: dict, files, num_pro
             "inputs": files, "config": settings}
 
 
-def _clean_documents(ds, cfg: C.CleanConfig, num_proc, report, progress):
+def _clean_documents(ds, cfg: C.CleanConfig, num_proc, progress, scratch: Path):
     def clean_batch(batch):
         raws = [raw if isinstance(raw, str) else "" for raw in batch["text"]]
         texts, reasons, sigs = clean_native.clean_batch(raws, cfg)
         keys = [hashlib.blake2b(t.encode(), digest_size=16).hexdigest() for t in texts]
-        return {"text": texts, "reason": [r or "" for r in reasons],
-                "chars_in": [len(r) for r in raws], "sig": list(sigs), "key": keys}
+        out = {"text": texts, "reason": [r or "" for r in reasons],
+               "chars_in": [len(r) for r in raws], "chars_out": [len(t) for t in texts],
+               "key": keys}
+        if cfg.near_dedup:  # values < 2^32 (see MinHasher): half the bytes as uint32
+            out["sig"] = list(sigs.astype(np.uint32))
+        return out
 
     nproc = num_proc if num_proc is not None else (min(os.cpu_count() or 1, 8)
                                                    if len(ds) >= 2000 else None)
     native.load()  # build/load (or warn) once here; forked workers inherit the result
     before = os.environ.get("TOKENIZERS_PARALLELISM")
+    scratch.mkdir(parents=True, exist_ok=True)
+    # written to Arrow files in the build directory, whatever the input (an in-memory dataset,
+    # a .txt file's, gave an in-memory result): the corpus streams through the disk, and the
+    # steps below read it a batch at a time
     mapped = ds.map(clean_batch, batched=True, batch_size=256, num_proc=nproc,
+                    remove_columns=ds.column_names, load_from_cache_file=False,
+                    cache_file_name=str(scratch / "clean.arrow"),
                     desc="cleaning" if progress else None)
     # datasets sets TOKENIZERS_PARALLELISM=false for its workers and "restores" os.environ by
     # rebinding a copy, which leaves the real environment at false: tokenization would then
@@ -206,23 +208,63 @@ def _clean_documents(ds, cfg: C.CleanConfig, num_proc, report, progress):
         os.unsetenv("TOKENIZERS_PARALLELISM")
     else:
         os.environ["TOKENIZERS_PARALLELISM"] = before
-    # whole Arrow columns at once: indexing a Dataset row by row costs ~0.3 ms a row
-    col = lambda name: mapped.data.column(name)  # noqa: E731
-    reasons, texts, keys = (col(c).to_pylist() for c in ("reason", "text", "key"))
-    chars = col("chars_in").to_pylist()
-    sigs = None
-    if cfg.near_dedup:
-        flat = col("sig").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        sigs = flat.astype(np.uint64).reshape(len(reasons), cfg.num_perm)
-    report["chars_in"] = int(sum(chars))
-    records = []
-    for i, reason in enumerate(reasons):
-        if reason:
-            _drop(report, reason, chars[i])
-        else:
-            records.append({"text": texts[i], "key": keys[i], "chars_in": chars[i],
-                            "sig": sigs[i] if sigs is not None else None})
-    return records
+    return _Documents(mapped.data.table, cfg.num_perm if cfg.near_dedup else 0)
+
+
+class _Documents:
+    """The cleaned documents in input order, in memory-mapped Arrow files. Read a batch at a
+    time, whole columns at once (indexing a Dataset row by row costs ~0.3 ms a row)."""
+
+    def __init__(self, table, num_perm: int):
+        self.table, self.num_perm, self.n = table, num_perm, table.num_rows
+
+    def meta(self, batch: int):
+        """(reasons, keys, chars_in, chars_out, signatures or None) a batch at a time."""
+        cols = ["reason", "key", "chars_in", "chars_out"] + (["sig"] if self.num_perm else [])
+        for rb in self.table.select(cols).to_batches(max_chunksize=batch):
+            sigs = None
+            if self.num_perm:
+                flat = rb.column("sig").flatten().to_numpy(zero_copy_only=False)
+                sigs = flat.reshape(rb.num_rows, self.num_perm)
+            yield (rb.column("reason").to_pylist(), rb.column("key").to_pylist(),
+                   rb.column("chars_in").to_pylist(), rb.column("chars_out").to_pylist(), sigs)
+
+    def rows(self, start: int, stop: int) -> list[dict]:
+        return [{"text": t} for t in self.table.column("text").slice(start, stop - start)
+                .to_pylist()]
+
+    def texts(self, index: np.ndarray) -> list[str]:
+        """The texts at ``index`` (ascending), taken chunk by chunk: Arrow's take on the
+        whole column concatenated its chunks first, the corpus's text in memory at once."""
+        import pyarrow as pa
+
+        out, base, k = [], 0, 0
+        for chunk in self.table.column("text").chunks:
+            end = int(np.searchsorted(index, base + len(chunk)))
+            if end > k:
+                out += chunk.take(pa.array(index[k:end] - base)).to_pylist()
+            k, base = end, base + len(chunk)
+        return out
+
+
+class _Records:
+    """Fine-tuning records (conversations rendered, or pairs), held in memory: fine-tuning
+    sets are small. The interface of :class:`_Documents`."""
+
+    def __init__(self, records: list[dict]):
+        self.records, self.n = records, len(records)
+
+    def meta(self, batch: int):
+        for start in range(0, self.n, batch):
+            rs = self.records[start:start + batch]
+            yield ([""] * len(rs), [r["key"] for r in rs], [r["chars_in"] for r in rs],
+                   [len(r["text"]) for r in rs], None)
+
+    def rows(self, start: int, stop: int) -> list[dict]:
+        return self.records[start:stop]
+
+    def texts(self, index: np.ndarray) -> list[str]:
+        return [self.records[i]["text"] for i in index.tolist()]
 
 
 def _sft_records(ds, cfg: C.CleanConfig, chat, progress):
@@ -268,68 +310,130 @@ def _preference_records(ds, cfg: C.CleanConfig, chat, progress):
     return records
 
 
-def _deduplicate(records, cfg: C.CleanConfig, report, progress):
-    kept, seen = [], set()
+_SELECT_BATCH = 8192  # documents' keys and signatures read at a time
+_TOKENIZE_BATCH = 4096  # documents' text read, tokenized and written at a time
+
+
+def _select(docs, cfg: C.CleanConfig, settings: dict, report, progress):
+    """Exact and near deduplication (in input order: the first of each kept) and the split:
+    (flags, lengths), a byte (-1 dropped, 0 train, 1 validation) and the cleaned length of
+    each document. Memory holds the deduplication's index (see :class:`NearDedup`), not the
+    text."""
+    flags = np.full(docs.n, -1, dtype=np.int8)
+    lengths = np.zeros(docs.n, dtype=np.int64)
+    by_hash = settings["split"] != "tail"
+    u = np.ones(docs.n) if by_hash else None  # each kept document's hash in [0, 1)
+    seed = settings["seed"]
+    seen: set[int] = set()
     near = C.NearDedup(cfg) if cfg.near_dedup else None
-    for r in _progress(records, progress, "deduplicating"):
-        if cfg.dedup and r["key"] in seen:
-            _drop(report, "exact_duplicate", r["chars_in"])
-            continue
-        seen.add(r["key"])
-        if near is not None and r["sig"] is not None and near.is_duplicate(
-                r["key"], np.asarray(r["sig"], dtype=np.uint64)):
-            _drop(report, "near_duplicate", r["chars_in"])
-            continue
-        kept.append(r)
-    return kept
-
-
-def _split(records, val_fraction: float, seed: int):
-    """By a seeded hash of each document: the same document always lands in the same split,
-    whatever the order, the other documents or the number of processes."""
-    def u(r):
-        h = hashlib.blake2b(f"{seed}:{r['key']}".encode(), digest_size=8).digest()
-        return int.from_bytes(h, "little") / 2**64
-
-    scored = [(u(r), r) for r in records]
-    val = [r for x, r in scored if x < val_fraction]
-    train = [r for x, r in scored if x >= val_fraction]
-    if val_fraction > 0 and not val and len(train) > 1:
-        first = min(range(len(scored)), key=lambda i: scored[i][0])
-        val = [scored[first][1]]
-        train = [r for i, (_, r) in enumerate(scored) if i != first]
-    if not train:
+    bar = _bar(docs.n, progress, "deduplicating")
+    i = 0
+    for reasons, keys, chars_in, chars_out, sigs in docs.meta(_SELECT_BATCH):
+        for j, key in enumerate(keys):
+            report["chars_in"] += chars_in[j]
+            if reasons[j]:
+                _drop(report, reasons[j], chars_in[j])
+                continue
+            if cfg.dedup:
+                k = int(key, 16)
+                if k in seen:
+                    _drop(report, "exact_duplicate", chars_in[j])
+                    continue
+                seen.add(k)
+            if sigs is not None and near.is_duplicate(key, sigs[j]):
+                _drop(report, "near_duplicate", chars_in[j])
+                continue
+            flags[i + j] = 0
+            lengths[i + j] = chars_out[j]
+            if by_hash:  # the same document lands in the same split whatever the order, the
+                # other documents or the number of processes
+                h = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
+                u[i + j] = int.from_bytes(h, "little") / 2**64
+        i += len(keys)
+        if bar is not None:
+            bar.update(len(keys))
+    if bar is not None:
+        bar.close()
+    kept = np.flatnonzero(flags >= 0)
+    report["docs_out"] = len(kept)
+    report["chars_out"] = int(lengths.sum())
+    if not len(kept):
+        raise DataError("cleaning removed every document: " + _dropped_summary(report) +
+                        "; relax the filters (e.g. --min-chars, --no-repetition) or check the "
+                        "input and --text-field")
+    frac = settings["val_fraction"]
+    if not by_hash:  # the last documents in input order (nanoGPT's convention)
+        val = np.zeros(len(kept), dtype=bool)
+        val[len(kept) - int(round(len(kept) * frac)):] = True
+    else:
+        val = u[kept] < frac
+        if frac > 0 and not val.any() and len(kept) > 1:
+            val[np.argmin(u[kept])] = True  # a validation split of one document
+    if val.all():
         raise DataError("no training documents left after the validation split; lower "
                         "--val-fraction")
-    return train, val
+    flags[kept[val]] = 1
+    return flags, lengths
 
 
 TOKENIZER_SAMPLE_CHARS = 4_000_000  # BPE is trained on up to this much of the train split
 
 
-def _tokenizer(settings, train_texts, path: Path):
+def _tokenizer(settings, docs, flags: np.ndarray, lengths: np.ndarray, path: Path):
     from fastlm.data import tokenizer as T
 
     kind = settings["tokenizer"]
     if kind == "byte":
         return T.byte_level(path)
-    if kind == "char":
-        return T.char_level(train_texts, path)
+    if kind == "char":  # every kept document, train and validation, a batch at a time
+        kept = np.flatnonzero(flags >= 0)
+        b = _TOKENIZE_BATCH
+        return T.char_level((t for start in range(0, len(kept), b)
+                             for t in docs.texts(kept[start:start + b])), path)
     if kind == "bpe":
         # Merges converge on a few MB of text; training on all of a large corpus would cost
         # more than everything else here. Every k-th document, so the sample spans all inputs.
-        total = sum(len(t) for t in train_texts)
+        train = np.flatnonzero(flags == 0)
+        total = int(lengths[train].sum())
         stride = max(1, -(-total // TOKENIZER_SAMPLE_CHARS))
-        return T.train_bpe(train_texts[::stride], settings["vocab_size"], path)
+        return T.train_bpe(docs.texts(train[::stride]), settings["vocab_size"], path)
     return T.copy_pretrained(kind, path)
 
 
-def _tokenize(tok, docs, eos: int, sft: bool, progress: bool, name: str):
+def _write_tokens(tok, docs, flags, writers, eos: int, sft: bool, preference: bool, progress,
+                  clock) -> None:
+    """Tokenize the kept documents a batch at a time, in input order, into each split's
+    shards: no more than a batch of text and tokens is in memory."""
+    batch = _TOKENIZE_BATCH
+    bar = _bar(docs.n, progress, "tokenizing")
+    for start in range(0, docs.n, batch):
+        f = flags[start:start + batch]
+        if (f >= 0).any():
+            rows = docs.rows(start, start + batch)
+            for code, name in ((0, "train"), (1, "val")):
+                chosen = [rows[j] for j in np.flatnonzero(f == code).tolist()]
+                if not chosen:
+                    continue
+                if preference:  # each pair as two documents, chosen then rejected
+                    chosen = [d for r in chosen for d in ({"segments": r["segments"]},
+                                                          {"segments": r["rejected"]})]
+                tokens, masks = _tokenize(tok, chosen, eos, sft)
+                clock.lap("tokenize")
+                for k, t in enumerate(tokens):
+                    writers[name].add(t, masks[k] if masks is not None else None)
+                clock.lap("write")
+        if bar is not None:
+            bar.update(len(f))
+    if bar is not None:
+        bar.close()
+
+
+def _tokenize(tok, docs, eos: int, sft: bool):
     tokens, masks = [], ([] if sft else None)
     if _is_byte_tokenizer(tok) and not sft:
         return _tokenize_bytes(docs, eos), None
     batch = 4096
-    for start in _progress(range(0, len(docs), batch), progress, f"tokenizing {name}"):
+    for start in range(0, len(docs), batch):
         chunk = docs[start:start + batch]
         if not sft:
             # fastlm's C++ BPE encoder where it reproduces this tokenizer, else the library
@@ -402,6 +506,14 @@ def _progress(it, enabled: bool, desc: str):
     from tqdm.auto import tqdm
 
     return tqdm(it, desc=desc, leave=False, mininterval=0.5)
+
+
+def _bar(total: int, enabled: bool, desc: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, mininterval=0.5)
 
 
 def _say(enabled: bool, msg: str) -> None:

@@ -68,3 +68,34 @@ def test_near_dedup_index():
     assert nd.is_duplicate("b", h.signature(b))
     assert not nd.is_duplicate("c", h.signature(prose(400, seed=5)))
     assert C.lsh_params(0.8, 128) == (9, 13)
+
+
+def test_near_dedup_compact_index_decides_as_exact_bands(monkeypatch):
+    """The compact index (signatures in blocks of rows, each band's key a 64-bit hash of its
+    values) finds the duplicates a plain one does (byte strings of each band as keys, every
+    signature kept as it came): random signatures with planted near copies (of documents in
+    early and late blocks), blocks of 4 rows so the kept ones span many."""
+    monkeypatch.setattr(C, "_BLOCK_BITS", 2)
+    monkeypatch.setattr(C, "_BLOCK_MASK", 3)
+    rng = np.random.default_rng(0)
+    sigs = [rng.integers(0, 1 << 32, 128, dtype=np.uint64) for _ in range(40)]
+    for src in (0, 1, 5, 17, 30, 30):
+        copy = sigs[src].copy()
+        flip = rng.choice(128, int(rng.integers(5, 40)), replace=False)  # 0.69-0.96 alike
+        copy[flip] = rng.integers(0, 1 << 32, len(flip), dtype=np.uint64)
+        sigs.insert(int(rng.integers(src + 1, len(sigs) + 1)), copy)
+
+    bands, rows = C.lsh_params(CFG.near_dedup_threshold, CFG.num_perm)
+    tables, kept, expected = [{} for _ in range(bands)], [], []
+    for s in sigs:  # the plain index
+        keys = [s[i * rows:(i + 1) * rows].tobytes() for i in range(bands)]
+        cands = {c for t, k in zip(tables, keys) for c in t.get(k, ())}
+        dup = any(np.mean(kept[c] == s) >= CFG.near_dedup_threshold for c in cands)
+        expected.append(dup)
+        if not dup:
+            for t, k in zip(tables, keys):
+                t.setdefault(k, []).append(len(kept))
+            kept.append(s)
+    nd = C.NearDedup(CFG)
+    assert [nd.is_duplicate(str(i), s) for i, s in enumerate(sigs)] == expected
+    assert 0 < sum(expected) < 6 and len(nd._blocks) > 5

@@ -111,6 +111,8 @@ def test_sft_masks_prompts(tmp_path):
     assert text.startswith("<|user|>\nWhat is") and "<|assistant|>\nIt is" in text
     assert trained.startswith("It is") and trained.endswith(".")
     assert mask[b - 1] == 1 and toks[b - 1] == tok.eos_token_id
+    report = json.loads((out / "report.json").read_text())  # the conversations as laid out
+    assert report["chars_in"] == report["chars_out"] > 0  # (chars_in was 0)
 
 
 def test_chat_messages(tmp_path):
@@ -269,3 +271,95 @@ def test_char_tokenizer_one_id_per_character(tmp_path):
     assert tok.encode("Q!")[0] == tok.unk_token_id  # a character the corpus never had
     assert main(["prepare", str(path), "--out", str(tmp_path / "cli"), "--tokenizer", "char",
                  "--min-chars", "1", "--no-repetition"]) == 0
+
+
+@pytest.mark.parametrize("tokenizer", ["bpe", "char", "byte"])
+def test_batches_of_any_size_write_the_same_data(tmp_path, corpus, monkeypatch, tokenizer):
+    """The corpus streams through the pipeline a batch at a time (its text is never whole in
+    memory): batches of 3 and 5 documents, splitting the corpus and each split anywhere, write
+    what one batch does, byte for byte; and the cleaned text is read in no larger pieces."""
+    from fastlm.data import pipeline
+
+    path, _ = corpus
+
+    def run(name):
+        out = prepare([path], tmp_path / name, text_field="body", tokenizer=tokenizer,
+                      vocab_size=400, val_fraction=0.2, min_chars=10, progress=False)
+        return {f.name: f.read_bytes() for f in sorted(out.iterdir()) if f.is_file()
+                and f.name != "report.json"}, json.loads((out / "report.json").read_text())
+
+    whole, report = run("whole")
+    reads = []
+    rows, texts = pipeline._Documents.rows, pipeline._Documents.texts
+    monkeypatch.setattr(pipeline._Documents, "rows",
+                        lambda self, a, b: reads.append(b - a) or rows(self, a, b))
+    monkeypatch.setattr(pipeline._Documents, "texts",
+                        lambda self, idx: reads.append(len(idx)) or texts(self, idx))
+    monkeypatch.setattr(pipeline, "_SELECT_BATCH", 5)
+    monkeypatch.setattr(pipeline, "_TOKENIZE_BATCH", 3)
+    batched, batched_report = run("batched")
+    meta = json.loads(batched["meta.json"])
+    assert meta["splits"]["train"]["docs"] > 0 and meta["splits"]["val"]["docs"] > 0
+    # BPE trains on a sample of the documents, read at once (a few MB at most)
+    assert reads and max(reads[1:] if tokenizer == "bpe" else reads) <= 3
+    whole.pop("meta.json"), batched.pop("meta.json")
+    assert batched == whole
+    for r in (report, batched_report):
+        r.pop("seconds")
+    assert batched_report == report
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # nor a scratch left
+
+
+def test_shards_stream_to_disk_as_documents_arrive(tmp_path):
+    """SplitWriter (what prepare writes with) = write_split: a shard closes before the
+    document that would not fit, documents never span shards, masks follow their tokens."""
+    from fastlm.data.format import SplitWriter, write_split
+
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 300, int(n)).tolist() for n in rng.integers(1, 40, 50)]
+    masks = [rng.integers(0, 2, len(d)).tolist() for d in docs]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    entry = write_split(tmp_path / "a", "train", docs, masks=masks, shard_tokens=64)
+    writer = SplitWriter(tmp_path / "b", "train", masks=True, shard_tokens=64)
+    for d, m in zip(docs, masks):
+        writer.add(d, m)
+    assert writer.close() == entry and len(entry["shards"]) > 5
+    for f in (tmp_path / "a").iterdir():
+        assert (tmp_path / "b" / f.name).read_bytes() == f.read_bytes()
+    meta = {"format": "fastlm-tokens-v1", "dtype": "uint16", "vocab_size": 300, "eos_id": 0,
+            "splits": {"train": entry}}
+    (tmp_path / "a" / "meta.json").write_text(json.dumps(meta))
+    split = open_split(tmp_path / "a", "train")
+    got, got_masks = [], []
+    for sh in split.shards:
+        assert len(sh.tokens) <= 64 or sh.doc_starts.tolist() == [0, len(sh.tokens)]
+        got += [np.asarray(sh.tokens[a:b]).tolist() for a, b in zip(sh.doc_starts[:-1],
+                                                                   sh.doc_starts[1:])]
+        got_masks += [np.asarray(sh.mask[a:b]).tolist() for a, b in zip(sh.doc_starts[:-1],
+                                                                       sh.doc_starts[1:])]
+    assert got == docs and got_masks == masks
+
+
+def test_cleaned_documents_are_read_chunk_by_chunk():
+    """_Documents.texts takes each chunk's rows from that chunk (Arrow's take on the whole
+    column had concatenated the chunks: the corpus's text in memory, ~1 GB for a 1 GB corpus,
+    when BPE took its sample); any ascending rows, across chunk boundaries."""
+    import pyarrow as pa
+
+    from fastlm.data.pipeline import _Documents
+
+    texts = [f"document {i}" for i in range(50)]
+    sizes = [7, 1, 13, 9, 20]
+    batches, at = [], 0
+    for n in sizes:
+        batches.append(pa.record_batch({"text": texts[at:at + n]}))
+        at += n
+    docs = _Documents(pa.Table.from_batches(batches), 0)
+    assert docs.table.column("text").num_chunks == len(sizes)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        index = np.sort(rng.choice(50, int(rng.integers(0, 50)), replace=False))
+        assert docs.texts(index) == [texts[i] for i in index]
+    assert docs.texts(np.arange(50)) == texts and docs.rows(5, 9) == [{"text": t} for t in
+                                                                     texts[5:9]]
