@@ -74,8 +74,11 @@ def run(args) -> int:
         import transformers  # noqa: F401
 
         t0 = time.perf_counter()
-        prepare([str(corpus)], tmp / "out", tokenizer=args.tokenizer,
-                vocab_size=args.vocab_size, num_proc=args.num_proc, progress=False)
+        # the main process's peak (the cleaning workers are processes of their own, each
+        # holding a batch): the corpus streams, so this is the deduplication index's size
+        peak_gb = harness.cpu_peak_gb(lambda: prepare(
+            [str(corpus)], tmp / "out", tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+            num_proc=args.num_proc, progress=False))
         seconds = time.perf_counter() - t0
         meta = json.loads((tmp / "out" / "meta.json").read_text())
         kernels = _kernel_comparison(corpus, tmp / "out" / "tokenizer", args.tokenizer == "bpe")
@@ -88,7 +91,8 @@ def run(args) -> int:
     report.add(docs=n_docs, raw_mb=round(raw_mb, 2), tokenizer=args.tokenizer,
                cpus=os.cpu_count(), seconds=round(seconds, 2), mb_per_s=raw_mb / seconds,
                docs_out=rep["docs_out"], tokens=rep["train"]["tokens"] + rep["val"]["tokens"],
-               dropped=sum(d["docs"] for d in rep["dropped"].values()))
+               dropped=sum(d["docs"] for d in rep["dropped"].values()),
+               peak_gb=round(peak_gb, 3) if peak_gb is not None else None)
     for stage, sec in rep["seconds"].items():
         report.rows[0][f"s_{stage}"] = sec
     report.summary.update(kernels)

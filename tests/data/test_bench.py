@@ -12,6 +12,7 @@ def test_bench_data_reports_pipeline_and_kernel_ratios(tmp_path, capsys):
     rep = json.loads((tmp_path / "d.json").read_text())
     (row,) = rep["rows"]
     assert row["mb_per_s"] > 0 and row["tokens"] > 0 and row["s_tokenize"] >= 0
+    assert 0 <= row["peak_gb"] < 2
     s = rep["summary"]
     for k in ("clean", "bpe"):
         assert s[f"{k}_speedup"] == s[f"{k}_mb_s_fastlm"] / s[f"{k}_mb_s_" +
