@@ -638,9 +638,20 @@ def _val_loader(cfg, data_dir, micro, rank, world) -> list[tuple[str | None, flo
             ld = _source_loader(cfg, path, micro, "val", rank=rank, world_size=world,
                                 seed=cfg.train.seed + 1, mode="random")
         except Exception as exc:
-            raise ConfigError(f"validation split of {path} unusable: {exc}") from exc
+            raise ConfigError(f"validation split of {path} unusable: {exc} (or prepare it with "
+                              f"a larger --val-fraction: {_val_share(path)})") from exc
         out.append((name, weight / total, ld))
     return out
+
+
+def _val_share(path) -> str:
+    """What the validation split was prepared as, for the message that finds it too small."""
+    try:
+        meta = json.loads((Path(path) / "meta.json").read_text())
+        docs = meta["splits"]["val"]["docs"]
+        return f"it was {meta['config']['val_fraction']}, {docs} document{'s' * (docs != 1)}"
+    except (OSError, KeyError, TypeError, ValueError):
+        return "see its meta.json"
 
 
 def _short_names(paths: list[str]) -> list[str]:

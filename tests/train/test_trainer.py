@@ -328,6 +328,20 @@ def test_resume_refused_without_flag_and_bad_inputs(tmp_path, tiny_data):
         run(cfg, resume=str(tmp_path / "run" / "checkpoints" / "step_2"))
 
 
+def test_a_validation_split_shorter_than_a_block_names_how_it_was_prepared(tmp_path):
+    """A small fine-tuning set at the default --val-fraction (0.01) keeps one short document
+    for validation: the error says so and names the option that gives it more."""
+    from fastlm.data import prepare
+
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": f"Document number {i} is short."}) + "\n"
+                           for i in range(40)))
+    data = prepare([src], tmp_path / "data", tokenizer="byte", progress=False)
+    with pytest.raises(ConfigError, match=r"validation split .* fewer than block_size\+1 .*"
+                       r"larger --val-fraction: it was 0.01, 1 document\)"):
+        run(config(tmp_path, data, "data.block_size=64", "train.max_steps=1"))
+
+
 def test_user_deepspeed_json_passes_through_and_is_checked(tmp_path, tiny_data):
     from fastlm.train.engine import deepspeed_config
 
