@@ -269,9 +269,7 @@ def _loop(cfg, engine, scheduler, loader, val_loader, state, log, signals, *, fu
             if dpo is not None:  # see fastlm.train.dpo.STATS
                 row.update({k: v / window_steps for k, v in zip(DPO_STATS, window_stats)})
             log.log(state.step, **row)
-            log.progress(state.step, {"loss": f"{row['loss']:.4f}", "lr": f"{row['lr']:.2e}",
-                                      "tok/s": f"{tps:,.0f}",
-                                      "mfu": f"{row['mfu']:.1%}" if row["mfu"] else None})
+            log.progress(state.step, _postfix(row))
             window_t0, window_steps, window_loss = time.perf_counter(), 0, 0.0
             window_stats, window_tokens, window_flops = [0.0] * len(DPO_STATS), 0.0, 0.0
         done = state.step >= cfg.train.max_steps
@@ -300,6 +298,18 @@ def _loop(cfg, engine, scheduler, loader, val_loader, state, log, signals, *, fu
             log.write(f"early stop at step {state.step}: no better validation loss in "
                       f"{cfg.eval.patience} evaluations")
             break
+
+
+def _postfix(row: dict) -> dict:
+    """The progress bar's view of a logged row: loss, lr, tokens/s, MFU, the gradient norm
+    and, in fp16, the loss scale (DPO: the reward accuracy too); what a run lacks is left out."""
+    def fmt(key, spec):
+        return format(row[key], spec) if row.get(key) is not None else None
+
+    return {"loss": fmt("loss", ".4f"), "lr": fmt("lr", ".2e"), "tok/s": fmt("tokens_per_s", ",.0f"),
+            "mfu": fmt("mfu", ".1%") if row.get("mfu") else None,
+            "gnorm": fmt("grad_norm", ".3g"), "scale": fmt("loss_scale", "g"),
+            "acc": fmt("reward_acc", ".2f")}
 
 
 def _fused_loss(cfg, module) -> bool:

@@ -328,6 +328,27 @@ def test_resume_refused_without_flag_and_bad_inputs(tmp_path, tiny_data):
         run(cfg, resume=str(tmp_path / "run" / "checkpoints" / "step_2"))
 
 
+def test_progress_bar_shows_the_gradient_norm_and_loss_scale(tmp_path, tiny_data, monkeypatch):
+    """The console's progress: loss, lr, tokens/s, MFU, the gradient norm and (fp16) the loss
+    scale, as the metrics file has them (the bar showed the first four alone)."""
+    from fastlm.train import trainer
+    from fastlm.train.metrics import MetricsLog
+
+    shown = []
+    monkeypatch.setattr(MetricsLog, "progress", lambda self, step, postfix: shown.append(postfix))
+    run(config(tmp_path, tiny_data, "train.max_steps=2", "log.every=1", "eval.every=0",
+               "train.micro_batch_size=2"))
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text()
+            .splitlines() if '"loss"' in x]
+    assert len(shown) == 2 and all(p["gnorm"] == format(r["grad_norm"], ".3g") and
+                                   p["loss"] == f"{r['loss']:.4f}" and p["scale"] is None
+                                   for p, r in zip(shown, rows))
+    fp16 = trainer._postfix({"loss": 2.5, "lr": 1e-3, "tokens_per_s": 1234.5, "mfu": 0.5,
+                             "grad_norm": 0.123456, "loss_scale": 32768.0, "reward_acc": 0.75})
+    assert fp16 == {"loss": "2.5000", "lr": "1.00e-03", "tok/s": "1,234", "mfu": "50.0%",
+                    "gnorm": "0.123", "scale": "32768", "acc": "0.75"}
+
+
 def test_a_validation_split_shorter_than_a_block_names_how_it_was_prepared(tmp_path):
     """A small fine-tuning set at the default --val-fraction (0.01) keeps one short document
     for validation: the error says so and names the option that gives it more."""
