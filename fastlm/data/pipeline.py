@@ -128,15 +128,16 @@ def _build(inputs, tmp: Path, cfg: C.CleanConfig, settings: dict, files, num_pro
     sft = settings["sft"]
     preference = settings.get("preference", False)
     clock = _Stopwatch()
-    ds, stats = readers.load(inputs, text_field=settings["text_field"],
-                             doc_split=settings["doc_split"],
-                             encoding_errors=settings["encoding_errors"],
-                             sft=sft and not preference, preference=preference)
-    report = {"docs_in": len(ds), "chars_in": 0, "dropped": {}, "replaced_chars":
-              stats.replaced_chars}
-    clock.lap("read")
-    scratch = tmp / ".scratch"  # the cleaned documents, on disk; removed before the rename
+    scratch = tmp / ".scratch"  # the documents, on disk; removed before the rename
     try:
+        ds, stats = readers.load(inputs, text_field=settings["text_field"],
+                                 doc_split=settings["doc_split"],
+                                 encoding_errors=settings["encoding_errors"],
+                                 sft=sft and not preference, preference=preference,
+                                 scratch=scratch)
+        report = {"docs_in": len(ds), "chars_in": 0, "dropped": {}, "replaced_chars":
+                  stats.replaced_chars}
+        clock.lap("read")
         if preference:
             docs = _Records(_preference_records(ds, cfg, chat, progress))
         elif sft:

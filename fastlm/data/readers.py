@@ -87,8 +87,67 @@ def _decode(path: Path, data: bytes, errors: str, stats: ReadStats) -> str:
         return text
 
 
+_CHUNK_BYTES = 1 << 24  # a text file is decoded and split this much at a time
+
+
+def text_documents(path: Path, mode: str, errors: str, stats: ReadStats):
+    """The documents of a text file, read a chunk at a time: the same documents (and count of
+    replaced bytes) as ``split_text(_decode(whole file))``, with no more than a chunk and the
+    document it is in held at once (``--doc-split file`` reads the file whole)."""
+    import codecs
+
+    if mode == "file":
+        yield from split_text(_decode(path, path.read_bytes(), errors, stats), mode)
+        return
+    split_text("", mode)  # an unknown mode fails here, before any reading
+    decoder = codecs.getincrementaldecoder("utf-8")("strict" if errors == "strict" else "replace")
+    # U+FFFD that the file itself holds are not replaced bytes: what "ignore" decodes holds those
+    plain = codecs.getincrementaldecoder("utf-8")("ignore")
+    carry, offset = "", 0
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(_CHUNK_BYTES)
+            final = not data
+            pending = len(decoder.getstate()[0])
+            try:
+                text = decoder.decode(data, final)
+            except UnicodeDecodeError as exc:
+                at = offset - pending + exc.start
+                f.seek(at)
+                raise DataError(
+                    f"{path}: bytes at offset {at} are not UTF-8 ({f.read(4)!r}); "
+                    f"fix the file or pass --encoding-errors replace to replace and count them"
+                ) from exc
+            if errors != "strict":
+                stats.replaced_chars += text.count("\ufffd") - plain.decode(data, final).count(
+                    "\ufffd")
+            offset += len(data)
+            buf = carry + text
+            if final:
+                yield from split_text(buf, mode)
+                return
+            cut = _last_cut(buf, mode)
+            yield from split_text(buf[:cut], mode)
+            carry = buf[cut:]
+
+
+def _last_cut(buf: str, mode: str) -> int:
+    """Where ``buf`` (text read so far, not yet split) can be cut so that its head splits as the
+    whole file would: after its last newline (lines), or after its last paragraph break that
+    cannot grow with text still to come (blank lines: a break whose greedy whitespace stops at
+    a character that is not whitespace)."""
+    if mode == "lines":
+        return buf.rfind("\n") + 1
+    cut = 0
+    for m in _PARAGRAPHS.finditer(buf):
+        if m.end() < len(buf) and not buf[m.end()].isspace():
+            cut = m.end()
+    return cut
+
+
 def load(inputs: list[str], *, text_field: str = "text", doc_split: str = "blank-lines",
-         encoding_errors: str = "replace", sft: bool = False, preference: bool = False):
+         encoding_errors: str = "replace", sft: bool = False, preference: bool = False,
+         scratch: Path | None = None):
     """(Dataset, ReadStats). ``sft``: fine-tuning records, read as one column of chat
     messages whatever their layout (see :data:`fastlm.data.chat.FORMATS`); ``preference``:
     preference records, read as ``chosen`` and ``rejected`` conversations."""
@@ -112,10 +171,8 @@ def load(inputs: list[str], *, text_field: str = "text", doc_split: str = "blank
             if sft or preference:
                 raise DataError(f"{path}: fine-tuning data must be JSONL, JSON or parquet "
                                 f"records of conversations, not plain text")
-            text = _decode(path, path.read_bytes(), encoding_errors, stats)
-            docs = split_text(text, doc_split)
-            ds = datasets.Dataset.from_dict({"text": docs})
-            parts.append(ds.add_column("source", [str(path)] * len(ds)))
+            docs = text_documents(path, doc_split, encoding_errors, stats)
+            parts.append(_text_dataset(docs, str(path), scratch, len(parts)))
             continue
         else:
             kind = "json" if path.suffix in JSON_SUFFIXES else "parquet"
@@ -127,6 +184,32 @@ def load(inputs: list[str], *, text_field: str = "text", doc_split: str = "blank
         parts.append(_select(ds, path, text_field, sft, preference))
     ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     return ds, stats
+
+
+def _text_dataset(docs, source: str, scratch: Path | None, n: int):
+    """A text file's documents as a Dataset: written to an Arrow file in ``scratch`` as they
+    are read and memory-mapped from there (a file's text was held whole, as a string and its
+    list of documents), or in memory without a scratch directory."""
+    import datasets
+
+    if scratch is None:
+        docs = list(docs)
+        return datasets.Dataset.from_dict({"text": docs, "source": [source] * len(docs)})
+    import pyarrow as pa
+
+    scratch.mkdir(parents=True, exist_ok=True)
+    path = scratch / f"text_{n:05d}.arrow"
+    schema = pa.schema([("text", pa.string()), ("source", pa.string())])
+    batch: list[str] = []
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for doc in docs:
+            batch.append(doc)
+            if len(batch) == 8192:
+                writer.write_batch(pa.record_batch([batch, [source] * len(batch)], schema=schema))
+                batch = []
+        if batch:
+            writer.write_batch(pa.record_batch([batch, [source] * len(batch)], schema=schema))
+    return datasets.Dataset.from_file(str(path))
 
 
 def _why(path: Path, kind: str, exc: Exception) -> str:
