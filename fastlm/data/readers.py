@@ -177,7 +177,10 @@ def load(inputs: list[str], *, text_field: str = "text", doc_split: str = "blank
         else:
             kind = "json" if path.suffix in JSON_SUFFIXES else "parquet"
             try:
-                ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+                # converted to Arrow in the build directory (removed with it), not in the
+                # user's datasets cache, which kept a copy of every corpus prepared for good
+                ds = datasets.load_dataset(kind, data_files=str(path), split="train",
+                                           cache_dir=str(scratch / "hf") if scratch else None)
             except Exception as exc:
                 raise DataError(f"{path}: cannot read as {kind} ({_why(path, kind, exc)})") \
                     from exc

@@ -128,9 +128,14 @@ def test_chat_messages(tmp_path):
     assert tok.decode(toks[mask == 1]).count("Hello.") == 3
 
 
-def test_txt_doc_split_and_saved_dataset_and_parquet(tmp_path):
+def test_txt_doc_split_and_saved_dataset_and_parquet(tmp_path, monkeypatch):
+    """Text, parquet and a saved dataset together, and nothing left in the datasets cache: the
+    loaders convert each file to Arrow in the build directory, removed with it (the user's
+    cache kept a copy of every corpus prepared)."""
     import datasets
 
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.txt").write_text(doc(1) + "\n\n" + doc(2) + "\n\n\n" + doc(3))
     pq = tmp_path / "in" / "b.parquet"
@@ -140,6 +145,8 @@ def test_txt_doc_split_and_saved_dataset_and_parquet(tmp_path):
     out = prepare([tmp_path / "in", saved], tmp_path / "o", tokenizer="byte",
                   val_fraction=0.0, progress=False)
     assert json.loads((out / "meta.json").read_text())["report"]["docs_in"] == 6
+    assert not cache.exists() or not any(cache.rglob("*.arrow"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "o", "saved"]
 
 
 def test_bad_inputs(tmp_path, corpus):
