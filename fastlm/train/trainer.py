@@ -725,7 +725,9 @@ def _peak_flops(dev: torch.device, precision: str = "fp32") -> float | None:
     # MFU against the matmul rate of the precision the run multiplies in (bf16 ~4x fp32 on a
     # CPU with bf16 dot products)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    return matmul_peak_tflops("cpu", dtype, n=512) * 1e12
+    # the best of three: a ceiling measured while something else held the cores read low and
+    # put the run's MFU above 1
+    return max(matmul_peak_tflops("cpu", dtype, n=512) for _ in range(3)) * 1e12
 
 
 def _log_sample(cfg, engine, log, rank, data_dir, dev, step: int, end: bool = False) -> None:
