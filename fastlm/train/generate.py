@@ -228,8 +228,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--chat", action="store_true", help="the prompt is a user's message "
                         "in the chat template of the model's fine-tuning data; print the reply")
     parser.add_argument("--interactive", action="store_true",
-                        help="with --chat: a conversation on stdin, one user message a line "
-                        "(the replies keep the history; /reset starts over, /exit or EOF ends)")
+                        help="prompts on stdin, one a line, each completion printed; with "
+                        "--chat a conversation, one user message a line (the replies keep the "
+                        "history; /reset starts over); /exit or EOF ends")
     parser.add_argument("--system", default=None,
                         help="with --chat: a system message opening the conversation")
     parser.add_argument("--num-samples", type=int, default=1)
@@ -247,8 +248,8 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     if not Path(args.model).exists():
         raise GenerateError(f"{args.model} not found (give an HF directory or a fastlm run)")
-    if (args.interactive or args.system is not None) and not args.chat:
-        raise GenerateError("--interactive and --system are for chat models: add --chat")
+    if args.system is not None and not args.chat:
+        raise GenerateError("--system opens a conversation with a chat model: add --chat")
     if args.prompts is not None:
         if args.interactive or args.prompt:
             raise GenerateError("--prompts completes a file of prompts: drop --prompt and "
@@ -279,12 +280,14 @@ def run(args) -> int:
 
 
 def _converse(model, tok, args) -> int:
-    """Read user messages from stdin, print each reply; the conversation is the history."""
+    """Read user messages from stdin, print each reply; the conversation is the history.
+    Without --chat each line is a prompt of its own, printed with its completion (as
+    ``--prompt`` prints it)."""
     import sys
 
     opening = [] if args.system is None else [{"role": "system", "content": args.system}]
     history = list(opening)
-    prompt = "user> " if sys.stdin.isatty() else ""
+    prompt = ("user> " if args.chat else "> ") if sys.stdin.isatty() else ""
     for i, line in enumerate(_lines(prompt)):
         message = line.strip()
         if message in ("/exit", "/quit"):
@@ -294,12 +297,15 @@ def _converse(model, tok, args) -> int:
             continue
         if not message:
             continue
-        reply = sample(model, tok, message, max_new_tokens=args.max_new_tokens,
-                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                       seed=None if args.seed is None else args.seed + i, chat=True,
+        reply = sample(model, tok, line if not args.chat else message,
+                       max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       top_k=args.top_k, top_p=args.top_p,
+                       seed=None if args.seed is None else args.seed + i, chat=args.chat,
                        history=history)
         print(reply, flush=True)
-        history += [{"role": "user", "content": message}, {"role": "assistant", "content": reply}]
+        if args.chat:
+            history += [{"role": "user", "content": message},
+                        {"role": "assistant", "content": reply}]
     return 0
 
 

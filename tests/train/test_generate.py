@@ -157,6 +157,27 @@ def test_generate_prompts_file_writes_every_completion(tmp_path, capsys, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir() if "fail" in p.name) == []
 
 
+def test_interactive_completes_each_line_of_a_base_model(tmp_path, capsys, monkeypatch):
+    """--interactive without --chat: a prompt a line on stdin, each printed with its own
+    completion (what --prompt prints), none carried into the next; /exit ends."""
+    import io
+
+    from fastlm.cli import main
+    from fastlm.train import generate
+
+    path = _model_dir(tmp_path)
+    args = ["--temperature", "0", "--max-new-tokens", "5"]
+    alone = []
+    for p in ("a b", " Q"):
+        assert main(["generate", str(path), "--prompt", p, *args]) == 0
+        alone.append(capsys.readouterr().out)
+    monkeypatch.setattr("sys.stdin", io.StringIO("a b\n\n Q\n/exit\na b\n"))
+    assert main(["generate", str(path), "--interactive", *args]) == 0
+    assert capsys.readouterr().out == "".join(alone)
+    model, tok = generate.load_for_generation(path)
+    assert alone[1] == generate.sample(model, tok, " Q", max_new_tokens=5, temperature=0) + "\n"
+
+
 @pytest.mark.parametrize("content, extra, message", [
     ('{"prompt": "a"}\nnot json\n', [], r"prompts.jsonl:2 is not JSON"),
     ('{"text": "a"}\n', [], r"prompts.jsonl:1 has no string 'prompt'"),

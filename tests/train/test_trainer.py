@@ -482,7 +482,7 @@ def test_chat_fine_tuning_then_generate_chat(tmp_path, capsys, monkeypatch):
     assert len(replies) == 3 and replies[0] == replies[2] == "Hey."
     turn = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hey."}]
     assert calls == [("Hi?", []), ("Bye?", turn), ("Hi?", [])]
-    assert main(["generate", str(tmp_path / "run"), "--interactive"]) == 2  # needs --chat
+    assert main(["generate", str(tmp_path / "run"), "--system", "Be brief."]) == 2  # --chat
     # --prompts: the questions in one batch (left-padded, each ended at its own end of turn)
     (tmp_path / "questions.txt").write_text("".join(q + "\n" for q in pairs))
     assert main(["generate", str(tmp_path / "run"), "--chat", "--prompts",
