@@ -166,7 +166,8 @@ def add_arguments(parser) -> None:
                                      "a text file (encoded with the model's tokenizer)")
     parser.add_argument("--split", default="val", help="split of a prepared dataset")
     parser.add_argument("--block-size", type=int, default=None,
-                        help="tokens per window (default: the model's context, at most 1024)")
+                        help="tokens per window (default: the blocks a fastlm run trained the "
+                        "model on, else its context; at most 1024)")
     parser.add_argument("--stride", type=int, default=None,
                         help="tokens between window starts (default: the block size; shorter "
                              "gives every scored token more context)")
@@ -223,8 +224,9 @@ def run(args) -> int:
                        else "fp32"))
     _prepare(model, device, dtype, kernels=not args.no_kernels)
     ctx = context_length(model)
+    trained = context_length(model, trained=True)
     if args.choices:
-        return _run_choices(args, model, tok, device, ctx)
+        return _run_choices(args, model, tok, device, trained)
     if pairs:
         reference = None
         if args.reference is not None:
@@ -236,8 +238,9 @@ def run(args) -> int:
                 except ConfigError as exc:
                     raise EvalError(str(exc)) from exc
             _prepare(reference, device, dtype, kernels=not args.no_kernels)
-        return _run_pairs(args, model, reference, min(ctx or 1024, 1024))
-    block = args.block_size or min(ctx or 1024, 1024)
+        return _run_pairs(args, model, reference, min(trained or 1024, 1024))
+    # by default the windows a run trained the model on (positions past them never learned)
+    block = args.block_size or min(trained or 1024, 1024)
     if block < 1 or (ctx is not None and block > ctx):
         raise EvalError(f"--block-size {block} is outside the model's context (1..{ctx})")
     tokens, keep = token_stream(args.data, args.split, tok)

@@ -26,7 +26,12 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, *, merge: b
     """(model, run config dict, run directory) from a run directory / checkpoint directory /
     tag directory. A LoRA run's adapters are folded into the weights, unless ``merge=False``."""
     from fastlm.train.config import model_config
-    from fastlm.train.model import hf_config, lm_class, pad_generation_with
+    from fastlm.train.model import (
+        hf_config,
+        lm_class,
+        pad_generation_with,
+        record_trained_context,
+    )
 
     try:
         ckpt_dir, tag = ckpt.resolve(path)
@@ -40,6 +45,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, *, merge: b
     model = lm_class(conf).from_config(conf, dtype=torch.float32)
     if not mcfg.pretrained:
         pad_generation_with(model, state["eos_id"])
+    record_trained_context(model, run["data"]["block_size"], pretrained=bool(mcfg.pretrained))
     # a pretrained model's embeddings grown to the data's vocabulary (as build_model did)
     grew = state["vocab_size"] > model.get_input_embeddings().num_embeddings
     if grew:

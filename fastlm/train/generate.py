@@ -34,17 +34,24 @@ def load_tokenizer(path: str | Path):
     return PreTrainedTokenizerFast.from_pretrained(str(d))
 
 
-def context_length(model) -> int | None:
+def context_length(model, *, trained: bool = False) -> int | None:
     """The longest sequence the model takes: learned position tables end there (GPT-2's
-    n_positions; an index past them crashes), rotary models were trained to there."""
-    from fastlm.train.model import text_config
+    n_positions; an index past them crashes), rotary models were trained to there.
+    ``trained``: no longer than the blocks a fastlm run trained it on, where its config notes
+    them (see fastlm.train.model.record_trained_context): positions past them never learned."""
+    from fastlm.train.model import TRAINED_CONTEXT, text_config
 
     conf = text_config(model)
     for key in ("n_positions", "max_position_embeddings", "n_ctx"):
         value = getattr(conf, key, None)
         if isinstance(value, int) and value > 1:
-            return value
-    return None
+            break
+    else:
+        value = None
+    seen = getattr(model.config, TRAINED_CONTEXT, None) if trained else None
+    if isinstance(seen, int) and seen > 1:
+        return seen if value is None else min(value, seen)
+    return value
 
 
 def sample(model, tokenizer, prompt: str, *, max_new_tokens: int, temperature: float = 0.8,

@@ -216,6 +216,7 @@ def build_model(cfg: ModelConfig, vocab_size: int | None, block_size: int | None
         model.resize_token_embeddings(vocab_size)
     if not cfg.pretrained:
         pad_generation_with(model, eos_id)
+    record_trained_context(model, block_size, pretrained=bool(cfg.pretrained))
     if cfg.patch:
         _apply_patch(model)
     if cfg.lora is not None:
@@ -223,6 +224,24 @@ def build_model(cfg: ModelConfig, vocab_size: int | None, block_size: int | None
 
         apply_lora(model, cfg.lora, train_embeddings=bool(grew))
     return model
+
+
+TRAINED_CONTEXT = "fastlm_trained_context"
+
+
+def record_trained_context(model, block_size: int | None, *, pretrained: bool) -> None:
+    """Note in the model's config the longest sequence it has been trained on: a preset's
+    position table may be longer than the run's blocks (tiny-gpt2: 256 positions, blocks of
+    64), and its positions past the block never train. `fastlm eval` scores in windows of it
+    by default (in windows of the whole table a Shakespeare model scored 3.07 where its run
+    said 1.79). A pretrained directory without the note was trained elsewhere, on its
+    whole context: it gets none; with one (a fastlm run's export) the longer of the two."""
+    if block_size is None:
+        return
+    earlier = getattr(model.config, TRAINED_CONTEXT, None)
+    if earlier is None and pretrained:
+        return
+    setattr(model.config, TRAINED_CONTEXT, max(block_size, earlier or 0))
 
 
 def pad_generation_with(model, eos_id: int | None) -> None:

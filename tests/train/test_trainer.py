@@ -1069,15 +1069,39 @@ def test_training_with_an_hf_trainer_deepspeed_json(tmp_path, tiny_data):
 
 
 def test_eval_command_reads_a_run_directory(tmp_path, tiny_data):
-    """fastlm eval on a training run (its latest checkpoint and the tokenizer it saved)."""
-    from fastlm import cli
+    """fastlm eval on a training run (its latest checkpoint and the tokenizer it saved), in
+    windows of the blocks it trained on (32 here): the preset's table has 256 positions, and
+    those past the blocks never learned (a Shakespeare model trained on 64 scored 3.07 in
+    windows of 256, where its run said 1.79). The export notes the blocks; fine-tuning keeps
+    the longer note, a model from elsewhere gets none."""
+    from transformers import AutoModelForCausalLM
 
-    run(config(tmp_path, tiny_data, "train.max_steps=2", "eval.every=0"))
+    from fastlm import cli
+    from fastlm.train.generate import context_length
+
+    run(config(tmp_path, tiny_data, "train.max_steps=2", "eval.every=0", "export=true"))
     out = tmp_path / "eval.json"
-    assert cli.main(["eval", str(tmp_path / "run"), str(tiny_data), "--max-tokens", "300",
-                     "--json", str(out)]) == 0
-    res = json.loads(out.read_text())
-    assert res["tokens"] == 299 and math.isfinite(res["loss"]) and res["block_size"] == 256
+    for model, block in ((tmp_path / "run", []), (tmp_path / "run" / "hf", []),
+                         (tmp_path / "run" / "hf", ["--block-size", "256"])):
+        assert cli.main(["eval", str(model), str(tiny_data), "--max-tokens", "300",
+                         "--json", str(out), *block]) == 0
+        res = json.loads(out.read_text())
+        assert res["tokens"] == 299 and math.isfinite(res["loss"])
+        assert res["block_size"] == (256 if block else 32)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "hf")
+    assert hf.config.fastlm_trained_context == 32
+    assert context_length(hf) == 256 and context_length(hf, trained=True) == 32
+    run(config(tmp_path / "ft", tiny_data, "train.max_steps=1", "eval.every=0", "export=true",
+               f"model.pretrained={tmp_path / 'run' / 'hf'}", "data.block_size=48"))
+    ft = AutoModelForCausalLM.from_pretrained(tmp_path / "ft" / "run" / "hf")
+    assert ft.config.fastlm_trained_context == 48
+    hf.config.fastlm_trained_context = None  # as a directory trained elsewhere
+    del hf.config.fastlm_trained_context
+    hf.save_pretrained(tmp_path / "elsewhere")
+    run(config(tmp_path / "ft2", tiny_data, "train.max_steps=1", "eval.every=0",
+               "export=true", f"model.pretrained={tmp_path / 'elsewhere'}"))
+    ft2 = AutoModelForCausalLM.from_pretrained(tmp_path / "ft2" / "run" / "hf")
+    assert getattr(ft2.config, "fastlm_trained_context", None) is None
 
 
 @pytest.mark.parametrize("kind, dims", [
