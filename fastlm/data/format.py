@@ -9,6 +9,7 @@ rank touches only the pages it reads.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,8 +124,6 @@ class SplitWriter:
         self._bin = self._mask = None
 
     def add(self, doc, mask=None) -> None:
-        import hashlib
-
         toks = np.asarray(doc, dtype=self.dtype)
         if self._bin is not None and self._size + len(toks) > self.shard_tokens:
             self._close_shard()

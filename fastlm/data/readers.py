@@ -77,10 +77,7 @@ def _decode(path: Path, data: bytes, errors: str, stats: ReadStats) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         if errors == "strict":
-            raise DataError(
-                f"{path}: bytes at offset {exc.start} are not UTF-8 ({data[exc.start:exc.start + 4]!r}); "
-                f"fix the file or pass --encoding-errors replace to replace and count them"
-            ) from exc
+            raise _not_utf8(path, exc.start, data[exc.start:exc.start + 4]) from exc
         text = data.decode("utf-8", errors="replace")
         stats.replaced_chars += text.count("\ufffd") - data.decode(
             "utf-8", errors="ignore").count("\ufffd")
@@ -102,7 +99,7 @@ def text_documents(path: Path, mode: str, errors: str, stats: ReadStats):
     split_text("", mode)  # an unknown mode fails here, before any reading
     decoder = codecs.getincrementaldecoder("utf-8")("strict" if errors == "strict" else "replace")
     # U+FFFD that the file itself holds are not replaced bytes: what "ignore" decodes holds those
-    plain = codecs.getincrementaldecoder("utf-8")("ignore")
+    plain = codecs.getincrementaldecoder("utf-8")("ignore") if errors != "strict" else None
     carry, offset = "", 0
     with open(path, "rb") as f:
         while True:
@@ -114,11 +111,8 @@ def text_documents(path: Path, mode: str, errors: str, stats: ReadStats):
             except UnicodeDecodeError as exc:
                 at = offset - pending + exc.start
                 f.seek(at)
-                raise DataError(
-                    f"{path}: bytes at offset {at} are not UTF-8 ({f.read(4)!r}); "
-                    f"fix the file or pass --encoding-errors replace to replace and count them"
-                ) from exc
-            if errors != "strict":
+                raise _not_utf8(path, at, f.read(4)) from exc
+            if plain is not None:
                 stats.replaced_chars += text.count("\ufffd") - plain.decode(data, final).count(
                     "\ufffd")
             offset += len(data)
@@ -143,6 +137,11 @@ def _last_cut(buf: str, mode: str) -> int:
         if m.end() < len(buf) and not buf[m.end()].isspace():
             cut = m.end()
     return cut
+
+
+def _not_utf8(path: Path, offset: int, head: bytes) -> DataError:
+    return DataError(f"{path}: bytes at offset {offset} are not UTF-8 ({head!r}); fix the file "
+                     f"or pass --encoding-errors replace to replace and count them")
 
 
 def load(inputs: list[str], *, text_field: str = "text", doc_split: str = "blank-lines",
@@ -205,13 +204,16 @@ def _text_dataset(docs, source: str, scratch: Path | None, n: int):
     schema = pa.schema([("text", pa.string()), ("source", pa.string())])
     batch: list[str] = []
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        def flush():
+            writer.write_batch(pa.record_batch([batch, [source] * len(batch)], schema=schema))
+            batch.clear()
+
         for doc in docs:
             batch.append(doc)
             if len(batch) == 8192:
-                writer.write_batch(pa.record_batch([batch, [source] * len(batch)], schema=schema))
-                batch = []
+                flush()
         if batch:
-            writer.write_batch(pa.record_batch([batch, [source] * len(batch)], schema=schema))
+            flush()
     return datasets.Dataset.from_file(str(path))
 
 
