@@ -136,7 +136,7 @@ def _build(inputs, tmp: Path, cfg: C.CleanConfig, settings: dict, files, num_pro
                                  sft=sft and not preference, preference=preference,
                                  scratch=scratch)
         report = {"docs_in": len(ds), "chars_in": 0, "dropped": {}, "replaced_chars":
-                  stats.replaced_chars}
+                  stats.replaced_chars, "empty_files": stats.empty_files}
         clock.lap("read")
         if preference:
             docs = _Records(_preference_records(ds, cfg, chat, progress))
@@ -541,4 +541,7 @@ def _print_report(report, enabled: bool) -> None:
                   f"{report[split]['tokens']:,} tok")
     if report.get("replaced_chars"):
         t.add_row("non-UTF-8 bytes replaced", "", f"{report['replaced_chars']:,}")
+    if report.get("empty_files"):
+        n = len(report["empty_files"])
+        t.add_row("empty files skipped", f"{n:,} file{'s' * (n > 1)}", "")
     Console().print(t)

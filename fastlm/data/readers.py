@@ -26,6 +26,7 @@ _PARAGRAPHS = re.compile(r"\n\s*\n")
 class ReadStats:
     files: list = field(default_factory=list)  # (path, size, mtime) of every input
     replaced_chars: int = 0  # bytes that were not UTF-8, replaced by U+FFFD
+    empty_files: list = field(default_factory=list)  # JSON/parquet inputs without a record
 
 
 def _is_saved_dataset(p: Path) -> bool:
@@ -175,6 +176,11 @@ def load(inputs: list[str], *, text_field: str = "text", doc_split: str = "blank
             continue
         else:
             kind = "json" if path.suffix in JSON_SUFFIXES else "parquet"
+            if _no_records(path, kind):
+                # a shard that came out empty (a filter kept nothing) is part of a corpus, not
+                # an error: datasets' loaders fail on it with a StopIteration or a batch size of 0
+                stats.empty_files.append(str(path))
+                continue
             try:
                 # converted to Arrow in the build directory (removed with it), not in the
                 # user's datasets cache, which kept a copy of every corpus prepared for good
@@ -184,8 +190,27 @@ def load(inputs: list[str], *, text_field: str = "text", doc_split: str = "blank
                 raise DataError(f"{path}: cannot read as {kind} ({_why(path, kind, exc)})") \
                     from exc
         parts.append(_select(ds, path, text_field, sft, preference))
+    if not parts:
+        raise DataError(f"every input is empty ({', '.join(stats.empty_files)}): no records "
+                        f"to prepare")
     ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     return ds, stats
+
+
+def _no_records(path: Path, kind: str) -> bool:
+    """A JSON file of nothing but whitespace, or a parquet file of no rows."""
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.ParquetFile(path).metadata.num_rows == 0
+        except Exception:  # not parquet at all: the loader's error names the problem
+            return False
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            if chunk.strip():
+                return False
+    return True
 
 
 def _text_dataset(docs, source: str, scratch: Path | None, n: int):

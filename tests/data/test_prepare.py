@@ -182,6 +182,31 @@ def test_corrupt_structured_files_name_what_is_wrong(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_empty_structured_files_are_skipped_and_counted(tmp_path):
+    """A corpus shard with no records (an empty JSONL file, a parquet file of no rows) adds
+    nothing and is counted in the report; datasets' loaders raised StopIteration or "BatchSize
+    must be greater than 0" on them. Nothing but empty files is an error naming them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "in").mkdir()
+    full = tmp_path / "in" / "a.jsonl"
+    full.write_text("".join(json.dumps({"text": doc(i)}) + "\n" for i in range(20)))
+    (tmp_path / "in" / "b.jsonl").write_text("\n  \n")
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "in" / "c.parquet")
+    kw = dict(tokenizer="byte", val_fraction=0.0, dedup=False, progress=False)
+    out = prepare([tmp_path / "in"], tmp_path / "o", **kw)
+    report = json.loads((out / "meta.json").read_text())["report"]
+    alone = prepare([full], tmp_path / "o2", **kw)
+    assert report["docs_out"] == 20
+    assert [Path(p).name for p in report["empty_files"]] == ["b.jsonl", "c.parquet"]
+    assert (out / "train_00000.bin").read_bytes() == (alone / "train_00000.bin").read_bytes()
+    with pytest.raises(DataError, match=r"every input is empty \(.*b.jsonl, .*c.parquet\)"):
+        prepare([tmp_path / "in" / "b.jsonl", tmp_path / "in" / "c.parquet"], tmp_path / "o3",
+                **kw)
+    assert not (tmp_path / "o3").exists()
+
+
 def test_existing_output_is_reused_or_refused(tmp_path, corpus, capsys):
     path, _ = corpus
     kw = dict(text_field="body", tokenizer="byte", progress=True)
