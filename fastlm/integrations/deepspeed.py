@@ -4,7 +4,10 @@ DeepSpeed accepts a client optimizer under ZeRO only if its type is on an intern
 ``zero_allow_untested_optimizer`` is set; and with ``offload_optimizer`` it insists on its own
 DeepSpeedCPUAdam unless ``zero_force_ds_cpu_optimizer`` is false. FusedAdamW steps whatever
 ZeRO hands it (the flat fp32 partitions of stages 1-2, the sub-groups of stage 3, on the host
-under offload, where its C++ kernel runs), so :func:`prepare_config` sets both switches for it.
+under offload, where its C++ kernel runs), so :func:`prepare_config` adds its type to that list
+(DeepSpeed otherwise warns "You are using ZeRO with an untested optimizer, proceed with
+caution" on every run) and sets both switches for it (the first one for a DeepSpeed whose list
+is not where fastlm looks).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ def prepare_config(ds_config: dict, optimizer=None) -> dict:
     cfg = copy.deepcopy(ds_config)
     if optimizer is not None and not isinstance(optimizer, _FASTLM_OPTIMIZERS):
         return cfg
+    register()
     zero = cfg.get("zero_optimization", {}) or {}
     if int(zero.get("stage", 0)) > 0:
         cfg.setdefault("zero_allow_untested_optimizer", True)
@@ -32,6 +36,20 @@ def prepare_config(ds_config: dict, optimizer=None) -> dict:
     if offload in ("cpu", "nvme"):
         cfg.setdefault("zero_force_ds_cpu_optimizer", False)
     return cfg
+
+
+def register() -> bool:
+    """Put fastlm's optimizers on DeepSpeed's list of those ZeRO supports (checked by exact
+    type); False when this DeepSpeed keeps no such list."""
+    try:
+        from deepspeed.runtime.zero import utils
+    except ImportError:
+        return False
+    listed = getattr(utils, "ZERO_SUPPORTED_OPTIMIZERS", None)
+    if not isinstance(listed, list):
+        return False
+    listed.extend(t for t in _FASTLM_OPTIMIZERS if t not in listed)
+    return True
 
 
 def fuse_unscale_and_clip(engine) -> bool:

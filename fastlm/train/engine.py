@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -219,6 +220,10 @@ def initialize(cfg: RunConfig, model, groups, ds_config: dict):
     optimizer = make_optimizer(cfg, groups)
     factor = lr_lambda(cfg)
     ds_config = prepare_config(ds_config, optimizer)
+    # DeepSpeed 0.19's ZeRO gathers call a torch.distributed function torch 2.13 deprecates:
+    # a FutureWarning on every rank of every run that the user can do nothing about
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated")
     # A callable: the schedule must drive the optimizer DeepSpeed wraps (ZeRO's flat groups).
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config,

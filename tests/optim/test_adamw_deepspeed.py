@@ -27,6 +27,18 @@ def test_prepare_config_sets_only_what_fastlm_needs():
     assert "zero_allow_untested_optimizer" not in prepare_config({"zero_optimization": {"stage": 0}}, opt)
 
 
+def test_prepare_config_lists_fused_adamw_as_supported_by_zero():
+    """On DeepSpeed's list, ZeRO takes FusedAdamW as it takes torch's AdamW: without its
+    "untested optimizer" warning on every run; listed once however often it is called."""
+    from deepspeed.runtime.zero import utils
+
+    opt = FusedAdamW([__import__("torch").zeros(1, requires_grad=True)])
+    prepare_config({"zero_optimization": {"stage": 1}}, opt)
+    assert FusedAdamW in utils.ZERO_SUPPORTED_OPTIMIZERS
+    prepare_config({"zero_optimization": {"stage": 1}}, opt)
+    assert utils.ZERO_SUPPORTED_OPTIMIZERS.count(FusedAdamW) == 1
+
+
 
 
 @pytest.mark.slow
