@@ -98,21 +98,13 @@ def render(p: dict, cfg: RunConfig) -> str:
     mem = p["memory_per_rank"]
     on_device = mem["weights"] + mem["gradients"] + mem["reference"] + (
         0 if mem["optimizer_on"] == "cpu" else mem["optimizer"])
-    o = cfg.optim
-    trains = "" if p["trainable"] == p["parameters"] else \
-        f" ({_n(p['trainable'])} train: LoRA rank {cfg.model.lora.r})"
     lines = [
-        f"model      {p['model']}, {_n(p['parameters'])} parameters{trains}, vocabulary "
-        f"{p['vocab_size']:,}",
+        _model_line(p, cfg),
         f"data       {p['data']}, blocks of {cfg.data.block_size} tokens"
         + ("" if p["data_prepared"] else " (not prepared yet: the vocabulary is the model "
                                          "config's)"),
-        f"batch      micro {p['micro_batch']} x accumulation {p['grad_accum']} x "
-        f"{p['world_size']} rank(s) = {p['global_batch']} blocks = "
-        f"{_n(p['tokens_per_step'])} tokens a step; {cfg.train.max_steps:,} steps = "
-        f"{_n(p['tokens_total'])} tokens",
-        f"training   {p['precision']}, ZeRO stage {p['zero_stage']}, {o.name}, lr {o.lr:g} "
-        f"({o.schedule}, warmup {o.warmup_steps})",
+        _batch_line(p, cfg),
+        _training_line(p, cfg),
         f"compute    {_n(p['flops_per_token'])}FLOPs a token, {_n(p['flops_per_step'])}FLOPs a "
         f"step, {_n(p['flops_total'])}FLOPs in all",
         f"memory     a rank holds {_b(on_device)} of model state on the "
@@ -124,6 +116,62 @@ def render(p: dict, cfg: RunConfig) -> str:
         "deepspeed  " + json.dumps(p["deepspeed"], sort_keys=True),
     ]
     return "\n".join(lines)
+
+
+def _model_line(p: dict, cfg: RunConfig) -> str:
+    trains = "" if p["trainable"] == p["parameters"] else \
+        f" ({_n(p['trainable'])} train: LoRA rank {cfg.model.lora.r})"
+    return (f"model      {p['model']}, {_n(p['parameters'])} parameters{trains}, vocabulary "
+            f"{p['vocab_size']:,}")
+
+
+def _batch_line(p: dict, cfg: RunConfig) -> str:
+    return (f"batch      micro {p['micro_batch']} x accumulation {p['grad_accum']} x "
+            f"{p['world_size']} rank(s) = {p['global_batch']} blocks = "
+            f"{_n(p['tokens_per_step'])} tokens a step; {cfg.train.max_steps:,} steps = "
+            f"{_n(p['tokens_total'])} tokens")
+
+
+def _training_line(p: dict, cfg: RunConfig) -> str:
+    o = cfg.optim
+    return (f"training   {p['precision']}, ZeRO stage {p['zero_stage']}, {o.name}, lr {o.lr:g} "
+            f"({o.schedule}, warmup {o.warmup_steps})")
+
+
+def header(cfg: RunConfig, model, loader, *, world: int, micro: int, accum: int, glob: int,
+           ds_config: dict) -> str:
+    """What a run is about to do, printed as it starts (the first lines of ``--dry-run``, from
+    the model and data it has built), with how many times it goes over its data: a run that
+    repeats a small corpus many times overfits, and the steps alone do not tell."""
+    params = {id(q): q for q in model.parameters()}.values()  # tied weights once
+    zero = ds_config.get("zero_optimization", {})
+    tokens = glob * cfg.data.block_size
+    p = {"model": type(model).__name__, "parameters": sum(q.numel() for q in params),
+         "trainable": sum(q.numel() for q in params if q.requires_grad),
+         "vocab_size": loader.split.vocab_size, "world_size": world, "micro_batch": micro,
+         "grad_accum": accum, "global_batch": glob, "tokens_per_step": tokens,
+         "tokens_total": tokens * cfg.train.max_steps, "precision": cfg.train.precision,
+         "zero_stage": int(zero.get("stage", 0))}
+    lines = [_model_line(p, cfg), _data_line(cfg, loader, glob), _batch_line(p, cfg),
+             _training_line(p, cfg) + (", optimizer state offloaded to the CPU"
+                                       if "offload_optimizer" in zero else "")]
+    return "\n".join(lines)
+
+
+def _data_line(cfg: RunConfig, loader, glob: int) -> str:
+    rows = glob * cfg.train.max_steps  # blocks (pairs, for DPO) the run reads
+    if hasattr(loader, "pairs"):  # preference pairs
+        return (f"data       {cfg.data.path}: {loader.pairs:,} training pairs; "
+                f"{cfg.train.max_steps:,} steps read {rows / loader.pairs:.3g} epochs")
+    if hasattr(loader, "sources"):  # a mixture: each source's share of the blocks
+        block = cfg.data.block_size
+        each = ", ".join(f"{path} {w:.3g} ({rows * w * block / src.tokens_per_epoch:.3g} epochs)"
+                         for (path, w), src in zip(loader.mix.items(), loader.sources))
+        return f"data       mixture of {each}"
+    epochs = rows * cfg.data.block_size / loader.tokens_per_epoch
+    return (f"data       {cfg.data.path}: {_n(loader.tokens_per_epoch).rstrip()} training tokens in "
+            f"blocks of {cfg.data.block_size}; {cfg.train.max_steps:,} steps read "
+            f"{epochs:.3g} epochs")
 
 
 def _n(x: float) -> str:

@@ -41,6 +41,7 @@ from fastlm.train.model import (
     hidden_size,
     param_groups,
 )
+from fastlm.train.plan import header
 
 logger = logging.getLogger("fastlm")
 
@@ -140,9 +141,12 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> RunState:
 
         dpo = objective(cfg, model, dev)  # its reference: the starting weights
         fpt = None  # rows of pairs of their own lengths: counted a batch at a time
+    ds_config = deepspeed_config(cfg, micro, accum, glob, hidden_size=hidden_size(model))
+    # counted before ZeRO-3 partitions the parameters
+    head = header(cfg, model, train_loader, world=world, micro=micro, accum=accum, glob=glob,
+                  ds_config=ds_config)
     engine, _, scheduler = initialize(cfg, model, param_groups(model, cfg.optim.weight_decay),
-                                      deepspeed_config(cfg, micro, accum, glob,
-                                                       hidden_size=hidden_size(model)))
+                                      ds_config)
     try:
         # before any RNG state is restored: it draws random inputs
         peak = _peak_flops(dev, cfg.train.precision)
@@ -155,6 +159,7 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> RunState:
 
         log = MetricsLog(out_dir, rank, total=cfg.train.max_steps, start=state.step,
                          tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
+        log.write(head)
         if resolved_note:
             log.write(resolved_note)
         if lora_note and state.step == 0:
@@ -186,6 +191,15 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> RunState:
 
             export(out_dir, out_dir / "hf", overwrite=True)
     return state
+
+
+_PAIR_LOSSES = {"sigmoid": "DPO", "ipo": "IPO", "simpo": "SimPO", "orpo": "ORPO"}
+
+
+def _pair_loss_name(cfg: RunConfig) -> str:
+    """The preference objective the val loss is (it said "DPO" for IPO, SimPO and ORPO too)."""
+    name = _PAIR_LOSSES[cfg.train.dpo_loss]
+    return name + " + NLL" if cfg.train.dpo_nll_weight and cfg.train.dpo_loss != "orpo" else name
 
 
 def _loop(cfg, engine, scheduler, loader, val_loader, state, log, signals, *, fused, ckpt_dir,
@@ -458,7 +472,7 @@ def _evaluate(cfg, engine, val_loader, state, log, ckpt_dir, rank, dev, model_dt
     log.log(state.step, val_loss=val, **quality, **each)
     sources = ", ".join(f"{name} {loss:.4f}" for name, _, loss in parts if name is not None)
     measure = (f"perplexity {quality['val_ppl']:.2f}" if dpo is None else
-               f"reward accuracy {quality['val_reward_acc']:.3f} (DPO loss)")
+               f"reward accuracy {quality['val_reward_acc']:.3f} ({_pair_loss_name(cfg)} loss)")
     log.write(f"step {state.step}: val loss {val:.4f}, {measure}"
               + (f" ({sources})" if sources else "") + said)
     if val < state.best_val:

@@ -4,6 +4,7 @@ to prefer the chosen answers."""
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -310,7 +311,14 @@ def test_lora_dpo_run_learns_to_prefer_the_chosen_answers(tmp_path, prefs, capsy
     assert val["val_reward_margin"] > 0.05  # (the val loss under log 2)
     assert steps[-1]["logp_chosen"] > steps[-1]["logp_rejected"]
     assert state.history[-1][1] < 0.5 * math.log(2) and val["val_loss"] < math.log(2)
-    assert "reward accuracy 1.000 (DPO loss)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "reward accuracy 1.000 (DPO loss)" in out
+    # the run's header: the pairs of the split and the epochs 25 steps read of them
+    from fastlm.data.pairs import PairLoader
+
+    pairs = PairLoader(prefs, 64, 4).pairs
+    glob = int(re.search(r"= (\d+) blocks", out).group(1))
+    assert f"{pairs:,} training pairs; 25 steps read {25 * glob / pairs:.3g} epochs" in out
 
 
 def test_full_weight_dpo_keeps_a_frozen_reference_and_zero3_needs_lora(tmp_path, prefs,
@@ -512,3 +520,13 @@ def test_two_ranks_share_the_precomputed_reference(tmp_path, prefs, child_env):
     theirs = torch.load(tmp_path / "one" / "run" / "reference_logps.pt")
     for split in ("train", "val"):
         torch.testing.assert_close(mine[split], theirs[split], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("sets, name", [([], "DPO"), (["train.dpo_loss=ipo"], "IPO"),
+                                        (["train.dpo_loss=simpo"], "SimPO"),
+                                        (["train.dpo_loss=orpo"], "ORPO"),
+                                        (["train.dpo_nll_weight=1"], "DPO + NLL")])
+def test_validation_names_the_preference_loss_it_reports(sets, name):
+    from fastlm.train.trainer import _pair_loss_name
+
+    assert _pair_loss_name(load_config(None, ["train.objective=dpo", *sets])) == name

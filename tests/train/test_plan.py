@@ -118,3 +118,36 @@ def test_every_shipped_run_config_plans():
     assert (gpt2["micro_batch"], gpt2["grad_accum"], gpt2["tokens_per_step"]) == \
         (16, 4, 512 * 1024)
     assert 124e6 < gpt2["parameters"] < 125e6  # GPT-2 small, its head tied to the embeddings
+
+
+def test_run_header_says_what_the_run_builds_and_how_often_it_reads_its_data(tiny_data,
+                                                                              tmp_path):
+    """The lines a run prints as it starts: the model it built (the adapters' share under
+    LoRA), and the epochs its steps read of the training split (of each source of a mixture)."""
+    import shutil
+
+    from fastlm.data.loader import BlockLoader
+    from fastlm.data.mix import MixedLoader
+    from fastlm.train.model import build_model
+    from fastlm.train.plan import header
+
+    sets = [f"data.path={tiny_data}", "model.preset=tiny-llama", "model.lora.r=4",
+            "data.block_size=64", "train.micro_batch_size=3", "train.grad_accum=2",
+            "train.max_steps=10"]
+    cfg = load_config(None, sets)
+    loader = BlockLoader(tiny_data, 64, 3)
+    model = build_model(cfg.model, loader.split.vocab_size, 64, eos_id=loader.split.eos_id)
+    zero = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+    text = header(cfg, model, loader, world=2, micro=3, accum=2, glob=12, ds_config=zero)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert f"10 steps read {10 * 12 * 64 / loader.tokens_per_epoch:.3g} epochs" in text
+    assert f"({trainable / 1e3:.3g} k train: LoRA rank 4)" in text
+    assert "x 2 rank(s) = 12 blocks" in text and "ZeRO stage 2" in text
+    assert "offloaded to the CPU" in text
+    other = tmp_path / "other"
+    shutil.copytree(tiny_data, other)
+    mix = MixedLoader({str(tiny_data): 3, str(other): 1}, 64, 3)
+    text = header(cfg, model, mix, world=2, micro=3, accum=2, glob=12, ds_config={})
+    tpe = mix.sources[0].tokens_per_epoch
+    assert f"{tiny_data} 0.75 ({10 * 12 * 64 * 0.75 / tpe:.3g} epochs)" in text
+    assert f"{other} 0.25 ({10 * 12 * 64 * 0.25 / tpe:.3g} epochs)" in text
