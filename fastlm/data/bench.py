@@ -28,6 +28,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--num-proc", type=int, default=None)
     parser.add_argument("--out", default=None, help="directory for JSON and markdown")
     parser.add_argument("--name", default="data_cpu")
+    parser.add_argument("--sft", action="store_true", help="conversations instead of documents "
+                        "(fastlm prepare --sft): a question and its answer of paragraphs each")
 
 
 def paragraphs(source: str | None) -> list[str]:
@@ -45,14 +47,21 @@ def paragraphs(source: str | None) -> list[str]:
     return paras
 
 
-def synth_corpus(path: Path, mb: float, source: str | None, seed: int = 0) -> int:
+def synth_corpus(path: Path, mb: float, source: str | None, seed: int = 0,
+                 sft: bool = False) -> int:
     rng = random.Random(seed)
     paras = paragraphs(source)
     size, n = 0, 0
     with open(path, "w") as f:
         while size < mb * 1e6:
             doc = "\n\n".join(rng.choice(paras) for _ in range(rng.randint(10, 30)))
-            line = json.dumps({"text": doc}) + "\n"
+            if sft:  # the first paragraph asks, the others answer
+                ask, answer = doc.split("\n\n", 1)
+                record = {"messages": [{"role": "user", "content": ask},
+                                       {"role": "assistant", "content": answer}]}
+            else:
+                record = {"text": doc}
+            line = json.dumps(record) + "\n"
             f.write(line)
             size += len(doc.encode())
             n += 1
@@ -66,9 +75,9 @@ def run(args) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="fastlm-bench-data-"))
     try:
         corpus = tmp / "corpus.jsonl"
-        n_docs = synth_corpus(corpus, args.mb, args.input)
+        n_docs = synth_corpus(corpus, args.mb, args.input, sft=args.sft)
         with open(corpus) as f:
-            raw_mb = sum(len(json.loads(x)["text"].encode()) for x in f) / 1e6
+            raw_mb = sum(len(_text(json.loads(x)).encode()) for x in f) / 1e6
         import datasets  # noqa: F401  (imports are not pipeline time)
         import tokenizers  # noqa: F401
         import transformers  # noqa: F401
@@ -78,7 +87,7 @@ def run(args) -> int:
         # holding a batch): the corpus streams, so this is the deduplication index's size
         peak_gb = harness.cpu_peak_gb(lambda: prepare(
             [str(corpus)], tmp / "out", tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-            num_proc=args.num_proc, progress=False))
+            num_proc=args.num_proc, sft=args.sft, progress=False))
         seconds = time.perf_counter() - t0
         meta = json.loads((tmp / "out" / "meta.json").read_text())
         kernels = _kernel_comparison(corpus, tmp / "out" / "tokenizer", args.tokenizer == "bpe")
@@ -88,7 +97,7 @@ def run(args) -> int:
         sys.argv[3:]) if sys.argv[1:3] == ["bench", "data"] else shlex.join(sys.argv),
         device="cpu", env=harness.environment("cpu"))
     rep = meta["report"]
-    report.add(docs=n_docs, raw_mb=round(raw_mb, 2), tokenizer=args.tokenizer,
+    report.add(docs=n_docs, raw_mb=round(raw_mb, 2), tokenizer=args.tokenizer, sft=args.sft,
                cpus=os.cpu_count(), seconds=round(seconds, 2), mb_per_s=raw_mb / seconds,
                docs_out=rep["docs_out"], tokens=rep["train"]["tokens"] + rep["val"]["tokens"],
                dropped=sum(d["docs"] for d in rep["dropped"].values()),
@@ -101,10 +110,18 @@ def run(args) -> int:
     if args.out:
         paths = report.write(args.out)
         paths.append(_plot(rep["seconds"], raw_mb, Path(args.out) / f"{args.name}.png",
-                           f"fastlm prepare, {raw_mb:.0f} MB, tokenizer {args.tokenizer}: "
+                           f"fastlm prepare{' --sft' * args.sft}, {raw_mb:.0f} MB, "
+                           f"tokenizer {args.tokenizer}: "
                            f"{raw_mb / seconds:.2f} MB/s", kernels))
         print("wrote " + ", ".join(str(p) for p in paths))
     return 0
+
+
+def _text(record: dict) -> str:
+    """A document's text, or a conversation's messages one after another."""
+    if "messages" in record:
+        return "\n\n".join(m["content"] for m in record["messages"])
+    return record["text"]
 
 
 def _kernel_comparison(corpus: Path, tokenizer_dir: Path, bpe: bool, sample_mb: float = 8.0,
@@ -119,7 +136,7 @@ def _kernel_comparison(corpus: Path, tokenizer_dir: Path, bpe: bool, sample_mb: 
     docs, size = [], 0
     with open(corpus) as f:
         for line in f:
-            docs.append(json.loads(line)["text"])
+            docs.append(_text(json.loads(line)))
             size += len(docs[-1].encode())
             if size >= sample_mb * 1e6:
                 break

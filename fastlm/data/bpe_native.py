@@ -3,9 +3,11 @@ is one it reproduces exactly, else the `tokenizers` library.
 
 The C++ encoder (``csrc/text/bpe.cpp``) serves tokenizers made of a ByteLevel pre-tokenizer
 (GPT-2's regex, no prefix space) and a plain BPE model: the ones ``fastlm prepare`` trains, and
-GPT-2's. Any other tokenizer, and any document it cannot vouch for (one holding a special
-token's text, or a code point Python's Unicode database does not know), goes through the
-library, so the ids are always the library's.
+GPT-2's. Any other tokenizer, and any document it cannot vouch for (a code point Python's
+Unicode database does not know, or an added token's text where that token strips spaces or
+matches whole words only), goes through the library, so the ids are always the library's.
+A document holding added tokens' text (a chat template's markers, ``<|endoftext|>``) is split
+at them here, as the library splits it, and the text between encoded natively.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import unicodedata
 
 import numpy as np
@@ -67,9 +70,20 @@ class NativeBpe:
     """The C++ encoder for one tokenizer. :meth:`for_tokenizer` returns None where the
     tokenizer is not one it reproduces (or the library cannot be built)."""
 
-    def __init__(self, lib, byte_ids, left, right, merged, specials: list[str]):
+    def __init__(self, lib, byte_ids, left, right, merged, added: list[dict]):
         self._lib = lib
-        self._specials = specials
+        self._specials = [t["content"] for t in added if t["content"]]
+        self._ids = {t["content"]: t["id"] for t in added}
+        # The library finds added tokens leftmost-longest, those it does not normalize first,
+        # then the others in the text between (the same text: these tokenizers normalize
+        # nothing). Tokens that strip spaces or match whole words alone are not reproduced:
+        # documents holding them go to the library.
+        plain = all(not t.get(k) for t in added for k in ("lstrip", "rstrip", "single_word"))
+        self._splitters = None if not plain else [
+            re.compile("|".join(re.escape(c) for c in sorted(group, key=len, reverse=True)))
+            for group in ([t["content"] for t in added if not t.get("normalized") and t["content"]],
+                          [t["content"] for t in added if t.get("normalized") and t["content"]])
+            if group]
         # fastlm_bpe_new copies all of these: nothing needs to outlive the call
         self._model = lib.fastlm_bpe_new(ptr(byte_ids), ptr(left), ptr(right), ptr(merged),
                                          len(left), ptr(char_classes()))
@@ -109,14 +123,28 @@ class NativeBpe:
             right.append(vocab[b])
             merged.append(vocab[a + b])
         arr = lambda x: np.asarray(x, dtype=np.int32)  # noqa: E731
-        specials = [t["content"] for t in spec.get("added_tokens") or []]
-        return cls(lib, byte_ids, arr(left), arr(right), arr(merged), specials)
+        return cls(lib, byte_ids, arr(left), arr(right), arr(merged),
+                   spec.get("added_tokens") or [])
 
     def encode(self, texts: list[str], threads: int | None = None) -> tuple[list[np.ndarray], list[int]]:
         """Token ids of each text (int32 arrays), and the indices of the texts the encoder left
         to the caller (their arrays are empty)."""
-        blobs = [b"" if any(s in t for s in self._specials) else t.encode("utf-8", "surrogatepass")
-                 for t in texts]
+        blobs: list[bytes] = []
+        # each text's parts: an index into blobs (text to encode), or -1 - id (an added token)
+        plans: list[list[int] | None] = []
+        for t in texts:
+            parts = [t] if not any(s in t for s in self._specials) else self._split(t)
+            if parts is None:
+                plans.append(None)
+                continue
+            plan = []
+            for part in parts:
+                if isinstance(part, int):
+                    plan.append(-1 - part)
+                else:
+                    plan.append(len(blobs))
+                    blobs.append(part.encode("utf-8", "surrogatepass"))
+            plans.append(plan)
         text, offsets = native.pack(blobs)
         out = np.empty(max(1, int(offsets[-1])), dtype=np.int32)
         out_offsets = np.empty(len(blobs) + 1, dtype=np.int64)
@@ -125,9 +153,41 @@ class NativeBpe:
                                             threads or _cpus(), ptr(out),
                                             ptr(out_offsets), ptr(unsure))
         ids = out[:total]
-        pieces = [ids[out_offsets[d]:out_offsets[d + 1]] for d in range(len(blobs))]
-        left = [d for d in range(len(blobs)) if unsure[d] or (not blobs[d] and texts[d])]
+        encoded = [ids[out_offsets[b]:out_offsets[b + 1]] for b in range(len(blobs))]
+        pieces, left, nothing = [], [], np.empty(0, dtype=np.int32)
+        for d, plan in enumerate(plans):
+            if plan is None or any(b >= 0 and unsure[b] for b in plan):
+                left.append(d)
+                pieces.append(nothing)
+            elif len(plan) == 1 and plan[0] >= 0:
+                pieces.append(encoded[plan[0]])
+            else:
+                pieces.append(np.concatenate(
+                    [encoded[b] if b >= 0 else np.array([-1 - b], dtype=np.int32) for b in plan]))
         return pieces, left
+
+    def _split(self, text: str) -> list[str | int] | None:
+        """``text`` as the library splits it at added tokens: the text between (non-empty) and
+        each token's id; None where this encoder does not reproduce the split."""
+        if self._splitters is None:
+            return None
+        parts: list[str | int] = [text]
+        for splitter in self._splitters:
+            out: list[str | int] = []
+            for part in parts:
+                if isinstance(part, int):
+                    out.append(part)
+                    continue
+                at = 0
+                for m in splitter.finditer(part):
+                    if m.start() > at:
+                        out.append(part[at:m.start()])
+                    out.append(self._ids[m.group()])
+                    at = m.end()
+                if at < len(part):
+                    out.append(part[at:])
+            parts = out
+        return parts
 
 
 def pretokenize(text: str) -> list[tuple[int, int]] | None:

@@ -40,6 +40,31 @@ def clean_batch(texts: list[str], cfg: C.CleanConfig, *, use_native: bool | None
     return _native(lib, texts, cfg)
 
 
+def normalize_batch(texts: list[str], cfg: C.CleanConfig, *,
+                    use_native: bool | None = None) -> list[str]:
+    """:func:`fastlm.data.clean.normalize` of each text (fine-tuning messages, which are
+    normalised but not filtered), by the C++ kernel where it is available."""
+    lib = native.load() if use_native in (None, True) else None
+    if lib is None:
+        return [C.normalize(t, cfg) for t in texts]
+    return _normalized(lib, texts, cfg)[0]
+
+
+def _normalized(lib, texts, cfg):
+    """(normalised texts, their UTF-8 bytes packed, offsets) by the C++ kernel."""
+    n = len(texts)
+    if cfg.normalize_unicode:  # NFC in Python; ASCII is already NFC
+        texts = [t if t.isascii() else unicodedata.normalize("NFC", t) for t in texts]
+    raw, offsets = native.pack([t.encode() for t in texts])
+    normed = np.empty(max(1, int(offsets[-1])), dtype=np.uint8)
+    out_offsets = np.empty(n + 1, dtype=np.int64)
+    lib.fastlm_clean_normalize(ptr(raw), ptr(offsets), n, int(cfg.strip_control),
+                               int(cfg.normalize_whitespace), ptr(normed), ptr(out_offsets))
+    data = normed.tobytes()
+    out = [data[out_offsets[d]:out_offsets[d + 1]].decode() for d in range(n)]
+    return out, normed, out_offsets
+
+
 def _python(texts, cfg):
     hasher = C.MinHasher(cfg.num_perm, cfg.shingle) if cfg.near_dedup else None
     sigs = np.zeros((len(texts), cfg.num_perm if hasher else 0), dtype=np.uint64)
@@ -63,13 +88,7 @@ def _permutations(num_perm: int, shingle: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _native(lib, texts, cfg):
     n = len(texts)
-    if cfg.normalize_unicode:  # NFC in Python; ASCII is already NFC
-        texts = [t if t.isascii() else unicodedata.normalize("NFC", t) for t in texts]
-    raw, offsets = native.pack([t.encode() for t in texts])
-    normed = np.empty(max(1, int(offsets[-1])), dtype=np.uint8)
-    out_offsets = np.empty(n + 1, dtype=np.int64)
-    lib.fastlm_clean_normalize(ptr(raw), ptr(offsets), n, int(cfg.strip_control),
-                               int(cfg.normalize_whitespace), ptr(normed), ptr(out_offsets))
+    out, normed, out_offsets = _normalized(lib, texts, cfg)
     ngrams = sorted(cfg.max_top_ngram_char_frac.items())
     ns = np.array([k for k, _ in ngrams], dtype=np.int32)
     limits = np.array([v for _, v in ngrams], dtype=np.float64)
@@ -83,6 +102,4 @@ def _native(lib, texts, cfg):
     lib.fastlm_clean_filter(ptr(normed), ptr(out_offsets), n, ctypes.byref(params),
                             ptr(codes), ptr(sigs) if sigs.size else None)
     names = _BASE_REASONS + tuple(f"top_{k}gram" for k in ns.tolist())
-    data = normed.tobytes()
-    out = [data[out_offsets[d]:out_offsets[d + 1]].decode() for d in range(n)]
     return out, [names[c] for c in codes[:n].tolist()], sigs

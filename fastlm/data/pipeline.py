@@ -139,9 +139,9 @@ def _build(inputs, tmp: Path, cfg: C.CleanConfig, settings: dict, files, num_pro
                   stats.replaced_chars, "empty_files": stats.empty_files}
         clock.lap("read")
         if preference:
-            docs = _Records(_preference_records(ds, cfg, chat, progress))
+            docs = _Records.write(_preference_records(ds, cfg, chat, progress), scratch)
         elif sft:
-            docs = _Records(_sft_records(ds, cfg, chat, progress))
+            docs = _Records.write(_sft_records(ds, cfg, chat, progress), scratch)
         else:
             docs = _clean_documents(ds, cfg, num_proc, progress, scratch)
         del ds
@@ -248,67 +248,119 @@ class _Documents:
         return out
 
 
-class _Records:
-    """Fine-tuning records (conversations rendered, or pairs), held in memory: fine-tuning
-    sets are small. The interface of :class:`_Documents`."""
+class _Records(_Documents):
+    """Fine-tuning records (conversations rendered, or pairs) in an Arrow file of the build
+    directory, with their ``segments`` (text, trained) and a pair's ``rejected`` ones: a
+    million conversations were a few GB of Python objects when they were held in a list."""
 
-    def __init__(self, records: list[dict]):
-        self.records, self.n = records, len(records)
+    _BATCH = 1024  # records rendered, then written, at a time
 
-    def meta(self, batch: int):
-        for start in range(0, self.n, batch):
-            rs = self.records[start:start + batch]
-            yield ([""] * len(rs), [r["key"] for r in rs], [r["chars_in"] for r in rs],
-                   [len(r["text"]) for r in rs], None)
+    @classmethod
+    def write(cls, records, scratch: Path) -> _Records:
+        import pyarrow as pa
+
+        seg = pa.list_(pa.struct([("text", pa.string()), ("trained", pa.uint8())]))
+        schema = pa.schema([("text", pa.string()), ("reason", pa.string()),
+                            ("key", pa.string()), ("chars_in", pa.int64()),
+                            ("chars_out", pa.int64()), ("segments", seg), ("rejected", seg)])
+        scratch.mkdir(parents=True, exist_ok=True)
+        path = scratch / "records.arrow"
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as out:
+            batch: list[dict] = []
+
+            def flush():
+                out.write_batch(pa.RecordBatch.from_pylist(
+                    [{"text": r["text"], "reason": "", "key": r["key"],
+                      "chars_in": r["chars_in"], "chars_out": len(r["text"]),
+                      "segments": _as_structs(r["segments"]),
+                      "rejected": _as_structs(r.get("rejected"))} for r in batch], schema))
+                batch.clear()
+
+            for r in records:
+                batch.append(r)
+                if len(batch) == cls._BATCH:
+                    flush()
+            if batch:
+                flush()
+        # memory-mapped: read back a batch at a time by the steps that follow
+        return cls(pa.ipc.open_stream(pa.memory_map(str(path))).read_all(), num_perm=0)
 
     def rows(self, start: int, stop: int) -> list[dict]:
-        return self.records[start:stop]
+        part = self.table.slice(start, stop - start).select(["text", "segments", "rejected"])
+        return [{"text": r["text"], "segments": _as_tuples(r["segments"]),
+                 "rejected": _as_tuples(r["rejected"])} for r in part.to_pylist()]
 
-    def texts(self, index: np.ndarray) -> list[str]:
-        return [self.records[i]["text"] for i in index.tolist()]
+
+def _as_structs(segments):
+    return None if segments is None else [{"text": t, "trained": m} for t, m in segments]
+
+
+def _as_tuples(structs):
+    return None if structs is None else [(s["text"], s["trained"]) for s in structs]
 
 
 def _sft_records(ds, cfg: C.CleanConfig, chat, progress):
     """Conversations (the readers give every layout as messages) -> records whose text is the
     conversation as the chat template renders it and whose ``segments`` say which parts are
     trained on."""
-    records, split = [], 0
-    for n, row in enumerate(_progress(ds, progress, "rendering conversations")):
-        messages = [{"role": m["role"], "content": C.normalize(m["content"], cfg)}
-                    for m in row["messages"]]
-        examples = chat.examples(messages, f"fine-tuning record {n} ({row['source']})")
+    split = 0
+    rows = _normalized_rows(ds, ("messages",), cfg, progress, "rendering conversations")
+    for n, row in enumerate(rows):
+        examples = chat.examples(row["messages"], f"fine-tuning record {n} ({row['source']})")
         split += len(examples) > 1
         for segments in examples:
             text = "".join(s for s, _ in segments)
-            records.append({"text": text, "segments": segments, "chars_in": len(text),
-                            "sig": None,
-                            "key": hashlib.blake2b(text.encode(), digest_size=16).hexdigest()})
+            yield {"text": text, "segments": segments, "chars_in": len(text),
+                   "key": hashlib.blake2b(text.encode(), digest_size=16).hexdigest()}
     if split:
         logging.getLogger("fastlm").warning(
             "the chat template (%s) renders earlier turns otherwise once later ones follow, so "
             "%d multi-turn record(s) were split into one example per assistant turn (earlier "
             "turns as untrained context; more tokens than one example each)", chat.source, split)
-    return records
 
 
 def _preference_records(ds, cfg: C.CleanConfig, chat, progress):
     """Pairs -> records of the chosen conversation (``text``, ``segments``: its last answer
     alone trained) and the rejected one's segments; the pair is one record, so deduplication
     and the split keep its two answers together."""
-    records = []
-    for n, row in enumerate(_progress(ds, progress, "rendering preference pairs")):
+    rows = _normalized_rows(ds, ("chosen", "rejected"), cfg, progress,
+                            "rendering preference pairs")
+    for n, row in enumerate(rows):
         where = f"preference record {n} ({row['source']})"
-        pair = [chat.final_answer([{"role": m["role"], "content": C.normalize(m["content"], cfg)}
-                                   for m in row[k]], where) for k in ("chosen", "rejected")]
+        pair = [chat.final_answer(row[k], where) for k in ("chosen", "rejected")]
         if pair[0] == pair[1]:
             raise DataError(f"{where}: the chosen and rejected answers are the same")
         text = "".join(t for t, _ in pair[0])
         other = "".join(t for t, _ in pair[1])
-        records.append({"text": text, "segments": pair[0], "rejected": pair[1],
-                        "chars_in": len(text) + len(other), "sig": None,
-                        "key": hashlib.blake2b((text + "\0" + other).encode(),
-                                               digest_size=16).hexdigest()})
-    return records
+        yield {"text": text, "segments": pair[0], "rejected": pair[1],
+               "chars_in": len(text) + len(other),
+               "key": hashlib.blake2b((text + "\0" + other).encode(), digest_size=16).hexdigest()}
+
+
+def _normalized_rows(ds, columns: tuple[str, ...], cfg: C.CleanConfig, progress, desc: str,
+                     batch: int = 512):
+    """``ds``'s rows ({column: messages, "source"}) with every message's content normalised,
+    a batch of rows at a time (one call of the C++ kernel for all their messages, and
+    columns read a batch at a time: 40% of rendering went to normalising a message at a
+    time in Python, and to reading rows one by one)."""
+    bar = _bar(len(ds), progress, desc)
+    for b in ds.iter(batch_size=batch):
+        rows = range(len(b["source"]))
+        contents = clean_native.normalize_batch(  # in the order they are read back below
+            [m["content"] for i in rows for col in columns for m in b[col][i]], cfg)
+        k = 0
+        for i in rows:
+            row = {"source": b["source"][i]}
+            for col in columns:
+                row[col] = []
+                for m in b[col][i]:
+                    row[col].append({"role": m["role"], "content": contents[k]})
+                    k += 1
+            yield row
+        if bar is not None:
+            bar.update(len(b["source"]))
+    if bar is not None:
+        bar.close()
 
 
 _SELECT_BATCH = 8192  # documents' keys and signatures read at a time
@@ -433,9 +485,7 @@ def _tokenize(tok, docs, eos: int, sft: bool):
     tokens, masks = [], ([] if sft else None)
     if _is_byte_tokenizer(tok) and not sft:
         return _tokenize_bytes(docs, eos), None
-    batch = 4096
-    for start in range(0, len(docs), batch):
-        chunk = docs[start:start + batch]
+    for chunk in _by_chars(docs, _ENCODE_CHARS):
         if not sft:
             # fastlm's C++ BPE encoder where it reproduces this tokenizer, else the library
             tokens += encode_documents(tok, [r["text"] for r in chunk], eos)
@@ -453,6 +503,22 @@ def _tokenize(tok, docs, eos: int, sft: bool):
             tokens.append(np.concatenate(ids))
             masks.append(np.concatenate(mask))
     return tokens, masks
+
+
+_ENCODE_CHARS = 1 << 21  # characters handed to the tokenizer at a time
+
+
+def _by_chars(docs: list[dict], limit: int):
+    """``docs`` in runs of about ``limit`` characters (at least one document each): the
+    tokenizer library's result objects for a batch of 4096 long conversations held ~600 MB."""
+    start, size = 0, 0
+    for i, r in enumerate(docs):
+        size += len(r["text"]) if "text" in r else sum(len(t) for t, _ in r["segments"])
+        if size >= limit:
+            yield docs[start:i + 1]
+            start, size = i + 1, 0
+    if start < len(docs):
+        yield docs[start:]
 
 
 def _is_byte_tokenizer(tok) -> bool:

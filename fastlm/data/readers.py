@@ -189,7 +189,8 @@ def load(inputs: list[str], *, text_field: str = "text", doc_split: str = "blank
             except Exception as exc:
                 raise DataError(f"{path}: cannot read as {kind} ({_why(path, kind, exc)})") \
                     from exc
-        parts.append(_select(ds, path, text_field, sft, preference))
+        parts.append(_select(ds, path, text_field, sft, preference,
+                             cache=scratch / f"records_{len(parts):05d}.arrow" if scratch else None))
     if not parts:
         raise DataError(f"every input is empty ({', '.join(stats.empty_files)}): no records "
                         f"to prepare")
@@ -266,7 +267,12 @@ def _why(path: Path, kind: str, exc: Exception) -> str:
     return f"{type(root).__name__}: {str(root)[:300]}"
 
 
-def _select(ds, path: Path, text_field: str, sft: bool, preference: bool = False):
+def _select(ds, path: Path, text_field: str, sft: bool, preference: bool = False,
+            cache: Path | None = None):
+    """``ds`` as documents, conversations or pairs; fine-tuning records rewritten to ``cache``
+    (an Arrow file in the build directory) when given, else in memory (a closure has no stable
+    hash for the datasets cache, which would keep a copy for good)."""
+    where = {"cache_file_name": str(cache)} if cache else {"keep_in_memory": True}
     if preference:
         from fastlm.data.chat import to_preference
 
@@ -275,15 +281,14 @@ def _select(ds, path: Path, text_field: str, sft: bool, preference: bool = False
             return {"chosen": chosen, "rejected": rejected}
 
         ds = ds.map(pair, with_indices=True, remove_columns=ds.column_names,
-                    keep_in_memory=True, load_from_cache_file=False)
+                    load_from_cache_file=False, **where)
     elif sft:  # every layout of conversation becomes one column of messages
         from fastlm.data.chat import detect_format, to_messages
 
         detect_format(ds.column_names, str(path))
-        # in memory: nothing written to the datasets cache (a closure has no stable hash)
         ds = ds.map(lambda row, i: {"messages": to_messages(row, f"{path}: record {i}")},
-                    with_indices=True, remove_columns=ds.column_names, keep_in_memory=True,
-                    load_from_cache_file=False)
+                    with_indices=True, remove_columns=ds.column_names,
+                    load_from_cache_file=False, **where)
     else:
         if text_field not in ds.column_names:
             raise DataError(f"{path}: no field {text_field!r}; available fields: "

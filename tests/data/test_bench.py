@@ -19,3 +19,13 @@ def test_bench_data_reports_pipeline_and_kernel_ratios(tmp_path, capsys):
                                                               ("python" if k == "clean" else "tokenizers")]
     assert (tmp_path / "d.png").stat().st_size > 0
     assert "kernels side by side" in capsys.readouterr().out
+
+
+def test_bench_data_prepares_conversations_with_sft(tmp_path):
+    """--sft: the synthetic documents as a question and its answer, through prepare --sft."""
+    assert main(["bench", "data", "--sft", "--mb", "0.2", "--tokenizer", "byte", "--out",
+                 str(tmp_path), "--name", "s"]) == 0
+    (row,) = json.loads((tmp_path / "s.json").read_text())["rows"]
+    assert row["sft"] is True and row["docs_out"] == row["docs"] > 0
+    # the chat template's markers and EOS come on top of the conversations' bytes
+    assert row["tokens"] > row["raw_mb"] * 1e6

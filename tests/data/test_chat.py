@@ -208,3 +208,44 @@ def test_records_in_no_known_layout(tmp_path, rows, message):
         prepare([path], tmp_path / "o", tokenizer="byte", sft=True, val_fraction=0.0,
                 progress=False)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("kind", ["sft", "preference"])
+def test_fine_tuning_records_stream_through_the_disk(tmp_path, monkeypatch, kind):
+    """Rendered conversations (or pairs) go to an Arrow file of the build directory, read back
+    memory-mapped (no Arrow memory allocated for them), and are tokenized a few characters at a
+    time: the shards are byte for byte those of records written and encoded in one batch."""
+    import pyarrow as pa
+
+    from fastlm.data import pipeline
+
+    if kind == "sft":
+        rows = [{"messages": CHAT, "n": i} for i in range(5)] + \
+            [{"prompt": f"What is {i}+{i}?", "response": f"It is {2 * i}." * (i + 1)}
+             for i in range(40)]
+    else:
+        rows = [{"prompt": f"Say yes {i}?", "chosen": "Yes." * (i % 4 + 1), "rejected": "No!"}
+                for i in range(40)]
+    path = write_jsonl(tmp_path / "c.jsonl", rows)
+    kw = dict(tokenizer="byte", val_fraction=0.2, progress=False, **{kind: True})
+    whole = prepare([path], tmp_path / "whole", **kw)
+    written = []
+    real = pipeline._Records.write.__func__
+
+    def write(cls, records, scratch):
+        before = pa.total_allocated_bytes()
+        docs = real(cls, records, scratch)
+        written.append((docs.n, pa.total_allocated_bytes() - before))
+        return docs
+
+    monkeypatch.setattr(pipeline._Records, "write", classmethod(write))
+    monkeypatch.setattr(pipeline._Records, "_BATCH", 3)  # many record batches in the file
+    monkeypatch.setattr(pipeline, "_ENCODE_CHARS", 50)  # a few records a tokenizer call
+    monkeypatch.setattr(pipeline, "_TOKENIZE_BATCH", 7)
+    parts = prepare([path], tmp_path / "parts", **kw)
+    assert written[0][0] == len(rows) and written[0][1] == 0  # memory-mapped
+    names = sorted(p.name for p in whole.iterdir() if p.suffix in (".bin", ".npy"))
+    assert names == sorted(p.name for p in parts.iterdir() if p.suffix in (".bin", ".npy"))
+    assert any(n.endswith(".mask.bin") for n in names)
+    for name in names:
+        assert (whole / name).read_bytes() == (parts / name).read_bytes(), name

@@ -69,11 +69,9 @@ AWKWARD = [
 def test_bpe_matches_library_on_awkward_strings(tok):
     ids, left = native_ids(tok, AWKWARD)
     ref = library_ids(tok, AWKWARD)
-    specials = [i for i, t in enumerate(AWKWARD) if "<|endoftext|>" in t]
-    assert left == specials  # documents holding a special token's text go to the library
+    assert left == []  # documents holding a special token's text too: split at it
     for i, (a, b) in enumerate(zip(ids, ref)):
-        if i not in left:
-            assert a == b, AWKWARD[i]
+        assert a == b, AWKWARD[i]
     # the public entry point fills those in: every document as the library gives it, + EOS
     got = B.encode_documents(tok, AWKWARD, eos=tok.eos_token_id)
     assert [g.tolist() for g in got] == [r + [tok.eos_token_id] for r in ref]
@@ -101,6 +99,50 @@ def test_bpe_matches_library_for_every_code_point(tok):
     ids, left = native_ids(tok, docs)
     assert left == []
     assert_same_ids(ids, library_ids(tok, docs), docs)
+
+
+def _with_added_tokens(tok, tmp_path, **flags):
+    """``tok`` plus added tokens of both kinds (special, not normalized; plain, normalized),
+    some prefixes of others, as chat templates' markers are."""
+    from tokenizers import AddedToken
+
+    from fastlm.data.tokenizer import load
+
+    tok.save_pretrained(tmp_path / "t")
+    out = load(tmp_path / "t")
+    out.add_special_tokens({"additional_special_tokens": [
+        AddedToken(t, special=True, normalized=False, **flags)
+        for t in ("<|user|>", "<|assistant|>", "<|im_start|>", "<|im_start|>system")]})
+    out.add_tokens([AddedToken(t, normalized=True, **flags) for t in ("[X]", "[X][Y]", "user", "x<|user")])
+    return out
+
+
+def test_bpe_splits_documents_at_added_tokens_as_the_library(tok, tmp_path):
+    """Chat-template markers and other added tokens in random places (adjacent, first, last,
+    one the prefix of another, one inside a word, one overlapping another) split the text where the library splits it,
+    and the text between is encoded natively: the ids are the library's."""
+    tok = _with_added_tokens(tok, tmp_path)
+    rng = random.Random(0)
+    marks = ["<|user|>", "<|assistant|>", "<|im_start|>", "<|im_start|>system", "[X]",
+             "[X][Y]", "user", "<|endoftext|>", "<|user", "[X", "\n"]
+    words = [w for t in TEXT[:20] for w in t.split(" ")]
+    docs = ["".join(rng.choice(marks) if rng.random() < 0.3 else " " + rng.choice(words)
+                    for _ in range(rng.randint(1, 60))) for _ in range(300)]
+    # the library takes the tokens it does not normalize first: "<|user|>" before "x<|user"
+    docs += ["<|user|>", "<|user|><|user|>", "a<|im_start|>systemb", "superuser!", "[X][Y][X]",
+             "ax<|user|>b", "ax<|userb"]
+    ids, left = native_ids(tok, docs)
+    assert left == []
+    assert_same_ids(ids, library_ids(tok, docs), docs)
+
+
+def test_bpe_leaves_added_tokens_that_strip_spaces_to_the_library(tok, tmp_path):
+    tok = _with_added_tokens(tok, tmp_path, lstrip=True)
+    docs = ["no marker here", "a <|user|> b", "also plain"]
+    ids, left = native_ids(tok, docs)
+    assert left == [1]
+    got = B.encode_documents(tok, docs, eos=None)
+    assert [g.tolist() for g in got] == library_ids(tok, docs)
 
 
 def test_bpe_leaves_unknown_code_points_to_the_library(tok):
@@ -174,6 +216,9 @@ def test_clean_kernels_match_python(cfg, lib):
         assert reasons[i] == ref_reasons[i], repr(docs[i])
     assert np.array_equal(sigs, ref_sigs)
     assert sigs.shape == (len(docs), cfg.num_perm if cfg.near_dedup else 0)
+    # messages of fine-tuning records: normalised alone, the same either way
+    assert clean_native.normalize_batch(docs, cfg, use_native=True) == ref_texts
+    assert clean_native.normalize_batch(docs, cfg, use_native=False) == ref_texts
     # the fuzzing reaches every rule
     if cfg == C.CleanConfig():
         assert {"empty", "dup_lines", "dup_line_chars", None} <= set(reasons)
