@@ -43,6 +43,17 @@ class Split:
     def num_tokens(self) -> int:
         return sum(len(s.tokens) for s in self.shards)
 
+    def check_ids(self, tokens: np.ndarray) -> None:
+        """Tokens read from this split lie inside its vocabulary: an id past it (shards and a
+        meta.json that do not belong together, or a damaged shard) was an IndexError deep in
+        the model's embedding. Checked as batches are read (a max over a batch, not a pass
+        over the corpus)."""
+        if tokens.size and (top := int(tokens.max())) >= self.vocab_size:
+            raise FormatError(
+                f"split {self.name!r} holds token id {top}, outside the vocabulary of "
+                f"{self.vocab_size} its meta.json gives: the shards are damaged or do not "
+                f"belong to this meta.json; re-run `fastlm prepare`")
+
 
 def read_meta(root: str | Path) -> dict:
     root = Path(root)

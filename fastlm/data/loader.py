@@ -180,6 +180,7 @@ def build_batch(rows: list[tuple[BlockLoader, int]], block_size: int,
     where a loss mask says so), and with ``boundaries`` positions restarting at each document."""
     t = block_size
     tokens = np.stack([src._read(s, t + 1) for src, s in rows]).astype(np.int64)
+    rows[0][0].split.check_ids(tokens)  # a mixture's sources share one vocabulary
     x, y = torch.from_numpy(tokens[:, :-1].copy()), torch.from_numpy(tokens[:, 1:].copy())
     if any(src.split.shards[0].mask is not None for src, _ in rows):
         keep = np.stack([src._read(s + 1, t, mask=True).astype(bool)

@@ -81,5 +81,6 @@ class PairLoader(_SampleStream):
         a, e = int(self._starts[i]), int(self._starts[i + 1])
         e = min(e, a + self.block_size + 1)  # a longer conversation is cut at the block
         tokens = self._reader._read(a, e - a).astype(np.int64)
+        self.split.check_ids(tokens)
         mask = self._reader._read(a, e - a, mask=True)
         return tokens, mask

@@ -56,6 +56,10 @@ def token_stream(data: str | Path, split: str, tokenizer=None) -> tuple[np.ndarr
         except FormatError as exc:
             raise EvalError(str(exc)) from exc
         tokens = np.concatenate([np.asarray(s.tokens, dtype=np.int64) for s in sp.shards])
+        try:
+            sp.check_ids(tokens)
+        except FormatError as exc:
+            raise EvalError(str(exc)) from exc
         masks = [s.mask for s in sp.shards]
         keep = None if masks[0] is None else np.concatenate([np.asarray(m) for m in masks])
         return tokens, keep

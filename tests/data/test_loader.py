@@ -165,6 +165,27 @@ def test_missing_and_corrupt_data_errors(tmp_path, data):
         open_split(root, "train")
 
 
+def test_token_ids_outside_the_vocabulary_are_named(tmp_path):
+    """Shards whose ids run past meta.json's vocabulary (damaged, or from another prepare):
+    an error naming the split and the fix when a batch reads them, not an IndexError in the
+    embedding; the evaluation's reader and the pairs' too."""
+    from fastlm.train.evaluate import EvalError, token_stream
+
+    root = prepared(tmp_path / "v", [[1, 2, 3, 0], [4, 999, 5, 0]], vocab=1000)
+    ld = BlockLoader(root, 3, 2, mode="sequential")
+    ld._perm = lambda epoch: np.arange(ld._nblocks)
+    ld.batch_at(0)  # ids up to 999 of 1000: fine
+    bad = prepared(tmp_path / "b", [[1, 2, 3, 0], [4, 1000, 5, 0]], vocab=1000)
+    ld = BlockLoader(bad, 3, 1, mode="sequential")
+    ld._perm = lambda epoch: np.arange(ld._nblocks)
+    ld.batch_at(0)  # the block without it reads
+    with pytest.raises(FormatError, match=r"split 'train' holds token id 1000, outside the "
+                                          r"vocabulary of 1000 .*re-run `fastlm prepare`"):
+        ld.batch_at(1)
+    with pytest.raises(EvalError, match="token id 1000"):
+        token_stream(bad, "train")
+
+
 def test_block_longer_than_split(tmp_path):
     root = prepared(tmp_path / "t", [[1, 2, 0]])
     with pytest.raises(FormatError, match="fewer than block_size"):

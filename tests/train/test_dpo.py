@@ -110,6 +110,21 @@ def test_pair_loader_refuses_plain_data(tiny_data):
         PairLoader(tiny_data, 32, 2)
 
 
+def test_pair_loader_names_ids_outside_the_vocabulary(prefs, tmp_path):
+    import shutil
+
+    from fastlm.data.format import FormatError
+    from fastlm.data.pairs import PairLoader
+
+    bad = tmp_path / "bad"
+    shutil.copytree(prefs, bad)
+    meta = json.loads((bad / "meta.json").read_text())
+    meta["vocab_size"] = 100  # byte ids reach 255 and EOS past it
+    (bad / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(FormatError, match="holds token id .*outside the vocabulary of 100"):
+        PairLoader(bad, 64, 2).batch_at(0)
+
+
 @pytest.mark.parametrize("kind, smoothing", [("sigmoid", 0.0), ("sigmoid", 0.2), ("ipo", 0.0)])
 def test_dpo_loss_against_float64(kind, smoothing):
     from fastlm.train.dpo import dpo_loss
