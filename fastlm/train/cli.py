@@ -33,9 +33,11 @@ def run(args) -> int:
     if args.dry_run:
         import os
 
-        from fastlm.train.plan import plan, render, world_size
+        from fastlm.train.plan import plan, render, resolve_run_length, world_size
 
-        text = render(plan(cfg, world_size(args.world_size)), cfg)
+        world = world_size(args.world_size)
+        cfg = resolve_run_length(cfg, world)
+        text = render(plan(cfg, world), cfg)
         if os.environ.get("RANK", "0") == "0":
             print(text)
         return 0

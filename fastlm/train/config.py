@@ -65,7 +65,11 @@ class TrainConfig:
     micro_batch_size: int | None = None
     grad_accum: int | None = None
     global_batch_size: int | None = None
-    max_steps: int = 1000
+    max_steps: int | None = None  # default 1000, unless train.epochs decides it
+    # passes over the training split (its blocks; its pairs for DPO), as HF's
+    # num_train_epochs: the run sets max_steps = ceil(epochs x samples / global batch) once the
+    # data is open, and says so. A --set of one of the two overrides the other from the file.
+    epochs: float | None = None
     # "fp32", "bf16", "fp16" (dynamic loss scaling), or "auto": bf16 where the hardware has bf16
     # matrix instructions (a GPU that supports it; a CPU with AVX-512 BF16 or AMX), else fp16 on
     # a GPU and fp32 on a CPU; the run logs and saves what it resolved to
@@ -205,12 +209,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    from_file = dict(raw.get("train") or {}) if isinstance(raw.get("train"), dict) else {}
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.max_steps=100")
         _assign(raw, key.strip(), yaml.safe_load(value) if value.strip() else None)
+        # the command line's length of run replaces the file's other one
+        other = {"train.epochs": "max_steps", "train.max_steps": "epochs"}.get(key.strip())
+        if other and other in from_file and raw["train"].get(other) == from_file[other]:
+            raw["train"].pop(other)
     cfg = _build(RunConfig, raw, "")
+    if cfg.train.epochs is None and cfg.train.max_steps is None:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=1000))
     validate(cfg)
     return cfg
 
@@ -276,9 +287,27 @@ def _coerce(value, tp, key: str):
                 pass
         if origin in (str, bool, dict, list) and isinstance(value, origin):
             return value
-    want = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    want = " or ".join("null" if o is type(None) else getattr(o, "__name__", str(o))
+                       for o in options)
     raise ConfigError(f"config key {key!r} must be {want}, got {value!r} "
                       f"({type(value).__name__})")
+
+
+def resolve_epochs(cfg: RunConfig, samples: int, global_batch: int,
+                   what: str = "blocks") -> tuple[RunConfig, str | None]:
+    """``cfg`` with train.max_steps from train.epochs (and epochs dropped: the run, its saved
+    config and a resume count steps), and the note the run prints; ``samples``: the training
+    split's blocks (pairs for DPO) an epoch."""
+    t = cfg.train
+    if t.epochs is None:
+        return cfg, None
+    import math
+
+    steps = max(1, math.ceil(t.epochs * samples / global_batch))
+    out = dataclasses.replace(cfg, train=dataclasses.replace(t, max_steps=steps, epochs=None))
+    validate(out)
+    return out, (f"train.epochs={t.epochs:g} -> train.max_steps={steps} ({samples:,} {what} "
+                 f"an epoch, {global_batch} a step)")
 
 
 def validate(cfg: RunConfig) -> None:
@@ -287,7 +316,17 @@ def validate(cfg: RunConfig) -> None:
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
             raise ConfigError(f"config key {key!r} must be one of {list(allowed)}, got {value!r}")
-    positive = {"data.block_size": cfg.data.block_size, "train.max_steps": cfg.train.max_steps,
+    if cfg.train.epochs is not None and cfg.train.max_steps is not None:
+        raise ConfigError(f"give one of train.max_steps ({cfg.train.max_steps}) and "
+                          f"train.epochs ({cfg.train.epochs}), not both")
+    if cfg.train.epochs is not None and not cfg.train.epochs > 0:
+        raise ConfigError(f"config key 'train.epochs' must be > 0, got {cfg.train.epochs}")
+    if cfg.train.epochs is not None and cfg.data.mix is not None:
+        raise ConfigError("train.epochs counts passes over one dataset (data.path); with "
+                          "data.mix give train.max_steps (the run's header shows the epochs "
+                          "of each source)")
+    positive = {"data.block_size": cfg.data.block_size,
+                "train.max_steps": 1 if cfg.train.max_steps is None else cfg.train.max_steps,
                 "eval.batches": cfg.eval.batches, "log.every": cfg.log.every,
                 "checkpoint.keep_last": cfg.checkpoint.keep_last}
     for key, value in positive.items():
@@ -301,6 +340,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"optim.warmup_steps must be >= 0 and optim.decay_steps >= 1 (or "
                           f"null), got {o.warmup_steps} and {o.decay_steps}")
     if o.schedule.startswith("wsd") and o.decay_steps is not None \
+            and cfg.train.max_steps is not None \
             and o.warmup_steps + o.decay_steps > cfg.train.max_steps:
         raise ConfigError(f"optim.schedule={o.schedule}: warmup ({o.warmup_steps}) and cooldown "
                           f"(optim.decay_steps={o.decay_steps}) do not fit in "

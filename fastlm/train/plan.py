@@ -158,6 +158,33 @@ def header(cfg: RunConfig, model, loader, *, world: int, micro: int, accum: int,
     return "\n".join(lines)
 
 
+def epoch_samples(loader, glob: int) -> tuple[int, int, str]:
+    """(samples an epoch, ``glob`` samples a step, what they are) of a training loader: its
+    blocks, or its pairs (the arguments of :func:`resolve_epochs` after the config)."""
+    if hasattr(loader, "pairs"):
+        return loader.pairs, glob, "pairs"
+    return loader.tokens_per_epoch // loader.block_size, glob, "blocks"
+
+
+def resolve_run_length(cfg: RunConfig, world: int) -> RunConfig:
+    """``cfg`` with train.epochs turned into train.max_steps from the prepared data, as the
+    run will (the plan of a run given in epochs)."""
+    if cfg.train.epochs is None:
+        return cfg
+    from fastlm.data.loader import BlockLoader
+    from fastlm.data.pairs import PairLoader
+    from fastlm.train.config import resolve_epochs
+
+    data = Path(cfg.data.path)
+    if not (data / "meta.json").is_file():
+        raise ConfigError(f"train.epochs: {data} is not prepared yet, and its size decides the "
+                          f"steps; prepare it first (or give train.max_steps)")
+    glob = resolve_batch(cfg.train, world)[2]
+    loader = PairLoader(data, cfg.data.block_size, 1) if cfg.train.objective == "dpo" else \
+        BlockLoader(data, cfg.data.block_size, 1)
+    return resolve_epochs(cfg, *epoch_samples(loader, glob))[0]
+
+
 def _data_line(cfg: RunConfig, loader, glob: int) -> str:
     rows = glob * cfg.train.max_steps  # blocks (pairs, for DPO) the run reads
     if hasattr(loader, "pairs"):  # preference pairs

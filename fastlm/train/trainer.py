@@ -27,7 +27,7 @@ from fastlm.data.format import FormatError
 from fastlm.data.loader import IGNORE_INDEX, Batch, BlockLoader
 from fastlm.train import checkpoint as ckpt
 from fastlm.train import dist as fdist
-from fastlm.train.config import ConfigError, RunConfig, resolve_batch
+from fastlm.train.config import ConfigError, RunConfig, resolve_batch, resolve_epochs
 from fastlm.train.dpo import REFERENCE_FREE, PairFlops, row_lengths
 from fastlm.train.dpo import STATS as DPO_STATS
 from fastlm.train.engine import deepspeed_config, initialize, release, resolve_precision
@@ -41,7 +41,7 @@ from fastlm.train.model import (
     hidden_size,
     param_groups,
 )
-from fastlm.train.plan import header
+from fastlm.train.plan import epoch_samples, header
 
 logger = logging.getLogger("fastlm")
 
@@ -114,6 +114,9 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> RunState:
     train_loader = _loader(cfg, data_dir, micro, "train", rank=rank, world_size=world,
                            seed=cfg.train.seed, mode=cfg.data.mode)
     val_loader = _val_loader(cfg, data_dir, micro, rank, world)
+    epochs_note = None
+    if cfg.train.epochs is not None:  # one dataset (a mixture is refused with epochs)
+        cfg, epochs_note = resolve_epochs(cfg, *epoch_samples(train_loader, glob))
     choices = _choices(cfg, data_dir)
     vocab = train_loader.split.vocab_size
 
@@ -160,8 +163,9 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> RunState:
         log = MetricsLog(out_dir, rank, total=cfg.train.max_steps, start=state.step,
                          tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
         log.write(head)
-        if resolved_note:
-            log.write(resolved_note)
+        for note in (resolved_note, epochs_note):
+            if note:
+                log.write(note)
         if lora_note and state.step == 0:
             log.write(lora_note)
         if rank == 0:

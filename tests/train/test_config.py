@@ -31,7 +31,7 @@ def test_every_shipped_config_loads():
 @pytest.mark.parametrize("text, overrides, match", [
     ("train: {max_stpes: 3}", [], r"unknown config key 'train.max_stpes'.*did you mean.*max_steps"),
     ("trian: {}", [], r"unknown config key 'trian'.*'train'"),
-    ("train: {max_steps: ten}", [], r"'train.max_steps' must be int, got 'ten'"),
+    ("train: {max_steps: ten}", [], r"'train.max_steps' must be int or null, got 'ten'"),
     ("train: {max_steps: 1.5}", [], r"'train.max_steps' must be int"),
     ("", ["train.precision=fp8"], r"'train.precision' must be one of"),
     ("", ["train.zero_stage=4"], r"'train.zero_stage' must be one of"),
@@ -197,3 +197,32 @@ def test_lr_schedules(schedule, extra, expected):
 def test_bad_schedule_settings_name_the_key(overrides, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, overrides)
+
+
+def test_run_length_in_epochs_or_steps(tmp_path):
+    """train.epochs as HF's num_train_epochs: one of it and train.max_steps; the command line's
+    replaces the file's other one; 1000 steps when neither is given."""
+    from fastlm.train.config import resolve_epochs
+
+    assert load_config(None).train.max_steps == 1000
+    steps = write(tmp_path, "train: {max_steps: 120}\n")
+    cfg = load_config(steps, ["train.epochs=2"])
+    assert (cfg.train.epochs, cfg.train.max_steps) == (2.0, None)
+    epochs = tmp_path / "e.yaml"
+    epochs.write_text("train: {epochs: 3}\n")
+    cfg = load_config(epochs, ["train.max_steps=7"])
+    assert (cfg.train.epochs, cfg.train.max_steps) == (None, 7)
+    with pytest.raises(ConfigError, match=r"one of train.max_steps \(5\) and train.epochs"):
+        load_config(None, ["train.epochs=2", "train.max_steps=5"])
+    with pytest.raises(ConfigError, match=r"one of train.max_steps"):
+        load_config(write(tmp_path, "train: {max_steps: 5, epochs: 1}\n"))
+    with pytest.raises(ConfigError, match=r"'train.epochs' must be > 0"):
+        load_config(None, ["train.epochs=0"])
+    with pytest.raises(ConfigError, match=r"train.epochs counts passes over one dataset"):
+        load_config(None, ["train.epochs=1", "data.mix={a: 1, b: 1}"])
+    # ceil(epochs x samples / global batch): the last step may start the next epoch
+    cfg, note = resolve_epochs(load_config(None, ["train.epochs=1.5"]), 113, 16)
+    assert (cfg.train.max_steps, cfg.train.epochs) == (11, None)
+    assert note == "train.epochs=1.5 -> train.max_steps=11 (113 blocks an epoch, 16 a step)"
+    assert resolve_epochs(load_config(None, ["train.epochs=0.001"]), 113, 16)[0].train \
+        .max_steps == 1

@@ -545,3 +545,13 @@ def test_validation_names_the_preference_loss_it_reports(sets, name):
     from fastlm.train.trainer import _pair_loss_name
 
     assert _pair_loss_name(load_config(None, ["train.objective=dpo", *sets])) == name
+
+
+def test_epochs_of_preference_pairs(prefs):
+    from fastlm.data.pairs import PairLoader
+    from fastlm.train.plan import resolve_run_length
+
+    cfg = load_config(None, [f"data.path={prefs}", "train.objective=dpo", "train.epochs=2",
+                             "train.micro_batch_size=4", "data.block_size=64"])
+    pairs = PairLoader(prefs, 64, 1).pairs
+    assert resolve_run_length(cfg, 2).train.max_steps == math.ceil(2 * pairs / 8)

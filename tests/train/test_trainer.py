@@ -1337,3 +1337,26 @@ def test_export_of_a_fine_tune_is_the_trained_model_not_its_base(tmp_path):
     check(tmp_path / "hf2")
     assert json.loads((tmp_path / "hf2" / "config.json").read_text()) == \
         json.loads((tmp_path / "run" / "hf" / "config.json").read_text())
+
+
+def test_a_run_given_in_epochs_takes_its_steps_from_the_data(tmp_path, tiny_data, capsys):
+    from fastlm.data.loader import BlockLoader
+    from fastlm.train.plan import plan, resolve_run_length
+
+    cfg = config(tmp_path, tiny_data, "train.micro_batch_size=4", "train.epochs=0.01",
+                 "eval.every=0")
+    blocks = BlockLoader(tiny_data, 32, 1).tokens_per_epoch // 32
+    steps = math.ceil(0.01 * blocks / 4)
+    # the plan counts them as the run will
+    assert plan(resolve_run_length(cfg, 1), 1)["tokens_total"] == steps * 4 * 32
+    state = run(cfg)
+    assert state.step == steps
+    out = capsys.readouterr().out
+    assert f"train.epochs=0.01 -> train.max_steps={steps} ({blocks:,} blocks an epoch" in out
+    assert f"{steps} steps read {steps * 4 / blocks:.3g} epochs" in out  # the header's
+    import yaml
+
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]
+    assert (saved["max_steps"], saved["epochs"]) == (steps, None)  # a resume counts steps
+    with pytest.raises(ConfigError, match="train.epochs: .* is not prepared yet"):
+        resolve_run_length(config(tmp_path, tmp_path / "none", "train.epochs=1"), 1)
