@@ -147,6 +147,11 @@ class LogConfig:
     every: int = 10
     tensorboard: bool = True
     progress: bool = True
+    # Weights & Biases (pip install wandb): the run's metrics and samples, its config, the same
+    # W&B run continued on resume; WANDB_API_KEY / WANDB_ENTITY / WANDB_MODE=offline as usual
+    wandb: bool = False
+    wandb_project: str = "fastlm"
+    wandb_run_name: str | None = None  # default: out_dir's name
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Rank-0 progress and metrics: a tqdm bar, a JSONL file and TensorBoard."""
+"""Rank-0 progress and metrics: a tqdm bar, a JSONL file, TensorBoard and Weights & Biases."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ class MetricsLog:
     """Writes nothing on ranks other than 0."""
 
     def __init__(self, out_dir: Path, rank: int, *, total: int, start: int, tensorboard: bool,
-                 progress: bool):
+                 progress: bool, wandb: dict | None = None):
+        """``wandb``: the arguments of ``wandb.init`` (project, name, config) to log there too;
+        the run's W&B id is kept in ``out_dir``, so a resume continues the same W&B run."""
         self.enabled = rank == 0
-        self._file = self._tb = self._bar = None
+        self._file = self._tb = self._bar = self._wandb = None
         if not self.enabled:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -31,6 +33,8 @@ class MetricsLog:
                 logging.getLogger("fastlm").warning(
                     "log.tensorboard is on but tensorboard is not installed "
                     "(pip install tensorboard); logging to metrics.jsonl only")
+        if wandb is not None:
+            self._wandb = _wandb_run(out_dir, wandb)
         if progress:
             from tqdm.auto import tqdm
 
@@ -49,6 +53,15 @@ class MetricsLog:
                     self._tb.add_scalar(k, v, step)
                 elif isinstance(v, str):  # samples: TensorBoard's text tab
                     self._tb.add_text(k, v, step)
+        if self._wandb is not None:
+            import html
+
+            import wandb
+
+            # a step W&B already has (a resume re-running steps) is dropped by W&B with a
+            # warning: it keeps the values first logged, which an exact resume repeats anyway
+            self._wandb.log({k: wandb.Html(f"<pre>{html.escape(v)}</pre>") if isinstance(v, str)
+                             else v for k, v in values.items() if v is not None}, step=step)
 
     def progress(self, step: int, postfix: dict) -> None:
         if self._bar is not None:
@@ -69,8 +82,29 @@ class MetricsLog:
             self._bar.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
         if self._file is not None:
             self._file.close()
+
+
+def _wandb_run(out_dir: Path, init: dict):
+    try:
+        import wandb
+    except ImportError as exc:
+        raise RuntimeError("log.wandb is on but wandb is not installed: pip install wandb "
+                           "(or 'fastlm[wandb]'), or set log.wandb=false") from exc
+    id_file = out_dir / "wandb_id"
+    if id_file.is_file():
+        run_id = id_file.read_text().strip()
+    else:
+        import uuid
+
+        run_id = uuid.uuid4().hex[:12]  # W&B's id alphabet (lowercase letters, digits)
+        tmp = id_file.with_name(id_file.name + ".tmp")
+        tmp.write_text(run_id + "\n")
+        os.replace(tmp, id_file)
+    return wandb.init(id=run_id, resume="allow", dir=str(out_dir), **init)
 
 
 def _purge(path: Path, step: int) -> None:

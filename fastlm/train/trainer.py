@@ -161,7 +161,8 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> RunState:
                             cfg.train.precision)
 
         log = MetricsLog(out_dir, rank, total=cfg.train.max_steps, start=state.step,
-                         tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
+                         tensorboard=cfg.log.tensorboard, progress=cfg.log.progress,
+                         wandb=_wandb_init(cfg, out_dir))
         log.write(head)
         for note in (resolved_note, epochs_note):
             if note:
@@ -686,6 +687,13 @@ def _short_names(paths: list[str]) -> list[str]:
     """Each directory's last component, or its whole path where two share one."""
     base = [Path(p).name or str(p) for p in paths]
     return [b if base.count(b) == 1 else str(p) for b, p in zip(base, paths)]
+
+
+def _wandb_init(cfg: RunConfig, out_dir: Path) -> dict | None:
+    if not cfg.log.wandb:
+        return None
+    return {"project": cfg.log.wandb_project, "name": cfg.log.wandb_run_name or out_dir.name,
+            "config": cfg.to_dict()}
 
 
 def _save_run_files(cfg: RunConfig, out_dir: Path, data_dir: Path) -> None:

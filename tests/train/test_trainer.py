@@ -3,6 +3,7 @@
 import json
 import math
 import time
+import types
 
 import pytest
 import torch
@@ -1360,3 +1361,54 @@ def test_a_run_given_in_epochs_takes_its_steps_from_the_data(tmp_path, tiny_data
     assert (saved["max_steps"], saved["epochs"]) == (steps, None)  # a resume counts steps
     with pytest.raises(ConfigError, match="train.epochs: .* is not prepared yet"):
         resolve_run_length(config(tmp_path, tmp_path / "none", "train.epochs=1"), 1)
+
+
+class _FakeWandb(types.ModuleType):
+    """wandb's calls the trainer makes, recorded (the offline library writes a binary log no
+    public API reads back; test_metrics runs the real one). A module with a spec: libraries
+    the trainer imports look for wandb with importlib."""
+
+    def __init__(self):
+        import importlib.machinery
+
+        super().__init__("wandb")
+        self.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+        self.inits, self.rows, self.finished = [], [], 0
+        self.Html = lambda text: ("html", text)
+
+    def init(self, **kw):
+        self.inits.append(kw)
+        return self
+
+    def log(self, values, step):
+        self.rows.append((step, values))
+
+    def finish(self):
+        self.finished += 1
+
+
+def test_wandb_logs_the_runs_metrics_config_and_samples_and_resumes_its_run(
+        tmp_path, tiny_data, monkeypatch):
+    import sys
+
+    fake = _FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    sets = ["train.micro_batch_size=4", "eval.every=2", "log.every=1", "log.wandb=true",
+            "checkpoint.every=2", "sample.tokens=4", "log.wandb_project=proj"]
+    run(config(tmp_path, tiny_data, "train.max_steps=2", *sets))
+    (first,) = fake.inits
+    assert first["project"] == "proj" and first["name"] == "run"
+    assert first["id"] == (tmp_path / "run" / "wandb_id").read_text().strip()
+    assert first["resume"] == "allow" and first["config"]["train"]["max_steps"] == 2
+    logged = {}
+    for step, values in fake.rows:
+        logged.setdefault(step, {}).update(values)
+    assert {"loss", "lr", "tokens_per_s", "grad_norm"} <= set(logged[1])
+    assert {"loss", "val_loss", "val_ppl"} <= set(logged[2])
+    assert logged[2]["sample"][0] == "html" and logged[2]["sample"][1].startswith("<pre>")
+    assert fake.finished == 1
+    jsonl = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert logged[2]["val_loss"] == next(r["val_loss"] for r in jsonl if "val_loss" in r)
+    # a resume continues the same W&B run
+    run(config(tmp_path, tiny_data, "train.max_steps=3", *sets), resume="auto")
+    assert fake.inits[1]["id"] == first["id"] and max(s for s, _ in fake.rows) == 3
