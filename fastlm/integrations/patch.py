@@ -205,6 +205,23 @@ def _loss_owner(model):
     return get_base() if callable(get_base) else model
 
 
+def _own_loss_function(model):
+    """``model.loss_function``, read without transformers' warning "`loss_type=None` was set
+    in the config but it is unrecognized. Using the default loss: `ForCausalLMLoss`": it
+    comes for every model whose class name carries no loss type (GPT-2's ``LMHeadModel``
+    classes), names the loss it falls back to (the right one), and reading it here is not
+    the user's doing (every patched GPT-2, every demo run, printed it)."""
+    import logging
+
+    log = logging.getLogger("transformers.modeling_utils")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        return model.loss_function
+    finally:
+        log.setLevel(level)
+
+
 def _patch_loss(model, h: PatchHandle) -> None:
     if model is not h.model and "_fastlm_patch" in model.__dict__:
         h.skipped["loss"] = "the base model was patched on its own (its handle has the loss)"
@@ -223,7 +240,7 @@ def _patch_loss(model, h: PatchHandle) -> None:
     _set_forward(h, model, model_forward(model))
     # bound to the model, and reading the model's own state, so that a deepcopy of the model
     # (a reference model, an EMA copy) runs on the copy's modules
-    model.__dict__["_fastlm_loss_original"] = model.loss_function
+    model.__dict__["_fastlm_loss_original"] = _own_loss_function(model)
     had_own = "_loss_function" in model.__dict__
     before = model.__dict__.get("_loss_function")
     model._loss_function = types.MethodType(loss_function, model)
