@@ -114,36 +114,78 @@ def complete_batch(model, tokenizer, prompts: list[str | list[dict]], *, max_new
         else:
             encoded.append(encode_prompt(tokenizer, p, chat=chat, history=opening))
     stops = encoded[0][1]
-    stop_set = set(stops if isinstance(stops, list) else [stops]) - {None}
-    ctx = context_length(model)
-    room = None if ctx is None else ctx - max_new_tokens
-    if room is not None and room < 1:
-        raise GenerateError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt "
-                            f"in the model's context of {ctx} tokens: lower it")
-    rows = [ids for ids, _ in encoded]
-    if room is not None and any(len(r) > room for r in rows):
-        logger.warning("prompts longer than %d tokens (the context of %d less "
-                       "--max-new-tokens) keep their last %d", room, ctx, room)
-        rows = [r[-room:] for r in rows]
     pad = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
-    from fastlm.train.model import eval_mode
-
-    with eval_mode(model):
-        out = model.generate(
-            ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-            pad_token_id=pad, **_sampling(temperature, top_k, top_p),
-            **({"eos_token_id": stops} if stop_set else {}))
+    new = _generate(model, [ids for ids, _ in encoded], max_new_tokens=max_new_tokens,
+                    sampling=_sampling(temperature, top_k, top_p), pad_token_id=pad,
+                    eos_token_id=stops, device=device)
+    stop_set = _stop_set(model, stops)
     texts = []
-    for row in out[:, width:].tolist():
+    for row in new:
         end = next((i for i, t in enumerate(row) if t in stop_set), len(row))
         texts.append(tokenizer.decode(row[:end], skip_special_tokens=True))
     return texts
+
+
+def _stop_set(model, eos_token_id) -> set[int]:
+    """The tokens that end a row: ``eos_token_id`` (an id or a list), else the model's own."""
+    if eos_token_id is None:
+        eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return set(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id]) - {None}
+
+
+def _generate(model, rows: list[list[int]], *, max_new_tokens: int, sampling: dict,
+              pad_token_id: int | None, eos_token_id=None, device=None) -> list[list[int]]:
+    """The new tokens of each row (its stop token last where it stopped), generated with the
+    KV cache, left-padded, in windows of the context the model was trained on (its physical
+    one where no fastlm run noted it): a row reaching it goes on from its last half (as
+    nanoGPT crops its context; one warning), a prompt that long starts from there. Positions
+    past the trained context never learned: a demo model trained on blocks of 128 turned its
+    samples to repeated syllables from position 128 on. Every row crops exactly where it
+    would alone, so a batch gives each prompt its own completion (greedy)."""
+    from fastlm.train.model import eval_mode
+
+    device = device or next(model.parameters()).device
+    ctx = context_length(model, trained=True)
+    stop_set = _stop_set(model, eos_token_id)
+    new: list[list[int]] = [[] for _ in rows]
+    active = list(range(len(rows))) if max_new_tokens > 0 else []
+    warned = False
+    with eval_mode(model):
+        while active:
+            contexts = []
+            for i in active:
+                seq = rows[i] + new[i]
+                if ctx is not None and len(seq) >= ctx:
+                    seq = seq[-(ctx // 2):]
+                    if not warned:
+                        logger.warning("generation passes the model's context of %d tokens: "
+                                       "it continues from the last %d", ctx, ctx // 2)
+                        warned = True
+                contexts.append(seq)
+            step = min(max_new_tokens - len(new[i]) for i in active)
+            if ctx is not None:
+                step = min(step, *(ctx - len(c) for c in contexts))
+            width = max(len(c) for c in contexts)
+            pad = 0 if pad_token_id is None else pad_token_id
+            ids = torch.full((len(contexts), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for k, c in enumerate(contexts):
+                ids[k, width - len(c):] = torch.tensor(c)
+                mask[k, width - len(c):] = 1
+            out = model.generate(
+                ids.to(device), attention_mask=mask.to(device), max_new_tokens=step,
+                pad_token_id=pad_token_id, **sampling,
+                **({} if eos_token_id is None else {"eos_token_id": eos_token_id}),
+            )[:, width:].tolist()
+            still = []
+            for i, gen in zip(active, out):
+                gen = gen[:step]
+                end = next((k for k, t in enumerate(gen) if t in stop_set), None)
+                new[i] += gen if end is None else gen[:end + 1]
+                if end is None and len(new[i]) < max_new_tokens:
+                    still.append(i)
+            active = still
+    return new
 
 
 def _sampling(temperature: float, top_k: int | None, top_p: float | None) -> dict:
@@ -157,34 +199,12 @@ def _sampling(temperature: float, top_k: int | None, top_p: float | None) -> dic
 def sample_ids(model, ids: torch.Tensor, *, max_new_tokens: int, temperature: float,
                top_k: int | None, top_p: float | None, pad_token_id: int | None,
                eos_token_id: int | list[int] | None = None) -> torch.Tensor:
-    """(1, prompt + new) token ids. Past the model's context the sampling goes on from the last
-    half-context of tokens (as nanoGPT crops its context): one warning says so, and each window
-    is generated with the KV cache. A prompt longer than the context is read from its last
-    half-context the same way. ``eos_token_id``: where to stop (default: the model's own)."""
-    from fastlm.train.model import eval_mode
-
-    ctx = context_length(model)
-    out, remaining, warned = ids, max_new_tokens, False
-    with eval_mode(model):
-        while remaining > 0:
-            context = out
-            if ctx is not None and out.shape[1] >= ctx:
-                context = out[:, -(ctx // 2):]
-                if not warned:
-                    logger.warning("generation passes the model's context of %d tokens: it "
-                                   "continues from the last %d", ctx, ctx // 2)
-                    warned = True
-            step = remaining if ctx is None else min(remaining, ctx - context.shape[1])
-            new = model.generate(
-                context, attention_mask=torch.ones_like(context), max_new_tokens=step,
-                pad_token_id=pad_token_id, **_sampling(temperature, top_k, top_p),
-                **({} if eos_token_id is None else {"eos_token_id": eos_token_id}),
-            )[:, context.shape[1]:]
-            out = torch.cat([out, new], dim=1)
-            remaining -= new.shape[1]
-            if new.shape[1] < step:  # it stopped at EOS
-                break
-    return out
+    """(1, prompt + new) token ids, in windows of the model's trained context (see
+    :func:`_generate`). ``eos_token_id``: where to stop (default: the model's own)."""
+    (new,) = _generate(model, [ids[0].tolist()], max_new_tokens=max_new_tokens,
+                       sampling=_sampling(temperature, top_k, top_p), pad_token_id=pad_token_id,
+                       eos_token_id=eos_token_id, device=ids.device)
+    return torch.cat([ids, torch.tensor([new], dtype=ids.dtype, device=ids.device)], dim=1)
 
 
 def load_model_dir(path: str | Path):

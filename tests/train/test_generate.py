@@ -95,19 +95,40 @@ def test_a_batch_completes_each_prompt_as_alone(tmp_path, kind):
     assert any(text for text in batch)
 
 
-def test_a_batch_keeps_the_end_of_prompts_past_the_context(tmp_path, caplog):
+def test_a_batch_crops_each_row_where_it_would_alone(tmp_path, caplog):
+    """Rows pass the context at different steps (a prompt longer than it, a short one): each
+    goes on from its last half-context exactly where it would alone, so greedy completions
+    equal the prompts' own; one warning."""
     from fastlm.data.tokenizer import byte_level
-    from fastlm.train.generate import GenerateError, complete_batch, sample
+    from fastlm.train.generate import complete_batch, sample
 
     tok = byte_level(tmp_path / "tok")
     model = _lm("gpt2", n_positions=16)
-    long = "abcdefghijklmnopqrstuvwxyz"
+    model.generation_config.eos_token_id = None  # never stop early: count every token
+    prompts = ["abcdefghijklmnopqrstuvwxyz", "ab", "0123456789"]
     with caplog.at_level(logging.WARNING, logger="fastlm"):
-        got = complete_batch(model, tok, [long, "ab"], max_new_tokens=4, temperature=0)
-    assert sum("keep their last 12" in r.message for r in caplog.records) == 1
-    assert sample(model, tok, long[-12:], max_new_tokens=4, temperature=0) == long[-12:] + got[0]
-    with pytest.raises(GenerateError, match="--max-new-tokens 16 leaves no room"):
-        complete_batch(model, tok, ["ab"], max_new_tokens=16)
+        got = complete_batch(model, tok, prompts, max_new_tokens=30, temperature=0)
+    assert sum("context of 16 tokens" in r.message for r in caplog.records) == 1
+    for prompt, text in zip(prompts, got):
+        assert sample(model, tok, prompt, max_new_tokens=30, temperature=0) == prompt + text
+
+
+def test_generation_crops_at_the_context_a_run_trained(caplog):
+    """A model whose fastlm run trained it on blocks of 8 (its config notes them; its position
+    table holds 16): sampling goes on from the last 4 tokens each time it reaches 8, as it
+    does at a physical context of 8, instead of reading positions it never learned."""
+    from fastlm.train.model import TRAINED_CONTEXT
+
+    model = _model(16)
+    setattr(model.config, TRAINED_CONTEXT, 8)
+    assert context_length(model, trained=True) == 8 and context_length(model) == 16
+    calls = []
+    real = model.generate
+    model.generate = lambda ids, **kw: calls.append(ids.shape[1]) or real(ids, **kw)
+    with caplog.at_level(logging.WARNING, logger="fastlm"):
+        out = _greedy(model, torch.tensor([[5, 6, 7]]), 20)
+    assert out.shape == (1, 23) and calls[0] == 3 and set(calls[1:]) == {4}
+    assert sum("context of 8 tokens" in r.message for r in caplog.records) == 1
 
 
 def _model_dir(tmp_path):
