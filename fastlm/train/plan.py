@@ -128,8 +128,8 @@ def _model_line(p: dict, cfg: RunConfig) -> str:
 def _batch_line(p: dict, cfg: RunConfig) -> str:
     return (f"batch      micro {p['micro_batch']} x accumulation {p['grad_accum']} x "
             f"{p['world_size']} rank(s) = {p['global_batch']} blocks = "
-            f"{_n(p['tokens_per_step'])} tokens a step; {cfg.train.max_steps:,} steps = "
-            f"{_n(p['tokens_total'])} tokens")
+            f"{_n(p['tokens_per_step']).rstrip()} tokens a step; {cfg.train.max_steps:,} steps "
+            f"= {_n(p['tokens_total']).rstrip()} tokens")
 
 
 def _training_line(p: dict, cfg: RunConfig) -> str:

@@ -142,7 +142,7 @@ def test_run_header_says_what_the_run_builds_and_how_often_it_reads_its_data(tin
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert f"10 steps read {10 * 12 * 64 / loader.tokens_per_epoch:.3g} epochs" in text
     assert f"({trainable / 1e3:.3g} k train: LoRA rank 4)" in text
-    assert "x 2 rank(s) = 12 blocks" in text and "ZeRO stage 2" in text
+    assert "x 2 rank(s) = 12 blocks = 768 tokens a step" in text and "ZeRO stage 2" in text
     assert "offloaded to the CPU" in text
     other = tmp_path / "other"
     shutil.copytree(tiny_data, other)
