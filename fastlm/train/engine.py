@@ -164,6 +164,17 @@ def lr_lambda(cfg: RunConfig):
     return factor
 
 
+def schedule_note(cfg: RunConfig) -> str | None:
+    """A warning where the warmup does not end before the run does (a run given in epochs, or
+    shortened, under a config's warmup): the lr never reaches optim.lr, nor decays."""
+    warm, total = cfg.optim.warmup_steps, cfg.train.max_steps
+    if warm < total:
+        return None
+    return (f"optim.warmup_steps={warm} is not shorter than the run ({total} steps): the lr "
+            f"rises for the whole run, peaking at {total / warm:.2g} x optim.lr, and never "
+            f"decays; set optim.warmup_steps lower")
+
+
 _DECAYS = {  # t: 0 -> 1 over the decay; 1 = optim.lr, 0 = optim.min_lr
     "cosine": lambda t: 0.5 * (1 + math.cos(math.pi * t)),
     "linear": lambda t: 1 - t,

@@ -30,7 +30,13 @@ from fastlm.train import dist as fdist
 from fastlm.train.config import ConfigError, RunConfig, resolve_batch, resolve_epochs
 from fastlm.train.dpo import REFERENCE_FREE, PairFlops, row_lengths
 from fastlm.train.dpo import STATS as DPO_STATS
-from fastlm.train.engine import deepspeed_config, initialize, release, resolve_precision
+from fastlm.train.engine import (
+    deepspeed_config,
+    initialize,
+    release,
+    resolve_precision,
+    schedule_note,
+)
 from fastlm.train.metrics import MetricsLog
 from fastlm.train.model import (
     build_model,
@@ -164,7 +170,7 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> RunState:
                          tensorboard=cfg.log.tensorboard, progress=cfg.log.progress,
                          wandb=_wandb_init(cfg, out_dir))
         log.write(head)
-        for note in (resolved_note, epochs_note):
+        for note in (resolved_note, epochs_note, schedule_note(cfg)):
             if note:
                 log.write(note)
         if lora_note and state.step == 0:

@@ -226,3 +226,14 @@ def test_run_length_in_epochs_or_steps(tmp_path):
     assert note == "train.epochs=1.5 -> train.max_steps=11 (113 blocks an epoch, 16 a step)"
     assert resolve_epochs(load_config(None, ["train.epochs=0.001"]), 113, 16)[0].train \
         .max_steps == 1
+
+
+def test_a_warmup_as_long_as_the_run_is_announced():
+    from fastlm.train.engine import lr_lambda, schedule_note
+
+    assert schedule_note(load_config(None, ["train.max_steps=101"])) is None  # warmup 100
+    cfg = load_config(None, ["train.max_steps=50"])
+    note = schedule_note(cfg)
+    assert note.startswith("optim.warmup_steps=100 is not shorter than the run (50 steps)")
+    # what it says: the last step's multiplier is 50/100 of optim.lr
+    assert "0.5 x optim.lr" in note and lr_lambda(cfg)(49) == 0.5

@@ -1345,7 +1345,7 @@ def test_a_run_given_in_epochs_takes_its_steps_from_the_data(tmp_path, tiny_data
     from fastlm.train.plan import plan, resolve_run_length
 
     cfg = config(tmp_path, tiny_data, "train.micro_batch_size=4", "train.epochs=0.01",
-                 "eval.every=0")
+                 "eval.every=0", "optim.warmup_steps=40")
     blocks = BlockLoader(tiny_data, 32, 1).tokens_per_epoch // 32
     steps = math.ceil(0.01 * blocks / 4)
     # the plan counts them as the run will
@@ -1355,6 +1355,8 @@ def test_a_run_given_in_epochs_takes_its_steps_from_the_data(tmp_path, tiny_data
     out = capsys.readouterr().out
     assert f"train.epochs=0.01 -> train.max_steps={steps} ({blocks:,} blocks an epoch" in out
     assert f"{steps} steps read {steps * 4 / blocks:.3g} epochs" in out  # the header's
+    # a config's warmup outlasting the steps the epochs came to is announced
+    assert f"optim.warmup_steps=40 is not shorter than the run ({steps} steps)" in out
     import yaml
 
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]
