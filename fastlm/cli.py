@@ -1,4 +1,4 @@
-"""The ``fastlm`` command: env, prepare, train, generate, export, bench.
+"""The ``fastlm`` command: env, prepare, tokenizer, train, generate, export, eval, bench.
 
 Each subcommand lives in the module that owns it; this file only wires them. A module provides
 ``add_arguments(parser)`` and ``run(args) -> int``. Subcommands whose module is not installed
@@ -17,6 +17,8 @@ from fastlm import _gc
 SUBCOMMANDS = {
     "env": ("fastlm.cli_env", "report versions, compilers, CPU/GPU features and op backends"),
     "prepare": ("fastlm.data.cli", "clean, deduplicate, tokenize and pack a corpus into shards"),
+    "tokenizer": ("fastlm.data.train_tokenizer", "train one tokenizer on several corpora (for "
+                                                 "the sources of a data mixture)"),
     "train": ("fastlm.train.cli", "pretrain or fine-tune a GPT model (one process; use the "
                                    "deepspeed launcher for several)"),
     "generate": ("fastlm.train.generate", "sample text from a checkpoint or Hugging Face directory"),
