@@ -252,6 +252,53 @@ def test_prepare_same_shards_with_and_without_native_kernels(tmp_path, monkeypat
     assert a == b
 
 
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+          "'<|im_end|>\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def test_chat_fine_tuning_data_same_with_and_without_native_kernels(tmp_path, monkeypatch,
+                                                                     tok, lib):
+    """An instruct-style BPE directory (ChatML markers as special tokens, its template): the
+    conversations' segments hold the markers, which the C++ encoder now splits off itself (it
+    handed every such segment to the library): the shards equal the library's, and the
+    encoder took the segments."""
+    from fastlm.data.tokenizer import load
+
+    tok.save_pretrained(tmp_path / "chatml")
+    chat_tok = load(tmp_path / "chatml")
+    chat_tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    chat_tok.eos_token = "<|im_end|>"
+    chat_tok.chat_template = CHATML
+    chat_tok.save_pretrained(tmp_path / "chatml")
+    rng = random.Random(3)
+    path = tmp_path / "chat.jsonl"
+    with open(path, "w") as f:
+        for _ in range(40):
+            f.write(json.dumps({"messages": [
+                {"role": "user", "content": rng.choice(TEXT)[:300]},
+                {"role": "assistant", "content": rng.choice(TEXT)[:500]}]}) + "\n")
+    calls = []
+    real = B.NativeBpe.encode
+    monkeypatch.setattr(B.NativeBpe, "encode",
+                        lambda self, texts, threads=None: calls.append(real(self, texts, threads))
+                        or calls[-1])
+    kw = dict(tokenizer=str(tmp_path / "chatml"), sft=True, val_fraction=0.1, progress=False)
+    fast = prepare([path], tmp_path / "fast", **kw)
+    assert calls and all(left == [] for _, left in calls)  # every segment encoded natively
+    monkeypatch.setenv("FASTLM_TEXT_NATIVE", "0")
+    native.load.cache_clear()
+    B._LAST[:] = [None, None]
+    try:
+        slow = prepare([path], tmp_path / "slow", **kw)
+    finally:
+        monkeypatch.delenv("FASTLM_TEXT_NATIVE")
+        native.load.cache_clear()
+        B._LAST[:] = [None, None]
+    for name in ("train_00000.bin", "train_00000.mask.bin", "val_00000.bin", "val_00000.mask.bin"):
+        assert (fast / name).read_bytes() == (slow / name).read_bytes(), name
+
+
 def test_unbuildable_library_warns_once_and_falls_back(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTLM_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
