@@ -11,6 +11,7 @@ plain Hugging Face model.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 
@@ -24,6 +25,10 @@ def _peft():
         raise ConfigError("model.lora needs the peft package: pip install 'fastlm[lora]' "
                           "(or pip install peft), or drop model.lora to train every weight"
                           ) from exc
+    # PEFT reads `is_gradient_checkpointing`, which transformers 5 deprecates: a FutureWarning
+    # at every adapter load that no fastlm user can act on
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            message="`is_gradient_checkpointing` is deprecated")
     return peft
 
 

@@ -189,16 +189,20 @@ def _data_line(cfg: RunConfig, loader, glob: int) -> str:
     rows = glob * cfg.train.max_steps  # blocks (pairs, for DPO) the run reads
     if hasattr(loader, "pairs"):  # preference pairs
         return (f"data       {cfg.data.path}: {loader.pairs:,} training pairs; "
-                f"{cfg.train.max_steps:,} steps read {rows / loader.pairs:.3g} epochs")
+                f"{cfg.train.max_steps:,} steps read {_epochs(rows / loader.pairs)}")
     if hasattr(loader, "sources"):  # a mixture: each source's share of the blocks
         block = cfg.data.block_size
-        each = ", ".join(f"{path} {w:.3g} ({rows * w * block / src.tokens_per_epoch:.3g} epochs)"
+        each = ", ".join(f"{path} {w:.3g} ({_epochs(rows * w * block / src.tokens_per_epoch)})"
                          for (path, w), src in zip(loader.mix.items(), loader.sources))
         return f"data       mixture of {each}"
     epochs = rows * cfg.data.block_size / loader.tokens_per_epoch
     return (f"data       {cfg.data.path}: {_n(loader.tokens_per_epoch).rstrip()} training tokens in "
             f"blocks of {cfg.data.block_size}; {cfg.train.max_steps:,} steps read "
-            f"{epochs:.3g} epochs")
+            f"{_epochs(epochs)}")
+
+
+def _epochs(x: float) -> str:
+    return f"{x:.3g} epoch" + ("" if f"{x:.3g}" == "1" else "s")
 
 
 def _n(x: float) -> str:
