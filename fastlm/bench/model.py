@@ -32,6 +32,7 @@ would reach alone, whatever else the bench holds."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import shlex
 import sys
@@ -125,11 +126,34 @@ def _config(kind: str, preset: str | None, max_len: int):
         keys.pop("model_type")
         conf = AutoConfig.for_model(kind, **{**keys, **NO_DROPOUT.get(kind, {})})
     else:
-        conf = AutoConfig.for_model(kind, **SIZES[kind], **NO_DROPOUT.get(kind, {}))
+        conf = AutoConfig.for_model(kind, **SIZES[kind], **_special_ids(kind, SIZES[kind]),
+                                    **NO_DROPOUT.get(kind, {}))
     ctx = "n_positions" if hasattr(conf, "n_positions") else "max_position_embeddings"
     if hasattr(conf, ctx):
         setattr(conf, ctx, max(getattr(conf, ctx) or 0, max_len, 4096 if preset is None else 0))
     return conf
+
+
+def _special_ids(kind: str, sizes: dict) -> dict:
+    """The architecture's default special token ids that lie past the bench's vocabulary
+    (GPT-2's 50256, Phi-3's 32000, ...), moved to its last id: transformers warned about each
+    at every config built."""
+    from transformers import CONFIG_MAPPING
+
+    vocab = sizes.get("vocab_size")
+    log = logging.getLogger("transformers")
+    level = log.level
+    log.setLevel(logging.ERROR)  # a default config may warn about its own defaults
+    try:
+        defaults = CONFIG_MAPPING[kind]()
+    finally:
+        log.setLevel(level)
+    out = {}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(defaults, key, None)
+        if vocab is not None and key not in sizes and isinstance(value, int) and value >= vocab:
+            out[key] = vocab - 1
+    return out
 
 
 def _preset_keys(preset: str) -> dict:
