@@ -183,9 +183,9 @@ def test_adapters_export_alone_for_peft_and_transformers(tmp_path, tiny_data, ca
     hf = base()
     hf.load_adapter(str(tmp_path / "adapter"))
     # fastlm generate / eval take the adapter directory: its base + the adapters, merged
-    from fastlm.train.generate import load_model_dir
-
     import warnings
+
+    from fastlm.train.generate import load_model_dir
 
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
