@@ -57,20 +57,62 @@ def context_length(model, *, trained: bool = False) -> int | None:
 def sample(model, tokenizer, prompt: str, *, max_new_tokens: int, temperature: float = 0.8,
            top_k: int | None = 50, top_p: float | None = None, device=None,
            seed: int | None = None, chat: bool = False,
-           history: list[dict] | None = None) -> str:
+           history: list[dict] | None = None, on_text=None) -> str:
     """Prompt + up to ``max_new_tokens`` sampled tokens (fewer if EOS comes first), as text.
     ``chat``: the prompt is a user's message, after the conversation so far (``history``, chat
     messages), laid out by the tokenizer's chat template (the layout `fastlm prepare --sft`
-    fine-tuned on); the answer alone comes back, ended where the template ends a response."""
+    fine-tuned on); the answer alone comes back, ended where the template ends a response.
+    ``on_text``: called with each piece of that text as it is generated (the console's
+    streaming), the pieces adding up to what comes back."""
     device = device or next(model.parameters()).device
     ids, stops = encode_prompt(tokenizer, prompt, chat=chat, history=history)
     ids = torch.tensor([ids])
     if seed is not None:
         torch.manual_seed(seed)
+    streamer = None if on_text is None else _TextPieces(tokenizer, on_text, with_prompt=not chat)
     out = sample_ids(model, ids.to(device), max_new_tokens=max_new_tokens,
                      temperature=temperature, top_k=top_k, top_p=top_p,
-                     pad_token_id=tokenizer.eos_token_id, eos_token_id=stops)
+                     pad_token_id=tokenizer.eos_token_id, eos_token_id=stops, streamer=streamer)
+    if streamer is not None:
+        streamer.flush()
     return tokenizer.decode(out[0, ids.shape[1]:] if chat else out[0], skip_special_tokens=True)
+
+
+class _TextPieces:
+    """transformers' streamer interface for one row: the text of the tokens generated so far,
+    decoded whole each time (a character cut between tokens waits for the rest) and handed on
+    by its new part. Each window of :func:`_generate` is a generate call that puts its
+    context first: the first one's is the prompt (handed on unless ``with_prompt`` is off),
+    the later ones' are text already handed on."""
+
+    def __init__(self, tokenizer, on_text, *, with_prompt: bool):
+        self.tokenizer, self.on_text = tokenizer, on_text
+        self.ids: list[int] = []
+        self.shown, self.calls, self.context_next = 0, 0, True
+        self.with_prompt = with_prompt
+
+    def put(self, value) -> None:
+        if self.context_next:  # a generate call's context
+            self.context_next = False
+            self.calls += 1
+            if not (self.calls == 1 and self.with_prompt):
+                return
+        self.ids += value.reshape(-1).tolist()
+        self._show(final=False)
+
+    def end(self) -> None:
+        self.context_next = True
+
+    def _show(self, final: bool) -> None:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if (text.endswith("\ufffd") and not final) or len(text) <= self.shown:
+            return
+        self.on_text(text[self.shown:])
+        self.shown = len(text)
+
+    def flush(self) -> None:
+        """What is left once generation is over (bytes that never made a character)."""
+        self._show(final=True)
 
 
 def encode_prompt(tokenizer, prompt: str, *, chat: bool = False,
@@ -134,7 +176,8 @@ def _stop_set(model, eos_token_id) -> set[int]:
 
 
 def _generate(model, rows: list[list[int]], *, max_new_tokens: int, sampling: dict,
-              pad_token_id: int | None, eos_token_id=None, device=None) -> list[list[int]]:
+              pad_token_id: int | None, eos_token_id=None, device=None,
+              streamer=None) -> list[list[int]]:
     """The new tokens of each row (its stop token last where it stopped), generated with the
     KV cache, left-padded, in windows of the context the model was trained on (its physical
     one where no fastlm run noted it): a row reaching it goes on from its last half (as
@@ -176,6 +219,7 @@ def _generate(model, rows: list[list[int]], *, max_new_tokens: int, sampling: di
                 ids.to(device), attention_mask=mask.to(device), max_new_tokens=step,
                 pad_token_id=pad_token_id, **sampling,
                 **({} if eos_token_id is None else {"eos_token_id": eos_token_id}),
+                **({} if streamer is None else {"streamer": streamer}),  # one row only
             )[:, width:].tolist()
             still = []
             for i, gen in zip(active, out):
@@ -198,12 +242,12 @@ def _sampling(temperature: float, top_k: int | None, top_p: float | None) -> dic
 @torch.no_grad()
 def sample_ids(model, ids: torch.Tensor, *, max_new_tokens: int, temperature: float,
                top_k: int | None, top_p: float | None, pad_token_id: int | None,
-               eos_token_id: int | list[int] | None = None) -> torch.Tensor:
+               eos_token_id: int | list[int] | None = None, streamer=None) -> torch.Tensor:
     """(1, prompt + new) token ids, in windows of the model's trained context (see
     :func:`_generate`). ``eos_token_id``: where to stop (default: the model's own)."""
     (new,) = _generate(model, [ids[0].tolist()], max_new_tokens=max_new_tokens,
                        sampling=_sampling(temperature, top_k, top_p), pad_token_id=pad_token_id,
-                       eos_token_id=eos_token_id, device=ids.device)
+                       eos_token_id=eos_token_id, device=ids.device, streamer=streamer)
     return torch.cat([ids, torch.tensor([new], dtype=ids.dtype, device=ids.device)], dim=1)
 
 
@@ -296,11 +340,11 @@ def run(args) -> int:
         return _converse(model, tok, args)
     history = [] if args.system is None else [{"role": "system", "content": args.system}]
     for i in range(args.num_samples):
-        text = sample(model, tok, args.prompt, max_new_tokens=args.max_new_tokens,
-                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                      seed=None if args.seed is None else args.seed + i, chat=args.chat,
-                      history=history)
-        print(text)
+        sample(model, tok, args.prompt, max_new_tokens=args.max_new_tokens,
+               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+               seed=None if args.seed is None else args.seed + i, chat=args.chat,
+               history=history, on_text=_print_piece)
+        print(flush=True)
         if i + 1 < args.num_samples:
             print("-" * 40)
     return 0
@@ -328,12 +372,17 @@ def _converse(model, tok, args) -> int:
                        max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                        top_k=args.top_k, top_p=args.top_p,
                        seed=None if args.seed is None else args.seed + i, chat=args.chat,
-                       history=history)
-        print(reply, flush=True)
+                       history=history, on_text=_print_piece)
+        print(flush=True)
         if args.chat:
             history += [{"role": "user", "content": message},
                         {"role": "assistant", "content": reply}]
     return 0
+
+
+def _print_piece(text: str) -> None:
+    """The console shows the text as it is generated (a big model's reply takes seconds)."""
+    print(text, end="", flush=True)
 
 
 def _lines(prompt: str):

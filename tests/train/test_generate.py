@@ -274,3 +274,30 @@ def test_bad_conversation_prompts_are_named(tmp_path, capsys, record, extra, mes
     assert main(["generate", str(path), "--prompts", str(tmp_path / "prompts.jsonl"),
                  *extra]) == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_the_console_streams_the_text_sample_returns(tmp_path):
+    """on_text gets the text as it is generated; its pieces add up to what sample returns:
+    the prompt and its completion, across the windows of a context of 16 (every window puts
+    its context first: only the prompt's is shown) and through characters cut between byte
+    tokens; for a chat model the reply alone."""
+    from fastlm.data.tokenizer import byte_level
+    from fastlm.train.generate import sample
+
+    tok = byte_level(tmp_path / "tok")
+    model = _lm("gpt2", n_positions=16)
+    model.generation_config.eos_token_id = None  # never stop early: count every token
+    for prompt in ("hello", "h\u00e9llo \u4e2d"):
+        pieces = []
+        text = sample(model, tok, prompt, max_new_tokens=40, temperature=0,
+                      on_text=pieces.append)
+        assert "".join(pieces) == text, pieces
+        # token by token where they make characters (this random model's bytes often do not:
+        # those come at the end, as bytes that never made a character)
+        assert len(pieces) > 10 or prompt != "hello", pieces
+    chat_tok = _chat_tokenizer(tmp_path / "chat")
+    chat_model = _lm("llama", n_positions=64)
+    pieces = []
+    reply = sample(chat_model, chat_tok, "Hi?", max_new_tokens=12, temperature=0, chat=True,
+                   on_text=pieces.append)
+    assert "".join(pieces) == reply and "Hi?" not in reply
