@@ -170,7 +170,7 @@ def complete_batch(model, tokenizer, prompts: list[str | list[dict]], *, max_new
 
 def _stop_set(model, eos_token_id) -> set[int]:
     """The tokens that end a row: ``eos_token_id`` (an id or a list), else the model's own."""
-    if eos_token_id is None:
+    if eos_token_id in (None, []):
         eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     return set(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id]) - {None}
 
@@ -218,7 +218,7 @@ def _generate(model, rows: list[list[int]], *, max_new_tokens: int, sampling: di
             out = model.generate(
                 ids.to(device), attention_mask=mask.to(device), max_new_tokens=step,
                 pad_token_id=pad_token_id, **sampling,
-                **({} if eos_token_id is None else {"eos_token_id": eos_token_id}),
+                **({} if eos_token_id in (None, []) else {"eos_token_id": eos_token_id}),
                 **({} if streamer is None else {"streamer": streamer}),  # one row only
             )[:, width:].tolist()
             still = []
