@@ -126,6 +126,11 @@ def _model_line(p: dict, cfg: RunConfig) -> str:
 
 
 def _batch_line(p: dict, cfg: RunConfig) -> str:
+    if cfg.train.objective == "dpo":  # rows of a pair's own length, not blocks
+        return (f"batch      micro {p['micro_batch']} x accumulation {p['grad_accum']} x "
+                f"{p['world_size']} rank(s) = {p['global_batch']} pairs a step (a chosen and "
+                f"a rejected answer each, up to {cfg.data.block_size} tokens); "
+                f"{cfg.train.max_steps:,} steps")
     return (f"batch      micro {p['micro_batch']} x accumulation {p['grad_accum']} x "
             f"{p['world_size']} rank(s) = {p['global_batch']} blocks = "
             f"{_n(p['tokens_per_step']).rstrip()} tokens a step; {cfg.train.max_steps:,} steps "

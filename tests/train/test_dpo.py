@@ -332,7 +332,8 @@ def test_lora_dpo_run_learns_to_prefer_the_chosen_answers(tmp_path, prefs, capsy
     from fastlm.data.pairs import PairLoader
 
     pairs = PairLoader(prefs, 64, 4).pairs
-    glob = int(re.search(r"= (\d+) blocks", out).group(1))
+    glob = int(re.search(r"= (\d+) pairs a step \(a chosen and a rejected answer each, "
+                         r"up to 64 tokens\); 25 steps", out).group(1))
     assert f"{pairs:,} training pairs; 25 steps read {25 * glob / pairs:.3g} epochs" in out
 
 
