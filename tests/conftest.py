@@ -39,6 +39,21 @@ def _fixed_seeds():
     yield
 
 
+@pytest.fixture
+def transformers_log():
+    """The messages transformers logs during the test (its loggers write to a stream of their
+    own, which capsys and capfd do not see)."""
+    import logging
+
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    log = logging.getLogger("transformers")
+    log.addHandler(handler)
+    yield seen
+    log.removeHandler(handler)
+
+
 @pytest.fixture(scope="session")
 def zero_runs(tmp_path_factory):
     """One 2-rank DeepSpeed launch (CPU, gloo) of tests/optim/zero_script.py, shared by the

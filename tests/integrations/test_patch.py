@@ -672,25 +672,17 @@ def test_rotary_tables_the_kernel_cannot_take_stay_with_hf():
     handle.undo()
 
 
-def test_patching_gpt2_prints_no_loss_type_warning():
+def test_patching_gpt2_prints_no_loss_type_warning(transformers_log):
     """transformers warns that GPT-2's loss_type None is unrecognized when its loss_function is
     read (it falls back to the causal-LM loss, the right one); the patch reads it, and had made
     every patched GPT-2 (every demo run) print that. The warning is shown once a process:
     its cache is cleared so that this test can see it."""
     import logging
 
-    seen = []
-    handler = logging.Handler()
-    handler.emit = lambda record: seen.append(record.getMessage())
-    log = logging.getLogger("transformers.modeling_utils")
-    log.addHandler(handler)
-    try:
-        config = AutoConfig.for_model("gpt2", **ARCHS["gpt2"], vocab_size=128)
-        logging.Logger.warning_once.cache_clear()
-        fastlm.patch(AutoModelForCausalLM.from_config(config), verbose=False)
-        assert not any("is unrecognized" in m for m in seen), seen
-        logging.Logger.warning_once.cache_clear()
-        AutoModelForCausalLM.from_config(config).loss_function  # noqa: B018 (the control)
-        assert any("is unrecognized" in m for m in seen)
-    finally:
-        log.removeHandler(handler)
+    config = AutoConfig.for_model("gpt2", **ARCHS["gpt2"], vocab_size=128)
+    logging.Logger.warning_once.cache_clear()
+    fastlm.patch(AutoModelForCausalLM.from_config(config), verbose=False)
+    assert not any("is unrecognized" in m for m in transformers_log), transformers_log
+    logging.Logger.warning_once.cache_clear()
+    AutoModelForCausalLM.from_config(config).loss_function  # noqa: B018 (the control)
+    assert any("is unrecognized" in m for m in transformers_log)
