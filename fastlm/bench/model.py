@@ -32,7 +32,6 @@ would reach alone, whatever else the bench holds."""
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import shlex
 import sys
@@ -140,14 +139,11 @@ def _special_ids(kind: str, sizes: dict) -> dict:
     at every config built."""
     from transformers import CONFIG_MAPPING
 
+    from fastlm.integrations.transformers import quiet
+
     vocab = sizes.get("vocab_size")
-    log = logging.getLogger("transformers")
-    level = log.level
-    log.setLevel(logging.ERROR)  # a default config may warn about its own defaults
-    try:
+    with quiet():  # a default config may warn about its own defaults
         defaults = CONFIG_MAPPING[kind]()
-    finally:
-        log.setLevel(level)
     out = {}
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         value = getattr(defaults, key, None)

@@ -5,9 +5,9 @@ Steps: read (``readers``) -> normalise + filter (parallel ``datasets.map``) -> e
 deduplication (sequential: they compare documents) -> train/validation split by a hash of each
 document (independent of order and of the number of processes) -> tokenizer -> tokens + EOS
 -> shards. The output is built in a temporary sibling directory and renamed into place.
-Plain documents stream: cleaning writes them to Arrow files there, the later steps read them a
-batch at a time (memory holds the deduplication index, not the text); fine-tuning records,
-small sets, are held in memory.
+Documents stream: cleaning (or, for fine-tuning records, rendering) writes them to Arrow files
+there, and the later steps read them a batch at a time (memory holds the deduplication index,
+not the text).
 
 Cleaning and BPE encoding run fastlm's C++ text kernels (``csrc/text``, see
 :mod:`fastlm.data.native`), which give the same results as the Python references and the
@@ -565,14 +565,6 @@ def _drop(report, reason: str, chars: int) -> None:
 def _dropped_summary(report) -> str:
     parts = [f"{k}: {v['docs']} docs" for k, v in sorted(report["dropped"].items())]
     return f"{report['docs_in']} documents in; dropped " + (", ".join(parts) or "none")
-
-
-def _progress(it, enabled: bool, desc: str):
-    if not enabled:
-        return it
-    from tqdm.auto import tqdm
-
-    return tqdm(it, desc=desc, leave=False, mininterval=0.5)
 
 
 def _bar(total: int, enabled: bool, desc: str):

@@ -34,6 +34,7 @@ from fastlm.integrations._patch_loss import (
 )
 from fastlm.integrations._patch_probe import disagrees as _disagrees
 from fastlm.integrations._patch_rope import rope_forward, rope_target
+from fastlm.integrations.transformers import quiet
 
 logger = logging.getLogger("fastlm")
 
@@ -211,15 +212,8 @@ def _own_loss_function(model):
     comes for every model whose class name carries no loss type (GPT-2's ``LMHeadModel``
     classes), names the loss it falls back to (the right one), and reading it here is not
     the user's doing (every patched GPT-2, every demo run, printed it)."""
-    import logging
-
-    log = logging.getLogger("transformers.modeling_utils")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
+    with quiet("transformers.modeling_utils"):
         return model.loss_function
-    finally:
-        log.setLevel(level)
 
 
 def _patch_loss(model, h: PatchHandle) -> None:

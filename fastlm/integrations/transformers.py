@@ -15,6 +15,7 @@ The attention function and the mask format live in :mod:`fastlm.integrations._hf
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import sys
@@ -27,6 +28,20 @@ _TRIGGER = "transformers.modeling_utils"  # defines AttentionInterface; imports 
 _logger = logging.getLogger("fastlm")
 _lock = threading.RLock()  # re-entrant: registering may import modules
 _state = {"registered": False, "hook": None}
+
+
+@contextlib.contextmanager
+def quiet(name: str = "transformers"):
+    """transformers' warnings under logger ``name`` held back while fastlm reads or builds
+    something whose warning is not the user's doing (the logger's level raised, then put
+    back)."""
+    log = logging.getLogger(name)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def register() -> None:

@@ -163,12 +163,12 @@ def header(cfg: RunConfig, model, loader, *, world: int, micro: int, accum: int,
     return "\n".join(lines)
 
 
-def epoch_samples(loader, glob: int) -> tuple[int, int, str]:
-    """(samples an epoch, ``glob`` samples a step, what they are) of a training loader: its
-    blocks, or its pairs (the arguments of :func:`resolve_epochs` after the config)."""
+def epoch_samples(loader) -> tuple[int, str]:
+    """(samples an epoch, what they are) of a training loader of one dataset: its blocks, or
+    its pairs."""
     if hasattr(loader, "pairs"):
-        return loader.pairs, glob, "pairs"
-    return loader.tokens_per_epoch // loader.block_size, glob, "blocks"
+        return loader.pairs, "pairs"
+    return loader.tokens_per_epoch // loader.block_size, "blocks"
 
 
 def resolve_run_length(cfg: RunConfig, world: int) -> RunConfig:
@@ -187,23 +187,22 @@ def resolve_run_length(cfg: RunConfig, world: int) -> RunConfig:
     glob = resolve_batch(cfg.train, world)[2]
     loader = PairLoader(data, cfg.data.block_size, 1) if cfg.train.objective == "dpo" else \
         BlockLoader(data, cfg.data.block_size, 1)
-    return resolve_epochs(cfg, *epoch_samples(loader, glob))[0]
+    samples, what = epoch_samples(loader)
+    return resolve_epochs(cfg, samples, glob, what)[0]
 
 
 def _data_line(cfg: RunConfig, loader, glob: int) -> str:
     rows = glob * cfg.train.max_steps  # blocks (pairs, for DPO) the run reads
-    if hasattr(loader, "pairs"):  # preference pairs
-        return (f"data       {cfg.data.path}: {loader.pairs:,} training pairs; "
-                f"{cfg.train.max_steps:,} steps read {_epochs(rows / loader.pairs)}")
     if hasattr(loader, "sources"):  # a mixture: each source's share of the blocks
-        block = cfg.data.block_size
-        each = ", ".join(f"{path} {w:.3g} ({_epochs(rows * w * block / src.tokens_per_epoch)})"
+        each = ", ".join(f"{path} {w:.3g} ({_epochs(rows * w / epoch_samples(src)[0])})"
                          for (path, w), src in zip(loader.mix.items(), loader.sources))
         return f"data       mixture of {each}"
-    epochs = rows * cfg.data.block_size / loader.tokens_per_epoch
-    return (f"data       {cfg.data.path}: {_n(loader.tokens_per_epoch).rstrip()} training tokens in "
-            f"blocks of {cfg.data.block_size}; {cfg.train.max_steps:,} steps read "
-            f"{_epochs(epochs)}")
+    samples, what = epoch_samples(loader)
+    held = (f"{samples:,} training pairs" if what == "pairs" else
+            f"{_n(loader.tokens_per_epoch).rstrip()} training tokens in blocks of "
+            f"{cfg.data.block_size}")
+    return (f"data       {cfg.data.path}: {held}; {cfg.train.max_steps:,} steps read "
+            f"{_epochs(rows / samples)}")
 
 
 def _epochs(x: float) -> str:

@@ -122,7 +122,8 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> RunState:
     val_loader = _val_loader(cfg, data_dir, micro, rank, world)
     epochs_note = None
     if cfg.train.epochs is not None:  # one dataset (a mixture is refused with epochs)
-        cfg, epochs_note = resolve_epochs(cfg, *epoch_samples(train_loader, glob))
+        samples, what = epoch_samples(train_loader)
+        cfg, epochs_note = resolve_epochs(cfg, samples, glob, what)
     choices = _choices(cfg, data_dir)
     vocab = train_loader.split.vocab_size
 
