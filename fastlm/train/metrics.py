@@ -88,12 +88,20 @@ class MetricsLog:
             self._file.close()
 
 
-def _wandb_run(out_dir: Path, init: dict):
+def require_wandb():
+    """The wandb module, or an error naming the config key and the fix."""
     try:
         import wandb
     except ImportError as exc:
-        raise RuntimeError("log.wandb is on but wandb is not installed: pip install wandb "
-                           "(or 'fastlm[wandb]'), or set log.wandb=false") from exc
+        from fastlm.train.config import ConfigError
+
+        raise ConfigError("log.wandb is on but wandb is not installed: pip install wandb "
+                          "(or 'fastlm[wandb]'), or set log.wandb=false") from exc
+    return wandb
+
+
+def _wandb_run(out_dir: Path, init: dict):
+    wandb = require_wandb()
     id_file = out_dir / "wandb_id"
     if id_file.is_file():
         run_id = id_file.read_text().strip()

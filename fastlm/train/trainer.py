@@ -102,6 +102,10 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> RunState:
     if cfg.train.precision == "fp16" and dev.type != "cuda":
         raise ConfigError("train.precision=fp16 needs a GPU (DeepSpeed has no fp16 on the CPU); "
                           "use train.precision=bf16 or fp32 here")
+    if cfg.log.wandb and rank == 0:  # before anything is built or written
+        from fastlm.train.metrics import require_wandb
+
+        require_wandb()
     micro, accum, glob = resolve_batch(cfg.train, world)
     out_dir = Path(cfg.out_dir)
     ckpt_dir = out_dir / "checkpoints"

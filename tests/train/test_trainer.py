@@ -1414,3 +1414,14 @@ def test_wandb_logs_the_runs_metrics_config_and_samples_and_resumes_its_run(
     # a resume continues the same W&B run
     run(config(tmp_path, tiny_data, "train.max_steps=3", *sets), resume="auto")
     assert fake.inits[1]["id"] == first["id"] and max(s for s, _ in fake.rows) == 3
+
+
+def test_wandb_without_the_library_is_a_config_error_before_anything_is_written(
+        tmp_path, tiny_data, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    with pytest.raises(ConfigError, match=r"log.wandb is on but wandb is not installed: pip "
+                                          r"install wandb .*or set log.wandb=false"):
+        run(config(tmp_path, tiny_data, "log.wandb=true", "train.max_steps=1"))
+    assert not (tmp_path / "run").exists()
