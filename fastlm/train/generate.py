@@ -189,6 +189,10 @@ def _generate(model, rows: list[list[int]], *, max_new_tokens: int, sampling: di
 
     device = device or next(model.parameters()).device
     ctx = context_length(model, trained=True)
+    # which context it is, for the warning: a run's blocks, shorter than its position table,
+    # are what a user chose and may want to raise; the table is the architecture's limit
+    whose = ("the model's context" if ctx == context_length(model)
+             else "the context the model was trained on (its blocks)")
     stop_set = _stop_set(model, eos_token_id)
     new: list[list[int]] = [[] for _ in rows]
     active = list(range(len(rows))) if max_new_tokens > 0 else []
@@ -201,8 +205,8 @@ def _generate(model, rows: list[list[int]], *, max_new_tokens: int, sampling: di
                 if ctx is not None and len(seq) >= ctx:
                     seq = seq[-(ctx // 2):]
                     if not warned:
-                        logger.warning("generation passes the model's context of %d tokens: "
-                                       "it continues from the last %d", ctx, ctx // 2)
+                        logger.warning("generation passes %s of %d tokens: it continues "
+                                       "from the last %d", whose, ctx, ctx // 2)
                         warned = True
                 contexts.append(seq)
             step = min(max_new_tokens - len(new[i]) for i in active)

@@ -108,7 +108,7 @@ def test_a_batch_crops_each_row_where_it_would_alone(tmp_path, caplog):
     prompts = ["abcdefghijklmnopqrstuvwxyz", "ab", "0123456789"]
     with caplog.at_level(logging.WARNING, logger="fastlm"):
         got = complete_batch(model, tok, prompts, max_new_tokens=30, temperature=0)
-    assert sum("context of 16 tokens" in r.message for r in caplog.records) == 1
+    assert sum("the model's context of 16 tokens" in r.message for r in caplog.records) == 1
     for prompt, text in zip(prompts, got):
         assert sample(model, tok, prompt, max_new_tokens=30, temperature=0) == prompt + text
 
@@ -128,7 +128,8 @@ def test_generation_crops_at_the_context_a_run_trained(caplog):
     with caplog.at_level(logging.WARNING, logger="fastlm"):
         out = _greedy(model, torch.tensor([[5, 6, 7]]), 20)
     assert out.shape == (1, 23) and calls[0] == 3 and set(calls[1:]) == {4}
-    assert sum("context of 8 tokens" in r.message for r in caplog.records) == 1
+    (warning,) = [r.message for r in caplog.records if "context" in r.message]
+    assert "the context the model was trained on (its blocks) of 8 tokens" in warning
 
 
 def _model_dir(tmp_path):
