@@ -6,8 +6,9 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="+", help=".txt/.jsonl/.json/.parquet files, globs, "
-                        "directories, a dataset saved with save_to_disk, or builtin:pydoc")
+    parser.add_argument("inputs", nargs="+", help=".txt/.jsonl/.json/.parquet files (text and "
+                        "JSON may be .gz/.bz2/.xz/.zst), globs, directories, a dataset saved "
+                        "with save_to_disk, or builtin:pydoc")
     parser.add_argument("--out", required=True, help="output directory (written atomically)")
     parser.add_argument("--text-field", default="text", help="field of structured records")
     parser.add_argument("--tokenizer", default="bpe",

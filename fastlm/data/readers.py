@@ -1,7 +1,8 @@
 """Inputs -> a ``datasets.Dataset`` of documents (columns ``text``, ``source``).
 
-Files, globs and directories of ``.txt``, ``.jsonl``/``.json`` and ``.parquet``, or a dataset
-saved with ``Dataset.save_to_disk``. Structured files go through ``datasets`` loaders; text
+Files, globs and directories of ``.txt``, ``.jsonl``/``.json`` and ``.parquet``, text and JSON
+compressed as ``.gz``, ``.bz2``, ``.xz`` or ``.zst`` (how corpora are shipped: ``x.jsonl.zst``),
+or a dataset saved with ``Dataset.save_to_disk``. Structured files go through ``datasets`` loaders; text
 files are decoded here so that bytes that are not UTF-8 can be counted (or reported with the
 file and byte offset) instead of aborting deep inside a loader.
 """
@@ -9,6 +10,7 @@ file and byte offset) instead of aborting deep inside a loader.
 from __future__ import annotations
 
 import glob
+import io
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,10 @@ TEXT_SUFFIXES = {".txt", ".text", ".md"}
 JSON_SUFFIXES = {".jsonl", ".json"}
 PARQUET_SUFFIXES = {".parquet"}
 SUPPORTED = TEXT_SUFFIXES | JSON_SUFFIXES | PARQUET_SUFFIXES
+COMPRESSED = {".gz", ".bz2", ".xz", ".zst"}
+# what text compresses to, roughly (gzip on English prose: 3-4x; zstd and xz more): only to
+# size a tokenizer's sample from file sizes
+COMPRESSION_RATIO = 4
 _PARAGRAPHS = re.compile(r"\n\s*\n")
 
 
@@ -27,6 +33,41 @@ class ReadStats:
     files: list = field(default_factory=list)  # (path, size, mtime) of every input
     replaced_chars: int = 0  # bytes that were not UTF-8, replaced by U+FFFD
     empty_files: list = field(default_factory=list)  # JSON/parquet inputs without a record
+
+
+def kind_suffix(p: Path) -> str:
+    """The suffix that says what a file holds: ``.jsonl`` for ``x.jsonl.gz`` as for ``x.jsonl``."""
+    return Path(p.stem).suffix if p.suffix in COMPRESSED else p.suffix
+
+
+def _supported(p: Path) -> bool:
+    inner = kind_suffix(p)
+    return inner in SUPPORTED and not (p.suffix in COMPRESSED and inner in PARQUET_SUFFIXES)
+
+
+def open_bytes(path: Path):
+    """``path`` opened for reading bytes, decompressed as its suffix says."""
+    if path.suffix == ".gz":
+        import gzip
+
+        return gzip.open(path, "rb")
+    if path.suffix == ".bz2":
+        import bz2
+
+        return bz2.open(path, "rb")
+    if path.suffix == ".xz":
+        import lzma
+
+        return lzma.open(path, "rb")
+    if path.suffix == ".zst":
+        try:
+            import zstandard
+        except ImportError:
+            raise DataError(f"{path}: reading .zst files needs the zstandard package "
+                            f"(pip install zstandard), or decompress it first "
+                            f"(zstd -d {path})") from None
+        return zstandard.open(path, "rb")
+    return open(path, "rb")
 
 
 def _is_saved_dataset(p: Path) -> bool:
@@ -42,18 +83,20 @@ def expand(inputs: list[str]) -> list[Path]:
             matches = sorted(Path(m) for m in glob.glob(item, recursive=True))
             if not matches:
                 raise DataError(f"input pattern {item!r} matches no file")
-            out += [m for m in matches if m.is_file() and m.suffix in SUPPORTED]
+            out += [m for m in matches if m.is_file() and _supported(m)]
         elif _is_saved_dataset(p):
             out.append(p)
         elif p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in SUPPORTED)
+            found = sorted(f for f in p.rglob("*") if f.is_file() and _supported(f))
             if not found:
-                raise DataError(f"input directory {p} holds no {sorted(SUPPORTED)} files")
+                raise DataError(f"input directory {p} holds no {sorted(SUPPORTED)} files "
+                                f"(text and JSON may be compressed: {sorted(COMPRESSED)})")
             out += found
         elif p.is_file():
-            if p.suffix not in SUPPORTED:
+            if not _supported(p):
                 raise DataError(f"input {p}: unsupported file type {p.suffix!r}; use "
-                                f"{sorted(SUPPORTED)} or a saved datasets directory")
+                                f"{sorted(SUPPORTED)} (text and JSON may be compressed: "
+                                f"{sorted(COMPRESSED)}) or a saved datasets directory")
             out.append(p)
         else:
             raise DataError(f"input {p} not found (give files, globs, directories or a "
@@ -95,24 +138,27 @@ def text_documents(path: Path, mode: str, errors: str, stats: ReadStats):
     import codecs
 
     if mode == "file":
-        yield from split_text(_decode(path, path.read_bytes(), errors, stats), mode)
+        with open_bytes(path) as f:
+            data = _read(f, path)
+        yield from split_text(_decode(path, data, errors, stats), mode)
         return
     split_text("", mode)  # an unknown mode fails here, before any reading
     decoder = codecs.getincrementaldecoder("utf-8")("strict" if errors == "strict" else "replace")
     # U+FFFD that the file itself holds are not replaced bytes: what "ignore" decodes holds those
     plain = codecs.getincrementaldecoder("utf-8")("ignore") if errors != "strict" else None
     carry, offset = "", 0
-    with open(path, "rb") as f:
+    with open_bytes(path) as f:
         while True:
-            data = f.read(_CHUNK_BYTES)
+            data = _read(f, path, _CHUNK_BYTES)
             final = not data
-            pending = len(decoder.getstate()[0])
+            pending = decoder.getstate()[0]
             try:
                 text = decoder.decode(data, final)
             except UnicodeDecodeError as exc:
-                at = offset - pending + exc.start
-                f.seek(at)
-                raise _not_utf8(path, at, f.read(4)) from exc
+                # the bytes from the buffer and on (a compressed file cannot seek back cheaply)
+                head = (pending + data)[exc.start:exc.start + 4]
+                head += _read(f, path, 4 - len(head)) if len(head) < 4 else b""
+                raise _not_utf8(path, offset - len(pending) + exc.start, head) from exc
             if plain is not None:
                 stats.replaced_chars += text.count("\ufffd") - plain.decode(data, final).count(
                     "\ufffd")
@@ -124,6 +170,14 @@ def text_documents(path: Path, mode: str, errors: str, stats: ReadStats):
             cut = _last_cut(buf, mode)
             yield from split_text(buf[:cut], mode)
             carry = buf[cut:]
+
+
+def _read(f, path: Path, n: int = -1) -> bytes:
+    try:
+        return f.read(n)
+    except Exception as exc:  # gzip's BadGzipFile and EOFError, lzma's and zstd's own errors
+        raise DataError(f"{path}: cannot read ({type(exc).__name__}: {exc}); the file is damaged "
+                        f"or truncated") from exc
 
 
 def _last_cut(buf: str, mode: str) -> int:
@@ -141,8 +195,9 @@ def _last_cut(buf: str, mode: str) -> int:
 
 
 def _not_utf8(path: Path, offset: int, head: bytes) -> DataError:
-    return DataError(f"{path}: bytes at offset {offset} are not UTF-8 ({head!r}); fix the file "
-                     f"or pass --encoding-errors replace to replace and count them")
+    where = " of the decompressed text" if path.suffix in COMPRESSED else ""
+    return DataError(f"{path}: bytes at offset {offset}{where} are not UTF-8 ({head!r}); fix "
+                     f"the file or pass --encoding-errors replace to replace and count them")
 
 
 def load(inputs: list[str], *, text_field: str = "text", doc_split: str = "blank-lines",
@@ -167,7 +222,7 @@ def load(inputs: list[str], *, text_field: str = "text", doc_split: str = "blank
                     raise DataError(f"{path}: a DatasetDict without a 'train' split "
                                     f"(has {list(ds)})")
                 ds = ds["train"]
-        elif path.suffix in TEXT_SUFFIXES:
+        elif kind_suffix(path) in TEXT_SUFFIXES:
             if sft or preference:
                 raise DataError(f"{path}: fine-tuning data must be JSONL, JSON or parquet "
                                 f"records of conversations, not plain text")
@@ -175,7 +230,7 @@ def load(inputs: list[str], *, text_field: str = "text", doc_split: str = "blank
             parts.append(_text_dataset(docs, str(path), scratch, len(parts)))
             continue
         else:
-            kind = "json" if path.suffix in JSON_SUFFIXES else "parquet"
+            kind = "json" if kind_suffix(path) in JSON_SUFFIXES else "parquet"
             if _no_records(path, kind):
                 # a shard that came out empty (a filter kept nothing) is part of a corpus, not
                 # an error: datasets' loaders fail on it with a StopIteration or a batch size of 0
@@ -199,7 +254,8 @@ def load(inputs: list[str], *, text_field: str = "text", doc_split: str = "blank
 
 
 def _no_records(path: Path, kind: str) -> bool:
-    """A JSON file of nothing but whitespace, or a parquet file of no rows."""
+    """A JSON file of nothing but whitespace (or an empty array), or a parquet file of no
+    rows."""
     if kind == "parquet":
         import pyarrow.parquet as pq
 
@@ -207,10 +263,17 @@ def _no_records(path: Path, kind: str) -> bool:
             return pq.ParquetFile(path).metadata.num_rows == 0
         except Exception:  # not parquet at all: the loader's error names the problem
             return False
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            if chunk.strip():
-                return False
+    seen = b""  # what is not whitespace: nothing, or an empty array, is no record
+    try:
+        with open_bytes(path) as f:
+            while chunk := f.read(1 << 20):
+                seen += b"".join(chunk.split())
+                if len(seen) > 2 or not b"[]".startswith(seen):
+                    return False
+    except DataError:
+        raise
+    except Exception:  # damaged: the loader's error (and _why) names the problem
+        return False
     return True
 
 
@@ -251,15 +314,15 @@ def _why(path: Path, kind: str, exc: Exception) -> str:
 
         number = 0
         try:
-            with open(path, encoding="utf-8") as f:
+            with io.TextIOWrapper(open_bytes(path), encoding="utf-8") as f:
                 for line in f:
                     number += 1
                     if line.strip():
                         json.loads(line)
         except json.JSONDecodeError as bad:
-            if path.suffix == ".jsonl" or number > 1:
+            if kind_suffix(path) == ".jsonl" or number > 1:
                 return f"line {number} is not valid JSON: {bad.msg} at column {bad.colno}"
-        except (UnicodeDecodeError, OSError) as bad:
+        except Exception as bad:  # not UTF-8, a damaged or truncated compressed file
             return f"{type(bad).__name__}: {bad}"
     root = exc
     while root.__cause__ is not None or root.__context__ is not None:

@@ -38,8 +38,9 @@ def train_tokenizer(inputs: list[str], out: str | Path, *, kind: str = "bpe",
     if out.exists() and not overwrite:
         raise DataError(f"{out} exists: pass --overwrite to replace it, or choose another --out")
     files = readers.expand(inputs)
-    size = sum(f.stat().st_size for p in files
-               for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
+    size = sum(f.stat().st_size * (readers.COMPRESSION_RATIO if f.suffix in readers.COMPRESSED
+                                   else 1)
+               for p in files for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
     sample = TOKENIZER_SAMPLE_CHARS if sample_chars is None else sample_chars
     stride = 1 if kind == "char" else max(1, -(-size // sample))  # bytes ~ characters
     out.parent.mkdir(parents=True, exist_ok=True)

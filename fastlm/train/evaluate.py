@@ -70,7 +70,16 @@ def token_stream(data: str | Path, split: str, tokenizer=None) -> tuple[np.ndarr
         raise EvalError(f"{path} is a text file, and the model comes with no tokenizer to "
                         f"encode it: prepare it with `fastlm prepare {path} --tokenizer "
                         f"MODEL_DIR --out DIR` and evaluate DIR")
-    text = path.read_text(encoding="utf-8", errors="replace")
+    from fastlm.data.errors import DataError
+    from fastlm.data.readers import open_bytes
+
+    try:  # x.txt.gz as the corpus readers take it
+        with open_bytes(path) as f:
+            text = f.read().decode("utf-8", errors="replace")
+    except DataError as exc:
+        raise EvalError(str(exc)) from exc
+    except Exception as exc:  # damaged or truncated compressed file
+        raise EvalError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from exc
     return np.asarray(tokenizer(text).input_ids, dtype=np.int64), None
 
 

@@ -194,17 +194,46 @@ def test_empty_structured_files_are_skipped_and_counted(tmp_path):
     full.write_text("".join(json.dumps({"text": doc(i)}) + "\n" for i in range(20)))
     (tmp_path / "in" / "b.jsonl").write_text("\n  \n")
     pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "in" / "c.parquet")
+    (tmp_path / "in" / "d.json").write_text(" [\n ] ")  # "Instruction 'train' ... no data"
     kw = dict(tokenizer="byte", val_fraction=0.0, dedup=False, progress=False)
     out = prepare([tmp_path / "in"], tmp_path / "o", **kw)
     report = json.loads((out / "meta.json").read_text())["report"]
     alone = prepare([full], tmp_path / "o2", **kw)
     assert report["docs_out"] == 20
-    assert [Path(p).name for p in report["empty_files"]] == ["b.jsonl", "c.parquet"]
+    assert [Path(p).name for p in report["empty_files"]] == ["b.jsonl", "c.parquet", "d.json"]
     assert (out / "train_00000.bin").read_bytes() == (alone / "train_00000.bin").read_bytes()
     with pytest.raises(DataError, match=r"every input is empty \(.*b.jsonl, .*c.parquet\)"):
         prepare([tmp_path / "in" / "b.jsonl", tmp_path / "in" / "c.parquet"], tmp_path / "o3",
                 **kw)
     assert not (tmp_path / "o3").exists()
+
+
+def test_compressed_corpus_prepares_as_the_plain_one(tmp_path):
+    """Text and JSON as corpora ship them (gzip, bzip2, xz): the same shards as the files
+    decompressed; they were refused as "unsupported file type '.gz'"."""
+    import bz2
+    import gzip
+    import lzma
+
+    plain, packed = tmp_path / "plain", tmp_path / "packed"
+    plain.mkdir()
+    packed.mkdir()
+    files = {"a.txt": "\n\n".join(doc(i) for i in range(30)),
+             "b.jsonl": "".join(json.dumps({"text": doc(i)}) + "\n" for i in range(30, 60)),
+             "c.json": json.dumps([{"text": doc(i)} for i in range(60, 90)])}
+    for (name, text), (suffix, opener) in zip(files.items(), [(".gz", gzip.open),
+                                                              (".bz2", bz2.open),
+                                                              (".xz", lzma.open)]):
+        (plain / name).write_text(text)
+        with opener(packed / (name + suffix), "wt") as f:
+            f.write(text)
+    kw = dict(tokenizer="byte", progress=False)
+    a = prepare([plain], tmp_path / "o1", **kw)
+    b = prepare([packed], tmp_path / "o2", **kw)
+    report = json.loads((b / "meta.json").read_text())["report"]
+    assert report["docs_in"] == 90 and report["empty_files"] == []
+    for split in ("train", "val"):
+        assert (a / f"{split}_00000.bin").read_bytes() == (b / f"{split}_00000.bin").read_bytes()
 
 
 def test_existing_output_is_reused_or_refused(tmp_path, corpus, capsys):

@@ -53,3 +53,57 @@ def test_chunked_strict_reading_names_the_first_bad_byte(tmp_path, monkeypatch):
         assert str(chunked.value) == str(whole.value)
     with pytest.raises(DataError, match="--doc-split must be"):
         list(readers.text_documents(path, "pages", "strict", readers.ReadStats()))
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz"])
+def test_compressed_text_reads_as_the_plain_file(tmp_path, monkeypatch, suffix):
+    """A compressed text file, read a few bytes at a time in every split mode: the documents
+    and replaced-byte count of the plain file; a strict read names the byte offset in the
+    decompressed text (the reader no longer seeks back in the file for the bad bytes)."""
+    import bz2
+    import gzip
+    import lzma
+
+    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}[suffix]
+    rng = np.random.default_rng(1)
+    data = b"".join(random_bytes(rng, bad=True) for _ in range(20))
+    plain, packed = tmp_path / "t.txt", tmp_path / f"t.txt{suffix}"
+    plain.write_bytes(data)
+    with opener(packed, "wb") as f:
+        f.write(data)
+    assert readers.expand([str(tmp_path)]) == [plain, packed]
+    monkeypatch.setattr(readers, "_CHUNK_BYTES", 7)
+    for mode in ("blank-lines", "lines", "file"):
+        want, got = readers.ReadStats(), readers.ReadStats()
+        assert list(readers.text_documents(packed, mode, "replace", got)) == \
+            list(readers.text_documents(plain, mode, "replace", want))
+        assert got.replaced_chars == want.replaced_chars > 0
+    with pytest.raises(DataError) as bad:
+        list(readers.text_documents(packed, "lines", "strict", readers.ReadStats()))
+    with pytest.raises(DataError) as reference:
+        list(readers.text_documents(plain, "lines", "strict", readers.ReadStats()))
+    assert str(bad.value) == str(reference.value).replace(
+        str(plain), str(packed)).replace(" are not", " of the decompressed text are not")
+
+
+def test_damaged_or_unsupported_compressed_inputs_are_named(tmp_path, monkeypatch):
+    """A truncated gzip (text or JSON lines), .zst without zstandard installed, and a
+    compressed parquet file: each an error naming the file and what to do."""
+    import gzip
+    import sys
+
+    whole = gzip.compress(b"\n".join(b'{"text": "some words %d"}' % i for i in range(2000)))
+    for name in ("cut.txt.gz", "cut.jsonl.gz"):
+        (tmp_path / name).write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(DataError, match=r"cut.txt.gz: cannot read \(EOFError.*damaged or trunc"):
+        readers.load([str(tmp_path / "cut.txt.gz")])
+    with pytest.raises(DataError, match=r"cut.jsonl.gz: cannot read as json \(EOFError"):
+        readers.load([str(tmp_path / "cut.jsonl.gz")], scratch=tmp_path / "scratch")
+    (tmp_path / "a.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd")
+    monkeypatch.setitem(sys.modules, "zstandard", None)  # as if not installed
+    with pytest.raises(DataError, match=r"a.jsonl.zst: reading .zst files needs the zstandard "
+                                        r"package \(pip install zstandard\)"):
+        readers.load([str(tmp_path / "a.jsonl.zst")])
+    (tmp_path / "p.parquet.gz").write_bytes(b"")
+    with pytest.raises(DataError, match=r"p.parquet.gz: unsupported file type '.gz'"):
+        readers.expand([str(tmp_path / "p.parquet.gz")])

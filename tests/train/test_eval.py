@@ -128,6 +128,15 @@ def test_command_on_a_split_and_on_a_text_file(tmp_path, tiny_data, capsys):
     assert res["bytes"] == len(text.read_bytes()) - 1 == count
     assert res["bits_per_byte"] == pytest.approx(want * count / math.log(2) / res["bytes"])
     assert "bits/byte" in capsys.readouterr().out
+    # the same text gzipped, as prepare takes corpora: the same result
+    import gzip
+
+    packed = tmp_path / "t.txt.gz"
+    packed.write_bytes(gzip.compress(text.read_bytes()))
+    out2 = tmp_path / "result2.json"
+    assert cli.main(["eval", str(hf), str(packed), "--json", str(out2), "--stride", "16",
+                     "--block-size", "32"]) == 0
+    assert json.loads(out2.read_text())["loss"] == res["loss"]
 
 
 def test_bf16_command_keeps_rope_frequencies_fp32(tmp_path, tiny_data, monkeypatch):
