@@ -97,7 +97,9 @@ class TrainConfig:
     dpo_precompute_reference: bool = False
     grad_clip: float = 1.0  # 0 = off
     seed: int = 1337
-    max_consecutive_skips: int = 20  # fp16: abort after this many overflowing steps in a row
+    # abort after this many optimizer steps in a row skipped for gradients that are not
+    # finite (fp16 overflows, or a NaN/inf loss in any precision)
+    max_consecutive_skips: int = 20
     deepspeed: str | None = None  # a DeepSpeed JSON of the user's; passes through
     compile: bool = False  # torch.compile the model
     # recompute each block's activations in the backward instead of keeping them: ~1/3 more

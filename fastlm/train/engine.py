@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import math
 import warnings
 from pathlib import Path
@@ -10,6 +12,8 @@ from pathlib import Path
 import torch
 
 from fastlm.train.config import ConfigError, RunConfig
+
+logger = logging.getLogger("fastlm")
 
 _PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -241,6 +245,7 @@ def initialize(cfg: RunConfig, model, groups, ds_config: dict):
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor))
     # ZeRO 1/2 + FusedAdamW: DeepSpeed's unscale/clip multiply happens inside the step
     fuse_unscale_and_clip(engine)
+    skip_nonfinite_steps(engine)
     if (engine.world_size == 1 and not engine.zero_optimization()
             and not (engine.bfloat16_enabled() or engine.fp16_enabled())):
         # One process, no ZeRO, no bf16/fp16 wrapper: DeepSpeed would still flatten every gradient
@@ -248,6 +253,46 @@ def initialize(cfg: RunConfig, model, groups, ds_config: dict):
         # (~4% of a tiny model's step here); there is nothing to reduce.
         engine.enable_backward_allreduce = False
     return engine, optimizer, scheduler
+
+
+def skip_nonfinite_steps(engine) -> bool:
+    """Without ZeRO (and without DeepSpeed's fp16/bf16 wrappers), skip an optimizer step whose
+    gradients are not finite, as ZeRO 1-3 and fp16 do: one NaN or inf loss (a bad batch, a
+    spike) made every weight NaN for the rest of the run, which went on evaluating NaN and
+    saving NaN checkpoints over the good ones. The step is skipped the way DeepSpeed skips an
+    overflow (its ``overflow`` flag: ``skipped_steps`` counted, the schedule held, the
+    gradients zeroed), so the trainer's ``train.max_consecutive_skips`` applies. The norm is
+    the one the folded clip just computed (FusedAdamW, gradient clipping on), else one read of
+    the gradients. Returns whether the guard was installed."""
+    if engine.zero_optimization() or engine.fp16_enabled() or engine.bfloat16_enabled():
+        return False  # DeepSpeed checks these itself
+    opt = engine.optimizer
+    step = opt.step  # torch's scheduler may have wrapped it already: kept, called through
+    folded = (getattr(engine, "fastlm_clip_reports_norm", False)
+              and engine.gradient_clipping() > 0)
+
+    # wraps: the scheduler's mark on the step it wrapped stays visible (else torch warns the
+    # step was "overridden after learning rate scheduler initialization")
+    @functools.wraps(step)
+    def guarded(*args, **kwargs):
+        # the clip runs right before every step when folded, so this norm is this step's
+        norm = getattr(opt, "_global_grad_norm", None) if folded else None
+        if norm is None:
+            grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+            norm = (torch.zeros(()) if not grads else
+                    opt._total_norm(grads, 2.0, False) if hasattr(opt, "_total_norm")
+                    else torch.nn.utils.get_total_norm(grads))
+        opt.overflow = not bool(torch.isfinite(norm))
+        if opt.overflow:
+            if engine.global_rank == 0:
+                logger.warning("optimizer step %d skipped: the gradients are not finite (norm "
+                               "%s); the weights and the schedule are unchanged",
+                               engine.global_steps + 1, float(norm))
+            return None
+        return step(*args, **kwargs)
+
+    opt.step = guarded
+    return True
 
 
 def release(engine) -> None:

@@ -268,11 +268,12 @@ def _loop(cfg, engine, scheduler, loader, val_loader, state, log, signals, *, fu
         consecutive_skips = consecutive_skips + 1 if skipped_now > skipped_before else 0
         skipped_before = skipped_now
         if consecutive_skips >= cfg.train.max_consecutive_skips:
+            why = (f"overflowing fp16 gradients (loss scale {_loss_scale(engine)})"
+                   if engine.fp16_enabled() else "gradients that are not finite (NaN or inf)")
+            fix = "use train.precision=bf16, " if engine.fp16_enabled() else ""
             raise TrainingAborted(
-                f"{consecutive_skips} optimizer steps in a row were skipped for overflowing "
-                f"fp16 gradients (loss scale {_loss_scale(engine)}); the run is diverging: "
-                f"lower optim.lr, use train.precision=bf16, or raise "
-                f"train.max_consecutive_skips")
+                f"{consecutive_skips} optimizer steps in a row were skipped for {why}; the run "
+                f"is diverging: lower optim.lr, {fix}or raise train.max_consecutive_skips")
         step_loss, *step_stats = fdist.means(
             [loss_sum / accum] + ([x / accum for x in stats_sum] + [pair_tokens, pair_flops]
                                   if dpo is not None else []), dev)

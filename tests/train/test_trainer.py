@@ -105,6 +105,46 @@ def test_folded_clip_reports_the_norm_the_trainer_would_measure(tmp_path, tiny_d
     assert folded_losses == pytest.approx(torch_losses, rel=1e-5)
 
 
+@pytest.mark.parametrize("extra", [["train.precision=fp32"], ["train.precision=bf16"],
+                                   ["optim.name=adamw"], ["train.grad_clip=0"]])
+def test_a_nonfinite_step_without_zero_is_skipped_as_zero_skips_it(tmp_path, tiny_data,
+                                                                   monkeypatch, recwarn, extra):
+    """An inf loss at step 3 without ZeRO: the step is skipped (counted, weights and schedule
+    unchanged) and the run goes on exactly as ZeRO-1's, which DeepSpeed skips itself; it made
+    every weight NaN for the rest of the run (every later loss and eval NaN). FusedAdamW with
+    its folded clip (fp32, bf16 masters), torch's AdamW after DeepSpeed's clip, no clip."""
+    monkeypatch.setenv("FASTLM_TEST_OVERFLOW_AT_STEP", "3")
+
+    def steps(stage):
+        sub = tmp_path / f"z{stage}"
+        state = run(config(sub, tiny_data, "train.micro_batch_size=2", "train.max_steps=6",
+                           "eval.every=0", "log.every=1", f"train.zero_stage={stage}", *extra))
+        rows = [json.loads(r) for r in (sub / "run" / "metrics.jsonl").read_text().splitlines()]
+        return losses(state), [r["skipped_steps"] for r in rows if "loss" in r]
+
+    plain, skipped = steps(0)
+    assert skipped == [0, 0, 1, 1, 1, 1]
+    # the guard wraps the step the scheduler had wrapped: torch does not take it for a rewrite
+    assert not [w for w in recwarn if "overridden" in str(w.message)]
+    assert not math.isfinite(plain[2]) and all(math.isfinite(x) for x in plain[3:])
+    zero, _ = steps(1)
+    # bf16: the masters are FusedAdamW's without ZeRO, DeepSpeed's with it (rounded apart)
+    assert plain[3:] == pytest.approx(zero[3:], rel=1e-5 if "bf16" in extra[0] else 1e-6)
+
+
+def test_nonfinite_steps_in_a_row_abort_without_zero(tmp_path, tiny_data, monkeypatch):
+    import fastlm.train.trainer as tr
+
+    real = tr._loss
+    monkeypatch.setattr(tr, "_loss", lambda *a: real(*a) * float("nan"))
+    cfg = config(tmp_path, tiny_data, "train.micro_batch_size=2", "train.max_steps=10",
+                 "eval.every=0", "train.max_consecutive_skips=3")
+    with pytest.raises(tr.TrainingAborted, match=r"3 optimizer steps in a row were skipped for "
+                                                 r"gradients that are not finite \(NaN or inf\)"
+                                                 r"; the run is diverging: lower optim.lr, or"):
+        run(cfg)
+
+
 def test_run_writes_metrics_checkpoints_and_exports(tmp_path, tiny_data):
     cfg = config(tmp_path, tiny_data, "train.micro_batch_size=4", "train.max_steps=6",
                  "eval.every=3", "checkpoint.every=2", "checkpoint.keep_last=2", "export=true",
