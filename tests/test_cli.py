@@ -56,6 +56,20 @@ def test_bad_benchmark_lists_are_usage_errors(argv, says, capsys):
     assert says in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["bench", "attention", "--impls", "sdpa_math,sdpa_mth"],
+     "--impls 'sdpa_math,sdpa_mth': sdpa_mth is not an implementation on cpu; choose from "
+     "fastlm_cpu, "),
+    (["bench", "adamw", "--impls", "fastlm_cuda"],
+     "fastlm_cuda is not an implementation on cpu; choose from fastlm_cpu, fastlm_cpu_bf16m, "),
+])
+def test_unknown_benchmark_implementations_are_named(argv, says, capsys):
+    """A typo, or a GPU kernel asked for on the CPU, was dropped: an empty report, rc 0."""
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
+
+
 def test_env_report_without_building(capsys):
     from fastlm.env import report
 

@@ -120,7 +120,8 @@ def run(args) -> int:
         from fastlm.cli import UserError
 
         raise UserError(f"--scenarios {args.scenarios!r}: choose from {', '.join(SCENARIOS)}")
-    wanted = set(args.impls.split(",")) if args.impls else None
+    names = list(dict.fromkeys(n for sc in scenarios for n in implementations(device, sc)))
+    wanted = harness.chosen_impls(args.impls, names, device)
     command = "fastlm bench adamw " + " ".join(shlex.quote(a) for a in sys.argv[3:])
     report = harness.Report("adamw", command, device, env=harness.environment(device))
     report.ceilings["copy_gbs"] = harness.copy_bandwidth_gbs(device)

@@ -127,8 +127,9 @@ def run(args) -> int:
     seqlens = [int(s) for s in args.seqlens.split(",")]
     modes = args.modes.split(",")
     impls = implementations(device)
-    if args.impls:
-        impls = {k: v for k, v in impls.items() if k in args.impls.split(",")}
+    wanted = harness.chosen_impls(args.impls, list(impls), device)
+    if wanted is not None:
+        impls = {k: v for k, v in impls.items() if k in wanted}
     command = "fastlm bench attention " + " ".join(shlex.quote(a) for a in sys.argv[3:])
     report = harness.Report("attention", command, device, env=harness.environment(device))
     try:

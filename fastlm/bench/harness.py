@@ -50,6 +50,22 @@ def comma_list(kind=None, choices=None):
     return check
 
 
+def chosen_impls(spec: str, available: Sequence[str], device: str) -> set[str] | None:
+    """``--impls``: None (all) when empty, else the names it lists, each one of ``available``
+    (what runs on ``device``); a name that is not (a typo, or a GPU kernel asked for on the
+    CPU) is a usage error listing them: it was dropped, and the report came out empty."""
+    if not spec:
+        return None
+    wanted = [x.strip() for x in spec.split(",") if x.strip()]
+    bad = [x for x in wanted if x not in available]
+    if bad or not wanted:
+        from fastlm.cli import UserError
+
+        raise UserError(f"--impls {spec!r}: {', '.join(bad) or 'nothing'} is not an "
+                        f"implementation on {device}; choose from {', '.join(available)}")
+    return set(wanted)
+
+
 @dataclass
 class Timing:
     median_ms: float
