@@ -67,6 +67,9 @@ def _build(path: Path) -> None:
             if run.returncode != 0:
                 raise OSError(f"compiling fastlm's text kernels failed:\n  {' '.join(cmd)}\n"
                               + run.stderr[-3000:])
+            from fastlm._fs import shareable
+
+            shareable(tmp)  # mkstemp's 0600 (the linker adds x: 0711, unreadable to others)
             os.replace(tmp, path)  # a half-written library is never loaded
         finally:
             if os.path.exists(tmp):

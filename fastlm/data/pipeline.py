@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fastlm._fs import shareable
 from fastlm.data import clean as C
 from fastlm.data import clean_native, native, readers
 from fastlm.data.bpe_native import encode_documents
@@ -84,6 +85,7 @@ def prepare(inputs, out_dir, *, text_field: str = "text", tokenizer: str = "bpe"
         meta = _build(inputs, tmp, cfg, settings, files, num_proc, progress, chat)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         (tmp / "report.json").write_text(json.dumps(meta["report"], indent=1))
+        shareable(tmp)  # mkdtemp made it 0700: as mkdir would make it
         if out.exists():
             old = out.with_name(f".old-{out.name}-{os.getpid()}")
             os.replace(out, old)

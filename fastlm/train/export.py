@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from fastlm._fs import shareable
 from fastlm.train import checkpoint as ckpt
 
 
@@ -157,6 +158,7 @@ def export(path: str | Path, out: str | Path, *, overwrite: bool = False,
             for f in tokenizer_files(tok):
                 if not (tmp / f.name).exists():  # never over what the model wrote
                     shutil.copy2(f, tmp / f.name)
+        shareable(tmp)  # mkdtemp's 0700 and transformers' 0600 weights: as mkdir would make
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -452,6 +452,8 @@ def _complete_file(model, tok, prompts: list[str | list[dict]], args) -> int:
 
     from tqdm import tqdm
 
+    from fastlm._fs import shareable
+
     if args.seed is not None:
         torch.manual_seed(args.seed)
     jobs = [(p, k) for p in prompts for k in range(args.num_samples)]
@@ -478,6 +480,7 @@ def _complete_file(model, tok, prompts: list[str | list[dict]], args) -> int:
                 bar.update(len(batch))
         if tmp is not None:
             out.close()
+            shareable(tmp)  # mkstemp's 0600: as open would make it
             os.replace(tmp, args.out)
             tmp = None
             print(f"wrote {len(jobs)} completions to {args.out}", file=sys.stderr)

@@ -362,3 +362,19 @@ def test_char_class_table_without_a_writable_cache(tmp_path, monkeypatch):
     finally:
         B._char_classes.cache_clear()
     assert list(tmp_path.iterdir()) == [blocker]
+
+
+def test_built_library_is_readable_as_a_plain_file(tmp_path, monkeypatch):
+    """Compiled into a mkstemp file (0600; the linker adds execute bits: 0711), the library in
+    a shared FASTLM_CACHE_DIR could not be loaded by anyone else: it gets a plain file's modes.
+    A stand-in compiler writes its output as the linker does."""
+    from fastlm._fs import umask
+
+    cxx = tmp_path / "fake-c++"
+    cxx.write_text('#!/bin/sh\nwhile [ $# -gt 0 ]; do [ "$1" = -o ] && out=$2; shift; done\n'
+                   '[ -n "$out" ] && echo lib > "$out" && chmod 711 "$out"; exit 0\n')
+    cxx.chmod(0o755)
+    monkeypatch.setenv("CXX", str(cxx))
+    path = tmp_path / "cache" / "libfastlm_text.so"
+    native._build(path)
+    assert path.read_text() == "lib\n" and path.stat().st_mode & 0o777 == 0o777 & ~umask()

@@ -230,6 +230,11 @@ def test_compressed_corpus_prepares_as_the_plain_one(tmp_path):
     kw = dict(tokenizer="byte", progress=False)
     a = prepare([plain], tmp_path / "o1", **kw)
     b = prepare([packed], tmp_path / "o2", **kw)
+    # built in a mkdtemp directory (0700): renamed into place with a plain directory's modes
+    from fastlm._fs import umask
+
+    assert {oct(p.stat().st_mode & 0o777) for p in [a, *a.rglob("*")] if p.is_dir()} == \
+        {oct(0o777 & ~umask())}
     report = json.loads((b / "meta.json").read_text())["report"]
     assert report["docs_in"] == 90 and report["empty_files"] == []
     for split in ("train", "val"):

@@ -158,6 +158,9 @@ def test_generate_prompts_file_writes_every_completion(tmp_path, capsys, monkeyp
     assert main(argv) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["prompt"], r["sample"]) for r in rows] == [(p, k) for p in PROMPTS for k in (0, 1)]
+    from fastlm._fs import umask
+
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask()  # not mkstemp's 0600
     model, tok = generate.load_for_generation(path)
     for r in rows:  # greedy: both samples are the prompt's own completion
         assert generate.sample(model, tok, r["prompt"], max_new_tokens=5, temperature=0) == \

@@ -173,6 +173,12 @@ def test_run_writes_metrics_checkpoints_and_exports(tmp_path, tiny_data):
     hf = AutoModelForCausalLM.from_pretrained(out / "hf")
     tok = PreTrainedTokenizerFast.from_pretrained(out / "hf")
     assert len(tok) == hf.config.vocab_size
+    # readable by whoever could read a plain directory (mkdtemp's 0700, transformers' 0600
+    # weights were the owner's alone)
+    from fastlm._fs import umask
+
+    assert {oct(p.stat().st_mode & 0o777) for p in [out / "hf", *(out / "hf").iterdir()]} == \
+        {oct(0o777 & ~umask()), oct(0o666 & ~umask())}
     from fastlm.train.export import load_model
 
     trained, _, _ = load_model(out)
