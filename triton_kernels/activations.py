@@ -7,8 +7,11 @@ import triton
 import triton.language as tl
 
 BLOCK = 1024
-_SQRT_2_OVER_PI = 0.7978845608028654
-_INV_SQRT2 = 0.7071067811865476
+# constexpr: a jitted function may read no other global (the GPU compiler refuses it with a
+# NameError; Triton's interpreter, where the CPU tests run, let plain floats through, and
+# benchmarks/triton_compile.py found GELU failing to compile for every GPU)
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+_INV_SQRT2 = tl.constexpr(0.7071067811865476)
 
 
 @triton.jit

@@ -25,15 +25,32 @@ from ._attention_fwd import attention_fwd_kernel
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# (BLOCK_M, BLOCK_N, warps, stages) tried by the autotuner. bf16/fp16 run tl.dot on tensor
+# cores. fp32 runs it in IEEE fp32 (see _precision), as FMAs holding the operand tiles in
+# registers: the half-precision tiles spilled 1-24 KB a thread there and took 4-105 s each to
+# compile (a first fp32 call autotuned for ~5 minutes); these smaller ones spill at most 8
+# bytes at head dims up to 128 (benchmarks/results/triton_compile.md, sm_80 and sm_90) and
+# compile in about a second each.
+_HALF_CONFIGS = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2),
+                 (128, 128, 8, 2)]
+_FP32_CONFIGS = [(32, 16, 8, 1), (16, 32, 8, 1), (16, 16, 4, 1)]
+
+
+def _for_dtype(configs, named_args, **kwargs):
+    """The configurations of the inputs' dtype (every kernel's first argument is Q)."""
+    table = _FP32_CONFIGS if named_args["Q"].dtype == torch.float32 else _HALF_CONFIGS
+    return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
+                                   c.num_stages) in table]
+
+
 def _tuned(kernel, key):
     if _INTERPRET:
         return kernel
-    configs = [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-        for m, n, w, s in [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2),
-                           (128, 128, 8, 2)]
-    ]
-    return triton.autotune(configs, key=key)(kernel)
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+               for m, n, w, s in _HALF_CONFIGS + _FP32_CONFIGS]
+    # the dtype is part of Triton's tuning key already: each dtype tunes over its own list
+    return triton.autotune(configs, key=key,
+                           prune_configs_by={"early_config_prune": _for_dtype})(kernel)
 
 
 @functools.cache
