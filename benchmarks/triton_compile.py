@@ -159,20 +159,23 @@ def _cases(kind: str) -> dict:
                             *window, softcap, False)
         return run
 
-    def norms_case(dtype, h):
+    def norms_case(dtype, h, affine=True):
         def run():
             x = torch.randn(8, h, dtype=dtype)
             w, b = torch.randn(h, dtype=dtype), torch.randn(h, dtype=dtype)
-            y, rstd = norms.rms_norm_fwd(x, w, 1e-6, 0.0)
-            norms.rms_norm_bwd(torch.randn_like(y), x, w, rstd, 0.0, True)
+            if not affine:  # the kernels' HAS_W/HAS_B/WANT_* branches off
+                w = b = None
+            y, rstd = norms.rms_norm_fwd(x, w, 1e-6, 1.0 if affine else 0.0)
+            norms.rms_norm_bwd(torch.randn_like(y), x, w, rstd, 1.0 if affine else 0.0, affine)
             y, mean, rstd = norms.layer_norm_fwd(x, w, b, 1e-5)
-            norms.layer_norm_bwd(torch.randn_like(y), x, w, mean, rstd, True, True)
+            norms.layer_norm_bwd(torch.randn_like(y), x, w, mean, rstd, affine, affine)
         return run
 
-    def rotary_case(dtype, d, interleaved=False):
+    def rotary_case(dtype, d, interleaved=False, rot=None, batch_tables=False):
         def run():
             x = torch.randn(2, 4, 33, d, dtype=dtype)
-            cos, sin = torch.randn(1, 33, d, dtype=dtype), torch.randn(1, 33, d, dtype=dtype)
+            shape = (2 if batch_tables else 1, 33, rot or d)  # rot < d: partial rotary
+            cos, sin = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
             for inverse in (False, True):
                 rotary.rotary(x, cos, sin, inverse, interleaved)
         return run
@@ -185,10 +188,10 @@ def _cases(kind: str) -> dict:
                 activations.glu_bwd(activations.glu_fwd(x, u, act), x, u, act)
         return run
 
-    def adamw_case(dtype):
+    def adamw_case(dtype, state_dtype=torch.float32):
         def run():
             ps = [torch.randn(n, dtype=dtype) for n in (1000, 4099)]
-            state = [[torch.zeros(p.numel(), dtype=torch.float32) for p in ps] for _ in range(2)]
+            state = [[torch.zeros(p.numel(), dtype=state_dtype) for p in ps] for _ in range(2)]
             masters = [p.float() for p in ps] if dtype != torch.float32 else []
             adamw.adamw_step_(ps, [torch.randn_like(p) for p in ps], *state, masters, 1e-3, 0.9,
                               0.999, 1e-8, 0.1, 1, 1.0)
@@ -202,10 +205,14 @@ def _cases(kind: str) -> dict:
                                                            window=(16, 0)),
         "norms bf16 h4096": norms_case(bf16, 4096),
         "norms fp32 h1000": norms_case(fp32, 1000),
+        "norms bf16 h1000 no weight": norms_case(bf16, 1000, affine=False),
         "rotary bf16 d128": rotary_case(bf16, 128),
+        "rotary bf16 d80 partial per-batch tables": rotary_case(bf16, 80, rot=32,
+                                                                 batch_tables=True),
         "activations bf16": activations_case(bf16),
         "adamw fp32": adamw_case(fp32),
         "adamw bf16 masters": adamw_case(bf16),
+        "adamw fp32 bf16 moments": adamw_case(fp32, state_dtype=bf16),
     }
     if kind == "full":
         for dt, name in ((bf16, "bf16"), (fp16, "fp16"), (fp32, "fp32")):

@@ -33,6 +33,33 @@ class UserError(Exception):
     """An error caused by the user's input: printed without a traceback, exit status 2."""
 
 
+def at_least(low, kind=int):
+    """An argparse ``type``: a ``kind`` number >= ``low`` (a usage error naming the option
+    otherwise; 0 or a negative count was taken, and silently meant the default or nothing)."""
+    def check(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value >= low:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what} >= {low}")
+        return value
+
+    return check
+
+
+def probability(text: str) -> float:
+    """An argparse ``type``: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number in (0, 1]")
+    return value
+
+
 def _load(module_name: str):
     try:
         return importlib.import_module(module_name)

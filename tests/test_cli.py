@@ -47,6 +47,16 @@ def test_user_errors_exit_2_without_traceback(capsys):
     (["bench", "fused", "--modes", "fw"], "--modes: 'fw' is not one of fwd, fwd_bwd"),
     (["bench", "adamw", "--sizes", "0"], "--sizes: '0' is not a positive float"),
     (["bench", "model", "--seqlens", "-5"], "--seqlens: '-5' is not a positive int"),
+    # generate and eval took these and went on: a greedy "sample", a top-p of 1.5, nothing
+    # generated, a block size of 0 meaning the default
+    (["generate", "m", "--temperature", "-1"], "--temperature: '-1' is not a number >= 0"),
+    (["generate", "m", "--top-p", "1.5"], "--top-p: '1.5' is not a number in (0, 1]"),
+    (["generate", "m", "--max-new-tokens", "-3"], "--max-new-tokens: '-3' is not an integer >= 1"),
+    (["generate", "m", "--num-samples", "0"], "--num-samples: '0' is not an integer >= 1"),
+    (["generate", "m", "--prompts", "p", "--batch-size", "0"], "--batch-size: '0' is not an"),
+    (["eval", "m", "d", "--block-size", "0"], "--block-size: '0' is not an integer >= 1"),
+    (["eval", "m", "d", "--batch-size", "0"], "--batch-size: '0' is not an integer >= 1"),
+    (["eval", "m", "d", "--max-tokens", "1"], "--max-tokens: '1' is not an integer >= 2"),
 ])
 def test_bad_benchmark_lists_are_usage_errors(argv, says, capsys):
     with pytest.raises(SystemExit) as exit_info:

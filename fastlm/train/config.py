@@ -317,6 +317,19 @@ def resolve_epochs(cfg: RunConfig, samples: int, global_batch: int,
                  f"an epoch, {global_batch} a step)")
 
 
+def _check_sampling(s: SampleConfig) -> None:
+    """The end-of-run (and every-N-steps) sample's settings: transformers takes a top_p of 2 or
+    a negative temperature without a word and samples something meaningless."""
+    if s.temperature < 0 or s.tokens < 0 or s.every < 0:
+        raise ConfigError(f"sample.temperature, sample.tokens and sample.every must be >= 0 "
+                          f"(temperature 0 = greedy), got {s.temperature}, {s.tokens}, "
+                          f"{s.every}")
+    if s.top_k is not None and s.top_k < 0:
+        raise ConfigError(f"sample.top_k must be >= 0 (0 or null = off), got {s.top_k}")
+    if s.top_p is not None and not 0 < s.top_p <= 1:
+        raise ConfigError(f"sample.top_p must be in (0, 1] (null = off), got {s.top_p}")
+
+
 def validate(cfg: RunConfig) -> None:
     for key, allowed in _CHOICES.items():
         section, name = key.split(".")
@@ -354,6 +367,13 @@ def validate(cfg: RunConfig) -> None:
                           f"train.max_steps={cfg.train.max_steps}")
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
+    if o.weight_decay < 0 or o.eps <= 0:
+        raise ConfigError(f"optim.weight_decay must be >= 0 and optim.eps > 0, got "
+                          f"{o.weight_decay} and {o.eps}")
+    if cfg.train.grad_clip < 0:
+        raise ConfigError(f"train.grad_clip must be >= 0 (0 = no clipping), got "
+                          f"{cfg.train.grad_clip}")
+    _check_sampling(cfg.sample)
     if cfg.data.mix is not None and cfg.data.prepare is not None:
         raise ConfigError("data.mix takes prepared directories: prepare each with `fastlm "
                           "prepare INPUT --out DIR` (one tokenizer for all) and drop data.prepare")

@@ -178,14 +178,16 @@ def add_arguments(parser) -> None:
                                      "preference pairs: how the model ranks their answers) or "
                                      "a text file (encoded with the model's tokenizer)")
     parser.add_argument("--split", default="val", help="split of a prepared dataset")
-    parser.add_argument("--block-size", type=int, default=None,
+    from fastlm.cli import at_least
+
+    parser.add_argument("--block-size", type=at_least(1), default=None,
                         help="tokens per window (default: the blocks a fastlm run trained the "
                         "model on, else its context; at most 1024)")
-    parser.add_argument("--stride", type=int, default=None,
+    parser.add_argument("--stride", type=at_least(1), default=None,
                         help="tokens between window starts (default: the block size; shorter "
                              "gives every scored token more context)")
-    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward")
-    parser.add_argument("--max-tokens", type=int, default=None,
+    parser.add_argument("--batch-size", type=at_least(1), default=8, help="windows per forward")
+    parser.add_argument("--max-tokens", type=at_least(2), default=None,
                         help="evaluate only the first N tokens")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                         help="default: fp32 on a CPU, bf16 on a GPU that has it")

@@ -296,10 +296,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("model", help="HF model directory, PEFT adapter directory (its base "
                         "a local directory), run directory or checkpoint")
     parser.add_argument("--prompt", default="", help="text to continue (default: EOS)")
-    parser.add_argument("--max-new-tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=50)
-    parser.add_argument("--top-p", type=float, default=None)
+    from fastlm.cli import at_least, probability
+
+    parser.add_argument("--max-new-tokens", type=at_least(1), default=200)
+    parser.add_argument("--temperature", type=at_least(0.0, float), default=0.8,
+                        help="0 = greedy")
+    parser.add_argument("--top-k", type=at_least(0), default=50, help="0 = off")
+    parser.add_argument("--top-p", type=probability, default=None, help="in (0, 1]")
     parser.add_argument("--chat", action="store_true", help="the prompt is a user's message "
                         "in the chat template of the model's fine-tuning data; print the reply")
     parser.add_argument("--interactive", action="store_true",
@@ -308,7 +311,7 @@ def add_arguments(parser) -> None:
                         "history; /reset starts over); /exit or EOF ends")
     parser.add_argument("--system", default=None,
                         help="with --chat: a system message opening the conversation")
-    parser.add_argument("--num-samples", type=int, default=1)
+    parser.add_argument("--num-samples", type=at_least(1), default=1)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--prompts", default=None, metavar="FILE",
                         help="complete every prompt of FILE (.jsonl records with a 'prompt', "
@@ -316,7 +319,7 @@ def add_arguments(parser) -> None:
                         "line), --batch-size at a time; JSONL {prompt, sample, completion} "
                         "rows to --out or stdout")
     parser.add_argument("--out", default=None, help="with --prompts: the JSONL file to write")
-    parser.add_argument("--batch-size", type=int, default=8,
+    parser.add_argument("--batch-size", type=at_least(1), default=8,
                         help="with --prompts: prompts completed together")
 
 
@@ -333,8 +336,6 @@ def run(args) -> int:
         if not args.chat and any(isinstance(p, list) for p in prompts):
             raise GenerateError("--prompts: records with 'messages' are conversations: add "
                                 "--chat")
-        if args.batch_size < 1 or args.num_samples < 1:
-            raise GenerateError("--batch-size and --num-samples must be >= 1")
     elif args.out is not None:
         raise GenerateError("--out writes the completions of --prompts FILE: add --prompts")
     model, tok = load_for_generation(args.model)

@@ -39,6 +39,13 @@ def test_every_shipped_config_loads():
     ("", ["optim.betas=[0.9, 1.0]"], r"optim.betas"),
     ("", ["train.max_steps"], r"expected KEY=VALUE"),
     ("", ["data.block_size=0"], r"'data.block_size' must be >= 1"),
+    # taken before, and meaningless: a negative eps or clip, a top_p of 2 for the sample
+    ("", ["optim.eps=-1"], r"optim.eps > 0, got 0.1 and -1"),
+    ("", ["optim.weight_decay=-0.1"], r"optim.weight_decay must be >= 0"),
+    ("", ["train.grad_clip=-1"], r"train.grad_clip must be >= 0 \(0 = no clipping\)"),
+    ("", ["sample.top_p=2"], r"sample.top_p must be in \(0, 1\]"),
+    ("", ["sample.temperature=-0.5"], r"sample.temperature.*must be >= 0"),
+    ("", ["sample.top_k=-1"], r"sample.top_k must be >= 0"),
     ("- a\n- b\n", [], r"top level must be a mapping"),
     ("train: [1, 2]", [], r"train: expected a mapping"),
 ])

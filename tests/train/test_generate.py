@@ -208,7 +208,6 @@ def test_interactive_completes_each_line_of_a_base_model(tmp_path, capsys, monke
     ('{"text": "a"}\n', [], r"prompts.jsonl:1 has no string 'prompt'"),
     ("\n", [], "holds no prompt"),
     ('{"prompt": "a"}\n', ["--prompt", "b"], "drop --prompt"),
-    ('{"prompt": "a"}\n', ["--batch-size", "0"], "--batch-size and --num-samples must be"),
 ])
 def test_bad_prompt_files_are_named(tmp_path, capsys, content, extra, message):
     from fastlm.cli import main
