@@ -49,6 +49,17 @@ def at_least(low, kind=int):
     return check
 
 
+def positive(text: str) -> float:
+    """An argparse ``type``: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number > 0")
+    return value
+
+
 def probability(text: str) -> float:
     """An argparse ``type``: a number in (0, 1]."""
     try:

@@ -57,6 +57,12 @@ def test_user_errors_exit_2_without_traceback(capsys):
     (["eval", "m", "d", "--block-size", "0"], "--block-size: '0' is not an integer >= 1"),
     (["eval", "m", "d", "--batch-size", "0"], "--batch-size: '0' is not an integer >= 1"),
     (["eval", "m", "d", "--max-tokens", "1"], "--max-tokens: '1' is not an integer >= 2"),
+    # prepare took a near-dedup threshold of 2 (no near copy removed) and --num-proc 0
+    (["prepare", "x", "--out", "o", "--near-dedup-threshold", "2"],
+     "--near-dedup-threshold: '2' is not a number in (0, 1]"),
+    (["prepare", "x", "--out", "o", "--num-proc", "0"], "--num-proc: '0' is not an integer"),
+    (["prepare", "x", "--out", "o", "--min-chars", "-1"], "--min-chars: '-1' is not an"),
+    (["tokenizer", "x", "--out", "o", "--sample-mb", "-1"], "--sample-mb: '-1' is not a number > 0"),
 ])
 def test_bad_benchmark_lists_are_usage_errors(argv, says, capsys):
     with pytest.raises(SystemExit) as exit_info:

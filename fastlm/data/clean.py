@@ -45,6 +45,22 @@ class CleanConfig:
     num_perm: int = 128
     shingle: int = 5
 
+    def check(self) -> None:
+        """A DataError naming a setting that means nothing (a near-dedup threshold of 2 kept
+        every near copy without a word)."""
+        from fastlm.data.errors import DataError
+
+        if not 0 < self.near_dedup_threshold <= 1:
+            raise DataError(f"near_dedup_threshold is a Jaccard similarity in (0, 1], got "
+                            f"{self.near_dedup_threshold}")
+        if self.min_chars < 0 or (self.max_chars is not None
+                                  and self.max_chars < max(1, self.min_chars)):
+            raise DataError(f"min_chars must be >= 0 and max_chars (if set) >= min_chars and "
+                            f">= 1, got {self.min_chars} and {self.max_chars}")
+        if self.num_perm < 1 or self.shingle < 1:
+            raise DataError(f"num_perm and shingle must be >= 1, got {self.num_perm} and "
+                            f"{self.shingle}")
+
 
 def normalize(text: str, cfg: CleanConfig) -> str:
     if cfg.normalize_unicode and not text.isascii():  # ASCII is already NFC

@@ -6,6 +6,8 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from fastlm.cli import at_least, probability
+
     parser.add_argument("inputs", nargs="+", help=".txt/.jsonl/.json/.parquet files (text and "
                         "JSON may be .gz/.bz2/.xz/.zst), globs, directories, a dataset saved "
                         "with save_to_disk, or builtin:pydoc")
@@ -15,7 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="'bpe' (train byte-level BPE), 'byte', 'char' (one token per "
                              "character of the corpus, as nanoGPT's char-level data), or a local "
                              "HF tokenizer dir")
-    parser.add_argument("--vocab-size", type=int, default=8192, help="for --tokenizer bpe")
+    parser.add_argument("--vocab-size", type=at_least(1), default=8192,
+                        help="for --tokenizer bpe")
     parser.add_argument("--val-fraction", type=float, default=0.01,
                         help="share of documents for validation (by document hash)")
     parser.add_argument("--split", default="hash", choices=["hash", "tail"],
@@ -36,14 +39,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --sft: how conversations are laid out; auto = the "
                         "tokenizer's own chat template if it has one, else fastlm's; saved "
                         "with the tokenizer for generation and the export")
-    parser.add_argument("--min-chars", type=int, default=1)
-    parser.add_argument("--max-chars", type=int, default=None)
+    parser.add_argument("--min-chars", type=at_least(0), default=1)
+    parser.add_argument("--max-chars", type=at_least(1), default=None)
     parser.add_argument("--no-repetition", action="store_true", help="skip the Gopher "
                         "repetition filters")
     parser.add_argument("--no-dedup", action="store_true", help="keep exact duplicates")
     parser.add_argument("--no-near-dedup", action="store_true", help="keep near duplicates")
-    parser.add_argument("--near-dedup-threshold", type=float, default=0.8)
-    parser.add_argument("--num-proc", type=int, default=None, help="cleaning processes")
+    parser.add_argument("--near-dedup-threshold", type=probability, default=0.8,
+                        help="estimated Jaccard similarity, in (0, 1]")
+    parser.add_argument("--num-proc", type=at_least(1), default=None, help="cleaning processes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 

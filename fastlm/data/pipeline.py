@@ -30,6 +30,7 @@ import numpy as np
 from fastlm._fs import shareable
 from fastlm.data import clean as C
 from fastlm.data import clean_native, native, readers
+from fastlm.data import tokenizer as T
 from fastlm.data.bpe_native import encode_documents
 from fastlm.data.errors import DataError
 from fastlm.data.format import FORMAT, SplitWriter
@@ -51,6 +52,13 @@ def prepare(inputs, out_dir, *, text_field: str = "text", tokenizer: str = "bpe"
     cfg = dataclasses.replace(clean or C.CleanConfig(), **_clean_kwargs(clean_overrides))
     if not 0 <= val_fraction < 1:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    # before any reading: these failed only after cleaning and deduplication, or meant nothing
+    cfg.check()
+    if tokenizer == "bpe":
+        T.check_bpe_vocab(vocab_size)
+    if num_proc is not None and num_proc < 1:
+        raise DataError(f"num_proc must be >= 1 (or None: one per core, up to 8), got "
+                        f"{num_proc}")
     if split not in ("hash", "tail"):
         raise DataError(f"split must be 'hash' or 'tail', got {split!r}")
     if encoding_errors not in ("replace", "strict"):
@@ -435,8 +443,6 @@ TOKENIZER_SAMPLE_CHARS = 4_000_000  # BPE is trained on up to this much of the t
 
 
 def _tokenizer(settings, docs, flags: np.ndarray, lengths: np.ndarray, path: Path):
-    from fastlm.data import tokenizer as T
-
     kind = settings["tokenizer"]
     if kind == "byte":
         return T.byte_level(path)

@@ -71,13 +71,17 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(c) for _, c in sorted(zip(bs, cs))]
 
 
+def check_bpe_vocab(vocab_size: int) -> None:
+    if vocab_size < 257 + 1:
+        raise DataError(f"--vocab-size {vocab_size} is too small for byte-level BPE (>= 258: "
+                        f"256 bytes, EOS and at least one merge); use --tokenizer byte")
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int, path: str | Path):
     """A byte-level BPE (GPT-2 style pre-tokenisation) trained on ``texts``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    if vocab_size < 257 + 1:
-        raise DataError(f"--vocab-size {vocab_size} is too small for byte-level BPE (>= 258: "
-                        f"256 bytes, EOS and at least one merge); use --tokenizer byte")
+    check_bpe_vocab(vocab_size)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

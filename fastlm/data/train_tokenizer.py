@@ -34,6 +34,10 @@ def train_tokenizer(inputs: list[str], out: str | Path, *, kind: str = "bpe",
 
     if kind not in ("bpe", "char"):
         raise DataError(f"--kind must be bpe or char, got {kind!r} (byte needs no training)")
+    if kind == "bpe":
+        T.check_bpe_vocab(vocab_size)
+    if sample_chars is not None and sample_chars < 1:
+        raise DataError(f"--sample-mb must be > 0, got {sample_chars / 1e6:g}")
     out = Path(out)
     if out.exists() and not overwrite:
         raise DataError(f"{out} exists: pass --overwrite to replace it, or choose another --out")
@@ -70,16 +74,18 @@ def train_tokenizer(inputs: list[str], out: str | Path, *, kind: str = "bpe",
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from fastlm.cli import at_least, positive
+
     parser.add_argument("inputs", nargs="+", help="the corpora, as fastlm prepare takes them "
                         "(files, globs, directories, saved datasets, builtin:pydoc)")
     parser.add_argument("--out", required=True, help="the tokenizer directory to write")
     parser.add_argument("--kind", default="bpe", choices=["bpe", "char"])
-    parser.add_argument("--vocab-size", type=int, default=8192, help="for --kind bpe")
+    parser.add_argument("--vocab-size", type=at_least(1), default=8192, help="for --kind bpe")
     parser.add_argument("--text-field", default="text", help="field of structured records")
     parser.add_argument("--doc-split", default="blank-lines",
                         choices=["blank-lines", "lines", "file"],
                         help="how .txt files divide into documents")
-    parser.add_argument("--sample-mb", type=float, default=None,
+    parser.add_argument("--sample-mb", type=positive, default=None,
                         help="BPE's sample of text, spread over every input in proportion to "
                              "its size (default: 4, what fastlm prepare trains on)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")

@@ -167,6 +167,23 @@ def test_bad_inputs(tmp_path, corpus):
     assert not any(p.name.startswith(".tmp-") for p in tmp_path.iterdir())  # nothing left over
 
 
+@pytest.mark.parametrize("kw, match", [
+    # refused before any reading: the vocabulary was checked after cleaning and dedup, the
+    # others meant nothing (a threshold of 2 removed no near copy)
+    (dict(vocab_size=100), r"--vocab-size 100 is too small for byte-level BPE"),
+    (dict(near_dedup_threshold=2.0), r"near_dedup_threshold is a Jaccard similarity in \(0, 1\]"),
+    (dict(min_chars=10, max_chars=5), r"max_chars \(if set\) >= min_chars"),
+    (dict(num_proc=0), r"num_proc must be >= 1"),
+])
+def test_meaningless_settings_are_refused_before_reading(tmp_path, monkeypatch, kw, match):
+    from fastlm.data import readers
+
+    monkeypatch.setattr(readers, "load", lambda *a, **k: pytest.fail("read the inputs"))
+    (tmp_path / "a.txt").write_text(doc(1))
+    with pytest.raises(DataError, match=match):
+        prepare([tmp_path / "a.txt"], tmp_path / "o", progress=False, **kw)
+
+
 def test_corrupt_structured_files_name_what_is_wrong(tmp_path):
     """datasets says only "An error occurred while generating the dataset": the error names the
     JSON line that does not parse, or the reader's own reason (a corrupt parquet file)."""
