@@ -233,10 +233,7 @@ def run(args) -> int:
             check_tokenizer(str(tok_dir), Path(args.data), what="the model")
         except ConfigError as exc:
             raise EvalError(str(exc)) from exc
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
-        args.dtype or ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported()
-                       else "fp32"))
+    device, dtype = device_and_dtype(args.device, args.dtype)
     _prepare(model, device, dtype, kernels=not args.no_kernels)
     ctx = context_length(model)
     trained = context_length(model, trained=True)
@@ -280,6 +277,19 @@ def run(args) -> int:
         _write_json(args.json, dict(asdict(result), model=str(args.model), data=str(args.data),
                                     split=args.split))
     return 0
+
+
+def device_and_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
+    """``--device`` (default: cuda where there is one) and ``--dtype`` (default: bf16 on a GPU
+    that has it, else fp32) of eval and generate."""
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as exc:
+        raise EvalError(f"--device {device!r}: {exc} (give cpu, cuda or cuda:N)") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EvalError(f"--device {device}: this torch sees no CUDA GPU; use --device cpu")
+    name = dtype or ("bf16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
+    return dev, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
 def _prepare(model, device, dtype, *, kernels: bool) -> None:

@@ -321,6 +321,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", default=None, help="with --prompts: the JSONL file to write")
     parser.add_argument("--batch-size", type=at_least(1), default=8,
                         help="with --prompts: prompts completed together")
+    parser.add_argument("--device", default=None, help="default: cuda if present, else cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                        help="default: fp32 on a CPU, bf16 on a GPU that has it")
 
 
 def run(args) -> int:
@@ -338,7 +341,15 @@ def run(args) -> int:
                                 "--chat")
     elif args.out is not None:
         raise GenerateError("--out writes the completions of --prompts FILE: add --prompts")
+    from fastlm.train.evaluate import EvalError, _prepare, device_and_dtype
+
+    try:
+        device, dtype = device_and_dtype(args.device, args.dtype)
+    except EvalError as exc:
+        raise GenerateError(str(exc)) from exc
     model, tok = load_for_generation(args.model)
+    # on the GPU where there is one (it always ran on the CPU, in the checkpoint's dtype)
+    _prepare(model, device, dtype, kernels=False)
     if args.prompts is not None:
         return _complete_file(model, tok, prompts, args)
     if args.interactive:

@@ -304,3 +304,26 @@ def test_the_console_streams_the_text_sample_returns(tmp_path):
     reply = sample(chat_model, chat_tok, "Hi?", max_new_tokens=12, temperature=0, chat=True,
                    on_text=pieces.append)
     assert "".join(pieces) == reply and "Hi?" not in reply
+
+
+def test_generate_runs_in_the_device_and_dtype_asked_for(tmp_path, monkeypatch, capsys):
+    """fastlm generate always ran on the CPU in the checkpoint's dtype, GPU or not; it takes
+    eval's --device/--dtype (default: the GPU in bf16 where there is one)."""
+    from fastlm.cli import main
+    from fastlm.train import evaluate, generate
+
+    path = _model_dir(tmp_path)
+    seen = []
+    real = generate.sample
+    monkeypatch.setattr(generate, "sample", lambda model, *a, **k: seen.append(
+        next(model.parameters()).dtype) or real(model, *a, **k))
+    assert main(["generate", str(path), "--prompt", "a", "--max-new-tokens", "2",
+                 "--dtype", "bf16"]) == 0
+    assert seen == [torch.bfloat16]
+    assert main(["generate", str(path), "--prompt", "a", "--max-new-tokens", "2",
+                 "--device", "cuda:7"]) == 2
+    assert "sees no CUDA GPU; use --device cpu" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert evaluate.device_and_dtype(None, None) == (torch.device("cuda"), torch.bfloat16)
+    assert evaluate.device_and_dtype("cpu", None) == (torch.device("cpu"), torch.float32)
