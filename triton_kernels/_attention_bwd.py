@@ -12,7 +12,14 @@ exchange the gradients are bit-identical run to run.
 import triton
 import triton.language as tl
 
-from ._attention_common import key_blocks, program_sequence, scores, seq_bounds, visible
+from ._attention_common import (
+    key_blocks,
+    program_sequence,
+    scores,
+    seq_bounds,
+    token_offset,
+    visible,
+)
 
 
 @triton.jit
@@ -27,10 +34,12 @@ def delta_kernel(OUT, DO, DELTA, sob, soh, sot, slb, slh, slt, seqlen_q, CU_Q,
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m = (rows < sq)[:, None] & (offs_d < D)[None, :]
-    ptr = b * sob + h * soh + (q0 + rows)[:, None] * sot + offs_d[None, :]
-    o = tl.load(OUT + ptr, mask=m, other=0.0).to(tl.float32)
-    do = tl.load(DO + ptr, mask=m, other=0.0).to(tl.float32)
-    tl.store(DELTA + b * slb + h * slh + (q0 + rows) * slt, tl.sum(o * do, 1), mask=rows < sq)
+    base = token_offset(b, h, q0, sob, soh, sot)
+    ptr = rows[:, None] * sot + offs_d[None, :]
+    o = tl.load(OUT + base + ptr, mask=m, other=0.0).to(tl.float32)
+    do = tl.load(DO + base + ptr, mask=m, other=0.0).to(tl.float32)
+    tl.store(DELTA + token_offset(b, h, q0, slb, slh, slt) + rows * slt, tl.sum(o * do, 1),
+             mask=rows < sq)
 
 
 @triton.jit
@@ -67,9 +76,10 @@ def dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_m = tl.arange(0, BLOCK_M)
     kmask = (cols < sk)[:, None] & (offs_d < D)[None, :]
-    kptr = b * skb + hk * skh + (k0 + cols)[:, None] * skt + offs_d[None, :]
-    k = tl.load(K + kptr, mask=kmask, other=0.0)
-    v = tl.load(V + kptr, mask=kmask, other=0.0)
+    kbase = token_offset(b, hk, k0, skb, skh, skt)
+    kptr = cols[:, None] * skt + offs_d[None, :]
+    k = tl.load(K + kbase + kptr, mask=kmask, other=0.0)
+    v = tl.load(V + kbase + kptr, mask=kmask, other=0.0)
     kt = tl.trans(k)
     vt = tl.trans(v)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -83,18 +93,20 @@ def dkdv_kernel(
         for start_m in range(m_lo, m_hi, BLOCK_M):
             rows = start_m + offs_m
             qmask = (rows < sq)[:, None] & (offs_d < D)[None, :]
-            qptr = b * sqb + h * sqh + (q0 + rows)[:, None] * sqt + offs_d[None, :]
-            q = tl.load(Q + qptr, mask=qmask, other=0.0)
-            do = tl.load(DO + qptr, mask=qmask, other=0.0)
-            lptr = b * slb + h * slh + (q0 + rows) * slt
-            lse = tl.load(LSE + lptr, mask=rows < sq, other=float("inf"))
-            delta = tl.load(DELTA + lptr, mask=rows < sq, other=0.0)
+            qbase = token_offset(b, h, q0, sqb, sqh, sqt)
+            qptr = rows[:, None] * sqt + offs_d[None, :]
+            q = tl.load(Q + qbase + qptr, mask=qmask, other=0.0)
+            do = tl.load(DO + qbase + qptr, mask=qmask, other=0.0)
+            lbase = token_offset(b, h, q0, slb, slh, slt)
+            lse = tl.load(LSE + lbase + rows * slt, mask=rows < sq, other=float("inf"))
+            delta = tl.load(DELTA + lbase + rows * slt, mask=rows < sq, other=0.0)
             p, ds = _p_and_ds(q, kt, vt, do, lse, delta, rows, cols, sq, sk, wl, wr, MASK,
-                              b * smb, scale, softcap, HAS_MASK, HAS_SOFTCAP, PRECISION)
+                              b.to(tl.int64) * smb, scale, softcap, HAS_MASK, HAS_SOFTCAP,
+                              PRECISION)
             dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
             dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
-    tl.store(DK + kptr, (dk * scale).to(DK.dtype.element_ty), mask=kmask)
-    tl.store(DV + kptr, dv.to(DV.dtype.element_ty), mask=kmask)
+    tl.store(DK + kbase + kptr, (dk * scale).to(DK.dtype.element_ty), mask=kmask)
+    tl.store(DV + kbase + kptr, dv.to(DV.dtype.element_ty), mask=kmask)
 
 
 @triton.jit
@@ -117,21 +129,23 @@ def dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     qmask = (rows < sq)[:, None] & (offs_d < D)[None, :]
-    qptr = b * sqb + h * sqh + (q0 + rows)[:, None] * sqt + offs_d[None, :]
-    q = tl.load(Q + qptr, mask=qmask, other=0.0)
-    do = tl.load(DO + qptr, mask=qmask, other=0.0)
-    lptr = b * slb + h * slh + (q0 + rows) * slt
-    lse = tl.load(LSE + lptr, mask=rows < sq, other=float("inf"))
-    delta = tl.load(DELTA + lptr, mask=rows < sq, other=0.0)
+    qbase = token_offset(b, h, q0, sqb, sqh, sqt)
+    qptr = rows[:, None] * sqt + offs_d[None, :]
+    q = tl.load(Q + qbase + qptr, mask=qmask, other=0.0)
+    do = tl.load(DO + qbase + qptr, mask=qmask, other=0.0)
+    lbase = token_offset(b, h, q0, slb, slh, slt)
+    lse = tl.load(LSE + lbase + rows * slt, mask=rows < sq, other=float("inf"))
+    delta = tl.load(DELTA + lbase + rows * slt, mask=rows < sq, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    kbase = token_offset(b, hk, k0, skb, skh, skt)
     lo, hi = key_blocks(start_m, sq, sk, wl, wr, BLOCK_M, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         kmask = (cols < sk)[None, :] & (offs_d < D)[:, None]
-        kptr_t = b * skb + hk * skh + (k0 + cols)[None, :] * skt + offs_d[:, None]
-        kt = tl.load(K + kptr_t, mask=kmask, other=0.0)
-        vt = tl.load(V + kptr_t, mask=kmask, other=0.0)
-        _, ds = _p_and_ds(q, kt, vt, do, lse, delta, rows, cols, sq, sk, wl, wr, MASK, b * smb,
-                          scale, softcap, HAS_MASK, HAS_SOFTCAP, PRECISION)
+        kptr_t = cols[None, :] * skt + offs_d[:, None]
+        kt = tl.load(K + kbase + kptr_t, mask=kmask, other=0.0)
+        vt = tl.load(V + kbase + kptr_t, mask=kmask, other=0.0)
+        _, ds = _p_and_ds(q, kt, vt, do, lse, delta, rows, cols, sq, sk, wl, wr, MASK,
+                          b.to(tl.int64) * smb, scale, softcap, HAS_MASK, HAS_SOFTCAP, PRECISION)
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
-    tl.store(DQ + qptr, (dq * scale).to(DQ.dtype.element_ty), mask=qmask)
+    tl.store(DQ + qbase + qptr, (dq * scale).to(DQ.dtype.element_ty), mask=qmask)

@@ -12,12 +12,22 @@ BIG = 1 << 30
 def seq_bounds(CU, b, seqlen, IS_VARLEN: tl.constexpr):
     """(first token, length) of sequence b: from cu_seqlens when packed, else (0, seqlen)."""
     if IS_VARLEN:
-        start = tl.load(CU + b)
-        length = tl.load(CU + b + 1) - start
+        first = tl.load(CU + b)
+        length = tl.load(CU + b + 1) - first
+        start = first.to(tl.int64)  # see token_offset
     else:
         start = 0
         length = seqlen
     return start, length
+
+
+@triton.jit
+def token_offset(b, h, t0, sb, sh, st):
+    """Element offset of token t0 of (sequence b, head h), in int64; callers add the offsets
+    within the sequence (row * st + d) in int32. All int32 before, the offset wrapped in a
+    tensor of more than 2^31 elements (16 x 32 heads x 32k tokens x 128, or a packed batch of
+    512k tokens), and the kernel read and wrote outside it."""
+    return b.to(tl.int64) * sb + h.to(tl.int64) * sh + t0 * st
 
 
 @triton.jit

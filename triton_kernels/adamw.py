@@ -20,7 +20,9 @@ BLOCK = 1024
 def adamw_kernel(P, G, M, V, W, n, decay, step_size, lerp_a, beta2, omb2, bc2_sqrt, eps,
                  inv_scale, LERP_LOW: tl.constexpr, HAS_MASTER: tl.constexpr,
                  BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    # int64: ZeRO's flat partition on one GPU is the whole model (a 2.2B-parameter one passed
+    # 2^31 elements, and int32 offsets wrapped negative, inside the mask)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32) * inv_scale
     if HAS_MASTER:

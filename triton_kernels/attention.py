@@ -28,8 +28,8 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # (BLOCK_M, BLOCK_N, warps, stages) tried by the autotuner. bf16/fp16 run tl.dot on tensor
 # cores. fp32 runs it in IEEE fp32 (see _precision), as FMAs holding the operand tiles in
 # registers: the half-precision tiles spilled 1-24 KB a thread there and took 4-105 s each to
-# compile (a first fp32 call autotuned for ~5 minutes); these smaller ones spill at most 8
-# bytes at head dims up to 128 (benchmarks/results/triton_compile.md, sm_80 and sm_90) and
+# compile (a first fp32 call autotuned for ~5 minutes); these smaller ones spill at most a
+# few dozen bytes at head dims up to 128 (benchmarks/results/triton_compile.md, sm_80 and sm_90) and
 # compile in about a second each.
 _HALF_CONFIGS = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2),
                  (128, 128, 8, 2)]

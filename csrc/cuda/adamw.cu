@@ -15,12 +15,15 @@ constexpr int kMaxBlocks = 320;
 constexpr int kThreads = 256;
 constexpr int kChunk = 16384;  // elements per block: 64 per thread, enough to hide latency
 
-// Kernel parameters are limited to 4 KiB: 24 tensors x 48 B + 320 x 2 x 2 B = 2.4 KiB.
+// Kernel parameters are limited to 4 KiB: 24 tensors x 48 B + 320 x (2 + 4) B = 3 KiB. The
+// chunk index is 32-bit: 16-bit capped a tensor at 1G elements (65536 chunks), and ZeRO's flat
+// partition on one GPU is the whole model.
 struct Launch {
   AdamWTensor t[kMaxTensors];
   uint16_t block_tensor[kMaxBlocks];
-  uint16_t block_chunk[kMaxBlocks];
+  uint32_t block_chunk[kMaxBlocks];
 };
+static_assert(sizeof(Launch) <= 4096, "kernel parameters are limited to 4 KiB");
 
 __device__ __forceinline__ float load(const float* p, int64_t i) { return p[i]; }
 __device__ __forceinline__ float load(const __nv_bfloat16* p, int64_t i) { return __bfloat162float(p[i]); }
@@ -80,9 +83,9 @@ cudaError_t run(const AdamWTensor* tensors, int n, const AdamWHyper& h, const fl
         }
         l.t[nt++] = tensors[i];
       }
-      if (c > 0xffff) return cudaErrorInvalidValue;  // > 1G elements in one tensor
+      if (c > 0xffffffffLL) return cudaErrorInvalidValue;  // > 70T elements in one tensor
       l.block_tensor[nb] = static_cast<uint16_t>(nt - 1);
-      l.block_chunk[nb] = static_cast<uint16_t>(c);
+      l.block_chunk[nb] = static_cast<uint32_t>(c);
       if (++nb == kMaxBlocks) {
         cudaError_t e = flush();
         if (e != cudaSuccess) return e;

@@ -420,3 +420,38 @@ def test_cuda_backward_is_bit_reproducible():
         lambda q, k, v: attention(q, k, v, causal=True, backend="cuda"), q, k, v, dout)
     (o1, g1), (o2, g2) = run(), run()
     assert torch.equal(o1, o2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "varlen"])
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_tensors_past_2_31_elements_address_the_last_sequence(backend, packed):
+    """q, k, v of 1025 sequences x 16 heads x 1024 tokens x 128 (2^31 + 2^21 elements each):
+    the Triton kernels computed each sequence's offset in int32, which wrapped for the last
+    ones (a long-context or large packed batch). The last sequence's output and gradients
+    equal those of the same sequence alone (the same kernel on the same tile schedule)."""
+    b, h, s, d = 1025, 16, 1024, 128
+    if torch.cuda.mem_get_info()[0] < 10 * b * h * s * d * 2 + 2**30:
+        pytest.skip("needs ~45 GB of free GPU memory")
+    torch.manual_seed(0)
+    shape = (b * s, h, d) if packed else (b, h, s, d)
+    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    cu = torch.arange(0, (b + 1) * s, s, device="cuda", dtype=torch.int32)
+
+    def run(q, k, v, cu, n):
+        if packed:
+            return attention_varlen(q, k, v, cu, cu, s, s, causal=True, backend=backend)
+        return attention(q, k, v, causal=True, backend=backend)
+
+    out = run(q, k, v, cu, b)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    last = (slice(-s, None) if packed else slice(-1, None))
+    q1, k1, v1 = (t.detach()[last].clone().requires_grad_() for t in (q, k, v))
+    out1 = run(q1, k1, v1, cu[:2], 1)
+    out1.backward(dout[last])
+    assert torch.equal(out[last], out1)
+    for big, small in zip((q, k, v), (q1, k1, v1)):
+        assert torch.equal(big.grad[last], small.grad)

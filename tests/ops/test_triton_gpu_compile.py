@@ -45,9 +45,9 @@ def test_every_case_compiles_for_ampere_and_hopper(report):
 
 def test_fp32_attention_tiles_do_not_spill(report):
     """fp32 attention runs its dots as FMAs: the half-precision tiles spilled 1-24 KB a thread
-    and took up to 105 s each to compile; the fp32 list spills at most a few bytes."""
+    and took up to 105 s each to compile; the fp32 list spills a few dozen bytes at most."""
     _, data = report
     for rep in data["reports"]:
         (case,) = [c for c in rep["cases"] if c["case"].startswith("attention fp32")]
         tiles = [c for c in case["compiled"] if c["kernel"] != "delta_kernel"]
-        assert len(tiles) == 9 and all(c["spill_stack"] <= 16 for c in tiles), tiles
+        assert len(tiles) == 9 and all(c["spill_stack"] <= 32 for c in tiles), tiles

@@ -356,3 +356,24 @@ def test_gpu_backends_match_torch_adamw(backend, dtype):
         opt_low.step()
         for p in low:
             assert torch.equal(p.detach(), opt_low.state[p]["master"].bfloat16())
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_a_tensor_past_2_31_elements_is_stepped_everywhere(backend):
+    """ZeRO's flat fp32 partition on one GPU is the whole model. The CUDA kernel refused a tensor
+    past 2^30 elements (a 16-bit chunk index) and the Triton kernel's int32 offsets wrapped
+    negative past 2^31, inside its mask. One step of a (2^31 + 2^20)-element tensor of equal
+    gradients must move every element alike (a missed chunk stays 0, a wrapped one moves twice
+    or elsewhere), as torch's AdamW moves one such element."""
+    n = 2**31 + 2**20
+    if torch.cuda.mem_get_info()[0] < 4 * 4 * n + 2**30:
+        pytest.skip("needs ~36 GB of free GPU memory")
+    p = torch.zeros(n, device="cuda", requires_grad=True)
+    p.grad = torch.ones_like(p)
+    FusedAdamW([p], lr=1e-3, weight_decay=0.0, backend=backend).step()
+    one = torch.zeros(1, device="cuda", requires_grad=True)
+    one.grad = torch.ones_like(one)
+    torch.optim.AdamW([one], lr=1e-3, weight_decay=0.0).step()
+    assert bool((p.detach() == one.detach()).all())
