@@ -11,13 +11,15 @@
 # Stages, in priority order (correctness before speed):
 #   env        nvidia-smi, versions
 #   build      fastlm's CUDA extensions (JIT, once; later stages reuse the cache)
-#   tests      pytest -m gpu (CUDA + Triton kernels, patched models, fp16 trainer)
+#   tests      pytest -m "gpu and not slow" (CUDA + Triton kernels, patched models, fp16
+#              trainer)
 #   attention  bf16, head dim 128, causal, S = 4k..16k (issue 3: >= 1.0x best SDPA, 450 TFLOP/s)
 #   adamw      fused multi-tensor step vs torch fused/foreach and DeepSpeed (issue 4)
 #   model      Llama 1B (llama-1b preset), seq 2048, bf16: patched vs HF SDPA and Liger (issue 7)
 #   train      GPT-2 124M, seq 1024, bf16: fastlm trainer vs HF Trainer, MFU (issue 6)
 #   packed     Llama 1B, 8 sequences packed a row (position ids restarting): segment ids in
 #              fastlm's kernels vs HF SDPA with its block-diagonal mask (issue 7)
+#   bigtests   pytest -m "gpu and slow": tensors past 2^31 elements (~45 GB), one at a time
 #
 # Environment: OUT (default ./gpu-proof-out), BUDGET_S (seconds for all stages, default 560:
 # the device call's limit is 600), DEVICE (default cuda), SMALL=1 (tiny sizes: a dry run of
@@ -36,7 +38,7 @@ export FASTLM_CACHE_DIR=${FASTLM_CACHE_DIR:-$PWD/.cache/fastlm}
 export MAX_JOBS=${MAX_JOBS:-16}
 export PYTHONUNBUFFERED=1
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(env build tests attention adamw model train packed)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(env build tests attention adamw model train packed bigtests)
 
 gpu_tag() {  # result-file suffix naming the card: h200, h100, ... (cpu in a dry run)
   if [ "$DEVICE" = cuda ] && command -v nvidia-smi >/dev/null; then
@@ -103,8 +105,12 @@ $PY -m pip list 2>/dev/null | grep -i -E '^(deepspeed|datasets|liger|flash)' || 
       # compilations, not the GPU, bound the wall time of the GPU tests
       XDIST=()
       $PY -c "import xdist" 2>/dev/null && XDIST=(-n 4)
-      run tests 60 300 $PY -m pytest -q -m gpu -p no:cacheprovider "${XDIST[@]}" \
-        --junitxml="$OUT/gpu-tests.xml" tests ;;
+      run tests 60 300 $PY -m pytest -q -m "gpu and not slow" -p no:cacheprovider \
+        "${XDIST[@]}" --junitxml="$OUT/gpu-tests.xml" tests ;;
+    bigtests)
+      # serially: each holds ~45 GB of the GPU (several workers at once would run out)
+      run bigtests 60 150 $PY -m pytest -q -m "gpu and slow" -p no:cacheprovider \
+        --junitxml="$OUT/gpu-bigtests.xml" tests ;;
     attention)
       run attention 60 150 $PY -m fastlm.cli bench attention --device "$DEVICE" "${ATT[@]}" \
         --out "$RES" --name "attention_$TAG" ;;
@@ -121,7 +127,8 @@ $PY -m pip list 2>/dev/null | grep -i -E '^(deepspeed|datasets|liger|flash)' || 
       run packed 60 150 $PY -m fastlm.cli bench model --device "$DEVICE" "${PACKED[@]}" \
         --out "$RES" --name "model_llama_1b_packed_$TAG" ;;
     *)
-      echo "unknown stage $stage (env build tests attention adamw model train packed)" | tee -a "$SUMMARY" ;;
+      echo "unknown stage $stage (env build tests attention adamw model train packed" \
+        "bigtests)" | tee -a "$SUMMARY" ;;
   esac
 done
 
@@ -129,7 +136,9 @@ echo
 echo "== summary (${SECONDS}s; results under $RES, logs under $LOGS)"
 cat "$SUMMARY"
 # the tests' verdict line and the headline rows of each result, last: the reply carries the tail
-[ -f "$LOGS/tests.log" ] && grep -E "passed|failed|error" "$LOGS/tests.log" | tail -n 3
+for t in tests bigtests; do
+  [ -f "$LOGS/$t.log" ] && grep -E "passed|failed|error" "$LOGS/$t.log" | tail -n 3
+done
 for md in "$RES"/*.md; do
   [ -f "$md" ] || continue
   echo "-- $(basename "$md")"
