@@ -43,6 +43,22 @@ def delta_kernel(OUT, DO, DELTA, sob, soh, sot, slb, slh, slt, seqlen_q, CU_Q,
 
 
 @triton.jit
+def _query_rows(Q, DO, LSE, DELTA, b, h, q0, rows, offs_d, sq, sqb, sqh, sqt, slb, slh, slt,
+                D: tl.constexpr):
+    """q and dO of these rows of (sequence b, head h), their logsumexp and delta; and where
+    the rows are (offset of the sequence, offsets within it, mask), for dQ's store."""
+    qmask = (rows < sq)[:, None] & (offs_d < D)[None, :]
+    qbase = token_offset(b, h, q0, sqb, sqh, sqt)
+    qptr = rows[:, None] * sqt + offs_d[None, :]
+    q = tl.load(Q + qbase + qptr, mask=qmask, other=0.0)
+    do = tl.load(DO + qbase + qptr, mask=qmask, other=0.0)
+    lbase = token_offset(b, h, q0, slb, slh, slt)
+    lse = tl.load(LSE + lbase + rows * slt, mask=rows < sq, other=float("inf"))
+    delta = tl.load(DELTA + lbase + rows * slt, mask=rows < sq, other=0.0)
+    return q, do, lse, delta, qbase, qptr, qmask
+
+
+@triton.jit
 def _p_and_ds(q, kt, vt, do, lse, delta, rows, cols, sq, sk, wl, wr, MASK, mrow, scale,
               softcap, HAS_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
               PRECISION: tl.constexpr):
@@ -92,14 +108,8 @@ def dkdv_kernel(
         h = hk * GROUP + g
         for start_m in range(m_lo, m_hi, BLOCK_M):
             rows = start_m + offs_m
-            qmask = (rows < sq)[:, None] & (offs_d < D)[None, :]
-            qbase = token_offset(b, h, q0, sqb, sqh, sqt)
-            qptr = rows[:, None] * sqt + offs_d[None, :]
-            q = tl.load(Q + qbase + qptr, mask=qmask, other=0.0)
-            do = tl.load(DO + qbase + qptr, mask=qmask, other=0.0)
-            lbase = token_offset(b, h, q0, slb, slh, slt)
-            lse = tl.load(LSE + lbase + rows * slt, mask=rows < sq, other=float("inf"))
-            delta = tl.load(DELTA + lbase + rows * slt, mask=rows < sq, other=0.0)
+            q, do, lse, delta, _, _, _ = _query_rows(Q, DO, LSE, DELTA, b, h, q0, rows, offs_d,
+                                                     sq, sqb, sqh, sqt, slb, slh, slt, D)
             p, ds = _p_and_ds(q, kt, vt, do, lse, delta, rows, cols, sq, sk, wl, wr, MASK,
                               b.to(tl.int64) * smb, scale, softcap, HAS_MASK, HAS_SOFTCAP,
                               PRECISION)
@@ -128,14 +138,9 @@ def dq_kernel(
     rows = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
-    qmask = (rows < sq)[:, None] & (offs_d < D)[None, :]
-    qbase = token_offset(b, h, q0, sqb, sqh, sqt)
-    qptr = rows[:, None] * sqt + offs_d[None, :]
-    q = tl.load(Q + qbase + qptr, mask=qmask, other=0.0)
-    do = tl.load(DO + qbase + qptr, mask=qmask, other=0.0)
-    lbase = token_offset(b, h, q0, slb, slh, slt)
-    lse = tl.load(LSE + lbase + rows * slt, mask=rows < sq, other=float("inf"))
-    delta = tl.load(DELTA + lbase + rows * slt, mask=rows < sq, other=0.0)
+    q, do, lse, delta, qbase, qptr, qmask = _query_rows(Q, DO, LSE, DELTA, b, h, q0, rows,
+                                                        offs_d, sq, sqb, sqh, sqt, slb, slh,
+                                                        slt, D)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     kbase = token_offset(b, hk, k0, skb, skh, skt)
     lo, hi = key_blocks(start_m, sq, sk, wl, wr, BLOCK_M, BLOCK_N)
