@@ -33,42 +33,28 @@ class UserError(Exception):
     """An error caused by the user's input: printed without a traceback, exit status 2."""
 
 
-def at_least(low, kind=int):
-    """An argparse ``type``: a ``kind`` number >= ``low`` (a usage error naming the option
-    otherwise; 0 or a negative count was taken, and silently meant the default or nothing)."""
+def _number(kind, ok, what: str):
+    """An argparse ``type``: a ``kind`` number for which ``ok`` holds, else a usage error naming
+    the option (0 or a negative count was taken, and silently meant the default or nothing)."""
     def check(text: str):
         try:
             value = kind(text)
         except ValueError:
             value = None
-        if value is None or not value >= low:
-            what = "an integer" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what} >= {low}")
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
         return value
 
     return check
 
 
-def positive(text: str) -> float:
-    """An argparse ``type``: a number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = None
-    if value is None or not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number > 0")
-    return value
+def at_least(low, kind=int):
+    return _number(kind, lambda v: v >= low,
+                   f"{'an integer' if kind is int else 'a number'} >= {low}")
 
 
-def probability(text: str) -> float:
-    """An argparse ``type``: a number in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = None
-    if value is None or not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number in (0, 1]")
-    return value
+positive = _number(float, lambda v: v > 0, "a number > 0")
+probability = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
 def _load(module_name: str):
