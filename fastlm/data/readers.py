@@ -2,9 +2,9 @@
 
 Files, globs and directories of ``.txt``, ``.jsonl``/``.json`` and ``.parquet``, text and JSON
 compressed as ``.gz``, ``.bz2``, ``.xz`` or ``.zst`` (how corpora are shipped: ``x.jsonl.zst``),
-or a dataset saved with ``Dataset.save_to_disk``. Structured files go through ``datasets`` loaders; text
-files are decoded here so that bytes that are not UTF-8 can be counted (or reported with the
-file and byte offset) instead of aborting deep inside a loader.
+or a dataset saved with ``Dataset.save_to_disk``. Structured files go through ``datasets``
+loaders; text files are decoded here so that bytes that are not UTF-8 can be counted (or
+reported with the file and byte offset) instead of aborting deep inside a loader.
 """
 
 from __future__ import annotations
