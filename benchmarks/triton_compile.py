@@ -133,7 +133,7 @@ def _resource_usage(cuobjdump: Path, cubin: bytes) -> dict:
 def _cases(kind: str) -> dict:
     """name -> a callable running the launchers of one case."""
     import torch
-    from fastlm.triton_kernels import activations, adamw, norms, rotary
+    from fastlm.triton_kernels import activations, adamw, cross_entropy, norms, rotary
     from fastlm.triton_kernels import attention as A
 
     def attention(dtype, d, varlen=False, mask=False, softcap=0.0, group=1, window=(-1, -1)):
@@ -188,6 +188,14 @@ def _cases(kind: str) -> dict:
                 activations.glu_bwd(activations.glu_fwd(x, u, act), x, u, act)
         return run
 
+    def cross_entropy_case(dtype, vocab, **opts):
+        def run():
+            for grad in (False, True):
+                cross_entropy.ce_rows(torch.randn(8, vocab, dtype=dtype),
+                                      torch.randint(0, vocab, (8,)), torch.ones(8), -100,
+                                      opts.get("smoothing", 0.0), opts.get("softcap", 0.0), grad)
+        return run
+
     def adamw_case(dtype, state_dtype=torch.float32):
         def run():
             ps = [torch.randn(n, dtype=dtype) for n in (1000, 4099)]
@@ -213,6 +221,10 @@ def _cases(kind: str) -> dict:
         "adamw fp32": adamw_case(fp32),
         "adamw bf16 masters": adamw_case(bf16),
         "adamw fp32 bf16 moments": adamw_case(fp32, state_dtype=bf16),
+        "cross-entropy rows bf16 50257": cross_entropy_case(bf16, 50257),
+        "cross-entropy rows fp32 smoothing softcap": cross_entropy_case(fp32, 1000,
+                                                                        smoothing=0.1,
+                                                                        softcap=30.0),
     }
     if kind == "full":
         for dt, name in ((bf16, "bf16"), (fp16, "fp16"), (fp32, "fp32")):

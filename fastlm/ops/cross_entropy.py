@@ -8,25 +8,37 @@ computed during the forward (as Liger-Kernel does) and the backward only scales 
 incoming gradient. Peak extra memory: one chunk of logits instead of N x V (for 8k tokens and
 a 128k vocabulary in fp32, 4 GB -> 64 MB at the default chunk).
 
-Backends: ``cpu`` (csrc/cpu/cross_entropy.cpp row kernel), ``torch`` (the same chunking with
-torch ops; also what CUDA tensors use).
+Backends: ``triton`` (triton_kernels/cross_entropy.py row kernel: CUDA tensors, CPU ones in
+Triton's interpreter), ``cpu`` (csrc/cpu/cross_entropy.cpp row kernel), ``torch`` (the same
+chunking with torch ops). The chunk's matmuls are torch's (cuBLAS, or the CPU's) in every
+backend.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import torch
 
 from fastlm._build import load_extension
 from fastlm._custom_op import custom_op
-from fastlm._dispatch import Call, all_of, define_op, extension_check, needs_device, needs_dtypes
+from fastlm._dispatch import (
+    Call,
+    all_of,
+    define_op,
+    extension_check,
+    needs_device,
+    needs_dtypes,
+    triton_check,
+)
 from fastlm.ops import _fused_common as fc
 from fastlm.ops._autocast import autocast_inputs
 
 __all__ = ["fused_linear_cross_entropy"]
 
-_op = define_op("linear_cross_entropy", order={"cuda": ("torch",), "cpu": ("cpu", "torch")})
+_op = define_op("linear_cross_entropy",
+                order={"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")})
 
 
 def _ce_rows_torch(logits, labels, row_scale, ignore_index, smoothing, softcap, grad):
@@ -74,6 +86,8 @@ class _Torch:
     ce_rows = staticmethod(_ce_rows_torch)
 
 
+_op.register("triton", all_of(triton_check, needs_dtypes(*fc.FLOATS)),
+             lambda: importlib.import_module("fastlm.triton_kernels.cross_entropy"))
 _op.register("cpu", all_of(needs_device("cpu"), needs_dtypes(*fc.FLOATS),
                            extension_check("cpu", "ce_rows")), lambda: _Cpu)
 _op.register("torch", lambda call: None, lambda: _Torch)

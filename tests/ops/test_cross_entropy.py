@@ -8,6 +8,11 @@ from fastlm.ops.cross_entropy import fused_linear_cross_entropy
 from fastlm.ops.reference import linear_cross_entropy_ref
 from fastlm.testing import GRAD_FACTOR, assert_within
 
+# Triton's row kernel runs CPU tensors in its interpreter only (TRITON_INTERPRET=1, set by the
+# test conftest); on a machine with a GPU the GPU tests cover it
+BACKENDS = ["cpu", "torch", pytest.param("triton", marks=pytest.mark.skipif(
+    torch.cuda.is_available(), reason="CPU tensors run Triton only in its interpreter"))]
+
 
 def _inputs(n, h, v, dtype, bias):
     hidden = torch.randn(n, h).to(dtype)
@@ -25,7 +30,7 @@ def _run(fn, tensors):
     return loss.detach(), grads
 
 
-@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 # (48, 32, 211, None): one chunk, where bf16 weight gradients take the unfused head's GEMM
 @pytest.mark.parametrize("n, h, v, chunk", [(1, 8, 5, None), (48, 32, 211, None), (37, 16, 101, 8),
@@ -58,7 +63,7 @@ def test_matches_float64(backend, dtype, n, h, v, chunk, opts, bias):
         assert_within(g, g64, gb, factor=GRAD_FACTOR)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("n, h, v, chunk", [(1, 8, 5, None), (48, 32, 211, None), (37, 16, 101, 8),
                                             (64, 33, 257, 7)])
@@ -290,3 +295,27 @@ def test_per_row_losses_compile(frozen):
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     for got, want in zip(grads(compiled), grads(step)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("opts", [dict(), dict(label_smoothing=0.1), dict(softcap=30.0)], ids=str)
+def test_gpu_triton_rows_match_float64(dtype, opts):
+    """GPT-2's vocabulary (50257: blocks that do not divide it), several chunks, on CUDA."""
+    torch.manual_seed(0)
+    hidden, weight, _, labels = _inputs(300, 64, 50257, dtype, False)
+    hidden, weight, labels = hidden.cuda(), weight.cuda(), labels.cuda()
+
+    def fused(hh, ww):
+        return fused_linear_cross_entropy(hh, ww, labels, chunk_size=128, backend="triton",
+                                          **opts)
+
+    def ref(upcast):
+        return lambda hh, ww: linear_cross_entropy_ref(hh, ww, labels, upcast=upcast, **opts)
+
+    loss, grads = _run(fused, [hidden, weight])
+    base, base_grads = _run(ref(False), [hidden, weight])
+    ref64, grads64 = _run(ref(True), [hidden.double(), weight.double()])
+    assert_within(loss, ref64, base, factor=2, floor=2e-7 * max(1.0, abs(ref64.item())))
+    for g, g64, gb in zip(grads, grads64, base_grads):
+        assert_within(g, g64, gb, factor=GRAD_FACTOR)

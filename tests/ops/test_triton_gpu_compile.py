@@ -40,7 +40,7 @@ def test_every_case_compiles_for_ampere_and_hopper(report):
             assert fits == {c["kernel"] for c in case["compiled"]}, (rep["arch"], case["case"])
         kernels = {c["kernel"] for case in rep["cases"] for c in case["compiled"]}
         assert {"attention_fwd_kernel", "dkdv_kernel", "dq_kernel", "_act_fwd", "_glu_bwd",
-                "_rms_bwd", "_ln_bwd", "_rotary", "adamw_kernel"} <= kernels
+                "_rms_bwd", "_ln_bwd", "_rotary", "adamw_kernel", "_ce_rows"} <= kernels
 
 
 def test_fp32_attention_tiles_do_not_spill(report):
