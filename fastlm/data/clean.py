@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fastlm.data.errors import DataError
+
 # C0/C1 control characters except tab and newline; DEL.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _SPACES = re.compile(r"[ \t\u00a0\u2000-\u200a\u3000]+")
@@ -48,8 +50,6 @@ class CleanConfig:
     def check(self) -> None:
         """A DataError naming a setting that means nothing (a near-dedup threshold of 2 kept
         every near copy without a word)."""
-        from fastlm.data.errors import DataError
-
         if not 0 < self.near_dedup_threshold <= 1:
             raise DataError(f"near_dedup_threshold is a Jaccard similarity in (0, 1], got "
                             f"{self.near_dedup_threshold}")

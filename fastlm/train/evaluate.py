@@ -234,7 +234,7 @@ def run(args) -> int:
         except ConfigError as exc:
             raise EvalError(str(exc)) from exc
     device, dtype = device_and_dtype(args.device, args.dtype)
-    _prepare(model, device, dtype, kernels=not args.no_kernels)
+    place_model(model, device, dtype, kernels=not args.no_kernels)
     ctx = context_length(model)
     trained = context_length(model, trained=True)
     if args.choices:
@@ -249,7 +249,7 @@ def run(args) -> int:
                                     what="the reference")
                 except ConfigError as exc:
                     raise EvalError(str(exc)) from exc
-            _prepare(reference, device, dtype, kernels=not args.no_kernels)
+            place_model(reference, device, dtype, kernels=not args.no_kernels)
         return _run_pairs(args, model, reference, min(trained or 1024, 1024))
     # by default the windows a run trained the model on (positions past them never learned)
     block = args.block_size or min(trained or 1024, 1024)
@@ -292,7 +292,9 @@ def device_and_dtype(device: str | None, dtype: str | None) -> tuple[torch.devic
     return dev, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def _prepare(model, device, dtype, *, kernels: bool) -> None:
+def place_model(model, device, dtype, *, kernels: bool) -> None:
+    """``model`` on ``device`` in ``dtype`` (and patched with fastlm's kernels), for eval and
+    generate."""
     from fastlm.train.model import to_dtype
 
     model.to(device=device)

@@ -341,7 +341,7 @@ def run(args) -> int:
                                 "--chat")
     elif args.out is not None:
         raise GenerateError("--out writes the completions of --prompts FILE: add --prompts")
-    from fastlm.train.evaluate import EvalError, _prepare, device_and_dtype
+    from fastlm.train.evaluate import EvalError, device_and_dtype, place_model
 
     try:
         device, dtype = device_and_dtype(args.device, args.dtype)
@@ -349,7 +349,7 @@ def run(args) -> int:
         raise GenerateError(str(exc)) from exc
     model, tok = load_for_generation(args.model)
     # on the GPU where there is one (it always ran on the CPU, in the checkpoint's dtype)
-    _prepare(model, device, dtype, kernels=False)
+    place_model(model, device, dtype, kernels=False)
     if args.prompts is not None:
         return _complete_file(model, tok, prompts, args)
     if args.interactive:
