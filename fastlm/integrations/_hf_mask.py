@@ -241,6 +241,14 @@ def _graph_may_break() -> bool:
 _graph_may_break_traced = torch._dynamo.assume_constant_result(_graph_may_break)
 
 
+def _traced_by_dynamo() -> bool:
+    """Whether dynamo is tracing this code (torch.compile, strict torch.export). Non-strict
+    torch.export (its default) runs the forward as Python on traced tensors: a closure's cells
+    read as they do in eager code, and the attention stays fused in the exported graph."""
+    return torch.compiler.is_compiling() and (torch.compiler.is_dynamo_compiling()
+                                              or not torch.compiler.is_exporting())
+
+
 def _packed_mask(ids, window, q_length, kv_length, q_offset, kv_offset, attention_mask,
                  dense_args):
     offsets = (_as_int(q_offset), _as_int(kv_offset))
@@ -328,7 +336,7 @@ def fastlm_mask(
     )
     code = getattr(mask_function, "__code__", None)
     read = _read
-    if torch.compiler.is_compiling() and code is not None and code.co_freevars:
+    if _traced_by_dynamo() and code is not None and code.co_freevars:
         # A closure (sliding windows; packed sequences, which a traced forward always adds: it
         # cannot check the position ids while tracing) is read outside the graph. Where the
         # graph may not break, the dense mask traces and the sdpa fallback runs (announced).

@@ -137,6 +137,43 @@ def test_compiled_training_reads_closure_masks_outside_the_graph(kind, packed, w
         assert any(c["window"] not in (None, (-1, 0)) for c in kernel_calls)
 
 
+class _Logits(torch.nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, input_ids, attention_mask):
+        return self.m(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_non_strict_export_keeps_the_kernel_in_the_graph(kind, warnings_seen, kernel_calls):
+    """torch.export (non-strict, its default) of a padded forward with a dynamic length: the
+    forward runs as Python on traced tensors, so the mask's closures (the sliding window) are
+    read in place and the fused op is in the exported graph, which matches eager at another
+    length. Judged as dynamo's trace before, every such call fell back to sdpa."""
+    m = model(kind).eval()
+    m.set_attn_implementation("fastlm")
+    ids = torch.randint(1, 128, (2, 11))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    length = torch.export.Dim("length", min=2, max=64)
+    ep = torch.export.export(_Logits(m), (ids, mask), dynamic_shapes=({1: length}, {1: length}))
+    ops = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+    assert "fastlm.attention_fwd.default" in ops
+    assert warnings_seen == set() and kernel_calls
+    if kind == "mistral":
+        assert all(c["window"] not in (None, (-1, 0)) for c in kernel_calls)
+    ids, mask = torch.randint(1, 128, (2, 17)), torch.ones(2, 17, dtype=torch.long)
+    mask[0, :5] = 0
+    m.set_attn_implementation("eager")
+    with torch.no_grad():
+        eager = m(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        exported = ep.module()(ids, mask)
+    kept = mask.bool()  # rows of padded queries are not compared (eager gives them noise)
+    torch.testing.assert_close(exported[kept], eager[kept], rtol=1e-4, atol=1e-5)
+
+
 MLA = {  # multi-head latent attention: value heads narrower, then wider than query/key heads
     "deepseek_v3": dict(SMALL, num_key_value_heads=4, qk_rope_head_dim=8, qk_nope_head_dim=8,
                         v_head_dim=8, kv_lora_rank=16, q_lora_rank=32, n_routed_experts=4,
