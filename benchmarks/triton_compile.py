@@ -10,8 +10,9 @@ driver for one architecture: every kernel they launch, each autotuning configura
 goes through Triton's compiler and ptxas to a cubin; the stand-in "loads" it, checking the
 shared memory against the architecture's limit where Triton checks it on a device, and
 launches nothing (no result is computed: correctness is the interpreter's and the GPU tests'
-job). Per kernel and configuration it reports shared memory, registers and spill stack
-(cuobjdump), and what failed.
+job). Per kernel and configuration it reports shared memory, registers, spill stack and the
+tensor-core instructions in the machine code (cuobjdump: on sm_90, whether the dots became
+Hopper's warpgroup MMA), and what failed.
 
     python benchmarks/triton_compile.py --arch 80,90 --cases full --out benchmarks/results
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -116,18 +118,28 @@ def _record_compiles(records: list) -> None:
     tc.compile = compile
 
 
+# SASS opcodes of the tensor-core instructions: Hopper's warpgroup MMA (wgmma), and the warp
+# MMA every architecture since Volta has (mma.sync; on sm_90 a dot too small for a warpgroup)
+_TENSOR_CORE_SASS = {"wgmma": re.compile(r"\bHGMMA\."), "mma_sync": re.compile(r"\bHMMA\.")}
+
+
 def _resource_usage(cuobjdump: Path, cubin: bytes) -> dict:
-    """Registers and spill stack (bytes a thread) of a cubin, from cuobjdump."""
+    """Registers, spill stack (bytes a thread) and tensor-core instruction counts of a cubin,
+    from cuobjdump."""
+    usage = {"registers": None, "spill_stack": None}
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         out = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name],
                              capture_output=True, text=True).stdout
+        sass = subprocess.run([str(cuobjdump), "--dump-sass", f.name],
+                              capture_output=True, text=True).stdout
     for line in out.splitlines():
         if "REG:" in line:
             fields = dict(x.split(":", 1) for x in line.split() if ":" in x)
-            return {"registers": int(fields["REG"]), "spill_stack": int(fields["STACK"])}
-    return {"registers": None, "spill_stack": None}
+            usage = {"registers": int(fields["REG"]), "spill_stack": int(fields["STACK"])}
+            break
+    return {**usage, **{name: len(op.findall(sass)) for name, op in _TENSOR_CORE_SASS.items()}}
 
 
 def _cases(kind: str) -> dict:
@@ -270,22 +282,24 @@ def _markdown(reports: list, command: str) -> str:
              "Every kernel fastlm's Triton launchers start, each autotuning configuration, "
              "compiled by Triton and ptxas to a cubin per architecture; shared memory checked "
              "against the architecture's limit as Triton checks it on a device (configurations "
-             "over it are skipped by the autotuner there too); registers and spill stack (bytes "
-             "a thread) from cuobjdump. No kernel ran. Each configuration: the JSON beside this "
+             "over it are skipped by the autotuner there too); registers, spill stack (bytes "
+             "a thread) and the tensor-core instructions in the machine code (SASS: Hopper's "
+             "warpgroup MMA `HGMMA`, the warp MMA `HMMA`; how many configurations hold any) "
+             "from cuobjdump. No kernel ran. Each configuration: the JSON beside this "
              "file.\n"]
     for rep in reports:
         limit = rep["shared_memory_limit"]
         lines += [f"\n## sm_{rep['arch']} (shared memory limit {limit} bytes)\n",
                   "| case | compiles | kernel | configurations | over the shared memory limit "
-                  "| spilling (most bytes) | registers (most) | compile s |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| spilling (most bytes) | registers (most) | with wgmma / mma.sync | compile s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for case in rep["cases"]:
             by_kernel: dict = {}
             for c in case["compiled"]:
                 by_kernel.setdefault(c["kernel"], []).append(c)
             ok = "yes" if case["ok"] else case["error"]
             if not by_kernel:
-                lines.append(f"| {case['case']} | {ok} | | | | | | |")
+                lines.append(f"| {case['case']} | {ok} | | | | | | | |")
             for i, (kernel, cs) in enumerate(by_kernel.items()):
                 spills = [c["spill_stack"] or 0 for c in cs]
                 spilling = sum(1 for x in spills if x)
@@ -293,6 +307,7 @@ def _markdown(reports: list, command: str) -> str:
                     f"| {case['case'] if i == 0 else ''} | {ok if i == 0 else ''} | {kernel} "
                     f"| {len(cs)} | {sum(1 for c in cs if c['shared'] > limit)} "
                     f"| {spilling} ({max(spills)}) | {max(c['registers'] or 0 for c in cs)} "
+                    f"| {sum(1 for c in cs if c['wgmma'])} / {sum(1 for c in cs if c['mma_sync'])} "
                     f"| {sum(c['seconds'] for c in cs):.1f} |")
     return "\n".join(lines) + "\n"
 

@@ -51,3 +51,27 @@ def test_fp32_attention_tiles_do_not_spill(report):
         (case,) = [c for c in rep["cases"] if c["case"].startswith("attention fp32")]
         tiles = [c for c in case["compiled"] if c["kernel"] != "delta_kernel"]
         assert len(tiles) == 9 and all(c["spill_stack"] <= 32 for c in tiles), tiles
+
+
+def test_half_precision_attention_runs_on_hoppers_warpgroup_mma(report):
+    """What the H100 targets rest on: on sm_90 Triton lowers the attention dots to Hopper's
+    warpgroup MMA (HGMMA, what FlashAttention-3 is built on) in every configuration, the
+    forward's with no warp MMA left (HMMA: mma.sync, the Ampere instruction, a fraction of
+    Hopper's tensor-core rate); on sm_80 there is no wgmma to use. A change to a kernel's dots
+    (operand layout, a transpose, a block shape) that lost wgmma would compile and pass every
+    CPU test and run at a fraction of the speed; fp32 dots stay off the tensor cores (IEEE)."""
+    _, data = report
+    for rep in data["reports"]:
+        for case in rep["cases"]:
+            if not case["case"].startswith("attention"):
+                continue
+            dots = [c for c in case["compiled"] if c["kernel"] != "delta_kernel"]
+            assert dots, case["case"]
+            if "fp32" in case["case"]:
+                assert all(c["wgmma"] == c["mma_sync"] == 0 for c in dots), case["case"]
+            elif rep["arch"] == 90:
+                assert all(c["wgmma"] > 0 for c in dots), (case["case"], dots)
+                fwd = [c for c in dots if c["kernel"] == "attention_fwd_kernel"]
+                assert fwd and all(c["mma_sync"] == 0 for c in fwd), (case["case"], fwd)
+            else:
+                assert all(c["wgmma"] == 0 and c["mma_sync"] > 0 for c in dots), case["case"]
