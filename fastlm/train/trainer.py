@@ -27,6 +27,7 @@ from fastlm.data.format import FormatError
 from fastlm.data.loader import IGNORE_INDEX, Batch, BlockLoader
 from fastlm.train import checkpoint as ckpt
 from fastlm.train import dist as fdist
+from fastlm.train import runlock
 from fastlm.train.config import ConfigError, RunConfig, resolve_batch, resolve_epochs
 from fastlm.train.dpo import REFERENCE_FREE, PairFlops, row_lengths
 from fastlm.train.dpo import STATS as DPO_STATS
@@ -159,53 +160,55 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> RunState:
     # counted before ZeRO-3 partitions the parameters
     head = header(cfg, model, train_loader, world=world, micro=micro, accum=accum, glob=glob,
                   ds_config=ds_config)
-    engine, _, scheduler = initialize(cfg, model, param_groups(model, cfg.optim.weight_decay),
-                                      ds_config)
-    try:
-        # before any RNG state is restored: it draws random inputs
-        peak = _peak_flops(dev, cfg.train.precision)
-        torch.manual_seed(cfg.train.seed + 1 + rank)  # dropout streams differ across ranks
-
-        state = RunState()
-        if resume is not None:
-            state = _resume(engine, resume, ckpt_dir, rank, world, train_loader,
-                            cfg.train.precision)
-
-        log = MetricsLog(out_dir, rank, total=cfg.train.max_steps, start=state.step,
-                         tensorboard=cfg.log.tensorboard, progress=cfg.log.progress,
-                         wandb=_wandb_init(cfg, out_dir))
-        log.write(head)
-        for note in (resolved_note, epochs_note, schedule_note(cfg)):
-            if note:
-                log.write(note)
-        if lora_note and state.step == 0:
-            log.write(lora_note)
-        if rank == 0:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            _save_run_files(cfg, out_dir, data_dir)
-        fused = _fused_loss(cfg, engine.module)
-        if dpo is not None and cfg.train.dpo_precompute_reference:
-            _precomputed_reference(cfg, engine, train_loader, val_loader, state, log, rank,
-                                   world, dev, micro, _head_fused(engine, fused))
+    # before anything in out_dir is read (a checkpoint to resume) or written
+    with runlock.hold(out_dir, rank, dev):
+        engine, _, scheduler = initialize(cfg, model, param_groups(model, cfg.optim.weight_decay),
+                                          ds_config)
         try:
-            with _Signals() as signals, _gc.loop():
-                _loop(cfg, engine, scheduler, train_loader, val_loader, state, log, signals,
-                      fused=fused, ckpt_dir=ckpt_dir, rank=rank, dev=dev, accum=accum,
-                      tokens_per_step=glob * cfg.data.block_size, fpt=fpt,
-                      peak=peak * world if peak else None, data_dir=data_dir,
-                      choices=choices, dpo=dpo)
-            if cfg.sample.tokens > 0 and state.step >= cfg.train.max_steps:
-                _log_sample(cfg, engine, log, rank, data_dir, dev, state.step, end=True)
-        finally:
-            log.close()
-    finally:
-        release(engine)  # a failed resume too: train() called again holds none of it
-    if cfg.export and state.step >= cfg.train.max_steps:
-        fdist.barrier()
-        if rank == 0:
-            from fastlm.train.export import export
+            # before any RNG state is restored: it draws random inputs
+            peak = _peak_flops(dev, cfg.train.precision)
+            torch.manual_seed(cfg.train.seed + 1 + rank)  # dropout streams differ across ranks
 
-            export(out_dir, out_dir / "hf", overwrite=True)
+            state = RunState()
+            if resume is not None:
+                state = _resume(engine, resume, ckpt_dir, rank, world, train_loader,
+                                cfg.train.precision)
+
+            log = MetricsLog(out_dir, rank, total=cfg.train.max_steps, start=state.step,
+                             tensorboard=cfg.log.tensorboard, progress=cfg.log.progress,
+                             wandb=_wandb_init(cfg, out_dir))
+            log.write(head)
+            for note in (resolved_note, epochs_note, schedule_note(cfg)):
+                if note:
+                    log.write(note)
+            if lora_note and state.step == 0:
+                log.write(lora_note)
+            if rank == 0:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                _save_run_files(cfg, out_dir, data_dir)
+            fused = _fused_loss(cfg, engine.module)
+            if dpo is not None and cfg.train.dpo_precompute_reference:
+                _precomputed_reference(cfg, engine, train_loader, val_loader, state, log, rank,
+                                       world, dev, micro, _head_fused(engine, fused))
+            try:
+                with _Signals() as signals, _gc.loop():
+                    _loop(cfg, engine, scheduler, train_loader, val_loader, state, log, signals,
+                          fused=fused, ckpt_dir=ckpt_dir, rank=rank, dev=dev, accum=accum,
+                          tokens_per_step=glob * cfg.data.block_size, fpt=fpt,
+                          peak=peak * world if peak else None, data_dir=data_dir,
+                          choices=choices, dpo=dpo)
+                if cfg.sample.tokens > 0 and state.step >= cfg.train.max_steps:
+                    _log_sample(cfg, engine, log, rank, data_dir, dev, state.step, end=True)
+            finally:
+                log.close()
+        finally:
+            release(engine)  # a failed resume too: train() called again holds none of it
+        if cfg.export and state.step >= cfg.train.max_steps:
+            fdist.barrier()
+            if rank == 0:
+                from fastlm.train.export import export
+
+                export(out_dir, out_dir / "hf", overwrite=True)
     return state
 
 

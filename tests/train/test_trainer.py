@@ -1,13 +1,18 @@
 """The trainer in-process as a world of one: batch arithmetic, evaluation, checkpoints, export."""
 
+import dataclasses
+import errno
 import json
 import math
+import subprocess
+import sys
 import time
 import types
 
 import pytest
 import torch
 
+from fastlm.train import runlock
 from fastlm.train.config import ConfigError, load_config
 
 TINY = ["model.preset=tiny-gpt2", "model.overrides={n_layer: 2, n_embd: 64, n_head: 2}",
@@ -373,6 +378,56 @@ def test_resume_refused_without_flag_and_bad_inputs(tmp_path, tiny_data):
         run(config(tmp_path / "h", tiny_data, "train.precision=fp16"))
     with pytest.raises(ConfigError, match=r"--resume .*step_2: no checkpoint found"):
         run(cfg, resume=str(tmp_path / "run" / "checkpoints" / "step_2"))
+
+
+def test_a_second_run_on_a_run_dir_in_use_stops_before_touching_it(tmp_path, tiny_data):
+    """A run directory another run holds (the same job submitted twice, a requeued job while
+    the old one runs): --resume auto continued from the other run's checkpoints and both wrote
+    checkpoints, metrics and `latest` into one directory. It stops, naming the holder, with
+    nothing in the directory changed; once the holder is gone (killed: the kernel lets go of
+    its lock), the same command resumes."""
+    cfg = config(tmp_path, tiny_data, "train.micro_batch_size=2", "train.max_steps=2",
+                 "eval.every=0", "checkpoint.every=1")
+    run(cfg)  # and its lock let go when train() returned: the runs below take it again
+    out = tmp_path / "run"
+    before = {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*")
+              if p.name != runlock.LOCK_NAME}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from fastlm.train.runlock import _try_lock; f, _ = _try_lock(Path(sys.argv[1])); "
+         "print('held', flush=True); time.sleep(120)", str(out)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        more = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=4))
+        with pytest.raises(ConfigError, match=rf"in use by another fastlm run by pid "
+                                              rf"{holder.pid} on .*choose another out_dir"):
+            run(more, resume="auto")
+        after = {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*")
+                 if p.name != runlock.LOCK_NAME}
+        assert after == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert losses(run(more, resume="auto"))[-1] is not None
+    assert (out / "checkpoints" / "step00000004").is_dir()
+
+
+def test_an_unwritable_run_dir_is_named_and_a_filesystem_without_locks_runs_warned(
+        tmp_path, tiny_data, monkeypatch, caplog):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=r"out_dir '.*file/run' cannot be written .*choose a "
+                                          r"directory this user can write"):
+        run(config(tmp_path / "file", tiny_data, "train.max_steps=1", "eval.every=0"))
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(runlock.fcntl, "flock", no_locks)
+    state = run(config(tmp_path, tiny_data, "train.micro_batch_size=2", "train.max_steps=1",
+                       "eval.every=0"))
+    assert state.step == 1
+    assert "cannot lock" in caplog.text and "No locks available" in caplog.text
 
 
 def test_progress_bar_shows_the_gradient_norm_and_loss_scale(tmp_path, tiny_data, monkeypatch):
