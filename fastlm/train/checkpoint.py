@@ -20,7 +20,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +122,53 @@ def resolve(path: str | Path) -> tuple[Path, str]:
         f"{path}: no checkpoint found (expected a run directory with checkpoints/latest, a "
         f"checkpoints directory, a checkpoint directory holding {COMPLETE}, or "
         f"checkpoints/best)")
+
+
+def damaged_file(ckpt_dir: Path, tag: str) -> str | None:
+    """What is wrong with the first damaged file of a checkpoint, or None.
+
+    A checkpoint marked COMPLETE can still be damaged afterwards: copied from another machine
+    in part, cut short by a full disk on a filesystem that reported success, deleted from.
+    torch.load then failed on one rank with "failed finding central directory" and no file
+    named, while the others died in a collective. torch's files are zip archives whose index
+    sits at the end, so a cut file has none: checked here by reading each index (cheap, no
+    tensor data read), with the fastlm state file's JSON. Damage inside the data is left to
+    torch.load (it reads every byte anyway).
+    """
+    d = ckpt_dir / tag
+    try:
+        state = json.loads((d / "fastlm_state.json").read_text())
+    except (OSError, ValueError) as exc:
+        return f"fastlm_state.json cannot be read ({exc})"
+    if not any(d.glob("*model_states.pt")):
+        return "its model state file (*model_states.pt) is missing"
+    # ZeRO's optimizer state: one file for each rank that saved it, or none (ZeRO 0 in fp32)
+    ranks = {int(m.group(1)) for p in d.glob("*zero_pp_rank_*_optim_states.pt")
+             if (m := re.search(r"zero_pp_rank_(\d+)_", p.name))}
+    world = state.get("loader", {}).get("world_size")
+    if ranks and isinstance(world, int) and ranks != set(range(world)):
+        missing = sorted(set(range(world)) - ranks)
+        return (f"it was saved by {world} ranks, and the optimizer state of rank(s) "
+                f"{missing or sorted(ranks - set(range(world)))} is "
+                f"{'missing' if missing else 'extra'} (*zero_pp_rank_N_*optim_states.pt)")
+    for path in sorted(d.glob("*.pt")):
+        try:
+            with open(path, "rb") as f:
+                head = f.read(4)
+            if head[:2] == b"PK":  # a zip archive (what torch.save writes)
+                with zipfile.ZipFile(path) as z:
+                    z.infolist()
+            elif not head:
+                return f"{path.name} is empty"
+            # else torch's legacy (pickle) format: nothing to check cheaply
+        except (OSError, zipfile.BadZipFile) as exc:
+            return f"{path.name} is not a whole torch file ({exc})"
+    return None
+
+
+def complete_tags(ckpt_dir: Path) -> list[str]:
+    """Tags of the COMPLETE checkpoints in ``ckpt_dir``, oldest first."""
+    return sorted(p.name for p in ckpt_dir.glob("step*") if (p / COMPLETE).exists())
 
 
 def saved_state(ckpt_dir: Path, tag: str) -> dict:

@@ -38,6 +38,10 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, *, merge: b
         ckpt_dir, tag = ckpt.resolve(path)
     except (FileNotFoundError, RuntimeError) as exc:
         raise ExportError(str(exc)) from exc
+    damage = ckpt.damaged_file(ckpt_dir, tag)
+    if damage is not None:
+        raise ExportError(f"the checkpoint {ckpt_dir / tag} is damaged: {damage}; restore its "
+                          f"files, or name an earlier checkpoint of the run")
     state = ckpt.saved_state(ckpt_dir, tag)
     run = state["config"]
     mcfg = model_config(run["model"])

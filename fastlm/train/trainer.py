@@ -572,6 +572,13 @@ def _resume(engine, resume: str, ckpt_dir: Path, rank: int, world: int, loader: 
         where = ckpt_dir
     else:
         where, tag = ckpt.resolve(resume)
+    damage = ckpt.damaged_file(where, tag)  # every rank: the same files, the same verdict
+    if damage is not None:
+        earlier = [t for t in ckpt.complete_tags(where) if t < tag]
+        fix = (f"resume from an earlier one with --resume {where / earlier[-1]}"
+               if earlier else "no earlier checkpoint is there: start afresh in another out_dir")
+        raise ConfigError(f"the checkpoint {where / tag} is damaged: {damage} (copied in part, "
+                          f"a full disk, a deleted file); {fix}, or restore its files")
     saved = ckpt.saved_state(where, tag)
     was = saved.get("config", {}).get("train", {}).get("precision", precision)
     if was != precision:  # DeepSpeed's optimizer state differs in kind between precisions

@@ -413,6 +413,25 @@ def test_a_second_run_on_a_run_dir_in_use_stops_before_touching_it(tmp_path, tin
     assert (out / "checkpoints" / "step00000004").is_dir()
 
 
+def test_resuming_a_damaged_checkpoint_names_the_file_and_the_one_before(tmp_path, tiny_data):
+    cfg = config(tmp_path, tiny_data, "train.micro_batch_size=2", "train.max_steps=2",
+                 "eval.every=0", "checkpoint.every=1")
+    run(cfg)
+    ckpts = tmp_path / "run" / "checkpoints"
+    model = ckpts / "step00000002" / "mp_rank_00_model_states.pt"
+    model.write_bytes(model.read_bytes()[:1000])  # a copy cut short
+    more = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=3))
+    with pytest.raises(ConfigError, match=rf"checkpoint {ckpts}/step00000002 is damaged: "
+                                          rf"mp_rank_00_model_states.pt is not a whole torch "
+                                          rf"file .*--resume {ckpts}/step00000001"):
+        run(more, resume="auto")
+    from fastlm.train.export import ExportError, load_model
+
+    with pytest.raises(ExportError, match="step00000002 is damaged: mp_rank_00_model_states"):
+        load_model(tmp_path / "run")  # what export, generate and eval read a checkpoint with
+    assert run(more, resume=str(ckpts / "step00000001")).step == 3
+
+
 def test_an_unwritable_run_dir_is_named_and_a_filesystem_without_locks_runs_warned(
         tmp_path, tiny_data, monkeypatch, caplog):
     (tmp_path / "file").write_text("")
