@@ -63,6 +63,15 @@ def test_user_errors_exit_2_without_traceback(capsys):
     (["prepare", "x", "--out", "o", "--num-proc", "0"], "--num-proc: '0' is not an integer"),
     (["prepare", "x", "--out", "o", "--min-chars", "-1"], "--min-chars: '-1' is not an"),
     (["tokenizer", "x", "--out", "o", "--sample-mb", "-1"], "--sample-mb: '-1' is not a number > 0"),
+    # the benchmarks' sizes and counts: a head dim of 0 ran and reported ZeroDivisionError rows
+    (["bench", "attention", "--head-dim", "0"], "--head-dim: '0' is not an integer >= 1"),
+    (["bench", "attention", "--batch", "-2"], "--batch: '-2' is not an integer >= 1"),
+    (["bench", "adamw", "--tensors", "0"], "--tensors: '0' is not an integer >= 1"),
+    (["bench", "fused", "--hidden", "0"], "--hidden: '0' is not an integer >= 1"),
+    (["bench", "model", "--min-seconds", "-1"], "--min-seconds: '-1' is not a number >= 0"),
+    (["bench", "train", "--micro-batch", "0"], "--micro-batch: '0' is not an integer >= 1"),
+    (["bench", "adamw-moments", "--lr", "0"], "--lr: '0' is not a number > 0"),
+    (["bench", "data", "--mb", "0"], "--mb: '0' is not a number > 0"),
 ])
 def test_bad_benchmark_lists_are_usage_errors(argv, says, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -81,6 +90,24 @@ def test_bad_benchmark_lists_are_usage_errors(argv, says, capsys):
 ])
 def test_unknown_benchmark_implementations_are_named(argv, says, capsys):
     """A typo, or a GPU kernel asked for on the CPU, was dropped: an empty report, rc 0."""
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, says", [
+    # a CUDA device on a machine without one was an AssertionError traceback from torch
+    (["bench", "attention", "--device", "cuda"], "--device cuda: no CUDA GPU is visible here"),
+    (["bench", "adamw", "--device", "cuda:1"], "--device cuda:1: no CUDA GPU is visible here"),
+    (["bench", "fused", "--device", "gpu"], "--device 'gpu' is not a device name: use cpu, cuda"),
+    (["bench", "model", "--device", "meta"], "--device 'meta': fastlm's benchmarks run on cpu"),
+    # checked before the workers start (its message was buried in a worker's traceback)
+    (["bench", "train", "--preset", "nosuch"], "--preset: model.preset 'nosuch' not found; known"),
+])
+def test_benchmark_devices_and_presets_are_checked_first(argv, says, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert says in err and "Traceback" not in err

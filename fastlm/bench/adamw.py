@@ -28,14 +28,16 @@ SCENARIOS = ("step", "clip+step")
 
 
 def add_arguments(parser) -> None:
+    from fastlm.cli import at_least
+
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sizes", default="1,4,16,40", help="millions of parameters (comma list)",
                         type=harness.comma_list(float))
-    parser.add_argument("--tensors", type=int, default=8, help="tensors the parameters split into")
+    parser.add_argument("--tensors", type=at_least(1), default=8, help="tensors the parameters split into")
     parser.add_argument("--impls", default="", help="comma list to restrict the implementations")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS),
                         help=f"comma list of {', '.join(SCENARIOS)}")
-    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--repeat", type=at_least(1), default=10)
     parser.add_argument("--out", default=None, help="directory for JSON, markdown and PNG")
     parser.add_argument("--name", default=None, help="file stem (default adamw_<device>)")
 

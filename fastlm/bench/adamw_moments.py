@@ -24,12 +24,14 @@ MODEL = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2,
 
 
 def add_arguments(parser) -> None:
+    from fastlm.cli import at_least, positive
+
     parser.add_argument("--text", default=None,
                         help="a UTF-8 text file (default: Python's own pydoc topics text)")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--block", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--steps", type=at_least(1), default=300)
+    parser.add_argument("--batch", type=at_least(1), default=16)
+    parser.add_argument("--block", type=at_least(1), default=128)
+    parser.add_argument("--lr", type=positive, default=2e-3)
     parser.add_argument("--out", default=None, help="directory for JSON, markdown and PNG")
 
 

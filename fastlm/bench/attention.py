@@ -22,22 +22,24 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def add_arguments(parser) -> None:
+    from fastlm.cli import at_least
+
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32,bf16,fp16",
                         type=harness.comma_list(choices=DTYPES))
     parser.add_argument("--seqlens", default="256,512,1024", help="comma list",
                         type=harness.comma_list(int))
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--batch", type=at_least(1), default=1)
+    parser.add_argument("--heads", type=at_least(1), default=8)
+    parser.add_argument("--head-dim", type=at_least(1), default=64)
     parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--query-len", type=int, default=None,
+    parser.add_argument("--query-len", type=at_least(1), default=None,
                         help="query tokens against each --seqlens keys (decoding: 1); "
                              "default: as many as keys. Causal is then bottom-right aligned")
     parser.add_argument("--modes", default="fwd,fwd_bwd", help="comma list of fwd,fwd_bwd",
                         type=harness.comma_list(choices=("fwd", "fwd_bwd")))
     parser.add_argument("--impls", default="", help="comma list to restrict the implementations")
-    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--repeat", type=at_least(1), default=10)
     parser.add_argument("--out", default=None, help="directory for JSON, markdown and PNG")
     parser.add_argument("--name", default=None, help="file stem (default attention_<device>)")
 

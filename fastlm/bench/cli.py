@@ -40,4 +40,30 @@ def run(args) -> int:
         from fastlm.cli import UserError
 
         raise UserError(f"benchmark '{args.bench}' is not yet available in this version of fastlm")
+    if getattr(args, "device", None) is not None:
+        check_device(args.device)
     return args.bench_module.run(args)
+
+
+def check_device(name: str) -> None:
+    """A ``--device`` the benchmark can run on, else a UserError naming the fix (a CUDA device
+    on a machine without one was an AssertionError from torch's lazy CUDA init)."""
+    import torch
+
+    from fastlm.cli import UserError
+
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise UserError(f"--device {name!r} is not a device name: use cpu, cuda or cuda:N") \
+            from exc
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name!r}: fastlm's benchmarks run on cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise UserError(f"--device {name}: no CUDA GPU is visible here (torch "
+                        f"{torch.__version__}, {build}); run it on a GPU machine, or use "
+                        f"--device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} "
+                        f"GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")

@@ -30,21 +30,23 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def add_arguments(parser) -> None:
+    from fastlm.cli import at_least
+
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32,bf16,fp16")
     parser.add_argument("--tokens", default="768,4096", help="comma list of rows (batch x seq)",
                         type=harness.comma_list(int))
-    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--hidden", type=at_least(1), default=1024)
     parser.add_argument("--ops", default="rms_norm,layer_norm,gelu_tanh,swiglu",
                         help="comma list; also linear_cross_entropy and "
                              "linear_cross_entropy_rows (LM head + loss, --vocab)")
-    parser.add_argument("--vocab", type=int, default=32000,
+    parser.add_argument("--vocab", type=at_least(1), default=32000,
                         help="vocabulary of linear_cross_entropy's LM head")
     parser.add_argument("--frozen-head", action="store_true",
                         help="linear_cross_entropy*: the head's weight frozen (LoRA)")
     parser.add_argument("--modes", default="fwd,fwd_bwd", help="comma list of fwd,fwd_bwd",
                         type=harness.comma_list(choices=("fwd", "fwd_bwd")))
-    parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--repeat", type=at_least(1), default=30)
     parser.add_argument("--out", default=None, help="directory for JSON, markdown and PNG")
     parser.add_argument("--name", default=None, help="file stem (default fused_<device>)")
 
@@ -126,8 +128,6 @@ def run(args) -> int:
     bad = sorted(set(args.dtypes.split(",")) - set(DTYPES))
     if bad:
         raise UserError(f"--dtypes: unknown {', '.join(bad)} (choose from fp32, bf16, fp16)")
-    if args.vocab < 1:
-        raise UserError(f"--vocab must be a positive vocabulary size, got {args.vocab}")
     command = "fastlm bench fused " + " ".join(shlex.quote(a) for a in sys.argv[3:])
     report = harness.Report("fused", command, device, env=harness.environment(device))
     cases = [(op, d, t, m) for op in args.ops.split(",") for d in args.dtypes.split(",")

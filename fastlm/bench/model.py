@@ -86,6 +86,8 @@ OPTIONAL_IMPLS = ("liger",)  # GPU only, when installed; timed last (see the mod
 
 
 def add_arguments(parser) -> None:
+    from fastlm.cli import at_least
+
     parser.add_argument("--model-type", default=None,
                         help=f"one or more (comma-separated) of {', '.join(sorted(SIZES))}, "
                              "or 'all' (default llama), at the bench's small sizes")
@@ -99,10 +101,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                         help="default: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--seqlens", default="256,512,1024", type=harness.comma_list(int))
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=5,
+    parser.add_argument("--batch", type=at_least(1), default=2)
+    parser.add_argument("--repeat", type=at_least(1), default=5,
                         help="timed rounds at least (more when --min-seconds asks for them)")
-    parser.add_argument("--min-seconds", type=float, default=3.0,
+    parser.add_argument("--min-seconds", type=at_least(0, float), default=3.0,
                         help="time each implementation for at least this long per length: "
                              "short steps get more rounds (this VM drifts by a few %%)")
     parser.add_argument("--generate", type=int, default=None, metavar="N",

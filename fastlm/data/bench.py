@@ -20,12 +20,14 @@ from pathlib import Path
 
 
 def add_arguments(parser) -> None:
+    from fastlm.cli import at_least, positive
+
     parser.add_argument("--input", default=None, help="a text file to draw paragraphs from "
                         "(default: pydoc topics + tinyshakespeare if found)")
-    parser.add_argument("--mb", type=float, default=16.0, help="corpus size in MB")
+    parser.add_argument("--mb", type=positive, default=16.0, help="corpus size in MB")
     parser.add_argument("--tokenizer", default="bpe", help="bpe, byte or a tokenizer dir")
-    parser.add_argument("--vocab-size", type=int, default=8192)
-    parser.add_argument("--num-proc", type=int, default=None)
+    parser.add_argument("--vocab-size", type=at_least(1), default=8192)
+    parser.add_argument("--num-proc", type=at_least(1), default=None)
     parser.add_argument("--out", default=None, help="directory for JSON and markdown")
     parser.add_argument("--name", default="data_cpu")
     parser.add_argument("--sft", action="store_true", help="conversations instead of documents "

@@ -27,12 +27,14 @@ IMPLS = ("fastlm", "hf_trainer")
 
 
 def add_arguments(parser) -> None:
+    from fastlm.cli import at_least, positive
+
     parser.add_argument("--preset", default="tiny-gpt2", help="model preset (configs/models)")
-    parser.add_argument("--vocab-size", type=int, default=None, help="default: the preset's")
-    parser.add_argument("--block-size", type=int, default=256)
-    parser.add_argument("--micro-batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps")
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--vocab-size", type=at_least(2), default=None, help="default: the preset's")
+    parser.add_argument("--block-size", type=at_least(1), default=256)
+    parser.add_argument("--micro-batch", type=at_least(1), default=8)
+    parser.add_argument("--steps", type=at_least(1), default=20, help="timed steps")
+    parser.add_argument("--warmup", type=at_least(0), default=5)
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
                         default="bf16" if torch.cuda.is_available() else "fp32")
     parser.add_argument("--impls", default=",".join(IMPLS))
@@ -44,7 +46,7 @@ def add_arguments(parser) -> None:
                         help="instead: nanoGPT's CPU shakespeare recipe side by side (a local "
                         "nanoGPT checkout with its data prepared), time to --target-loss")
     parser.add_argument("--text", default="../shared/data/tinyshakespeare.txt")
-    parser.add_argument("--target-loss", type=float, default=1.89)
+    parser.add_argument("--target-loss", type=positive, default=1.89)
     parser.add_argument("--work-dir", default="/tmp/fastlm-recipe-bench")
     parser.add_argument("--fastlm-set", action="append", default=[], metavar="KEY=VALUE",
                         help="with --vs-nanogpt: a config override for the fastlm run "
@@ -65,9 +67,15 @@ def run(args) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.vs_nanogpt:
         return _recipe(args, device)
-    if args.lora < 0:
-        from fastlm.cli import UserError
+    from fastlm.cli import UserError
+    from fastlm.train.config import ConfigError
+    from fastlm.train.model import preset_path
 
+    try:  # here, not in each worker (their traceback buried the message)
+        preset_path(args.preset)
+    except ConfigError as exc:
+        raise UserError(f"--preset: {exc}") from exc
+    if args.lora < 0:
         raise UserError(f"--lora must be a rank >= 1 (0: no LoRA), got {args.lora}")
     report = harness.Report(
         name=args.name or f"train_{device}", command="fastlm bench train " + shlex.join(
@@ -75,8 +83,6 @@ def run(args) -> int:
         shlex.join(sys.argv), device=device, env=harness.environment(device))
     for impl in [i for i in args.impls.split(",") if i]:
         if impl not in IMPLS:
-            from fastlm.cli import UserError
-
             raise UserError(f"--impls: unknown {impl!r}; choose from {list(IMPLS)}")
         res = _spawn(impl, args)
         report.add(impl=impl, preset=args.preset, block=args.block_size,

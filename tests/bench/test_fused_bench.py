@@ -29,8 +29,10 @@ def test_fused_bench_refuses_unknown_ops_and_dtypes(capsys):
     assert "--ops: unknown softmax" in capsys.readouterr().err
     assert cli.main(["bench", "fused", "--dtypes", "fp8"]) == 2
     assert "--dtypes: unknown fp8" in capsys.readouterr().err
-    assert cli.main(["bench", "fused", "--ops", "linear_cross_entropy", "--vocab", "0"]) == 2
-    assert "--vocab must be a positive vocabulary size, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "fused", "--ops", "linear_cross_entropy", "--vocab", "0"])
+    assert exit_info.value.code == 2
+    assert "--vocab: '0' is not an integer >= 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("op", ["linear_cross_entropy", "linear_cross_entropy_rows"])
