@@ -183,6 +183,12 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> RunState:
                     log.write(note)
             if lora_note and state.step == 0:
                 log.write(lora_note)
+            if resume is not None and state.step >= cfg.train.max_steps:
+                # a requeued job after the end, or a max_steps below the checkpoint's: it ran
+                # nothing, silently, and exported the checkpoint again
+                log.write(f"resumed at step {state.step}, train.max_steps is "
+                          f"{cfg.train.max_steps}: nothing left to train (set train.max_steps "
+                          f"above {state.step} to go on)")
             if rank == 0:
                 out_dir.mkdir(parents=True, exist_ok=True)
                 _save_run_files(cfg, out_dir, data_dir)

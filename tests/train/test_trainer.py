@@ -432,6 +432,19 @@ def test_resuming_a_damaged_checkpoint_names_the_file_and_the_one_before(tmp_pat
     assert run(more, resume=str(ckpts / "step00000001")).step == 3
 
 
+def test_resuming_a_finished_run_says_there_is_nothing_left(tmp_path, tiny_data, capsys):
+    cfg = config(tmp_path, tiny_data, "train.micro_batch_size=2", "train.max_steps=2",
+                 "eval.every=0", "checkpoint.every=1")
+    run(cfg)
+    capsys.readouterr()
+    fewer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=1))
+    for again in (cfg, fewer):  # a requeued job after the end; a max_steps below the step
+        assert run(again, resume="auto").step == 2
+        out = capsys.readouterr().out
+        assert (f"resumed at step 2, train.max_steps is {again.train.max_steps}: nothing left "
+                f"to train (set train.max_steps above 2 to go on)") in out
+
+
 def test_an_unwritable_run_dir_is_named_and_a_filesystem_without_locks_runs_warned(
         tmp_path, tiny_data, monkeypatch, caplog):
     (tmp_path / "file").write_text("")
