@@ -16,6 +16,22 @@ def _hooked(module) -> bool:
     return "_hf_hook" in module.__dict__ and "_old_forward" in module.__dict__
 
 
+def foreign_forward(module) -> str | None:
+    """Who replaced the module's forward on the instance, when someone other than fastlm or
+    accelerate's hook did (None otherwise). transformers' tensor parallelism (``tp_plan``)
+    wraps each split layer's forward this way, converting its inputs and outputs around the
+    original: a fused forward set over it dropped the wrapper, and the split weight met whole
+    inputs ("mixed torch.Tensor and DTensor")."""
+    d = module.__dict__
+    fwd = d.get("forward")
+    if fwd is None or _hooked(module) or fwd is d.get("_fastlm_forward"):
+        return None
+    name = getattr(fwd, "__qualname__", type(fwd).__name__)
+    if "TensorParallel" in name:
+        return "transformers' tensor parallelism"
+    return f"{getattr(fwd, '__module__', None) or '?'}.{name}"
+
+
 def install_forward(module, fn) -> None:
     """Make ``fn(module, ...)`` the module's forward (under its accelerate hook, if any)."""
     bound = types.MethodType(fn, module)

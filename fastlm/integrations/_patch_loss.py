@@ -172,6 +172,11 @@ def _fused_head(model):
     A head replaced after the patch (``resize_token_embeddings`` builds a new Linear for an
     untied head) gets the fused forward on first use, and ``undo()`` removes it too."""
     head = model.get_output_embeddings()
+    if _tensor_parallel(head):
+        _warn_once(f"{type(model).__name__}'s output embedding is tensor-parallel (a DTensor "
+                   f"weight split over the ranks): the fused loss needs each rank's whole "
+                   f"vocabulary, so the model's own head and loss run")
+        return None
     if head.__dict__.get("_fastlm_patched"):
         return head
     if not isinstance(head, torch.nn.Linear):
@@ -182,6 +187,20 @@ def _fused_head(model):
     _warn_once(f"{type(model).__name__}'s output embedding was replaced after fastlm.patch "
                "(resize_token_embeddings?): the fused loss now runs on the new one", info=True)
     return head
+
+
+def _tensor_parallel(head) -> bool:
+    """Whether ``head``'s weight is split by tensor parallelism (transformers' ``tp_plan``):
+    a DTensor when the forward starts. FSDP2's are DTensors too between steps, but its hooks
+    gather them for the forward (the root's before the model's forward runs, a head sharded
+    on its own in the head's own call, where the fused loss reads it)."""
+    weight = getattr(head, "weight", None)
+    try:
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(weight, DTensor) and not isinstance(head, FSDPModule)
 
 
 _warned: set[str] = set()

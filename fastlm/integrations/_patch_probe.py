@@ -44,7 +44,8 @@ def _width(module: torch.nn.Module) -> int | None:
 
 
 def _plain(module: torch.nn.Module) -> torch.nn.Module:
-    """The module itself, or, where FSDP2 (``fully_shard``) made its parameters DTensors, a
+    """The module itself, or, where FSDP2 (``fully_shard``) or tensor parallelism made its
+    parameters DTensors, a
     copy with plain random ones of the same shapes: the probe checks the forward's formula,
     which any values show, and a DTensor weight met the probe's plain input in an error (the
     model's norms and MLPs were left unfused, the reason naming DTensors)."""
@@ -52,16 +53,17 @@ def _plain(module: torch.nn.Module) -> torch.nn.Module:
         from torch.distributed.tensor import DTensor
     except ImportError:  # a torch built without distributed
         return module
-    if not any(isinstance(p, DTensor) for p in module.parameters()):
+    sharded = [p for p in module.parameters() if isinstance(p, DTensor)]
+    if not sharded:
         return module
-    clone = copy.deepcopy(module)
     gen = torch.Generator().manual_seed(1)
-    for sub in clone.modules():
-        for name, p in list(sub.named_parameters(recurse=False)):
-            if isinstance(p, DTensor):
-                plain = torch.randn(tuple(p.shape), generator=gen).to(p.device, p.dtype)
-                setattr(sub, name, torch.nn.Parameter(plain, requires_grad=False))
-    return clone
+    # the copy gets the stand-ins in place of the DTensors, which are never copied: a deepcopy
+    # of a tensor-parallel weight (transformers' tp_plan) failed ("copy_() on an invalid python
+    # storage") and took the whole patch down with it
+    memo = {id(p): torch.nn.Parameter(
+        torch.randn(tuple(p.shape), generator=gen).to(p.device, p.dtype), requires_grad=False)
+        for p in sharded}
+    return copy.deepcopy(module, memo)
 
 
 def disagrees(module: torch.nn.Module, fwd) -> str | None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fastlm.integrations._forward import install_forward, remove_forward
+from fastlm.integrations._forward import foreign_forward, install_forward, remove_forward
 from fastlm.integrations._patch_loss import (
     loss_function,
     loss_unsupported,
@@ -160,6 +160,10 @@ def patch(model: torch.nn.Module, *, attention: bool = True, norms: bool = True,
             if fwd is None and _act_kind(module) is not None and not list(module.children()):
                 h.skipped["mlp"] = (f"{type(module).__name__} is one torch kernel already "
                                     "(a standalone activation has nothing to fuse)")
+        if fwd is not None and (owner := foreign_forward(module)) is not None:
+            h.skipped[f"{kind}: {type(module).__name__}"] = (
+                f"its forward is replaced on the instance by {owner}: left to it")
+            continue
         if fwd is not None:
             # a class's forward is one piece of code: probed once per parameter layout and
             # plain attributes (flags, eps), not for each of a 7B model's 32 identical MLPs
@@ -221,6 +225,13 @@ def _patch_loss(model, h: PatchHandle) -> None:
         h.skipped["loss"] = "the base model was patched on its own (its handle has the loss)"
         return
     reason = loss_unsupported(model)
+    if reason is None:
+        head = mlm_head(model) or model.get_output_embeddings()
+        for module, what in ((model, "the model"), (head, "its output embedding")):
+            owner = foreign_forward(module) if module is not None else None
+            if owner is not None:
+                reason = f"the forward of {what} is replaced on the instance by {owner}"
+                break
     if reason is not None:
         h.skipped["loss"] = reason
         return
