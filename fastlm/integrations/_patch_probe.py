@@ -8,7 +8,8 @@ candidate runs once on a small random input, through the class's forward and the
 where they disagree the module is left alone and the handle says why.
 
 Not probed (the class match stands): weights on the meta device or partitioned by DeepSpeed
-ZeRO-3 (nothing to compute with), and modules whose input width cannot be read. ``patch``
+ZeRO-3 (nothing to compute with), sharded (DTensor) weights of a module that cannot be copied
+(FSDP2 refuses to deep-copy a module it wraps), and modules whose input width cannot be read. ``patch``
 probes one module per class, parameter layout and plain attributes, and reuses the verdict.
 """
 
@@ -43,7 +44,7 @@ def _width(module: torch.nn.Module) -> int | None:
     return None
 
 
-def _plain(module: torch.nn.Module) -> torch.nn.Module:
+def _plain(module: torch.nn.Module) -> torch.nn.Module | None:
     """The module itself, or, where FSDP2 (``fully_shard``) or tensor parallelism made its
     parameters DTensors, a
     copy with plain random ones of the same shapes: the probe checks the forward's formula,
@@ -63,13 +64,18 @@ def _plain(module: torch.nn.Module) -> torch.nn.Module:
     memo = {id(p): torch.nn.Parameter(
         torch.randn(tuple(p.shape), generator=gen).to(p.device, p.dtype), requires_grad=False)
         for p in sharded}
-    return copy.deepcopy(module, memo)
+    try:
+        return copy.deepcopy(module, memo)
+    except Exception:  # noqa: BLE001 - e.g. FSDP2 refuses to deep-copy a module it wraps
+        return None  # (transformers' DistributedConfig(fsdp_size=...) wraps norms and MLPs)
 
 
 def disagrees(module: torch.nn.Module, fwd) -> str | None:
     """None when ``fwd(module, x)`` matches ``type(module).forward(module, x)`` on a random x
     (or the module cannot be probed); otherwise why the swap would be wrong."""
     module = _plain(module)
+    if module is None:  # sharded and cannot be copied: the class match stands, as for ZeRO-3
+        return None
     params = list(module.parameters())
     if any(p.is_meta or p.numel() == 0 for p in params):
         return None

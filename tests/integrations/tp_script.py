@@ -1,5 +1,6 @@
 """Run by test_patch_tp.py on 2 gloo ranks: a tiny Llama split by transformers' tensor
-parallelism (``DistributedConfig(tp_plan="auto")``, with and without sequence parallelism), and
+parallelism (``DistributedConfig(tp_plan="auto")``, with and without sequence parallelism), by
+its FSDP (``DistributedConfig(fsdp_size=2)``), and
 with the LM head split by torch's own (``parallelize_module``),
 attn_implementation="fastlm" and fastlm.patch, against the same checkpoint unsplit and eager
 in each process. Rank 0 writes the losses, gradient differences and what the patch swapped and
@@ -37,10 +38,11 @@ def main(path, out):
     eager = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").train()
     want_loss, want = step(eager, ids)
     result = {}
-    for name, sp in (("tp", False), ("tp+sp", True)):
+    for name, config in (("tp", dict(tp_plan="auto")),
+                         ("tp+sp", dict(tp_plan="auto", enable_sequence_parallel=True)),
+                         ("fsdp", dict(fsdp_size=2))):
         model = AutoModelForCausalLM.from_pretrained(
-            path, attn_implementation="fastlm",
-            distributed_config=DistributedConfig(tp_plan="auto", enable_sequence_parallel=sp))
+            path, attn_implementation="fastlm", distributed_config=DistributedConfig(**config))
         model.train()
         handle = fastlm.patch(model)
         loss, grads = step(model, ids)
