@@ -71,14 +71,18 @@ class RunState:
 
 
 class _Signals:
-    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the next step and exits."""
+    """SIGTERM, SIGINT and SIGUSR1 set a flag; the loop saves a checkpoint at the next step and
+    exits (128 + the signal). SIGUSR1 is what SLURM sends ahead of a job's time limit when
+    asked (``#SBATCH --signal=USR1@120``); its default action killed the run unsaved."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
     def __init__(self):
         self.received: int | None = None
         self._old = {}
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in self.SIGNALS:
             self._old[sig] = signal.signal(sig, self._handle)
         return self
 

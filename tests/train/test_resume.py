@@ -71,7 +71,10 @@ def test_crash_in_save_and_kill9_then_resume_reproduces_losses(tmp_path, tiny_da
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_generate_reads_it(tmp_path, tiny_data, child_env):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_sigterm_saves_a_checkpoint_and_generate_reads_it(tmp_path, tiny_data, child_env, sig):
+    """SIGUSR1: SLURM's warning ahead of the time limit (--signal=USR1@120); it killed the run
+    unsaved (its default action)."""
     out = tmp_path / "term"
     proc = subprocess.Popen(train_cmd(out, tiny_data, "train.max_steps=100000"), env=child_env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -79,9 +82,9 @@ def test_sigterm_saves_a_checkpoint_and_generate_reads_it(tmp_path, tiny_data, c
     metrics = out / "metrics.jsonl"
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") > 2):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     log, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, log[-3000:]
+    assert proc.returncode == 128 + sig, log[-3000:]
     ckpts = out / "checkpoints"
     tag = (ckpts / "latest").read_text()
     assert (ckpts / tag / "COMPLETE").exists()
