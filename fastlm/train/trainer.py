@@ -54,7 +54,6 @@ logger = logging.getLogger("fastlm")
 
 # Peak dense bf16/fp16 tensor-core TFLOP/s by device name, for MFU (fp32 runs use the same
 # figure: MFU is reported against what the hardware could do).
-GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}
 
 
 class TrainingAborted(RuntimeError):
@@ -773,11 +772,14 @@ def _grad_norm(engine):
 
 def _peak_flops(dev: torch.device, precision: str = "fp32") -> float | None:
     if dev.type == "cuda":
-        name = torch.cuda.get_device_name(dev)
-        for key, tflops in GPU_PEAK_TFLOPS.items():
-            if key in name:
-                return tflops * 1e12
-        return None
+        from fastlm.train.peaks import gpu_peak_tflops
+
+        # the datasheet peak of the precision the run multiplies in (fp32 on TF32 tensor cores
+        # when the user allowed it); an fp32 run was measured against the bf16 peak
+        tf32 = torch.get_float32_matmul_precision() != "highest" or \
+            torch.backends.cuda.matmul.allow_tf32
+        tflops = gpu_peak_tflops(torch.cuda.get_device_name(dev), precision, tf32)
+        return None if tflops is None else tflops * 1e12
     from fastlm.bench.harness import matmul_peak_tflops
 
     # MFU against the matmul rate of the precision the run multiplies in (bf16 ~4x fp32 on a
