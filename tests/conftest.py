@@ -71,6 +71,31 @@ def zero_runs(tmp_path_factory):
 
 
 @pytest.fixture
+def torchrun(tmp_path):
+    """``torchrun(script, *args)``: ``script`` on 2 CPU ranks (torch.distributed.run, gloo, a
+    free port, the repo importable); asserts it succeeded and returns the JSON it wrote to the
+    path given as its last argument."""
+    import socket
+
+    repo = Path(__file__).resolve().parents[1]
+
+    def run(script: Path, *args) -> dict:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        out = tmp_path / f"{Path(script).stem}.json"
+        env = dict(os.environ, OMP_NUM_THREADS="1",
+                   PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(port), str(script), *map(str, args), str(out)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return json.loads(out.read_text())
+
+    return run
+
+
+@pytest.fixture
 def emulated_cuda(monkeypatch):
     """The ``cuda`` backend of attention and FusedAdamW, run by the CUDA emulator on CPU tensors.
 

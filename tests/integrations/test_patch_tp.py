@@ -6,11 +6,6 @@ copy the split weights): the patch failed, then the forward met "mixed torch.Ten
 DTensor". Now the wrapped head keeps its forward (reported in ``skipped``); attention, RoPE,
 norms and MLPs run fused on each rank's heads and shards. See tp_script.py."""
 
-import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,31 +13,15 @@ import torch
 
 pytestmark = [pytest.mark.distributed]
 
-REPO = Path(__file__).resolve().parents[2]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_tensor_parallel_llama_patched_matches_eager_unsplit(tmp_path):
+def test_tensor_parallel_llama_patched_matches_eager_unsplit(tmp_path, torchrun):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(
         vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path / "llama")
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    out = tmp_path / "tp.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(_free_port()), str(Path(__file__).with_name("tp_script.py")),
-           str(tmp_path / "llama"), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = json.loads(out.read_text())
+    results = torchrun(Path(__file__).with_name("tp_script.py"), tmp_path / "llama")
     torch_tp = results.pop("torch-tp head")
     # the head split by torch's parallelize_module: the model's own head and loss run
     assert torch_tp["loss"] == pytest.approx(torch_tp["want"], rel=1e-6)
