@@ -129,7 +129,7 @@ class OptimConfig:
 @dataclass
 class EvalConfig:
     every: int = 250  # steps; 0 = only at the end
-    batches: int = 20
+    batches: int = 20  # 0: no validation (data without a val split)
     patience: int | None = None  # stop after this many evals without a new best
     # a JSONL file of multiple-choice records (HellaSwag's ctx/endings/label): accuracy by
     # completion likelihood at every evaluation (choices_acc, choices_acc_norm)
@@ -347,11 +347,20 @@ def validate(cfg: RunConfig) -> None:
                           "of each source)")
     positive = {"data.block_size": cfg.data.block_size,
                 "train.max_steps": 1 if cfg.train.max_steps is None else cfg.train.max_steps,
-                "eval.batches": cfg.eval.batches, "log.every": cfg.log.every,
+                "log.every": cfg.log.every,
                 "checkpoint.keep_last": cfg.checkpoint.keep_last}
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"config key {key!r} must be >= 1, got {value}")
+    if cfg.eval.batches < 0:
+        raise ConfigError(f"config key 'eval.batches' must be >= 1 (or 0: no validation), got "
+                          f"{cfg.eval.batches}")
+    if cfg.eval.batches == 0:
+        for key, value in (("eval.patience", cfg.eval.patience),
+                           ("eval.choices", cfg.eval.choices)):
+            if value is not None:
+                raise ConfigError(f"{key} runs at validations, which eval.batches=0 turns off: "
+                                  f"drop {key} or give eval.batches >= 1")
     o = cfg.optim
     if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
         raise ConfigError(f"optim.lr must be > 0 and 0 <= optim.min_lr <= optim.lr, got "

@@ -127,7 +127,8 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> RunState:
         check_tokenizer(cfg.model.pretrained, data_dir)
     train_loader = _loader(cfg, data_dir, micro, "train", rank=rank, world_size=world,
                            seed=cfg.train.seed, mode=cfg.data.mode)
-    val_loader = _val_loader(cfg, data_dir, micro, rank, world)
+    # eval.batches=0: no validation (data prepared without a val split)
+    val_loader = _val_loader(cfg, data_dir, micro, rank, world) if cfg.eval.batches else []
     epochs_note = None
     if cfg.train.epochs is not None:  # one dataset (a mixture is refused with epochs)
         samples, what = epoch_samples(train_loader)
@@ -318,7 +319,7 @@ def _loop(cfg, engine, scheduler, loader, val_loader, state, log, signals, *, fu
         done = state.step >= cfg.train.max_steps
         stop_early = False
         paused_at = time.perf_counter()  # validation, samples and saves are not training time
-        if (cfg.eval.every and state.step % cfg.eval.every == 0) or done:
+        if val_loader and ((cfg.eval.every and state.step % cfg.eval.every == 0) or done):
             with _eager(engine):
                 stop_early = _evaluate(cfg, engine, val_loader, state, log, ckpt_dir, rank, dev,
                                        model_dtype, loader, fused, choices, dpo)
@@ -545,7 +546,7 @@ def _precomputed_reference(cfg, engine, train_loader, val_loader, state, log, ra
     from fastlm.train.dpo import reference_logps
 
     path = Path(cfg.out_dir) / REFERENCE_FILE
-    loaders = {"train": train_loader, "val": val_loader[0][2]}
+    loaders = {"train": train_loader, **({"val": val_loader[0][2]} if val_loader else {})}
     if state.step == 0:
         log.write(f"computing the reference's log-probabilities of "
                   f"{sum(ld.pairs for ld in loaders.values())} pairs (train.dpo_precompute_"
@@ -699,7 +700,8 @@ def _val_loader(cfg, data_dir, micro, rank, world) -> list[tuple[str | None, flo
                                 seed=cfg.train.seed + 1, mode="random")
         except Exception as exc:
             raise ConfigError(f"validation split of {path} unusable: {exc} (or prepare it with "
-                              f"a larger --val-fraction: {_val_share(path)})") from exc
+                              f"a larger --val-fraction: {_val_share(path)}; or train without "
+                              f"validation: eval.batches=0)") from exc
         out.append((name, weight / total, ld))
     return out
 

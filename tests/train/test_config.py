@@ -39,6 +39,9 @@ def test_every_shipped_config_loads():
     ("", ["optim.betas=[0.9, 1.0]"], r"optim.betas"),
     ("", ["train.max_steps"], r"expected KEY=VALUE"),
     ("", ["data.block_size=0"], r"'data.block_size' must be >= 1"),
+    ("", ["eval.batches=-1"], r"'eval.batches' must be >= 1 \(or 0: no validation\)"),
+    ("", ["eval.batches=0", "eval.patience=3"], r"eval.patience runs at validations, which "
+                                                r"eval.batches=0 turns off"),
     # taken before, and meaningless: a negative eps or clip, a top_p of 2 for the sample
     ("", ["optim.eps=-1"], r"optim.eps > 0, got 0.1 and -1"),
     ("", ["optim.weight_decay=-0.1"], r"optim.weight_decay must be >= 0"),

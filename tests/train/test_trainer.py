@@ -493,8 +493,15 @@ def test_a_validation_split_shorter_than_a_block_names_how_it_was_prepared(tmp_p
                            for i in range(40)))
     data = prepare([src], tmp_path / "data", tokenizer="byte", progress=False)
     with pytest.raises(ConfigError, match=r"validation split .* fewer than block_size\+1 .*"
-                       r"larger --val-fraction: it was 0.01, 1 document\)"):
+                       r"larger --val-fraction: it was 0.01, 1 document; or train without "
+                       r"validation: eval.batches=0\)"):
         run(config(tmp_path, data, "data.block_size=64", "train.max_steps=1"))
+    # which trains (no validation at the end either, so no best checkpoint)
+    state = run(config(tmp_path, data, "data.block_size=64", "train.max_steps=2",
+                       "train.micro_batch_size=2", "eval.batches=0"))
+    assert state.step == 2 and state.best_tag is None
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert rows and not any("val_loss" in r for r in rows)
 
 
 def test_user_deepspeed_json_passes_through_and_is_checked(tmp_path, tiny_data):
