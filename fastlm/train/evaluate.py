@@ -54,7 +54,8 @@ def token_stream(data: str | Path, split: str, tokenizer=None) -> tuple[np.ndarr
         try:
             sp = open_split(path, split)
         except FormatError as exc:
-            raise EvalError(str(exc)) from exc
+            other = "train" if split == "val" else "val"
+            raise EvalError(f"{exc} (or evaluate another split: --split {other})") from exc
         tokens = np.concatenate([np.asarray(s.tokens, dtype=np.int64) for s in sp.shards])
         try:
             sp.check_ids(tokens)

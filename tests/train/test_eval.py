@@ -156,7 +156,14 @@ def test_bf16_command_keeps_rope_frequencies_fp32(tmp_path, tiny_data, monkeypat
 
 
 def test_command_errors_name_the_problem(tmp_path, tiny_data, capsys):
+    import shutil
+
     hf = _hf_dir(tmp_path)
+    no_val = tmp_path / "no_val"
+    shutil.copytree(tiny_data, no_val)
+    meta = json.loads((no_val / "meta.json").read_text())
+    meta["splits"]["val"]["shards"] = []
+    (no_val / "meta.json").write_text(json.dumps(meta))
     cases = [
         ([str(hf), str(tmp_path / "nope")], "not found"),
         ([str(tmp_path / "nomodel"), str(tiny_data)], "not found"),
@@ -164,6 +171,9 @@ def test_command_errors_name_the_problem(tmp_path, tiny_data, capsys):
         ([str(hf), str(tiny_data), "--block-size", "16", "--stride", "17"],
          "--stride must be between 1 and the block size (16)"),
         ([str(hf), str(tiny_data), "--split", "test"], "no split 'test'"),
+        # data prepared without a validation split: the split to evaluate instead is named
+        ([str(hf), str(no_val)], "split 'val' has no tokens; prepare more data (or evaluate "
+                                 "another split: --split train)"),
     ]
     for args, message in cases:
         assert cli.main(["eval", *args]) == 2, args
