@@ -198,6 +198,13 @@ def make_optimizer(cfg: RunConfig, groups: list[dict]):
     return torch.optim.AdamW(groups, **kw)
 
 
+def native_bf16(dev: torch.device) -> bool:
+    """Whether the GPU multiplies bf16 on its tensor cores (Ampere, sm_80, and later). torch's
+    ``is_bf16_supported()`` also says yes where bf16 is only emulated (V100, T4), and "auto"
+    picked a run there slower than fp32 instead of fp16 with loss scaling."""
+    return torch.cuda.get_device_capability(dev)[0] >= 8
+
+
 def resolve_precision(requested: str, dev: torch.device) -> tuple[str, str]:
     """(precision, why) for train.precision on this device; "auto" picks bf16 where the hardware
     multiplies bf16 natively (on such a CPU bf16 matmuls run ~4x fp32's rate; elsewhere bf16 is
@@ -206,9 +213,9 @@ def resolve_precision(requested: str, dev: torch.device) -> tuple[str, str]:
     if requested != "auto":
         return requested, "as configured"
     if dev.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return "bf16", "the GPU supports bf16"
-        return "fp16", "the GPU has no bf16"
+        if native_bf16(dev):
+            return "bf16", "the GPU multiplies bf16 natively"
+        return "fp16", "the GPU has no bf16 tensor cores"
     from fastlm._build import cpu_features
 
     flags = cpu_features()

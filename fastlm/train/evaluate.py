@@ -282,14 +282,18 @@ def run(args) -> int:
 
 def device_and_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
     """``--device`` (default: cuda where there is one) and ``--dtype`` (default: bf16 on a GPU
-    that has it, else fp32) of eval and generate."""
+    with bf16 tensor cores, fp16 on an older one, fp32 on the CPU) of eval and generate."""
     try:
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as exc:
         raise EvalError(f"--device {device!r}: {exc} (give cpu, cuda or cuda:N)") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise EvalError(f"--device {device}: this torch sees no CUDA GPU; use --device cpu")
-    name = dtype or ("bf16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
+    if dtype is None and dev.type == "cuda":
+        from fastlm.train.engine import native_bf16
+
+        dtype = "bf16" if native_bf16(dev) else "fp16"  # emulated bf16 (V100, T4) is slow
+    name = dtype or "fp32"
     return dev, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 

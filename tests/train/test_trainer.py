@@ -319,8 +319,11 @@ def test_auto_precision_follows_the_cpus_bf16_instructions(monkeypatch, flags, e
     monkeypatch.setattr(fastlm._build, "cpu_features", lambda: flags)
     assert resolve_precision("auto", torch.device("cpu"))[0] == expected
     assert resolve_precision("fp32", torch.device("cpu")) == ("fp32", "as configured")
-    for bf16, gpu_expected in ((True, "bf16"), (False, "fp16")):
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, b=bf16, **k: b)
+    # a V100 or T4 only emulates bf16 (torch's is_bf16_supported() says yes there): fp16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    for capability, gpu_expected in (((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 0), "fp16"),
+                                     ((7, 5), "fp16")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None, c=capability: c)
         assert resolve_precision("auto", torch.device("cuda", 0))[0] == gpu_expected
 
 
