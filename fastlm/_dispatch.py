@@ -286,3 +286,57 @@ def all_of(*checks: Callable[[Call], str | None]) -> Callable[[Call], str | None
         return None
 
     return check
+
+
+def triton_launchers(module_name: str) -> Callable[[], Any]:
+    """A triton backend's ``impl``: the launcher module, each public function of which runs
+    with its tensors' GPU made the current device (see :class:`_OnTensorsDevice`)."""
+    state: dict[str, Any] = {}
+
+    def load():
+        if "module" not in state:
+            import importlib
+
+            state["module"] = _OnTensorsDevice(importlib.import_module(module_name))
+        return state["module"]
+
+    return load
+
+
+class _OnTensorsDevice:
+    """Triton launches a kernel on the *current* CUDA device, whatever device its tensors are
+    on: a model spread over GPUs (``device_map="auto"``) or kept off GPU 0 ran its layers on
+    cuda:1 with cuda:0 current, and every fused norm raised "Pointer argument cannot be
+    accessed from Triton". Each launcher now runs under its first CUDA tensor's device (the
+    CUDA extension's bindings hold a device guard already); no switch when it is current."""
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name: str):
+        fn = getattr(self._module, name)
+        if name.startswith("_") or not callable(fn):
+            return fn
+        module = self._module
+
+        def run(*args, **kwargs):
+            launch = getattr(module, name)  # at call time: a launcher replaced later counts
+            dev = _first_cuda_device(args) or _first_cuda_device(kwargs.values())
+            if dev is None or dev.index is None or dev.index == torch.cuda.current_device():
+                return launch(*args, **kwargs)
+            with torch.cuda.device(dev):
+                return launch(*args, **kwargs)
+
+        run.__name__ = run.__qualname__ = name
+        run.__doc__ = fn.__doc__
+        self.__dict__[name] = run  # the wrapper is made once
+        return run
+
+
+def _first_cuda_device(values) -> torch.device | None:
+    for v in values:
+        if isinstance(v, (list, tuple)):  # AdamW's tensor lists
+            v = next((t for t in v if isinstance(t, torch.Tensor)), None)
+        if isinstance(v, torch.Tensor):
+            return v.device if v.device.type == "cuda" else None
+    return None

@@ -112,3 +112,54 @@ def test_getenv_matches_os_environ(monkeypatch):
     del os.environ["FASTLM_TEST_GETENV"]
     monkeypatch.setattr(os, "environ", {"FASTLM_TEST_GETENV": "plain dict"})
     assert getenv("FASTLM_TEST_GETENV") == "plain dict"
+
+
+class _OnGpu(torch.Tensor):
+    """A CPU tensor that says it lives on a given GPU (this machine has none)."""
+
+    index = 1
+
+    @property
+    def device(self):
+        return torch.device("cuda", self.index)
+
+
+def test_triton_launchers_run_on_their_tensors_gpu(monkeypatch):
+    """Triton launches on the current device: a layer on cuda:1 with cuda:0 current raised
+    "Pointer argument cannot be accessed from Triton" (a model spread over GPUs). Each launcher
+    runs with its first CUDA tensor's device current, switching only when it differs; a
+    launcher replaced after the first call is the one that runs."""
+    import contextlib
+    import sys
+    import types
+
+    from fastlm._dispatch import triton_launchers
+
+    current, entered = [0], []
+
+    @contextlib.contextmanager
+    def device(dev):
+        entered.append(dev.index)
+        before, current[0] = current[0], dev.index
+        try:
+            yield
+        finally:
+            current[0] = before
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "device", device)
+    fake = types.ModuleType("fake_launchers")
+    fake.norm = lambda x, eps: (current[0], eps)
+    fake.step = lambda params, lr: current[0]
+    fake.BLOCK = 64
+    monkeypatch.setitem(sys.modules, "fake_launchers", fake)
+    mod = triton_launchers("fake_launchers")()
+    on1 = torch.zeros(3).as_subclass(_OnGpu)
+    assert mod.norm(on1, eps=1e-5) == (1, 1e-5) and entered == [1] and current == [0]
+    assert mod.step([on1], lr=0.1) == 1 and entered == [1, 1]  # tensor lists (AdamW)
+    assert mod.norm(torch.zeros(3), 1e-5) == (0, 1e-5)  # CPU tensors (interpreter): no switch
+    current[0] = 1
+    assert mod.norm(on1, 1e-5) == (1, 1e-5) and entered == [1, 1]  # already current
+    fake.norm = lambda x, eps: "replaced"
+    assert mod.norm(on1, 1e-5) == "replaced"
+    assert mod.BLOCK == 64

@@ -14,7 +14,6 @@ is, so each op's custom-op body is one line: ``_impl(...).<launcher>(...)``.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 
 import torch
@@ -29,6 +28,7 @@ from fastlm._dispatch import (
     needs_device,
     needs_dtypes,
     triton_check,
+    triton_launchers,
 )
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)  # dtypes the compiled kernels run
@@ -51,7 +51,7 @@ def fused_op(
     op.register(
         "triton",
         all_of(*triton_checks),
-        lambda: importlib.import_module(f"fastlm.triton_kernels.{triton_module}"),
+        triton_launchers(f"fastlm.triton_kernels.{triton_module}"),
     )
     op.register(
         "cpu",

@@ -14,7 +14,6 @@ registered autograd formula, so the op composes with ``torch.compile``.
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import torch
@@ -29,6 +28,7 @@ from fastlm._dispatch import (
     needs_device,
     needs_dtypes,
     triton_check,
+    triton_launchers,
 )
 from fastlm.ops import _attention_checks as checks
 from fastlm.ops import reference
@@ -115,7 +115,7 @@ _op.register(
 _op.register(
     "triton",
     all_of(triton_check, needs_dtypes(*_FLOATS), _triton_features),
-    lambda: importlib.import_module("fastlm.triton_kernels.attention"),
+    triton_launchers("fastlm.triton_kernels.attention"),
 )
 _op.register(
     "cpu",

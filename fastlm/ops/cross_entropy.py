@@ -16,7 +16,6 @@ backend.
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import torch
@@ -31,6 +30,7 @@ from fastlm._dispatch import (
     needs_device,
     needs_dtypes,
     triton_check,
+    triton_launchers,
 )
 from fastlm.ops import _fused_common as fc
 from fastlm.ops._autocast import autocast_inputs
@@ -87,7 +87,7 @@ class _Torch:
 
 
 _op.register("triton", all_of(triton_check, needs_dtypes(*fc.FLOATS)),
-             lambda: importlib.import_module("fastlm.triton_kernels.cross_entropy"))
+             triton_launchers("fastlm.triton_kernels.cross_entropy"))
 _op.register("cpu", all_of(needs_device("cpu"), needs_dtypes(*fc.FLOATS),
                            extension_check("cpu", "ce_rows")), lambda: _Cpu)
 _op.register("torch", lambda call: None, lambda: _Torch)

@@ -13,7 +13,6 @@ reference math, any device).
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Iterable
 
@@ -28,6 +27,7 @@ from fastlm._dispatch import (
     needs_device,
     needs_dtypes,
     triton_check,
+    triton_launchers,
 )
 
 __all__ = ["FusedAdamW"]
@@ -74,7 +74,7 @@ _op.register(
 _op.register(
     "triton",
     all_of(triton_check, needs_dtypes(torch.float32, *_LOW_PRECISION)),
-    lambda: importlib.import_module("fastlm.triton_kernels.adamw"),
+    triton_launchers("fastlm.triton_kernels.adamw"),
 )
 _op.register("torch", lambda call: None, lambda: _TorchBackend)
 

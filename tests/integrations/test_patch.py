@@ -442,6 +442,27 @@ def test_patched_model_on_gpu_matches_eager(kind, monkeypatch):
         torch.testing.assert_close(got[2][name], ref[2][name], rtol=1e-3, atol=2e-5, msg=name)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_patched_model_on_the_second_gpu_matches_eager(monkeypatch):
+    """A model on cuda:1 with cuda:0 current (device_map spreading a model over GPUs): Triton
+    launches on the current device, and the fused norms raised "Pointer argument cannot be
+    accessed from Triton"; the launchers now run on their tensors' GPU."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    torch.cuda.set_device(0)
+    model = build("llama").to("cuda:1")
+    ids = torch.randint(1, 96, (2, 11), device="cuda:1")
+    mask = torch.ones_like(ids)
+    ref = forward_and_grads(model, ids, mask)
+    model.set_attn_implementation("fastlm")
+    fastlm.patch(model)
+    got = forward_and_grads(model, ids, mask)
+    assert torch.cuda.current_device() == 0
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-4, atol=2e-5)
+    for name in ref[2]:
+        torch.testing.assert_close(got[2][name], ref[2][name], rtol=1e-3, atol=2e-5, msg=name)
+
+
 def test_patch_is_per_instance():
     a, b = build("llama"), build("llama")
     fastlm.patch(a)
