@@ -218,11 +218,12 @@ class FusedAdamW(torch.optim.Optimizer):
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return
-        devices = {p.device for p in params}
-        if len(devices) > 1:
+        kinds = {p.device.type for p in params}
+        if len(kinds) > 1:  # several GPUs are fine (a model spread by device_map): see below
             raise ValueError(
-                f"FusedAdamW: a param group mixes devices {sorted(map(str, devices))}; put "
-                f"parameters of different devices in separate groups (or optimizers)"
+                f"FusedAdamW: a param group mixes devices "
+                f"{sorted({str(p.device) for p in params})}; put parameters of different "
+                f"devices in separate groups (or optimizers)"
             )
         for p in params:
             if p.grad.is_sparse:
@@ -235,10 +236,11 @@ class FusedAdamW(torch.optim.Optimizer):
         counts = torch.stack(counters).tolist()
         by_step: dict[tuple, list] = {}
         for p, st, count in zip(params, states, counts):
-            key = (int(count), "master" in st, p.dtype)
+            # one launch per GPU: a group of a model spread over GPUs (device_map) raised
+            key = (int(count), "master" in st, p.dtype, p.device)
             by_step.setdefault(key, []).append(p)
         beta1, beta2 = group["betas"]
-        for (step, has_master, _dtype), ps in by_step.items():
+        for (step, has_master, _dtype, _device), ps in by_step.items():
             # sharded parameters (FSDP2, tensor parallelism) are DTensors whose state is too
             # (torch's format, what distributed checkpoints save): the step is elementwise, so
             # each rank steps its own shards; a rank may hold none of a small tensor

@@ -1,6 +1,7 @@
 """FusedAdamW against torch.optim.AdamW and a float64 reference."""
 
 import copy
+import types
 
 import pytest
 import torch
@@ -315,6 +316,34 @@ def test_sparse_gradients_are_rejected():
     emb(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(ValueError, match="sparse gradients"):
         FusedAdamW(emb.parameters()).step()
+
+
+def _on_gpu(index: int) -> type:
+    """A tensor subclass whose tensors say they live on GPU ``index`` (this machine has none)."""
+    return type(f"OnGpu{index}", (torch.Tensor,),
+                {"device": property(lambda self: torch.device("cuda", index))})
+
+
+def test_a_group_spread_over_gpus_is_stepped_once_per_gpu(monkeypatch):
+    """A model spread over GPUs (device_map="auto") gives one group parameters on cuda:0 and
+    cuda:1: it raised "mixes devices"; each GPU's share is one launch now."""
+    import fastlm.optim.adamw as adamw_mod
+
+    launches = []
+
+    class Backend:
+        @staticmethod
+        def adamw_step_(params, *args):
+            launches.append(sorted({str(p.device) for p in params}))
+
+    monkeypatch.setattr(adamw_mod._op, "select", lambda call, backend=None: types.SimpleNamespace(
+        impl=lambda: Backend))
+    params = [torch.nn.Parameter(torch.zeros(n).as_subclass(_on_gpu(i)))
+              for n, i in ((3, 0), (5, 1), (2, 0))]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    FusedAdamW(params).step()
+    assert sorted(launches) == [["cuda:0"], ["cuda:1"]]
 
 
 def test_mixed_devices_in_a_group_are_rejected():
