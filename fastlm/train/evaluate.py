@@ -282,7 +282,7 @@ def run(args) -> int:
 
 def device_and_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
     """``--device`` (default: cuda where there is one) and ``--dtype`` (default: bf16 on a GPU
-    with bf16 tensor cores, fp16 on an older one, fp32 on the CPU) of eval and generate."""
+    with bf16 tensor cores, else fp32) of eval and generate."""
     try:
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as exc:
@@ -292,7 +292,8 @@ def device_and_dtype(device: str | None, dtype: str | None) -> tuple[torch.devic
     if dtype is None and dev.type == "cuda":
         from fastlm.train.engine import native_bf16
 
-        dtype = "bf16" if native_bf16(dev) else "fp16"  # emulated bf16 (V100, T4) is slow
+        # emulated bf16 (V100, T4) is slow; fp16 overflows in some models' activations
+        dtype = "bf16" if native_bf16(dev) else "fp32"
     name = dtype or "fp32"
     return dev, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 

@@ -326,8 +326,8 @@ def test_generate_runs_in_the_device_and_dtype_asked_for(tmp_path, monkeypatch, 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: (9, 0))
     assert evaluate.device_and_dtype(None, None) == (torch.device("cuda"), torch.bfloat16)
-    # a V100 or T4 (bf16 only emulated: torch's is_bf16_supported() says yes) runs fp16
+    # a V100 or T4 (bf16 only emulated: torch's is_bf16_supported() says yes) runs fp32
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: (7, 5))
-    assert evaluate.device_and_dtype(None, None) == (torch.device("cuda"), torch.float16)
+    assert evaluate.device_and_dtype(None, None) == (torch.device("cuda"), torch.float32)
     assert evaluate.device_and_dtype("cpu", None) == (torch.device("cpu"), torch.float32)
