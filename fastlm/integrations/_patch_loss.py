@@ -26,6 +26,7 @@ import logging
 
 import torch
 
+from fastlm._dtensor import is_dtensor
 from fastlm.integrations._forward import install_forward
 from fastlm.ops import fused_linear_cross_entropy
 
@@ -194,13 +195,11 @@ def _tensor_parallel(head) -> bool:
     a DTensor when the forward starts. FSDP2's are DTensors too between steps, but its hooks
     gather them for the forward (the root's before the model's forward runs, a head sharded
     on its own in the head's own call, where the fused loss reads it)."""
-    weight = getattr(head, "weight", None)
-    try:
-        from torch.distributed.fsdp import FSDPModule
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return False
-    return isinstance(weight, DTensor) and not isinstance(head, FSDPModule)
+    if not is_dtensor(getattr(head, "weight", None)):
+        return False  # (no import on this path: it runs every training forward)
+    from torch.distributed.fsdp import FSDPModule
+
+    return not isinstance(head, FSDPModule)
 
 
 _warned: set[str] = set()

@@ -19,6 +19,8 @@ import copy
 
 import torch
 
+from fastlm._dtensor import is_dtensor
+
 # max |fused - own| / max |own| allowed: fp32 kernels agree to ~1e-6; 16-bit results round
 # once where HF rounds every intermediate (a few bf16 ulps, 2^-8 each). A wrong convention
 # is off by O(1).
@@ -46,15 +48,10 @@ def _width(module: torch.nn.Module) -> int | None:
 
 def _plain(module: torch.nn.Module) -> torch.nn.Module | None:
     """The module itself, or, where FSDP2 (``fully_shard``) or tensor parallelism made its
-    parameters DTensors, a
-    copy with plain random ones of the same shapes: the probe checks the forward's formula,
+    parameters DTensors, a copy with plain random ones of the same shapes: the probe checks the forward's formula,
     which any values show, and a DTensor weight met the probe's plain input in an error (the
     model's norms and MLPs were left unfused, the reason naming DTensors)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch built without distributed
-        return module
-    sharded = [p for p in module.parameters() if isinstance(p, DTensor)]
+    sharded = [p for p in module.parameters() if is_dtensor(p)]
     if not sharded:
         return module
     gen = torch.Generator().manual_seed(1)

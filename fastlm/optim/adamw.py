@@ -29,6 +29,7 @@ from fastlm._dispatch import (
     triton_check,
     triton_launchers,
 )
+from fastlm._dtensor import is_dtensor, local
 
 __all__ = ["FusedAdamW"]
 
@@ -170,14 +171,13 @@ class FusedAdamW(torch.optim.Optimizer):
             self._clip_coef = None
             return torch.tensor(0.0)
         total = self._total_norm(grads, float(norm_type), error_if_nonfinite)
-        whole = total.full_tensor() if _DTENSOR is not None and isinstance(total, _DTENSOR) \
-            else total
+        whole = total.full_tensor() if is_dtensor(total) else total
         # torch's coefficient, same fp32 arithmetic: max_norm / (norm + 1e-6), at most 1
         self._clip_coef = torch.clamp(max_norm / (whole + 1e-6), max=1.0)
         return total
 
     def _total_norm(self, grads, norm_type: float, error_if_nonfinite: bool) -> torch.Tensor:
-        if _DTENSOR is not None and any(isinstance(g, _DTENSOR) for g in grads):
+        if any(is_dtensor(g) for g in grads):
             # sharded gradients: torch's norm reduces over the shards of every rank (a DTensor
             # result, as torch's clip returns); the coefficient needs the whole value
             return torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite)
@@ -244,17 +244,17 @@ class FusedAdamW(torch.optim.Optimizer):
             # sharded parameters (FSDP2, tensor parallelism) are DTensors whose state is too
             # (torch's format, what distributed checkpoints save): the step is elementwise, so
             # each rank steps its own shards; a rank may hold none of a small tensor
-            ps = [p for p in ps if _local(p).numel() > 0]
+            ps = [p for p in ps if local(p).numel() > 0]
             if not ps:
                 continue
-            backend = _op.select(Call.of(_local(ps[0])), self.backend).impl()
+            backend = _op.select(Call.of(local(ps[0])), self.backend).impl()
             states = [self.state[p] for p in ps]
             backend.adamw_step_(
-                [_contiguous(_local(p)) for p in ps],
-                [_contiguous(_local(p.grad)) for p in ps],
-                [_local(s["exp_avg"]) for s in states],
-                [_local(s["exp_avg_sq"]) for s in states],
-                [_local(s["master"]) for s in states] if has_master else [],
+                [_contiguous(local(p)) for p in ps],
+                [_contiguous(local(p.grad)) for p in ps],
+                [local(s["exp_avg"]) for s in states],
+                [local(s["exp_avg_sq"]) for s in states],
+                [local(s["master"]) for s in states] if has_master else [],
                 float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
                 float(group["weight_decay"]), step, inv_scale,
             )
@@ -287,22 +287,6 @@ class FusedAdamW(torch.optim.Optimizer):
                     state["step"] = torch.as_tensor(state["step"], dtype=torch.float32,
                                                     device="cpu").clone()
                     self._init_state(p)
-
-
-def _dtensor_type():
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return None
-    return DTensor
-
-
-_DTENSOR = _dtensor_type()
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor (the same storage: written in place), else ``t``."""
-    return t.to_local() if _DTENSOR is not None and isinstance(t, _DTENSOR) else t
 
 
 def _contiguous(t: torch.Tensor) -> torch.Tensor:
